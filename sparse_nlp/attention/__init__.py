@@ -1,0 +1,1 @@
+"""Sparse attention (token-to-token coupling): patterns, registration with transformers, kernels."""

@@ -1,0 +1,1 @@
+"""Sub-commands of the ``sparse-nlp`` CLI, one module each with ``add_parser(subparsers)`` and ``run(args)``."""

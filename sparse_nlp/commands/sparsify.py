@@ -1,0 +1,99 @@
+"""``sparse-nlp sparsify MODEL --method magnitude --sparsity 0.5 --targets ffn --out DIR``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "sparsify",
+        help="prune a model and save it as a sparse checkpoint",
+        description="Prune MODEL (a folder, a Hub id, or the alias 'minilm') and save it to --out.",
+    )
+    p.add_argument("model", help="local folder, Hub id, or alias 'minilm'")
+    p.add_argument("--out", required=True, help="output folder for the sparse checkpoint")
+    p.add_argument("--method", default="magnitude", help="pruning method (default: magnitude)")
+    p.add_argument("--sparsity", type=float, default=None, help="fraction of weights removed, in [0, 1) (default 0.5; fixed by N:M)")
+    p.add_argument("--pattern", default="unstructured", help='"unstructured", "N:M" (e.g. 2:4) or "block:RxC"')
+    p.add_argument("--scope", default="per-layer", help="per-layer, per-row or global (default: per-layer)")
+    p.add_argument("--targets", default="all-linear", help="comma-separated groups (attention, ffn, all-linear) or re:<regex>")
+    p.add_argument("--exclude", action="append", default=[], help="regex of module names to keep dense (repeatable)")
+    p.add_argument("--profile", default="uniform", help="per-layer sparsity profile: uniform or owl")
+    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="method option (JSON value), repeatable")
+    p.add_argument("--config", help="a SparsityConfig JSON file (replaces the options above)")
+    p.add_argument("--calibration", help="calibration texts: a GLUE task (sst2, ...), wikitext2, tinyshakespeare, or a .txt file")
+    p.add_argument("--data-dir", help="local data directory (default: $SPARSE_NLP_DATA_DIR, then the Hub)")
+    p.add_argument("--num-samples", type=int, default=128, help="calibration samples (default 128)")
+    p.add_argument("--seq-len", type=int, default=128, help="calibration sequence length (default 128)")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.set_defaults(func=run)
+
+
+def _options(pairs: list[str]) -> dict:
+    out = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise SystemExit(f"error: --option {pair!r} must look like KEY=VALUE")
+        key, value = pair.split("=", 1)
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def build_config(args: argparse.Namespace):
+    from ..config import SparsityConfig, WeightSparsity
+    from ..pruning.patterns import NM, parse_pattern
+
+    if args.config:
+        return SparsityConfig.load(args.config)
+    sparsity = args.sparsity
+    if sparsity is None:
+        pattern = parse_pattern(args.pattern)
+        sparsity = pattern.sparsity if isinstance(pattern, NM) else 0.5
+    rule = WeightSparsity(
+        method=args.method,
+        sparsity=sparsity,
+        pattern=args.pattern,
+        scope=args.scope,
+        targets=[t.strip() for t in args.targets.split(",") if t.strip()],
+        exclude=args.exclude,
+        profile=args.profile,
+        options=_options(args.option),
+    )
+    return SparsityConfig(weights=[rule]).validate()
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..checkpoint import save_pretrained
+    from ..models import load_model
+    from ..report import report
+    from ..sparsify import sparsify
+
+    config = build_config(args)  # all argument errors surface before anything is loaded or written
+    data = None
+    if args.calibration:
+        from ..evaluation.data import calibration_texts
+
+        data = calibration_texts(args.calibration, data_dir=args.data_dir, limit=args.num_samples)
+    model, tokenizer = load_model(args.model)
+    start = time.perf_counter()
+    sparsify(
+        model,
+        config,
+        data=data,
+        tokenizer=tokenizer,
+        progress=not args.no_progress,
+        num_samples=args.num_samples,
+        seq_len=args.seq_len,
+    )
+    seconds = time.perf_counter() - start
+    out = save_pretrained(model, args.out, tokenizer=tokenizer)
+    result = report(model)
+    print(result)
+    print(f"\npruned in {seconds:.1f} s; saved to {out}")
+    return 0

@@ -1,0 +1,1 @@
+"""Evaluation: real data sets (local folder or Hub), task metrics, quality helpers."""

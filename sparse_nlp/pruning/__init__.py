@@ -1,0 +1,1 @@
+"""Weight pruning (neuron-to-neuron coupling): patterns, scores, mask selection, mask keeping."""

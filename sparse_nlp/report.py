@@ -1,0 +1,108 @@
+"""`report(model)`: measured sparsity per Linear layer and totals per group (attention, ffn, other).
+
+Everything is counted from the weights themselves (exact zeros), not from the config, so the report says
+what the model really is.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+
+from torch import nn
+
+from .pruning.masking import get_mask
+from .targets import is_prunable, model_targets, module_group
+
+
+@dataclass
+class ModuleRow:
+    name: str
+    group: str
+    shape: tuple[int, ...]
+    numel: int
+    nonzeros: int
+    masked: bool
+
+    @property
+    def sparsity(self) -> float:
+        return 1.0 - self.nonzeros / self.numel if self.numel else 0.0
+
+
+@dataclass
+class GroupTotal:
+    numel: int = 0
+    nonzeros: int = 0
+
+    @property
+    def sparsity(self) -> float:
+        return 1.0 - self.nonzeros / self.numel if self.numel else 0.0
+
+
+@dataclass
+class SparsityReport:
+    """Per-module rows and totals. ``str(report)`` is a table; `to_dict` gives JSON-ready data.
+
+    Attributes:
+        rows: One row per Linear layer of the model.
+        groups: Totals for ``attention``, ``ffn``, ``other`` (Linear layers outside the blocks, e.g. heads),
+            ``linear`` (all Linear layers) and ``model`` (every parameter of the model).
+    """
+
+    rows: list[ModuleRow] = field(default_factory=list)
+    groups: dict[str, GroupTotal] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {
+            "modules": [{**asdict(r), "shape": list(r.shape), "sparsity": r.sparsity} for r in self.rows],
+            "groups": {g: {**asdict(t), "sparsity": t.sparsity} for g, t in self.groups.items()},
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    def __str__(self) -> str:
+        width = max([len(r.name) for r in self.rows] + [6])
+        lines = [f"{'module':<{width}}  {'group':<9}  {'shape':<12}  {'nonzeros':>10}  {'sparsity':>8}  mask"]
+        for r in self.rows:
+            shape = "x".join(map(str, r.shape))
+            lines.append(
+                f"{r.name:<{width}}  {r.group:<9}  {shape:<12}  {r.nonzeros:>10,}  {r.sparsity:>8.2%}  {'yes' if r.masked else ''}"
+            )
+        lines.append("")
+        lines.append(f"{'group':<9}  {'params':>12}  {'nonzeros':>12}  {'sparsity':>8}")
+        for g, t in self.groups.items():
+            lines.append(f"{g:<9}  {t.numel:>12,}  {t.nonzeros:>12,}  {t.sparsity:>8.2%}")
+        return "\n".join(lines)
+
+
+def report(model: nn.Module) -> SparsityReport:
+    """Measure the sparsity of every Linear layer of a transformers model and total it per group."""
+    model_targets(model)  # fail early, with the supported list, on unknown families
+    out = SparsityReport()
+    totals = {g: GroupTotal() for g in ("attention", "ffn", "other", "linear", "model")}
+    for name, module in model.named_modules():
+        if not is_prunable(module):
+            continue
+        w = module.weight.detach()
+        row = ModuleRow(
+            name=name,
+            group=module_group(model, name),
+            shape=tuple(w.shape),
+            numel=w.numel(),
+            nonzeros=int((w != 0).sum()),
+            masked=get_mask(module) is not None,
+        )
+        out.rows.append(row)
+        for g in (row.group, "linear"):
+            totals[g].numel += row.numel
+            totals[g].nonzeros += row.nonzeros
+    seen = set()
+    for p in model.parameters():
+        if id(p) in seen:  # tied weights count once
+            continue
+        seen.add(id(p))
+        totals["model"].numel += p.numel()
+        totals["model"].nonzeros += int((p.detach() != 0).sum())
+    out.groups = {g: t for g, t in totals.items() if t.numel}
+    return out

