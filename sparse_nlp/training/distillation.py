@@ -1,0 +1,81 @@
+"""Distillation losses: the sparse student learns from the dense teacher's logits (and hidden states)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class DistillationConfig:
+    """How the task loss and the teacher's signal are mixed.
+
+    Attributes:
+        temperature: Softmax temperature of the logits KL (the KL is scaled by T^2, as in Hinton et al.).
+        alpha: Weight of the distillation term; the task loss gets ``1 - alpha``.
+        hidden_weight: Weight of the mean-squared error between hidden states (0 turns it off).
+    """
+
+    temperature: float = 2.0
+    alpha: float = 0.5
+    hidden_weight: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.temperature <= 0:
+            raise ValueError(f"distillation temperature must be > 0, got {self.temperature!r}.")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ValueError(f"distillation alpha must be in [0, 1], got {self.alpha!r}.")
+        if self.hidden_weight < 0:
+            raise ValueError(f"distillation hidden_weight must be >= 0, got {self.hidden_weight!r}.")
+
+
+def logits_kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    """KL(teacher || student) on temperature-softened distributions, times T^2; MSE for 1-output regression."""
+    if student.shape[-1] == 1:  # regression head (STS-B): match the teacher's score
+        return F.mse_loss(student, teacher.detach())
+    t = temperature
+    return F.kl_div(
+        F.log_softmax(student / t, dim=-1), F.log_softmax(teacher.detach() / t, dim=-1), log_target=True, reduction="batchmean"
+    ) * (t * t)
+
+
+def hidden_mse_loss(
+    student: Sequence[torch.Tensor], teacher: Sequence[torch.Tensor], attention_mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Mean over layers of the MSE between hidden states (padding positions left out)."""
+    if len(student) != len(teacher):
+        raise ValueError(f"student has {len(student)} hidden-state tensors, teacher {len(teacher)}; layers must match.")
+    losses = []
+    for s, t in zip(student, teacher):
+        diff = (s - t.detach()).pow(2).mean(-1)  # (B, T)
+        if attention_mask is not None:
+            m = attention_mask.to(diff.dtype)
+            losses.append((diff * m).sum() / m.sum().clamp(min=1))
+        else:
+            losses.append(diff.mean())
+    return torch.stack(losses).mean()
+
+
+def distillation_loss(
+    task_loss: torch.Tensor,
+    student_out,
+    teacher_out,
+    config: DistillationConfig,
+    attention_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``(1 - alpha) * task + alpha * KD(logits) + hidden_weight * MSE(hidden states)``.
+
+    `student_out` / `teacher_out` are transformers model outputs (``.logits``, and ``.hidden_states`` when
+    `hidden_weight` > 0, which needs ``output_hidden_states=True``).
+    """
+    loss = (1 - config.alpha) * task_loss + config.alpha * logits_kd_loss(
+        student_out.logits, teacher_out.logits, config.temperature
+    )
+    if config.hidden_weight > 0:
+        if student_out.hidden_states is None or teacher_out.hidden_states is None:
+            raise ValueError("hidden_weight > 0 needs output_hidden_states=True for student and teacher.")
+        loss = loss + config.hidden_weight * hidden_mse_loss(student_out.hidden_states, teacher_out.hidden_states, attention_mask)
+    return loss
