@@ -56,19 +56,32 @@ def _as_list(value: Any) -> list:
 class WeightSparsity:
     """One weight-pruning rule: which Linear layers, which method, how sparse, in which pattern."""
 
-    method: str = field(default="magnitude", metadata={"help": "Registered pruning method: magnitude, wanda, sparsegpt, ..."})
-    sparsity: float = field(default=0.5, metadata={"help": "Fraction of weights removed, in [0, 1). Fixed by N:M patterns."})
-    pattern: str = field(default="unstructured", metadata={"help": 'Pattern: "unstructured", "N:M" (e.g. "2:4") or "block:RxC".'})
+    method: str = field(
+        default="magnitude", metadata={"help": "Registered pruning method: magnitude, wanda, sparsegpt, ..."}
+    )
+    sparsity: float = field(
+        default=0.5, metadata={"help": "Fraction of weights removed, in [0, 1). Fixed by N:M patterns."}
+    )
+    pattern: str = field(
+        default="unstructured",
+        metadata={"help": 'Pattern: "unstructured", "N:M" (e.g. "2:4") or "block:RxC".'},
+    )
     scope: str = field(
         default="per-layer",
-        metadata={"help": "Where the sparsity budget applies: per-layer, per-row (each output neuron) or global."},
+        metadata={
+            "help": "Where the sparsity budget applies: per-layer, per-row (each output neuron) or global."
+        },
     )
     targets: list[str] = field(
         default_factory=lambda: ["all-linear"],
         metadata={"help": 'Groups ("attention", "ffn", "all-linear") and/or regexes written "re:<regex>".'},
     )
-    exclude: list[str] = field(default_factory=list, metadata={"help": "Regexes of module names to leave dense."})
-    profile: str = field(default="uniform", metadata={"help": "Per-layer sparsity profile: uniform or owl (outlier-weighted)."})
+    exclude: list[str] = field(
+        default_factory=list, metadata={"help": "Regexes of module names to leave dense."}
+    )
+    profile: str = field(
+        default="uniform", metadata={"help": "Per-layer sparsity profile: uniform or owl (outlier-weighted)."}
+    )
     options: dict[str, Any] = field(default_factory=dict, metadata={"help": "Method-specific options."})
 
     def __post_init__(self) -> None:
@@ -99,13 +112,19 @@ class WeightSparsity:
                 f"set sparsity to {pattern.sparsity!r} or choose another pattern."
             )
         if self.scope not in SCOPES:
-            raise ConfigError(f"{path}.scope must be one of {', '.join(SCOPES)}, got {self.scope!r}.{suggest(str(self.scope), list(SCOPES))}")
+            raise ConfigError(
+                f"{path}.scope must be one of {', '.join(SCOPES)}, got {self.scope!r}.{suggest(str(self.scope), list(SCOPES))}"
+            )
         if isinstance(pattern, NM) and self.scope == "global":
-            raise ConfigError(f"{path}.scope 'global' has no meaning for N:M pattern {pattern}; use per-layer.")
+            raise ConfigError(
+                f"{path}.scope 'global' has no meaning for N:M pattern {pattern}; use per-layer."
+            )
         if self.profile not in PROFILES:
             raise ConfigError(f"{path}.profile must be one of {', '.join(PROFILES)}, got {self.profile!r}.")
         if not self.targets:
-            raise ConfigError(f"{path}.targets is empty; give a group ({', '.join(TARGET_GROUPS)}) or 're:<regex>'.")
+            raise ConfigError(
+                f"{path}.targets is empty; give a group ({', '.join(TARGET_GROUPS)}) or 're:<regex>'."
+            )
         for i, target in enumerate(self.targets):
             if not isinstance(target, str):
                 raise ConfigError(f"{path}.targets[{i}] must be a string, got {target!r}.")
@@ -120,27 +139,49 @@ class WeightSparsity:
 class AttentionSparsity:
     """A sparse attention pattern (token-to-token coupling), applied through transformers' attention registry."""
 
-    pattern: str = field(default="sliding_window", metadata={"help": "Registered attention pattern name."})
-    options: dict[str, Any] = field(default_factory=dict, metadata={"help": "Pattern options (window, global tokens, ...)."})
-    kernel: str = field(default="auto", metadata={"help": "Kernel: auto, reference, flex, blocked."})
+    pattern: str = field(
+        default="sliding_window",
+        metadata={
+            "help": "Registered attention pattern: sliding_window, global_tokens, sink_window, bigbird, union, ..."
+        },
+    )
+    options: dict[str, Any] = field(
+        default_factory=dict, metadata={"help": "Pattern options (window, positions, ...)."}
+    )
+    kernel: str = field(default="auto", metadata={"help": "Kernel: auto, reference, blocked, flex."})
+    block_size: int = field(
+        default=0, metadata={"help": "Query block of the blocked kernel (0: its default)."}
+    )
 
     def validate(self, path: str = "attention") -> None:
-        from . import attention  # noqa: F401  (fills the pattern registry)
-        from .registry import ATTENTION_PATTERNS
+        from .attention.kernels import KERNEL_CHOICES
+        from .attention.patterns import AttentionPatternError, build_pattern
 
         try:
-            ATTENTION_PATTERNS.get(self.pattern)
-        except RegistryError as err:
-            raise ConfigError(f"{path}.pattern: {err}") from None
+            build_pattern(self.pattern, self.options)
+        except AttentionPatternError as err:
+            raise ConfigError(str(err).replace("attention.", f"{path}.", 1)) from None
+        if self.kernel not in KERNEL_CHOICES:
+            raise ConfigError(
+                f"{path}.kernel must be one of {', '.join(KERNEL_CHOICES)}, got {self.kernel!r}.{suggest(str(self.kernel), list(KERNEL_CHOICES))}"
+            )
+        if isinstance(self.block_size, bool) or not isinstance(self.block_size, int) or self.block_size < 0:
+            raise ConfigError(
+                f"{path}.block_size must be an integer >= 0 (0: default), got {self.block_size!r}."
+            )
 
 
 @dataclass
 class StructuredSparsity:
     """Structured removal of whole attention heads and FFN neurons (shrinks the matrices)."""
 
-    heads: float = field(default=0.0, metadata={"help": "Fraction of attention heads (KV groups for GQA) removed."})
+    heads: float = field(
+        default=0.0, metadata={"help": "Fraction of attention heads (KV groups for GQA) removed."}
+    )
     ffn: float = field(default=0.0, metadata={"help": "Fraction of FFN intermediate neurons removed."})
-    score: str = field(default="weight-norm", metadata={"help": "Importance score: weight-norm, taylor, movement."})
+    score: str = field(
+        default="weight-norm", metadata={"help": "Importance score: weight-norm, taylor, movement."}
+    )
     scope: str = field(default="global", metadata={"help": "Budget per-layer or global."})
     options: dict[str, Any] = field(default_factory=dict)
 
@@ -159,7 +200,9 @@ class ActivationSparsity:
     options: dict[str, Any] = field(default_factory=dict)
 
     def validate(self, path: str = "activation") -> None:
-        raise ConfigError(f"{path}: dynamic activation sparsity is not available in this release; remove the field.")
+        raise ConfigError(
+            f"{path}: dynamic activation sparsity is not available in this release; remove the field."
+        )
 
 
 @dataclass
@@ -182,7 +225,9 @@ class SparsityConfig:
         self.weights = list(self.weights)
 
     @classmethod
-    def magnitude(cls, sparsity: float, *, targets: str | list[str] = "all-linear", **kwargs: Any) -> SparsityConfig:
+    def magnitude(
+        cls, sparsity: float, *, targets: str | list[str] = "all-linear", **kwargs: Any
+    ) -> SparsityConfig:
         """Shortcut for one magnitude-pruning rule: ``SparsityConfig.magnitude(0.5, targets="ffn")``."""
         return cls(weights=[WeightSparsity(method="magnitude", sparsity=sparsity, targets=targets, **kwargs)])
 
@@ -204,7 +249,12 @@ class SparsityConfig:
         return self
 
     def is_empty(self) -> bool:
-        return not self.weights and self.attention is None and self.structured is None and self.activation is None
+        return (
+            not self.weights
+            and self.attention is None
+            and self.structured is None
+            and self.activation is None
+        )
 
     # ---- JSON round trip ------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -279,7 +329,9 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
                 return _convert(arg, value, path)
             except ConfigError as err:
                 errors.append(str(err))
-        raise ConfigError(errors[0] if len(errors) == 1 else f"{path}: {value!r} does not fit {_type_name(tp)}.")
+        raise ConfigError(
+            errors[0] if len(errors) == 1 else f"{path}: {value!r} does not fit {_type_name(tp)}."
+        )
     if dataclasses.is_dataclass(tp):
         return _build(tp, value, path)
     if origin is list:
@@ -323,7 +375,9 @@ def _build(cls: type, data: Any, path: str) -> Any:
     for key, value in data.items():
         where = f"{path}.{key}" if path else key
         if key not in names:
-            raise ConfigError(f"unknown field {where!r}.{suggest(str(key), names)} Known fields here: {', '.join(names)}.")
+            raise ConfigError(
+                f"unknown field {where!r}.{suggest(str(key), names)} Known fields here: {', '.join(names)}."
+            )
         kwargs[key] = _convert(hints[key], value, where)
     try:
         return cls(**kwargs)
