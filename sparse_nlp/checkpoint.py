@@ -8,8 +8,14 @@ A sparse checkpoint is a normal transformers checkpoint (DESIGN.md, decision 4):
   kept weight happens to be 0.0;
 - ``sparsity_config.json``: the `SparsityConfig` (the recipe) beside the model, for people and tools.
 
+With ``compact=True`` the dense weight files are replaced by ``sparse_nlp_compact.safetensors`` (masked
+weights as packed bitmask + kept values, N:M weights as values + small indices; see `sparse_nlp.compact`),
+which plain transformers refuses with an error naming sparse_nlp instead of loading random weights.
+
 Saves go to a temporary folder first and are moved into place at the end, so a failed save leaves no
-half-written checkpoint behind.
+half-written checkpoint behind. The metadata lists every file of the checkpoint with its size
+(``sparse_nlp.files``), so a truncated, missing or swapped file is reported by name on load, before any
+weight is read.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -30,6 +37,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoConfig, PreTrainedModel
 
+from .compact import COMPACT_FILE, CompactFormatError, compact_folder, expanded, is_compact
 from .metadata import METADATA_KEY, MetadataError, raw_metadata, read_metadata, write_metadata
 from .pruning.masking import attach_mask, masked_modules
 from .targets import base_relative_name, resolve_module
@@ -38,7 +46,7 @@ logger = logging.getLogger(__name__)
 
 MASKS_FILE = "sparse_masks.safetensors"
 CONFIG_FILE = "sparsity_config.json"
-_OUR_FILES = (MASKS_FILE, CONFIG_FILE)
+_OUR_FILES = (MASKS_FILE, CONFIG_FILE, COMPACT_FILE, "model.safetensors.index.json")
 
 
 class CheckpointError(ValueError):
@@ -59,15 +67,23 @@ def unpack_mask(packed: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     return torch.from_numpy(bits.astype(bool)).reshape(shape)
 
 
-def save_masks(model: nn.Module, path: Path) -> int:
-    tensors, shapes = {}, {}
-    for name, module in masked_modules(model):
-        key = base_relative_name(model, name)
-        tensors[key] = pack_mask(module._buffers["weight_mask"])
-        shapes[key] = list(module._buffers["weight_mask"].shape)
+def write_masks(masks: dict[str, torch.Tensor], path: Path) -> int:
+    """Write bool masks (by base-relative module name) as packed bits with their shapes in the header."""
+    tensors = {key: pack_mask(mask) for key, mask in masks.items()}
+    shapes = {key: list(mask.shape) for key, mask in masks.items()}
     if tensors:
-        save_file(tensors, str(path), metadata={"format": "sparse_nlp.packed_bits", "shapes": json.dumps(shapes)})
+        save_file(
+            tensors, str(path), metadata={"format": "sparse_nlp.packed_bits", "shapes": json.dumps(shapes)}
+        )
     return len(tensors)
+
+
+def save_masks(model: nn.Module, path: Path) -> int:
+    masks = {
+        base_relative_name(model, name): module._buffers["weight_mask"]
+        for name, module in masked_modules(model)
+    }
+    return write_masks(masks, path)
 
 
 def load_masks(path: Path) -> dict[str, torch.Tensor]:
@@ -79,11 +95,92 @@ def load_masks(path: Path) -> dict[str, torch.Tensor]:
             header = f.metadata() or {}
         shapes = json.loads(header["shapes"])
     except (SafetensorError, OSError, KeyError, json.JSONDecodeError, RuntimeError) as err:
-        raise CheckpointError(f"{path}: mask file is damaged or not a sparse_nlp mask file ({err}).") from None
+        raise CheckpointError(
+            f"{path}: mask file is damaged or not a sparse_nlp mask file ({err})."
+        ) from None
     missing = sorted(set(packed) ^ set(shapes))
     if missing:
         raise CheckpointError(f"{path}: masks and their recorded shapes disagree for {missing}.")
-    return {k: unpack_mask(v, tuple(shapes[k])) for k, v in packed.items()}
+    out = {}
+    for k, v in packed.items():
+        shape = tuple(shapes[k])
+        if v.numel() != (int(np.prod(shape)) + 7) // 8:
+            raise CheckpointError(
+                f"{path}: mask {k!r} holds {v.numel()} bytes but its recorded shape {shape} needs {(int(np.prod(shape)) + 7) // 8}."
+            )
+        out[k] = unpack_mask(v, shape)
+    return out
+
+
+# ---- damaged files ---------------------------------------------------------------------------------------
+
+_TOKENIZER_HINT = "tokenizer"
+
+
+def check_safetensors(path: Path) -> None:
+    """Raise `CheckpointError` naming `path` when its header is unreadable or the file is shorter/longer than it says."""
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise CheckpointError(
+                    f"{path}: truncated ({size} bytes); not even a safetensors header is left."
+                )
+            n = int.from_bytes(head, "little")
+            if n > size - 8:
+                raise CheckpointError(
+                    f"{path}: truncated: the header alone needs {n + 8} bytes but the file has {size}."
+                )
+            header = json.loads(f.read(n))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{path}: damaged safetensors header ({err}).") from None
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if size != 8 + n + end:
+        what = "truncated" if size < 8 + n + end else "longer than its header says"
+        raise CheckpointError(f"{path}: {what}: expected {8 + n + end} bytes, found {size}.")
+
+
+def verify_checkpoint(folder: str | os.PathLike) -> dict[str, Any] | None:
+    """Check a local checkpoint folder before loading it: config.json, listed files and their sizes, weight headers.
+
+    Returns the raw ``sparse_nlp`` metadata dict (None for a plain checkpoint).
+
+    Raises:
+        CheckpointError: a missing, truncated or damaged file (named in the message).
+        MetadataError: malformed metadata or a format version newer than this sparse_nlp.
+    """
+    folder = Path(folder)
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise CheckpointError(
+            f"{config_path}: missing; is {str(folder)!r} a model folder saved with save_pretrained?"
+        )
+    try:
+        raw = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{config_path}: not valid JSON ({err}).") from None
+    meta = raw.get(METADATA_KEY) if isinstance(raw, dict) else None
+    if meta is not None:
+        try:
+            raw_metadata(SimpleNamespace(**{METADATA_KEY: meta}))
+        except MetadataError as err:
+            raise MetadataError(f"{config_path}: {err}") from None
+        tokenizer_files = set(meta.get("tokenizer_files") or [])
+        for name, size in (meta.get("files") or {}).items():
+            path = folder / name
+            kind = "tokenizer file" if name in tokenizer_files else "file"
+            if not path.is_file():
+                raise CheckpointError(
+                    f"{path}: {kind} is missing; config.json ({METADATA_KEY}.files) lists it as part of this checkpoint."
+                )
+            if path.stat().st_size != size:
+                raise CheckpointError(
+                    f"{path}: {kind} has {path.stat().st_size} bytes but was saved with {size}; it is truncated or was replaced."
+                )
+    for path in sorted(folder.glob("*.safetensors")):
+        check_safetensors(path)
+    return meta
 
 
 # ---- save ----------------------------------------------------------------------------------------------
@@ -94,6 +191,7 @@ def save_pretrained(
     save_directory: str | os.PathLike,
     *,
     tokenizer: Any = None,
+    compact: bool = False,
     **kwargs: Any,
 ) -> Path:
     """Write `model` (and optionally its tokenizer) as a sparse checkpoint that `from_pretrained` restores exactly.
@@ -102,6 +200,8 @@ def save_pretrained(
         model: A model sparsified by `sparse_nlp.sparsify` (a plain model is saved as a plain checkpoint).
         save_directory: Output folder; created if needed. Files of an earlier save there are replaced.
         tokenizer: Saved beside the model when given.
+        compact: Write the compact format (`sparse_nlp.compact`): smaller on disk, loadable only through
+            `sparse_nlp.from_pretrained`. Needs a sparsified model.
         **kwargs: Passed to ``model.save_pretrained`` (e.g. ``max_shard_size``).
 
     Returns:
@@ -113,17 +213,27 @@ def save_pretrained(
     config = read_metadata(model.config)
     if config is not None:
         write_metadata(model, config)  # refresh the list of masked modules
+    elif compact:
+        raise CheckpointError(
+            "compact=True needs a model sparsified by sparse_nlp (its config has no sparse_nlp metadata)."
+        )
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         model.save_pretrained(tmp, **kwargs)
+        tokenizer_files = []
         if tokenizer is not None:
+            before = {p.name for p in tmp.iterdir()}
             tokenizer.save_pretrained(tmp)
+            tokenizer_files = sorted({p.name for p in tmp.iterdir()} - before)
         if config is not None:
             save_masks(model, tmp / MASKS_FILE)
             (tmp / CONFIG_FILE).write_text(config.to_json() + "\n")
+            if compact:
+                compact_folder(tmp)
+            _write_manifest(tmp, tokenizer_files)
         out.mkdir(exist_ok=True)
-        for stale in _OUR_FILES:
+        for stale in [*_OUR_FILES, *(p.name for p in out.glob("model*.safetensors"))]:
             if (out / stale).exists() and not (tmp / stale).exists():
                 (out / stale).unlink()
         for item in tmp.iterdir():
@@ -137,6 +247,19 @@ def save_pretrained(
     return out
 
 
+def _write_manifest(folder: Path, tokenizer_files: list[str]) -> None:
+    """Record every file of the checkpoint and its size in config.json, so damage is named on load."""
+    path = folder / "config.json"
+    raw = json.loads(path.read_text())
+    meta = dict(raw[METADATA_KEY])
+    meta["files"] = {
+        p.name: p.stat().st_size for p in sorted(folder.iterdir()) if p.is_file() and p.name != "config.json"
+    }
+    meta["tokenizer_files"] = tokenizer_files
+    raw[METADATA_KEY] = meta
+    path.write_text(json.dumps(raw, indent=2, sort_keys=True) + "\n")
+
+
 # ---- load ----------------------------------------------------------------------------------------------
 
 
@@ -146,7 +269,12 @@ def _is_local(path: str | os.PathLike) -> bool:
 
 def _looks_like_hub_id(name: str) -> bool:
     parts = str(name).split("/")
-    return 1 <= len(parts) <= 2 and all(parts) and not str(name).startswith((".", "/", "~")) and "\\" not in str(name)
+    return (
+        1 <= len(parts) <= 2
+        and all(parts)
+        and not str(name).startswith((".", "/", "~"))
+        and "\\" not in str(name)
+    )
 
 
 def resolve_file(path_or_id: str | os.PathLike, filename: str, **hub_kwargs: Any) -> Path | None:
@@ -159,7 +287,9 @@ def resolve_file(path_or_id: str | os.PathLike, filename: str, **hub_kwargs: Any
 
     keys = ("revision", "cache_dir", "token", "local_files_only", "force_download")
     try:
-        return Path(hf_hub_download(str(path_or_id), filename, **{k: v for k, v in hub_kwargs.items() if k in keys}))
+        return Path(
+            hf_hub_download(str(path_or_id), filename, **{k: v for k, v in hub_kwargs.items() if k in keys})
+        )
     except (EntryNotFoundError, LocalEntryNotFoundError):
         return None
 
@@ -173,6 +303,34 @@ def _model_class(config: Any) -> type[PreTrainedModel]:
     return transformers.AutoModel
 
 
+_HUB_KEYS = ("revision", "cache_dir", "token", "local_files_only", "force_download")
+
+
+def download(repo_id: str, **hub_kwargs: Any) -> Path:
+    """Download (or find in the cache) every file of Hub repository `repo_id`; the local snapshot folder.
+
+    Raises:
+        FileNotFoundError: the repository or revision does not exist, or the Hub is offline and it is not cached.
+    """
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
+
+    try:
+        return Path(snapshot_download(repo_id, **{k: v for k, v in hub_kwargs.items() if k in _HUB_KEYS}))
+    except RevisionNotFoundError:
+        raise FileNotFoundError(
+            f"Hub repository {repo_id!r} has no revision {hub_kwargs.get('revision')!r}."
+        ) from None
+    except RepositoryNotFoundError:
+        raise FileNotFoundError(
+            f"Hub repository {repo_id!r} does not exist (or is private without a token)."
+        ) from None
+    except LocalEntryNotFoundError:
+        raise FileNotFoundError(
+            f"Hub repository {repo_id!r} is not in the local cache and the Hub cannot be reached (offline?)."
+        ) from None
+
+
 def from_pretrained(
     path_or_id: str | os.PathLike,
     model_class: type | None = None,
@@ -180,31 +338,61 @@ def from_pretrained(
 ) -> PreTrainedModel:
     """Load a checkpoint written by `save_pretrained` (local folder or Hub id) with its masks and settings.
 
+    Dense and compact checkpoints load the same way; a Hub id is downloaded into the Hugging Face cache
+    first (and found there later, also offline).
+
     Args:
-        path_or_id: Local folder or Hub repository id.
+        path_or_id: Local folder or Hub repository id (``"org/name"``).
         model_class: A transformers class or Auto class; default: the class in ``config.architectures``.
-        **kwargs: Passed to the class's ``from_pretrained`` (``revision``, ``dtype``, ...).
+        **kwargs: Passed to the class's ``from_pretrained`` (``dtype``, ...); ``revision``, ``cache_dir``,
+            ``token``, ``local_files_only`` and ``force_download`` go to the Hub download.
 
     Raises:
-        FileNotFoundError: a local path that does not exist.
+        FileNotFoundError: a local path that does not exist, or a Hub repository that cannot be found.
         CheckpointError / MetadataError: damaged files or metadata, naming the file.
     """
     name = str(path_or_id)
     if not _is_local(path_or_id) and not _looks_like_hub_id(name):
-        raise FileNotFoundError(f"checkpoint folder {name!r} does not exist (and it is not a Hub repository id).")
-    if _is_local(path_or_id) and not (Path(path_or_id) / "config.json").is_file():
-        raise CheckpointError(f"{name!r} has no config.json; is it a model folder saved with save_pretrained?")
-    hub_kwargs = {k: v for k, v in kwargs.items() if k in ("revision", "cache_dir", "token", "local_files_only")}
-    config = kwargs.pop("config", None) or AutoConfig.from_pretrained(path_or_id, **hub_kwargs)
+        raise FileNotFoundError(
+            f"checkpoint folder {name!r} does not exist (and it is not a Hub repository id)."
+        )
+    if _is_local(path_or_id):
+        folder = Path(path_or_id)
+    else:
+        folder = download(name, **kwargs)
+        kwargs = {k: v for k, v in kwargs.items() if k not in _HUB_KEYS}
+    raw = verify_checkpoint(folder)
+    if raw is not None and "compact" in raw:
+        with expanded(folder) as dense:
+            model = _load_folder(dense, model_class, name, **kwargs)
+    else:
+        model = _load_folder(folder, model_class, name, **kwargs)
+    meta = getattr(model.config, METADATA_KEY, None)
+    if isinstance(meta, dict):  # facts about the files on disk, not about the model in memory
+        for key in ("files", "tokenizer_files", "compact"):
+            meta.pop(key, None)
+    model.config._name_or_path = name
+    return model
+
+
+def _load_folder(folder: Path, model_class: type | None, name: str, **kwargs: Any) -> PreTrainedModel:
+    """Load a verified local dense checkpoint folder; `name` is what error messages call it."""
+    path_or_id = folder
+    config = kwargs.pop("config", None) or AutoConfig.from_pretrained(path_or_id)
     try:
         meta = raw_metadata(config)
         read_metadata(config)
     except MetadataError as err:
         raise MetadataError(f"{name}/config.json: {err}") from None
     cls = model_class or _model_class(config)
-    model = cls.from_pretrained(path_or_id, config=config, **kwargs)
+    if meta is not None and meta.get("structured") is not None:  # shrunk blocks: rebuilt before the weights are read
+        from .structured.shapes import load_structured
+
+        model = load_structured(cls, path_or_id, config, **kwargs)
+    else:
+        model = cls.from_pretrained(path_or_id, config=config, **kwargs)
     if meta is not None:
-        restore_masks(model, path_or_id, meta, **hub_kwargs)
+        restore_masks(model, path_or_id, meta)
         sparsity = read_metadata(model.config)
         if sparsity is not None and sparsity.attention is not None:
             from .attention.apply import apply_attention
@@ -213,7 +401,9 @@ def from_pretrained(
     return model
 
 
-def restore_masks(model: nn.Module, path_or_id: str | os.PathLike, meta: dict[str, Any], **hub_kwargs: Any) -> None:
+def restore_masks(
+    model: nn.Module, path_or_id: str | os.PathLike, meta: dict[str, Any], **hub_kwargs: Any
+) -> None:
     """Attach the masks a checkpoint records: from the mask file, or (without one) from the zeros in the weights."""
     names = meta.get("masked_modules", [])
     mask_path = resolve_file(path_or_id, MASKS_FILE, **hub_kwargs)
@@ -247,4 +437,15 @@ def restore_masks(model: nn.Module, path_or_id: str | os.PathLike, meta: dict[st
         attach_mask(module, mask)
 
 
-__all__ = ["CheckpointError", "MetadataError", "METADATA_KEY", "from_pretrained", "save_pretrained"]
+__all__ = [
+    "COMPACT_FILE",
+    "CheckpointError",
+    "CompactFormatError",
+    "METADATA_KEY",
+    "MetadataError",
+    "download",
+    "from_pretrained",
+    "is_compact",
+    "save_pretrained",
+    "verify_checkpoint",
+]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from .checkpoint import CheckpointError
+from .compact import CompactFormatError
 from .config import ConfigError
 from .evaluation.data import DataError
 from .metadata import MetadataError
@@ -13,6 +14,7 @@ from .targets import TargetError, UnsupportedModelError
 
 USER_ERRORS: tuple[type[Exception], ...] = (
     CheckpointError,
+    CompactFormatError,
     ConfigError,
     DataError,
     FileNotFoundError,

@@ -1,0 +1,445 @@
+"""The opt-in compact checkpoint format: sparse weights stored as what they are, not as dense zeros.
+
+A compact checkpoint is a sparse_nlp checkpoint folder (see `sparse_nlp.checkpoint`) whose dense weight
+files (``model.safetensors`` or its shards) are replaced by one file, ``sparse_nlp_compact.safetensors``:
+
+- a masked weight whose mask follows N:M along one axis (exactly N kept in every group of M) is stored as
+  ``KEY.__values`` (the kept values, ``(rows, groups * N)``) and ``KEY.__idx`` (the position of each kept
+  value inside its group, ceil(log2 M) bits each, packed into uint8);
+- any other masked weight is stored as ``KEY.__mask`` (the keep-mask, one bit per entry, packed into uint8)
+  and ``KEY.__values`` (the kept values in row-major order, 1-D);
+- every other tensor (embeddings, biases, norms, unmasked weights) is stored unchanged under its key.
+
+Each masked weight takes whichever of these is smallest (dense when neither helps), so a compact file is
+never larger than the dense one by more than its header. The encoding of every tensor, its shape and dtype
+are recorded as JSON in the safetensors header (key ``sparse_nlp_compact``). Kept values are copied, never
+recomputed, so decoding is bit-exact, and the masks come back exactly (kept zeros included): the masks of
+encoded weights are not stored twice in ``sparse_masks.safetensors``.
+
+Plain transformers cannot read this file, and it must not silently build a model with random weights
+instead (DESIGN.md, decision 4; it only warns about missing tensors). Two guards make it fail loudly:
+
+- config.json carries ``"attn_implementation": "sparse_nlp_compact__load_with_sparse_nlp.from_pretrained"``:
+  every transformers model class refuses that value when it builds the model, before it reads any weight,
+  with an error that quotes it;
+- ``model.safetensors.index.json`` maps every tensor to a shard named ``REQUIRES_sparse_nlp__...``, which
+  does not exist: a loader that overrides ``attn_implementation`` (or ignores it) fails on that file name.
+
+The real ``attn_implementation`` (if any) is kept in ``config.sparse_nlp.compact`` and restored by
+`sparse_nlp.from_pretrained`, which expands the file into a temporary dense checkpoint and loads that
+through the normal path (so masks, attention settings and structured shapes come back the same way).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+logger = logging.getLogger(__name__)
+
+COMPACT_FILE = "sparse_nlp_compact.safetensors"
+COMPACT_VERSION = 1
+HEADER_KEY = "sparse_nlp_compact"
+# The value plain transformers refuses (it names this package); see the module docstring.
+ATTN_MARKER = "sparse_nlp_compact__load_with_sparse_nlp.from_pretrained"
+INDEX_FILE = "model.safetensors.index.json"
+# The weight file the stub index points to; it never exists, so loaders that get past config.json fail on it.
+MISSING_SHARD = "REQUIRES_sparse_nlp__compact_checkpoint__load_with_sparse_nlp.from_pretrained.safetensors"
+
+
+class CompactFormatError(ValueError):
+    """A compact weight file that is damaged, inconsistent, or from a newer sparse_nlp (the message names the file)."""
+
+
+# ---- pure encoders / decoders --------------------------------------------------------------------------
+
+
+def _bits_per_index(m: int) -> int:
+    return max(1, math.ceil(math.log2(m)))
+
+
+def _pack_uint(values: torch.Tensor, bits: int) -> torch.Tensor:
+    """Small unsigned ints (< 2**bits) -> packed uint8 bit stream (`bits` bits each, big-endian)."""
+    arr = values.reshape(-1).to(torch.uint8).numpy()[:, None]  # (K, 1)
+    stream = np.unpackbits(arr, axis=1)[:, 8 - bits :]  # (K, bits)
+    return torch.from_numpy(np.packbits(stream.reshape(-1)))
+
+
+def _unpack_uint(packed: torch.Tensor, count: int, bits: int) -> torch.Tensor:
+    stream = np.unpackbits(packed.numpy(), count=count * bits).reshape(count, bits)  # (K, bits)
+    weights = (1 << np.arange(bits - 1, -1, -1)).astype(np.int64)
+    return torch.from_numpy(stream.astype(np.int64) @ weights)
+
+
+def pack_bits(mask: torch.Tensor) -> torch.Tensor:
+    """Bool tensor -> uint8 packed bits (row-major, 8 entries per byte, big-endian bit order)."""
+    return torch.from_numpy(np.packbits(mask.detach().cpu().numpy().reshape(-1)))
+
+
+def unpack_bits(packed: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    count = math.prod(shape)
+    return torch.from_numpy(np.unpackbits(packed.numpy(), count=count).astype(bool)).reshape(shape)
+
+
+def nm_axis(mask: torch.Tensor, n: int, m: int) -> int | None:
+    """The axis (-1 or 0) along which a 2-D `mask` keeps exactly `n` of every `m` entries, or None."""
+    if mask.dim() != 2:
+        return None
+    for axis in (-1, 0):
+        mt = mask if axis == -1 else mask.t()  # (R, C), groups along C
+        if mt.shape[1] % m == 0 and bool((mt.reshape(mt.shape[0], -1, m).sum(-1) == n).all()):
+            return axis
+    return None
+
+
+def encode_nm(weight: torch.Tensor, mask: torch.Tensor, n: int, m: int, axis: int) -> dict[str, torch.Tensor]:
+    """N:M weight -> ``values`` (R, G*n) and ``idx`` (packed positions in each group of m)."""
+    wt, mt = (weight, mask) if axis == -1 else (weight.t(), mask.t())  # (R, C)
+    rows = wt.shape[0]
+    groups = mt.reshape(rows, -1, m)  # (R, G, m)
+    # stable sort puts the kept positions (False in ~mask) first, in increasing order
+    idx = torch.argsort((~groups).to(torch.int8), dim=-1, stable=True)[..., :n]  # (R, G, n)
+    values = wt.reshape(rows, -1, m).gather(-1, idx)  # (R, G, n)
+    return {"values": values.reshape(rows, -1).contiguous(), "idx": _pack_uint(idx, _bits_per_index(m))}
+
+
+def decode_nm(
+    values: torch.Tensor, idx: torch.Tensor, shape: tuple[int, ...], n: int, m: int, axis: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inverse of `encode_nm`: (weight, mask) of `shape`."""
+    rows, cols = shape if axis == -1 else (shape[1], shape[0])
+    g = cols // m
+    pos = _unpack_uint(idx, rows * g * n, _bits_per_index(m)).reshape(rows, g, n)  # (R, G, n)
+    if bool((pos >= m).any()):
+        raise ValueError(f"an N:M index is >= M={m}")
+    weight = torch.zeros(rows, g, m, dtype=values.dtype)
+    weight.scatter_(-1, pos, values.reshape(rows, g, n))
+    mask = torch.zeros(rows, g, m, dtype=torch.bool)
+    mask.scatter_(-1, pos, True)
+    if int(mask.sum()) != rows * g * n:
+        raise ValueError("N:M indices repeat a position inside a group")
+    weight, mask = weight.reshape(rows, cols), mask.reshape(rows, cols)
+    return (weight, mask) if axis == -1 else (weight.t().contiguous(), mask.t().contiguous())
+
+
+def encode_bitmask(weight: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Masked weight -> ``mask`` (packed bits) and ``values`` (kept entries, row-major, 1-D)."""
+    return {"mask": pack_bits(mask), "values": weight[mask].contiguous()}
+
+
+def decode_bitmask(
+    packed: torch.Tensor, values: torch.Tensor, shape: tuple[int, ...]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    mask = unpack_bits(packed, shape)
+    kept = int(mask.sum())
+    if kept != values.numel():
+        raise ValueError(f"the bitmask keeps {kept} entries but {values.numel()} values are stored")
+    weight = torch.zeros(shape, dtype=values.dtype)
+    weight[mask] = values
+    return weight, mask
+
+
+def _nbytes(tensors: dict[str, torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def encode_tensor(
+    weight: torch.Tensor, mask: torch.Tensor | None, nm_patterns: list[tuple[int, int]] = ()
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Pick the smallest exact encoding of one tensor: (header entry, tensors to store by suffix)."""
+    dense = ({"encoding": "dense"}, {"": weight.contiguous()})
+    if mask is None or weight.dim() == 0 or bool((weight[~mask] != 0).any()):
+        return dense
+    candidates = [dense]
+    for n, m in nm_patterns:  # before the bitmask: on a tie (2:4) the N:M layout is the more useful one
+        axis = nm_axis(mask, n, m)
+        if axis is not None:
+            candidates.append(
+                ({"encoding": "nm", "n": n, "m": m, "axis": axis}, encode_nm(weight, mask, n, m, axis))
+            )
+    candidates.append(({"encoding": "bitmask"}, encode_bitmask(weight, mask)))
+    return min(candidates, key=lambda c: _nbytes(c[1]))  # first of equals wins
+
+
+# ---- folders -------------------------------------------------------------------------------------------
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    from .checkpoint import CheckpointError
+
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: file is missing.") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{path}: not valid JSON ({err}).") from None
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def dense_weight_files(folder: Path) -> list[Path]:
+    """The dense safetensors weight files of a checkpoint folder (single file or the shards of its index)."""
+    index = folder / INDEX_FILE
+    if index.is_file():
+        shards = sorted(set(_read_json(index).get("weight_map", {}).values()))
+        return [folder / s for s in shards]
+    single = folder / "model.safetensors"
+    return [single] if single.is_file() else []
+
+
+def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    from .checkpoint import CheckpointError
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    except (SafetensorError, OSError, RuntimeError) as err:
+        raise CheckpointError(f"{path}: weight file is damaged ({err}).") from None
+
+
+def _state_key(rel: str, keys: set[str]) -> str | None:
+    """The state-dict key of the weight of base-relative module `rel` (``rel.weight`` or ``prefix.rel.weight``)."""
+    exact = f"{rel}.weight"
+    if exact in keys:
+        return exact
+    found = [k for k in keys if k.endswith("." + exact)]
+    return found[0] if len(found) == 1 else None
+
+
+def _nm_patterns(meta: dict[str, Any]) -> list[tuple[int, int]]:
+    from .pruning.patterns import NM, parse_pattern
+
+    out = []
+    for rule in (meta.get("config") or {}).get("weights", []) or []:
+        try:
+            pattern = parse_pattern(rule.get("pattern", "unstructured"))
+        except ValueError:
+            continue
+        if isinstance(pattern, NM) and (pattern.n, pattern.m) not in out:
+            out.append((pattern.n, pattern.m))
+    return out
+
+
+def compact_folder(folder: str | os.PathLike) -> dict[str, Any]:
+    """Rewrite a dense sparse_nlp checkpoint folder IN PLACE into the compact format.
+
+    Used by `sparse_nlp.save_pretrained(..., compact=True)` on its temporary folder (and by
+    ``sparse-nlp compact``, on a copy). Returns a summary: bytes per encoding and the dense bytes they replace.
+
+    Args:
+        folder: A folder written by `sparse_nlp.save_pretrained` (dense weights, masks file, config.json).
+    """
+    from .checkpoint import MASKS_FILE, CheckpointError, load_masks
+    from .metadata import METADATA_KEY
+
+    folder = Path(folder)
+    config_path = folder / "config.json"
+    config = _read_json(config_path)
+    meta = config.get(METADATA_KEY)
+    if not isinstance(meta, dict):
+        raise CheckpointError(
+            f"{config_path}: no {METADATA_KEY!r} metadata; only sparse_nlp checkpoints can be compacted."
+        )
+    if "compact" in meta:
+        raise CheckpointError(f"{config_path}: the checkpoint is compact already.")
+    files = dense_weight_files(folder)
+    if not files:
+        raise CheckpointError(f"{folder}: no model.safetensors (or index) to compact.")
+    state: dict[str, torch.Tensor] = {}
+    for path in files:
+        state.update(_load_tensors(path))
+    masks = load_masks(folder / MASKS_FILE) if (folder / MASKS_FILE).is_file() else {}
+    by_key = {}
+    for rel, mask in masks.items():
+        key = _state_key(rel, set(state))
+        if key is not None and tuple(state[key].shape) == tuple(mask.shape):
+            by_key[key] = (rel, mask)
+    patterns = _nm_patterns(meta)
+    header: dict[str, Any] = {}
+    tensors: dict[str, torch.Tensor] = {}
+    summary = {"dense_bytes": 0, "stored_bytes": 0, "masked_dense_bytes": 0, "masked_stored_bytes": 0}
+    leftover = dict(masks)
+    for key, weight in state.items():
+        rel, mask = by_key.get(key, (None, None))
+        entry, parts = encode_tensor(weight, mask, patterns)
+        entry.update(shape=list(weight.shape), dtype=str(weight.dtype).removeprefix("torch."))
+        if entry["encoding"] != "dense":
+            entry["module"] = rel
+            leftover.pop(rel)
+        header[key] = entry
+        for suffix, t in parts.items():
+            tensors[f"{key}.__{suffix}" if suffix else key] = t
+        dense_b, stored_b = weight.numel() * weight.element_size(), _nbytes(parts)
+        summary["dense_bytes"] += dense_b
+        summary["stored_bytes"] += stored_b
+        if mask is not None:
+            summary["masked_dense_bytes"] += dense_b
+            summary["masked_stored_bytes"] += stored_b
+    save_file(
+        tensors,
+        str(folder / COMPACT_FILE),
+        metadata={"format": "pt", HEADER_KEY: json.dumps({"version": COMPACT_VERSION, "tensors": header})},
+    )
+    for path in [*files, folder / INDEX_FILE]:
+        path.unlink(missing_ok=True)
+    stub = {
+        "format": "sparse_nlp_compact",
+        "note": f"the weights are in {COMPACT_FILE}; load with sparse_nlp",
+    }
+    _write_json(
+        folder / INDEX_FILE, {"metadata": stub, "weight_map": dict.fromkeys(sorted(state), MISSING_SHARD)}
+    )
+    (folder / MASKS_FILE).unlink(missing_ok=True)
+    if leftover:  # masks of weights stored dense (nothing to gain) still need their own file
+        from .checkpoint import write_masks
+
+        write_masks(leftover, folder / MASKS_FILE)
+    meta = dict(meta)
+    meta["compact"] = {
+        "version": COMPACT_VERSION,
+        "file": COMPACT_FILE,
+        "attn_implementation": config.get("attn_implementation"),
+    }
+    config[METADATA_KEY] = meta
+    config["attn_implementation"] = ATTN_MARKER
+    _write_json(config_path, config)
+    logger.info(
+        "compacted %s: %d -> %d bytes (masked weights %d -> %d)",
+        folder,
+        summary["dense_bytes"],
+        summary["stored_bytes"],
+        summary["masked_dense_bytes"],
+        summary["masked_stored_bytes"],
+    )
+    return summary
+
+
+def is_compact(config: dict[str, Any]) -> bool:
+    """Whether a raw config.json dict belongs to a compact checkpoint."""
+    from .metadata import METADATA_KEY
+
+    meta = config.get(METADATA_KEY)
+    return isinstance(meta, dict) and "compact" in meta
+
+
+def read_compact(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Decode a compact weight file: (dense state dict, masks by base-relative module name).
+
+    Raises:
+        CompactFormatError: damaged file, a newer format version, or tensors that disagree with the header.
+    """
+    path = Path(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            raw = (f.metadata() or {}).get(HEADER_KEY)
+            stored = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    except (SafetensorError, OSError, RuntimeError) as err:
+        raise CompactFormatError(f"{path}: compact weight file is damaged ({err}).") from None
+    if raw is None:
+        raise CompactFormatError(
+            f"{path}: no {HEADER_KEY!r} entry in the safetensors header; not a compact file."
+        )
+    try:
+        header = json.loads(raw)
+        version, entries = header["version"], header["tensors"]
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise CompactFormatError(f"{path}: the {HEADER_KEY!r} header entry is damaged ({err}).") from None
+    if not isinstance(version, int) or version > COMPACT_VERSION:
+        raise CompactFormatError(
+            f"{path}: compact format version {version!r} is newer than this sparse_nlp reads (<= {COMPACT_VERSION}). "
+            "Upgrade sparse_nlp: pip install -U sparse-nlp."
+        )
+    state, masks = {}, {}
+    for key, entry in entries.items():
+        try:
+            shape = tuple(int(s) for s in entry["shape"])
+            encoding = entry["encoding"]
+            if encoding == "dense":
+                weight, mask = stored[key], None
+            elif encoding == "bitmask":
+                weight, mask = decode_bitmask(stored[f"{key}.__mask"], stored[f"{key}.__values"], shape)
+            elif encoding == "nm":
+                n, m, axis = int(entry["n"]), int(entry["m"]), int(entry["axis"])
+                weight, mask = decode_nm(stored[f"{key}.__values"], stored[f"{key}.__idx"], shape, n, m, axis)
+            else:
+                raise CompactFormatError(f"{path}: tensor {key!r} has unknown encoding {encoding!r}.")
+        except KeyError as err:
+            raise CompactFormatError(
+                f"{path}: tensor {key!r}: missing {err} in the file or its header."
+            ) from None
+        except (ValueError, RuntimeError) as err:
+            if isinstance(err, CompactFormatError):
+                raise
+            raise CompactFormatError(f"{path}: tensor {key!r} disagrees with its header ({err}).") from None
+        if tuple(weight.shape) != shape:
+            raise CompactFormatError(
+                f"{path}: tensor {key!r} has shape {tuple(weight.shape)} but the header records {shape}."
+            )
+        state[key] = weight
+        if mask is not None:
+            masks[entry.get("module") or key.removesuffix(".weight")] = mask
+    return state, masks
+
+
+@contextmanager
+def expanded(folder: str | os.PathLike) -> Iterator[Path]:
+    """A temporary dense checkpoint folder equivalent to the compact one in `folder` (deleted on exit)."""
+    from .checkpoint import MASKS_FILE, load_masks, write_masks
+    from .metadata import METADATA_KEY
+
+    folder = Path(folder)
+    config = _read_json(folder / "config.json")
+    meta = dict(config[METADATA_KEY])
+    info = meta.pop("compact")
+    compact_path = (
+        folder / (info.get("file") or COMPACT_FILE) if isinstance(info, dict) else folder / COMPACT_FILE
+    )
+    if not compact_path.is_file():
+        from .checkpoint import CheckpointError
+
+        raise CheckpointError(
+            f"{compact_path}: compact weight file is missing (config.json says the checkpoint is compact)."
+        )
+    state, masks = read_compact(compact_path)
+    if (folder / MASKS_FILE).is_file():
+        masks.update(load_masks(folder / MASKS_FILE))
+    tmp = Path(tempfile.mkdtemp(prefix="sparse-nlp-expanded-"))
+    try:
+        for item in folder.iterdir():
+            if (
+                item.is_file()
+                and item.name not in (COMPACT_FILE, MASKS_FILE, INDEX_FILE, "config.json")
+                and item.suffix != ".safetensors"
+            ):
+                shutil.copy2(item, tmp / item.name)
+        original_attn = info.get("attn_implementation") if isinstance(info, dict) else None
+        if original_attn is None:
+            config.pop("attn_implementation", None)
+        else:
+            config["attn_implementation"] = original_attn
+        config[METADATA_KEY] = meta
+        _write_json(tmp / "config.json", config)
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        if masks:
+            write_masks(masks, tmp / MASKS_FILE)
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+__all__ = ["COMPACT_FILE", "CompactFormatError", "compact_folder", "expanded", "is_compact", "read_compact"]
