@@ -1,0 +1,415 @@
+"""Recipes: YAML files listing the stages of a run (fine-tune dense -> prune on a schedule with distillation
+-> evaluate), parsed into typed dataclasses, and `run_recipe` that executes one end to end.
+
+A recipe (see ``recipes/`` for complete ones)::
+
+    model: minilm
+    task: sst2
+    max_length: 64
+    stages:
+      - name: dense
+        type: finetune
+        training: {epochs: 1, learning_rate: 5.0e-5, batch_size: 32}
+      - name: gmp90
+        type: prune
+        sparsity: {weights: [{method: magnitude, sparsity: 0.9, targets: [all-linear]}]}
+        schedule: {start_step: 0, end_step: 400, update_every: 25}
+        distillation: {temperature: 2.0, alpha: 0.5}
+        training: {max_steps: 600, learning_rate: 5.0e-5, batch_size: 32}
+      - name: eval
+        type: evaluate
+
+Parsing reuses the config machinery of `sparse_nlp.config`: an unknown or mistyped key fails with its
+path (``stages[1].shedule``) and a suggestion. Recipes name registered methods only; nothing in a recipe
+imports or executes code. The recipe is saved next to every checkpoint a run writes (``recipe.yaml``).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .config import ConfigError, SparsityConfig, _build
+from .pruning.schedules import CubicSchedule
+from .registry import suggest
+from .training.distillation import DistillationConfig
+
+logger = logging.getLogger(__name__)
+
+STAGE_TYPES = ("finetune", "prune", "evaluate")
+RECIPE_FILE = "recipe.yaml"
+RESULTS_FILE = "results.json"
+
+
+@dataclass
+class TrainingSettings:
+    """Optimisation settings of a training stage (stock ``TrainingArguments`` underneath)."""
+
+    max_steps: int = field(default=-1, metadata={"help": "Optimizer steps; -1 = use epochs."})
+    epochs: float = field(
+        default=1.0, metadata={"help": "Passes over the training rows (when max_steps is -1)."}
+    )
+    learning_rate: float = 5e-5
+    batch_size: int = 32
+    weight_decay: float = 0.01
+    warmup: float = field(
+        default=0.06, metadata={"help": "Warm-up: a fraction of the steps (< 1) or a step count."}
+    )
+    train_limit: int | None = field(default=None, metadata={"help": "Use only the first N training rows."})
+    save_steps: int = field(
+        default=0, metadata={"help": "Checkpoint every N steps (0 = only the final model)."}
+    )
+    logging_steps: int = 50
+
+    def validate(self, path: str) -> None:
+        if self.max_steps == 0 or self.max_steps < -1:
+            raise ConfigError(f"{path}.max_steps must be > 0 or -1 (use epochs), got {self.max_steps!r}.")
+        for name in ("epochs", "learning_rate", "batch_size"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{path}.{name} must be > 0, got {getattr(self, name)!r}.")
+        if self.weight_decay < 0 or self.warmup < 0 or self.save_steps < 0:
+            raise ConfigError(f"{path}: weight_decay, warmup and save_steps must be >= 0.")
+        if self.train_limit is not None and self.train_limit <= 0:
+            raise ConfigError(f"{path}.train_limit must be > 0, got {self.train_limit!r}.")
+
+
+@dataclass
+class Stage:
+    """One step of a recipe.
+
+    Attributes:
+        name: Folder name of the stage's output under ``--out``.
+        type: ``finetune`` (dense training), ``prune`` (gradual pruning, optionally distilled) or ``evaluate``.
+        training: Optimisation settings (finetune, prune).
+        sparsity: Weight rules with their final sparsity (prune); methods ``magnitude`` or ``movement``.
+        schedule: When the masks change (prune).
+        distillation: Distil from a teacher (prune; omit for no teacher).
+        teacher: Name of an earlier finetune/prune stage whose model is the teacher; default: the model as it
+            was before this stage.
+        split: Split to evaluate (evaluate).
+    """
+
+    name: str
+    type: str
+    training: TrainingSettings | None = None
+    sparsity: SparsityConfig | None = None
+    schedule: CubicSchedule | None = None
+    distillation: DistillationConfig | None = None
+    teacher: str | None = None
+    split: str = "dev"
+
+    def validate(self, path: str) -> None:
+        if self.type not in STAGE_TYPES:
+            raise ConfigError(
+                f"{path}.type must be one of {', '.join(STAGE_TYPES)}, got {self.type!r}.{suggest(self.type, list(STAGE_TYPES))}"
+            )
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", self.name):
+            raise ConfigError(
+                f"{path}.name must be a plain folder name (letters, digits, _ . -), got {self.name!r}."
+            )
+        needs = {"finetune": ("training",), "prune": ("training", "sparsity", "schedule"), "evaluate": ()}[
+            self.type
+        ]
+        for key in needs:
+            if getattr(self, key) is None:
+                raise ConfigError(f"{path}.{key} is required for a {self.type} stage.")
+        unused = {
+            "finetune": ("sparsity", "schedule", "distillation", "teacher"),
+            "prune": (),
+            "evaluate": ("training", "sparsity", "schedule", "distillation", "teacher"),
+        }[self.type]
+        for key in unused:
+            if getattr(self, key) is not None:
+                raise ConfigError(f"{path}.{key} has no meaning in a {self.type} stage; remove it.")
+        if self.training is not None:
+            self.training.validate(f"{path}.training")
+        if self.sparsity is not None:
+            try:
+                self.sparsity.validate()
+            except ConfigError as err:
+                raise ConfigError(f"{path}.sparsity.{err}") from None
+            if not self.sparsity.weights:
+                raise ConfigError(f"{path}.sparsity.weights is empty; a prune stage needs at least one rule.")
+        if self.schedule is not None:
+            self.schedule.validate(f"{path}.schedule")
+            if (
+                self.training is not None
+                and self.training.max_steps > 0
+                and self.schedule.end_step > self.training.max_steps
+            ):
+                raise ConfigError(
+                    f"{path}.schedule.end_step ({self.schedule.end_step}) is after the last step "
+                    f"({path}.training.max_steps = {self.training.max_steps}); the final sparsity would never be reached."
+                )
+        if self.split not in ("dev", "train", "validation"):
+            raise ConfigError(f"{path}.split must be dev or train, got {self.split!r}.")
+
+
+@dataclass
+class Recipe:
+    """A run: a starting model, a GLUE task and the stages applied in order."""
+
+    model: str
+    task: str
+    stages: list[Stage]
+    max_length: int = 128
+    seed: int = 42
+
+    def validate(self) -> Recipe:
+        from .evaluation.tasks import TASKS
+
+        if self.task not in TASKS:
+            raise ConfigError(
+                f"task must be one of {', '.join(TASKS)}, got {self.task!r}.{suggest(self.task, list(TASKS))}"
+            )
+        if self.max_length < 8:
+            raise ConfigError(f"max_length must be >= 8, got {self.max_length!r}.")
+        if not self.stages:
+            raise ConfigError("stages is empty; list at least one stage.")
+        names = set()
+        for i, stage in enumerate(self.stages):
+            stage.validate(f"stages[{i}]")
+            if stage.teacher is not None and stage.teacher not in names:
+                raise ConfigError(
+                    f"stages[{i}].teacher {stage.teacher!r} is not an earlier stage.{suggest(stage.teacher, sorted(names))}"
+                )
+            if stage.name in names:
+                raise ConfigError(
+                    f"stages[{i}].name {stage.name!r} is used twice; stage names are folder names."
+                )
+            names.add(stage.name)
+        return self
+
+    @classmethod
+    def from_dict(cls, data: Any) -> Recipe:
+        return _build(cls, data, "").validate()
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        for stage, raw in zip(self.stages, out["stages"]):
+            if stage.sparsity is not None:
+                raw["sparsity"] = stage.sparsity.to_dict()
+            for key in [k for k, v in raw.items() if v is None]:
+                del raw[key]
+        return out
+
+    def to_yaml(self) -> str:
+        import yaml
+
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def save(self, path: str | os.PathLike) -> None:
+        Path(path).write_text(self.to_yaml())
+
+
+def _yaml_loader():
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        """Safe YAML that also reads ``5e-5`` as a float (YAML 1.1 wants ``5.0e-5``)."""
+
+    Loader.add_implicit_resolver(
+        "tag:yaml.org,2002:float",
+        re.compile(
+            r"^[-+]?(?:\d[\d_]*)?(?:\.\d*)?(?:[eE][-+]?\d+)?$|^[-+]?\.(?:inf|Inf|INF)$|^\.(?:nan|NaN|NAN)$"
+        ),
+        list("-+0123456789."),
+    )
+    return Loader
+
+
+def load_recipe(path: str | os.PathLike) -> Recipe:
+    """Parse and validate a YAML recipe; errors name the file and the bad key."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"recipe {str(path)!r} does not exist.")
+    try:
+        data = yaml.load(path.read_text(), Loader=_yaml_loader())  # noqa: S506  (a SafeLoader subclass)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    try:
+        return Recipe.from_dict(data)
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None
+
+
+# ---- running -------------------------------------------------------------------------------------------
+
+
+def measured_sparsity(model: Any) -> dict[str, float]:
+    """Fractions of zeros measured on the weights: transformer blocks (attention + FFN Linear) and all Linear."""
+    from .report import report
+
+    groups = report(model).groups
+    blocks = [groups[g] for g in ("attention", "ffn") if g in groups]
+    numel = sum(g.numel for g in blocks)
+    nonzeros = sum(g.nonzeros for g in blocks)
+    return {
+        "block_sparsity": round(1.0 - nonzeros / numel, 4) if numel else 0.0,
+        "linear_sparsity": round(groups["linear"].sparsity, 4) if "linear" in groups else 0.0,
+    }
+
+
+def _training_args(settings: TrainingSettings, output_dir: Path, seed: int, progress: bool):
+    from transformers import TrainingArguments
+
+    return TrainingArguments(
+        output_dir=str(output_dir),
+        max_steps=settings.max_steps,
+        num_train_epochs=settings.epochs,
+        learning_rate=settings.learning_rate,
+        weight_decay=settings.weight_decay,
+        warmup_steps=settings.warmup,
+        per_device_train_batch_size=settings.batch_size,
+        per_device_eval_batch_size=64,
+        save_strategy="steps" if settings.save_steps else "no",
+        save_steps=settings.save_steps or 500,
+        save_total_limit=1,
+        eval_strategy="no",
+        logging_steps=settings.logging_steps,
+        report_to=[],
+        seed=seed,
+        dataloader_num_workers=0,
+        disable_tqdm=not progress,
+        use_cpu=True,
+    )
+
+
+def run_recipe(
+    recipe: Recipe,
+    out: str | os.PathLike,
+    *,
+    data_dir: str | os.PathLike | None = None,
+    start_from: str | os.PathLike | None = None,
+    resume: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Run every stage of `recipe`, writing checkpoints, ``recipe.yaml`` and ``results.json`` under `out`.
+
+    Args:
+        recipe: A validated `Recipe`.
+        out: Output folder: ``<out>/<stage name>/`` per training stage, ``<out>/results.json``.
+        data_dir: Local GLUE data directory (default ``$SPARSE_NLP_DATA_DIR``, then the Hub).
+        start_from: An already fine-tuned model: finetune stages are skipped and the run starts from it.
+        resume: Resume a prune/finetune stage from its latest Trainer checkpoint when there is one.
+        progress: Show progress bars.
+
+    Returns:
+        The results dict (also written to ``results.json``): per stage its wall time, steps, measured
+        sparsity and metrics.
+    """
+    import torch
+    from transformers import DataCollatorWithPadding, Trainer
+
+    from .checkpoint import save_pretrained
+    from .evaluation.data import resolve_data_dir
+    from .evaluation.tasks import encode_glue, evaluate_glue, load_for_task, task_info
+    from .training.callback import SparsityCallback
+    from .training.distillation import Distiller
+    from .training.pruner import GradualPruner
+
+    recipe.validate()
+    task_info(recipe.task)
+    resolve_data_dir(data_dir)  # a missing directory fails before any work
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    recipe.save(out / RECIPE_FILE)
+    torch.manual_seed(recipe.seed)
+    source = str(start_from) if start_from is not None else recipe.model
+    model, tokenizer = load_for_task(source, recipe.task)
+    results: dict[str, Any] = {"model": source, "task": recipe.task, "stages": []}
+    collator = DataCollatorWithPadding(tokenizer)
+    train_cache: dict[int | None, list] = {}
+    stage_models: dict[str, str] = {}  # stage name -> folder of the model it wrote
+
+    def train_rows(limit: int | None) -> list:
+        if limit not in train_cache:
+            train_cache[limit] = encode_glue(
+                tokenizer, recipe.task, "train", data_dir=data_dir, max_length=recipe.max_length, limit=limit
+            )
+        return train_cache[limit]
+
+    def write_results() -> None:
+        (out / RESULTS_FILE).write_text(json.dumps(results, indent=2) + "\n")
+
+    # every data file the run will need is read up front: a missing one fails before hours of training
+    if any(s.type != "evaluate" and not (s.type == "finetune" and start_from) for s in recipe.stages):
+        train_rows(None)
+    encode_glue(tokenizer, recipe.task, "dev", data_dir=data_dir, max_length=recipe.max_length, limit=1)
+
+    for stage in recipe.stages:
+        record: dict[str, Any] = {"name": stage.name, "type": stage.type}
+        start = time.perf_counter()
+        if stage.type == "finetune" and start_from is not None:
+            record["skipped"] = f"started from {start_from}"
+            stage_models[stage.name] = str(start_from)
+            results["stages"].append(record)
+            continue
+        if stage.type == "evaluate":
+            record.update(
+                evaluate_glue(
+                    model,
+                    tokenizer,
+                    recipe.task,
+                    data_dir=data_dir,
+                    split=stage.split,
+                    max_length=recipe.max_length,
+                    progress=progress,
+                )
+            )
+            record.update(measured_sparsity(model))
+        else:
+            stage_dir = out / stage.name
+            settings = stage.training
+            args = _training_args(settings, stage_dir / "trainer", recipe.seed, progress)
+            callbacks, loss_func, pruner = [], None, None
+            if stage.type == "prune":
+                teacher = None
+                if stage.distillation is not None:
+                    teacher = (
+                        load_for_task(stage_models[stage.teacher], recipe.task)[0]
+                        if stage.teacher
+                        else copy.deepcopy(model)
+                    )
+                pruner = GradualPruner(model, stage.sparsity, stage.schedule)
+                callbacks.append(SparsityCallback(pruner))
+                if teacher is not None:
+                    loss_func = Distiller(model, teacher, stage.distillation)
+            trainer = Trainer(
+                model=model,
+                args=args,
+                train_dataset=train_rows(settings.train_limit),
+                data_collator=collator,
+                callbacks=callbacks,
+                compute_loss_func=loss_func,
+            )
+            checkpoints = sorted(
+                (stage_dir / "trainer").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1])
+            )
+            output = trainer.train(
+                resume_from_checkpoint=str(checkpoints[-1]) if resume and checkpoints else None
+            )
+            if loss_func is not None:
+                loss_func.remove()
+            record.update(steps=trainer.state.global_step, train_loss=round(float(output.training_loss), 4))
+            if pruner is not None:
+                record.update(sparsity=round(pruner.sparsity(), 4), mask_frozen_after=stage.schedule.end_step)
+            save_pretrained(model, stage_dir, tokenizer=tokenizer)
+            recipe.save(stage_dir / RECIPE_FILE)
+            stage_models[stage.name] = str(stage_dir)
+            record["checkpoint"] = str(stage_dir)
+        record["wall_seconds"] = round(time.perf_counter() - start, 1)
+        results["stages"].append(record)
+        write_results()
+        logger.info("stage %s done in %.0f s", stage.name, record["wall_seconds"])
+    write_results()
+    return results
