@@ -7,9 +7,9 @@ import logging
 import sys
 
 from . import __version__
-from .commands import report, sparsify
+from .commands import evaluate, report, run, sparsify
 
-COMMANDS = [sparsify, report]
+COMMANDS = [sparsify, report, evaluate, run]
 
 
 def build_parser() -> argparse.ArgumentParser:
