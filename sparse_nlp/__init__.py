@@ -12,6 +12,7 @@ Public API::
 
 __version__ = "0.1.0"
 
+from . import attention  # noqa: F401  (registers the "sparse_nlp" attention implementation with transformers)
 from .checkpoint import CheckpointError, from_pretrained, save_pretrained
 from .config import (
     FORMAT_VERSION,

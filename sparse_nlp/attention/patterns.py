@@ -29,11 +29,12 @@ from typing import Any, ClassVar
 
 import torch
 
+from ..config import ConfigError
 from ..registry import ATTENTION_PATTERNS, RegistryError
 
 
-class AttentionPatternError(ValueError):
-    """A pattern option with a bad value, or a pattern that does not fit the model or the input."""
+class AttentionPatternError(ConfigError):
+    """A pattern option with a bad value, or a pattern that does not fit the model or the input (a `ConfigError`)."""
 
 
 @dataclass

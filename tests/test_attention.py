@@ -1,0 +1,221 @@
+"""Sparse attention patterns against brute-force definitions; kernels against the reference (values and gradients)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sparse_nlp.attention.kernels import choose_kernel
+from sparse_nlp.attention.kernels.blocked import blocked_attention
+from sparse_nlp.attention.kernels.flex import flex_attention_kernel
+from sparse_nlp.attention.kernels.reference import reference_attention
+from sparse_nlp.attention.patterns import (
+    AttentionPatternError,
+    BigBird,
+    DilatedWindow,
+    Fixed,
+    GlobalTokens,
+    SinkWindow,
+    SlidingWindow,
+    Strided,
+    build_pattern,
+    dense_mask,
+)
+from sparse_nlp.attention.spec import MaskSpec, left_shift
+from sparse_nlp.config import AttentionSparsity, ConfigError, SparsityConfig
+
+
+def brute(pattern, n: int) -> torch.Tensor:
+    """The pattern's mask written out position by position, straight from its definition."""
+    out = torch.zeros(n, n, dtype=torch.bool)
+    for q in range(n):
+        for k in range(n):
+            d = q - k
+            if isinstance(pattern, SlidingWindow):
+                ok = 0 <= d < pattern.window if pattern.causal else abs(d) <= pattern.window // 2
+            elif isinstance(pattern, GlobalTokens):
+                ok = (q in pattern.positions or k in pattern.positions) and (not pattern.causal or k <= q)
+            elif isinstance(pattern, SinkWindow):
+                ok = k <= q and (d < pattern.window or k < pattern.sinks)
+            elif isinstance(pattern, DilatedWindow):
+                reach = (pattern.window // 2) * pattern.dilation
+                ok = d % pattern.dilation == 0 and (
+                    0 <= d < pattern.window * pattern.dilation if pattern.causal else abs(d) <= reach
+                )
+            elif isinstance(pattern, Strided):
+                ok = (abs(d) < pattern.stride or d % pattern.stride == 0) and (not pattern.causal or k <= q)
+            elif isinstance(pattern, Fixed):
+                ok = (
+                    q // pattern.block == k // pattern.block
+                    or k % pattern.block >= pattern.block - pattern.summary
+                ) and (not pattern.causal or k <= q)
+            else:
+                raise AssertionError(pattern)
+            out[q, k] = ok
+    return out
+
+
+PATTERNS = [
+    SlidingWindow(6),
+    SlidingWindow(5, causal=True),
+    GlobalTokens((0, 7)),
+    GlobalTokens((2,), causal=True),
+    SinkWindow(window=4, sinks=2),
+    DilatedWindow(6, dilation=3),
+    DilatedWindow(3, dilation=2, causal=True),
+    Strided(4),
+    Strided(3, causal=False),
+    Fixed(5, 2),
+    Fixed(4, 1, causal=False),
+]
+
+
+@pytest.mark.parametrize("pattern", PATTERNS, ids=lambda p: p.key())
+def test_pattern_matches_brute_force(pattern):
+    pos = torch.arange(19)
+    got = dense_mask(pattern, pos, pos)[0]
+    assert torch.equal(got, brute(pattern, 19))
+
+
+def test_union_is_or_of_parts_and_round_trips_json():
+    u = SlidingWindow(4) | GlobalTokens((0,)) | Strided(5, causal=False)
+    pos = torch.arange(17)
+    want = brute(SlidingWindow(4), 17) | brute(GlobalTokens((0,)), 17) | brute(Strided(5, causal=False), 17)
+    assert torch.equal(dense_mask(u, pos, pos)[0], want)
+    again = build_pattern(u.name, u.options())
+    assert again == u
+    cfg = SparsityConfig(attention=AttentionSparsity(u.name, u.options(), kernel="blocked"))
+    assert SparsityConfig.from_json(cfg.to_json()) == cfg
+
+
+def test_bigbird_is_seeded_and_has_window_global_random():
+    p = BigBird(block_size=4, window_blocks=3, global_blocks=1, random_blocks=2, random_span=8, seed=3)
+    pos = torch.arange(64)
+    m = dense_mask(p, pos, pos)[0]
+    assert torch.equal(m, dense_mask(BigBird(**{**p.options(), "seed": 3}), pos, pos)[0])
+    assert not torch.equal(m, dense_mask(BigBird(**{**p.options(), "seed": 4}), pos, pos)[0])
+    blocks = m.view(16, 4, 16, 4).any(3).any(1)  # (query block, key block)
+    assert torch.equal(m.view(16, 4, 16, 4).all(3).all(1), blocks)  # whole blocks only
+    assert blocks[0].all() and blocks[:, 0].all()  # global block
+    i = torch.arange(16)
+    assert blocks[i, i].all() and blocks[i[1:], i[:-1]].all() and blocks[i[:-1], i[1:]].all()
+    extra = blocks.sum() - (16 + 15 + 15 + 15 + 14)  # beyond window and global (overlaps removed)
+    assert extra > 0  # random blocks exist
+    pos128 = torch.arange(128)
+    assert torch.equal(dense_mask(p, pos128, pos128)[0][:64, :64], m)  # the same blocks at every length
+
+
+@pytest.mark.parametrize(
+    ("name", "options", "field"),
+    [
+        ("sliding_window", {"window": 0}, "window"),
+        ("sliding_window", {"window": -3, "causal": True}, "window"),
+        ("sink_window", {"window": 8, "sinks": -1}, "sinks"),
+        ("global_tokens", {"positions": ["cls"]}, "positions"),
+        ("sliding_window", {"windw": 8}, "windw"),
+        ("bigbird", {"random_blocks": 4, "random_span": 2}, "random_span"),
+        ("no_such_pattern", {}, "pattern"),
+    ],
+)
+def test_bad_options_fail_naming_the_field(name, options, field):
+    with pytest.raises(AttentionPatternError, match=field):
+        build_pattern(name, options)
+    with pytest.raises(ConfigError, match=rf"attention\.(options\.|pattern|.*{field})"):
+        SparsityConfig(attention=AttentionSparsity(name, options)).validate()
+
+
+def test_bad_kernel_name_fails():
+    with pytest.raises(ConfigError, match="kernel"):
+        SparsityConfig(attention=AttentionSparsity("sliding_window", {"window": 4}, kernel="fast")).validate()
+
+
+# ---- kernels ----------------------------------------------------------------------------------------------
+
+BAND_PATTERNS = [
+    SlidingWindow(8),
+    SlidingWindow(5, causal=True),
+    SlidingWindow(10) | GlobalTokens((0, 3)),
+    SinkWindow(window=6, sinks=2),
+    GlobalTokens((1,), causal=True) | SlidingWindow(4, causal=True),
+]
+
+
+def _inputs(pad: str, n: int = 37, batch: int = 3, seed: int = 0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, 4, n, 8, generator=g, dtype=dtype, requires_grad=True)
+    k = torch.randn(batch, 2, n, 8, generator=g, dtype=dtype, requires_grad=True)  # GQA: 2 KV heads
+    v = torch.randn(batch, 2, n, 8, generator=g, dtype=dtype, requires_grad=True)
+    real = torch.ones(batch, n, dtype=torch.bool)
+    if pad == "right":
+        real[1, n - 7 :] = False
+        real[2, 5:] = False
+    elif pad == "left":
+        real[1, :7] = False
+        real[2, :1] = False
+    return q, k, v, real
+
+
+def _spec(pattern, real, pad, block=16, kernel="auto"):
+    n = real.shape[1]
+    pos = torch.arange(n)
+    return MaskSpec(
+        pattern,
+        kernel,
+        real.shape[0],
+        pos,
+        pos,
+        padding=None if pad == "none" else real,
+        shift=left_shift(real),
+        block_size=block,
+    )
+
+
+@pytest.mark.parametrize("pad", ["none", "right", "left"])
+@pytest.mark.parametrize("pattern", BAND_PATTERNS, ids=lambda p: p.key())
+def test_blocked_equals_reference_values_and_gradients(pattern, pad):
+    q, k, v, real = _inputs(pad)  # 37 tokens: not a multiple of the block of 16
+    spec = _spec(pattern, real, pad)
+    ref = reference_attention(q, k, v, spec, 0.3)
+    out = blocked_attention(q, k, v, spec, 0.3)
+    assert (out - ref).abs().max() < 1e-5
+    weight = torch.randn_like(ref)
+    g_ref = torch.autograd.grad((ref * weight).sum(), (q, k, v))
+    g_out = torch.autograd.grad((out * weight).sum(), (q, k, v))
+    for a, b in zip(g_ref, g_out, strict=True):
+        assert (a - b).abs().max() < 1e-5
+
+
+def test_reference_equals_masked_softmax_by_hand():
+    q, k, v, real = _inputs("right", n=11)
+    pattern = SlidingWindow(4) | GlobalTokens((0,))
+    spec = _spec(pattern, real, "right")
+    out = reference_attention(q, k, v, spec, 0.5)
+    kk, vv = k.repeat_interleave(2, dim=1), v.repeat_interleave(2, dim=1)
+    scores = (q @ kk.transpose(-1, -2)) * 0.5
+    mask = spec.dense()
+    want = torch.softmax(scores.masked_fill(~mask, float("-inf")), -1) @ vv
+    assert (out - want).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize(
+    "pattern",
+    [SlidingWindow(8), BigBird(block_size=4, random_blocks=1, random_span=4), Strided(4, causal=False)],
+)
+def test_flex_equals_reference_with_padding(pattern):
+    q, k, v, real = _inputs("right", n=37)
+    spec = _spec(pattern, real, "right")
+    with torch.no_grad():
+        ref = reference_attention(q, k, v, spec, 0.3)
+        out = flex_attention_kernel(q, k, v, spec, 0.3, compile=False)
+    assert (out - ref).abs().max() < 1e-5
+
+
+def test_flex_refuses_autograd_and_auto_falls_back():
+    q, k, v, real = _inputs("none", n=300)
+    spec = _spec(BigBird(block_size=4), real, "none", kernel="flex")
+    with pytest.raises(ValueError, match="backward"):
+        flex_attention_kernel(q, k, v, spec, 0.3, compile=False)
+    assert choose_kernel(spec, needs_grad=True) == "reference"
+    assert choose_kernel(_spec(SlidingWindow(8), real, "none", kernel="flex"), needs_grad=True) == "blocked"
+    assert choose_kernel(_spec(SlidingWindow(8), real, "none"), needs_grad=True) == "blocked"
+    assert choose_kernel(_spec(SlidingWindow(8), real[:, :10], "none"), needs_grad=False) == "reference"
