@@ -79,6 +79,8 @@ def _pack_uint(values: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def _unpack_uint(packed: torch.Tensor, count: int, bits: int) -> torch.Tensor:
+    if packed.numel() != (count * bits + 7) // 8:
+        raise ValueError(f"{packed.numel()} index bytes stored, {(count * bits + 7) // 8} expected")
     stream = np.unpackbits(packed.numpy(), count=count * bits).reshape(count, bits)  # (K, bits)
     weights = (1 << np.arange(bits - 1, -1, -1)).astype(np.int64)
     return torch.from_numpy(stream.astype(np.int64) @ weights)
@@ -91,6 +93,8 @@ def pack_bits(mask: torch.Tensor) -> torch.Tensor:
 
 def unpack_bits(packed: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     count = math.prod(shape)
+    if packed.numel() != (count + 7) // 8:
+        raise ValueError(f"{packed.numel()} mask bytes stored, {(count + 7) // 8} expected for shape {shape}")
     return torch.from_numpy(np.unpackbits(packed.numpy(), count=count).astype(bool)).reshape(shape)
 
 
@@ -122,6 +126,10 @@ def decode_nm(
     """Inverse of `encode_nm`: (weight, mask) of `shape`."""
     rows, cols = shape if axis == -1 else (shape[1], shape[0])
     g = cols // m
+    if cols % m or values.numel() != rows * g * n:
+        raise ValueError(
+            f"{values.numel()} values stored, {rows * g * n} expected for {n}:{m} in shape {shape}"
+        )
     pos = _unpack_uint(idx, rows * g * n, _bits_per_index(m)).reshape(rows, g, n)  # (R, G, n)
     if bool((pos >= m).any()):
         raise ValueError(f"an N:M index is >= M={m}")
