@@ -1,0 +1,210 @@
+"""Sparse attention inside real transformers models of every family: padding, kernels, save/load, generate."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import transformers
+
+import sparse_nlp
+from sparse_nlp.attention import ATTN_NAME, AttentionPatternError, apply_attention, remove_attention
+from sparse_nlp.attention.cache import SinkWindowCache
+from sparse_nlp.config import AttentionSparsity, SparsityConfig
+
+from .conftest import DECODERS, tiny_inputs, tiny_model
+
+
+def window_for(family: str, window: int, **kw) -> AttentionSparsity:
+    return AttentionSparsity("sliding_window", {"window": window, "causal": family in DECODERS}, **kw)
+
+
+def logits(model, inputs):
+    with torch.no_grad():
+        return model(**inputs).logits
+
+
+def test_every_family_pattern_padding_and_kernels(family):
+    model = tiny_model(family)
+    x = tiny_inputs(batch=2, length=12)  # the last row is right-padded (9 real tokens)
+    dense = logits(model, x)
+    apply_attention(model, window_for(family, 1000, kernel="blocked"))
+    assert model.config._attn_implementation == ATTN_NAME
+    assert (logits(model, x) - dense).abs().max() < 1e-5  # a window wider than the input is dense attention
+    apply_attention(model, window_for(family, 4, kernel="reference"))
+    ref = logits(model, x)
+    assert (ref - dense).abs().max() > 1e-5  # the pattern is applied
+    apply_attention(model, window_for(family, 4, kernel="blocked", block_size=4))
+    blocked = logits(model, x)
+    assert (blocked - ref).abs().max() < 1e-5
+    alone = logits(model, {"input_ids": x["input_ids"][1:, :9]})
+    padded_row = blocked[1, :9] if family in DECODERS else blocked[1]
+    assert (padded_row - alone[0]).abs().max() < 1e-5  # padding changes nothing for the real tokens
+    remove_attention(model)
+    assert model.config._attn_implementation == "sdpa" and "sparse_attention" not in model.config.to_dict()
+    assert (logits(model, x) - dense).abs().max() < 1e-6
+
+
+def test_left_padding_keeps_global_position_on_first_real_token():
+    model = tiny_model("llama")
+    apply_attention(model, AttentionSparsity("union", {"patterns": [
+        {"pattern": "sliding_window", "options": {"window": 2, "causal": True}},
+        {"pattern": "global_tokens", "options": {"positions": [0], "causal": True}},
+    ]}, kernel="blocked", block_size=4))  # fmt: skip
+    ids = torch.randint(3, 100, (1, 10), generator=torch.Generator().manual_seed(0))
+    alone = logits(model, {"input_ids": ids})
+    padded = {
+        "input_ids": torch.cat([torch.zeros(1, 3, dtype=torch.long), ids], 1),
+        "attention_mask": torch.tensor([[0] * 3 + [1] * 10]),
+        "position_ids": torch.tensor([[0] * 3 + list(range(10))]),
+    }
+    assert (logits(model, padded)[:, 3:] - alone).abs().max() < 1e-5
+
+
+def test_training_gradients_blocked_equal_reference():
+    grads = []
+    for kernel in ("reference", "blocked"):
+        model = tiny_model("bert")
+        model.train()
+        model.config.attention_probs_dropout_prob = 0.0
+        for m in model.modules():
+            if isinstance(m, torch.nn.Dropout):
+                m.p = 0.0
+        apply_attention(model, AttentionSparsity("union", {"patterns": [
+            {"pattern": "sliding_window", "options": {"window": 4}},
+            {"pattern": "global_tokens", "options": {"positions": [0]}},
+        ]}, kernel=kernel, block_size=4))  # fmt: skip
+        out = model(**tiny_inputs(batch=2, length=13), labels=torch.tensor([0, 1]))
+        out.loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        assert (grads[0][name] - grads[1][name]).abs().max() < 1e-5, name
+
+
+def test_global_tokens_by_id():
+    model = tiny_model("bert")
+    x = tiny_inputs(batch=2, length=12, pad=False)
+    x["input_ids"][0, 5] = 7
+    x["input_ids"][1, 2] = 7
+    x["input_ids"][x["input_ids"] == 7] = 7
+    apply_attention(model, AttentionSparsity("union", {"patterns": [
+        {"pattern": "sliding_window", "options": {"window": 2}},
+        {"pattern": "global_tokens", "options": {"positions": [], "token_ids": [7]}},
+    ]}, kernel="blocked", block_size=4))  # fmt: skip
+    by_id = logits(model, x)
+    for row in range(2):
+        where = [int(i) for i in (x["input_ids"][row] == 7).nonzero()]
+        apply_attention(model, AttentionSparsity("union", {"patterns": [
+            {"pattern": "sliding_window", "options": {"window": 2}},
+            {"pattern": "global_tokens", "options": {"positions": where}},
+        ]}, kernel="reference"))  # fmt: skip
+        by_pos = logits(model, {k: v[row : row + 1] for k, v in x.items()})
+        assert (by_id[row] - by_pos[0]).abs().max() < 1e-5
+
+
+def test_save_load_restores_pattern(tmp_path, family):
+    model = tiny_model(family)
+    x = tiny_inputs()
+    cfg = SparsityConfig(attention=window_for(family, 4))
+    sparse_nlp.sparsify(model, cfg, progress=False)
+    want = logits(model, x)
+    sparse_nlp.save_pretrained(model, tmp_path / "m")
+    saved = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert saved["attn_implementation"] == ATTN_NAME and saved["sparse_attention"]["options"]["window"] == 4
+    loaded = sparse_nlp.from_pretrained(tmp_path / "m")
+    loaded.eval()
+    assert loaded.config._attn_implementation == ATTN_NAME
+    assert torch.equal(logits(loaded, x), want)
+    plain = (
+        transformers.AutoModelForCausalLM
+        if family in DECODERS
+        else transformers.AutoModelForSequenceClassification
+    )
+    again = plain.from_pretrained(tmp_path / "m")  # after `import sparse_nlp` the config.json key is honoured
+    again.eval()
+    assert torch.equal(logits(again, x), want)
+    sparse_nlp.to_dense(loaded)
+    assert loaded.config._attn_implementation == "sdpa"
+
+
+def test_plain_transformers_refuses_a_sparse_attention_checkpoint(tmp_path):
+    model = tiny_model("bert")
+    sparse_nlp.sparsify(model, SparsityConfig(attention=window_for("bert", 4)), progress=False)
+    sparse_nlp.save_pretrained(model, tmp_path / "m")
+    code = (
+        "import sys, transformers\n"
+        f"transformers.AutoModelForSequenceClassification.from_pretrained({str(tmp_path / 'm')!r})\n"
+        "assert 'sparse_nlp' not in sys.modules\n"
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode != 0
+    assert 'attn_implementation="sparse_nlp"' in done.stderr and "not supported" in done.stderr
+
+
+def test_bidirectional_pattern_on_decoder_fails(family):
+    if family not in DECODERS:
+        pytest.skip("decoders only")
+    model = tiny_model(family)
+    with pytest.raises(AttentionPatternError, match="bidirectional.*causal decoder"):
+        apply_attention(model, AttentionSparsity("sliding_window", {"window": 8}))
+    with pytest.raises(AttentionPatternError, match="causal decoder"):
+        sparse_nlp.sparsify(model, SparsityConfig(attention=AttentionSparsity("bigbird", {})), progress=False)
+    assert model.config._attn_implementation != ATTN_NAME
+
+
+def test_global_position_beyond_sequence_fails():
+    model = tiny_model("bert")
+    glob = {"pattern": "global_tokens", "options": {"positions": [20]}}
+    apply_attention(
+        model,
+        AttentionSparsity(
+            "union", {"patterns": [{"pattern": "sliding_window", "options": {"window": 4}}, glob]}
+        ),
+    )
+    with pytest.raises(AttentionPatternError, match="position 20, beyond this input of 12 tokens"):
+        model(**tiny_inputs(length=12))
+    with pytest.raises(AttentionPatternError, match="beyond the 128 positions"):
+        apply_attention(model, AttentionSparsity("global_tokens", {"positions": [200]}))
+
+
+def test_window_zero_fails_before_touching_the_model():
+    model = tiny_model("gpt2")
+    with pytest.raises(AttentionPatternError, match=r"attention\.options\.window must be >= 1, got 0"):
+        apply_attention(model, AttentionSparsity("sliding_window", {"window": 0, "causal": True}))
+    with pytest.raises(sparse_nlp.ConfigError, match=r"attention\.options\.window"):
+        sparse_nlp.sparsify(
+            model, SparsityConfig(attention=AttentionSparsity("sink_window", {"window": -2})), progress=False
+        )
+    assert model.config._attn_implementation != ATTN_NAME
+
+
+@pytest.mark.parametrize("family", DECODERS)
+def test_generate_with_cache_equals_without_and_sink_cache_is_bounded(family):
+    model = tiny_model(family)
+    apply_attention(model, AttentionSparsity("sink_window", {"window": 5, "sinks": 2}))
+    x = tiny_inputs(batch=2, length=8, pad=False)
+    x["attention_mask"][1, :3] = 0  # left padding, as generate wants it
+    kw = dict(
+        max_new_tokens=12, do_sample=False, pad_token_id=0, output_logits=True, return_dict_in_generate=True
+    )
+    full = model.generate(**x, use_cache=False, **kw)
+    cached = model.generate(**x, **kw)
+    cache = SinkWindowCache(model, x["attention_mask"])
+    bounded = model.generate(**x, cache=cache, **kw)
+    for run in (cached, bounded):
+        assert torch.equal(run.sequences, full.sequences)
+        for a, b in zip(run.logits, full.logits, strict=True):
+            assert (a - b).abs().max() < 1e-4
+    assert (
+        cache.layers[0].keys.shape[-2] == 2 + 3 + 5 - 1
+    )  # sinks + left padding + window - 1, after 20 tokens
+    dense = tiny_model(family).generate(**x, **kw)
+    assert any(
+        (a - b).abs().max() > 1e-4 for a, b in zip(dense.logits, full.logits, strict=True)
+    )  # pattern is live
