@@ -87,15 +87,12 @@ class WeightSparsity:
     def __post_init__(self) -> None:
         self.targets = _as_list(self.targets)
         self.exclude = _as_list(self.exclude)
-        pattern = self.parsed_pattern("")
-        if isinstance(pattern, NM) and self.sparsity is None:
-            self.sparsity = pattern.sparsity
 
     def parsed_pattern(self, path: str = "weights[0]"):
         try:
             return parse_pattern(self.pattern)
         except PatternError as err:
-            raise ConfigError(f"{path + '.' if path else ''}pattern: {err}") from None
+            raise ConfigError(f"{path}.pattern: {err}") from None
 
     def validate(self, path: str = "weights[0]") -> None:
         from .pruning.methods import get_method  # the registry is filled by importing the methods
