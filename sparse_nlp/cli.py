@@ -7,9 +7,9 @@ import logging
 import sys
 
 from . import __version__
-from .commands import evaluate, report, run, sparsify
+from .commands import bench, evaluate, report, run, sparsify
 
-COMMANDS = [sparsify, report, evaluate, run]
+COMMANDS = [sparsify, report, evaluate, run, bench]
 
 
 def build_parser() -> argparse.ArgumentParser:
