@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import ConfigError, SparsityConfig, _build
+from .pruning import movement as _movement  # noqa: F401  (registers the training-time method 'movement')
 from .pruning.schedules import CubicSchedule
 from .registry import suggest
 from .training.distillation import DistillationConfig
