@@ -1,0 +1,408 @@
+"""Push sparse checkpoints to the Hugging Face Hub with a generated model card; pull them back exactly.
+
+``push_to_hub(model_or_dir, "org/name")`` uploads the checkpoint folder (weights - dense or compact -,
+masks, tokenizer, our metadata in config.json, the recipe ``sparsity_config.json``) in one commit, plus a
+``README.md`` model card rendered with huggingface_hub's `ModelCard` from ``model_cards/template.md``. The
+card states what was *measured* on the weights (`sparse_nlp.report`), not what was asked for: sparsity
+per module group, the speed ratio from a benchmark result JSON when there is one, and model-index
+evaluation results from an evaluation JSON.
+
+Pulling is `sparse_nlp.from_pretrained("org/name")`: it downloads the repository into the Hugging Face
+cache and rebuilds the same model (masks, attention pattern, structured shapes), also offline from the
+cache later.
+
+The local folder is never written to: the card is rendered in memory and uploaded beside the files. A
+commit is atomic on the Hub, so a failed push leaves the repository as it was.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .checkpoint import CONFIG_FILE, from_pretrained, save_pretrained, verify_checkpoint
+from .metadata import METADATA_KEY
+
+logger = logging.getLogger(__name__)
+
+TEMPLATE = Path(__file__).resolve().parents[1] / "model_cards" / "template.md"
+EVALUATION_FILES = ("evaluation.json", "eval_results.json", "results.json")
+BENCHMARK_FILES = ("benchmark.json", "speed.json")
+_WEIGHT_SUFFIXES = (".safetensors", ".safetensors.index.json", ".bin")
+
+# GLUE-style task name -> (Hub data set id, config, task type for model-index)
+TASKS = {
+    "sst2": ("nyu-mll/glue", "sst2", "text-classification", "GLUE SST-2"),
+    "cola": ("nyu-mll/glue", "cola", "text-classification", "GLUE CoLA"),
+    "rte": ("nyu-mll/glue", "rte", "text-classification", "GLUE RTE"),
+    "mrpc": ("nyu-mll/glue", "mrpc", "text-classification", "GLUE MRPC"),
+    "qnli": ("nyu-mll/glue", "qnli", "text-classification", "GLUE QNLI"),
+    "mnli": ("nyu-mll/glue", "mnli", "text-classification", "GLUE MNLI"),
+    "stsb": ("nyu-mll/glue", "stsb", "sentence-similarity", "GLUE STS-B"),
+    "wikitext2": ("Salesforce/wikitext", "wikitext-2-raw-v1", "text-generation", "WikiText-2"),
+    "tinyshakespeare": ("karpathy/tiny_shakespeare", None, "text-generation", "Tiny Shakespeare"),
+}
+_NOT_METRICS = (
+    "runtime",
+    "samples_per_second",
+    "steps_per_second",
+    "loss",
+    "epoch",
+    "seconds",
+    "seed",
+    "num_samples",
+)
+
+
+class HubError(RuntimeError):
+    """A push that the Hub (or the network) refused; the message says which repository and why."""
+
+
+@dataclass
+class PushResult:
+    repo_id: str
+    commit_url: str
+    commit_oid: str
+    files: list[str]
+
+
+# ---- evaluation and benchmark JSON -----------------------------------------------------------------------
+
+
+def _load_json(source: str | os.PathLike | dict | list | None, what: str) -> Any:
+    if source is None or isinstance(source, (dict, list)):
+        return source
+    path = Path(source)
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{what} file {str(path)!r} does not exist.") from None
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: the {what} file is not valid JSON ({err}).") from None
+
+
+def eval_results(evaluation: Any) -> list:
+    """`EvalResult`s from an evaluation JSON: a dict (or list of dicts) with ``task`` and metrics.
+
+    Metrics are read from a ``metrics`` dict, or from top-level numbers named ``eval_<metric>`` (what the
+    Trainer writes; e.g. ``benchmarks/finetune_dense.py``'s results.json). Optional keys: ``split``
+    (default ``validation``), ``dataset`` / ``dataset_config`` for tasks outside the built-in table.
+    """
+    from huggingface_hub import EvalResult
+
+    if evaluation is None:
+        return []
+    items = evaluation.get("results", evaluation) if isinstance(evaluation, dict) else evaluation
+    items = items if isinstance(items, list) else [items]
+    out = []
+    for item in items:
+        if not isinstance(item, dict) or "task" not in item:
+            raise ValueError(f"an evaluation result needs a 'task' key, got {str(item)[:120]!r}.")
+        task = str(item["task"]).lower().replace("-", "").replace("_", "")
+        dataset, config, task_type, pretty = TASKS.get(
+            task, (item.get("dataset", task), None, "text-classification", task)
+        )
+        config = item.get("dataset_config", config)
+        metrics = dict(item.get("metrics") or {})
+        for key, value in item.items():
+            if key.startswith("eval_") and isinstance(value, (int, float)) and not isinstance(value, bool):
+                metrics.setdefault(key.removeprefix("eval_"), value)
+        metrics = {k: v for k, v in metrics.items() if not any(bad in k for bad in _NOT_METRICS)}
+        for name, value in metrics.items():
+            out.append(
+                EvalResult(
+                    task_type=item.get("task_type", task_type),
+                    dataset_type=dataset,
+                    dataset_name=item.get("dataset_name", pretty),
+                    dataset_config=config,
+                    dataset_split=item.get("split", "validation"),
+                    metric_type=name,
+                    metric_name=name,
+                    metric_value=round(float(value), 4),
+                )
+            )
+    return out
+
+
+def speed_ratio(benchmark: Any) -> tuple[float, str] | None:
+    """(speed ratio vs dense, description) from a benchmark result JSON, or None when it has none.
+
+    Accepts ``{"speedup": 2.1, "setting": "..."}`` (also ``speed_ratio``), a ``rows`` / list of such, or
+    ``{"dense_s": a, "sparse_s": b}`` (ratio a / b).
+    """
+    if benchmark is None:
+        return None
+    rows = benchmark.get("rows", benchmark) if isinstance(benchmark, dict) else benchmark
+    for row in rows if isinstance(rows, list) else [rows]:
+        if not isinstance(row, dict):
+            continue
+        text = str(row.get("setting") or row.get("description") or "")
+        for key in ("speedup", "speed_ratio"):
+            if isinstance(row.get(key), (int, float)):
+                return float(row[key]), text
+        if isinstance(row.get("dense_s"), (int, float)) and row.get("sparse_s"):
+            return float(row["dense_s"]) / float(row["sparse_s"]), text
+    return None
+
+
+# ---- the card --------------------------------------------------------------------------------------------
+
+
+def _tag(text: str) -> str:
+    return str(text).lower().replace(":", "-").replace(" ", "-").replace("_", "-")
+
+
+def render_model_card(
+    model: Any,
+    repo_id: str,
+    *,
+    base_model: str | None = None,
+    datasets: list[str] | None = None,
+    evaluation: Any = None,
+    benchmark: Any = None,
+    compact: bool = False,
+    template_path: str | os.PathLike | None = None,
+):
+    """Render the model card of a sparsified `model` (a `huggingface_hub.ModelCard`).
+
+    Args:
+        model: The loaded model; its sparsity is measured here with `sparse_nlp.report`.
+        repo_id: ``org/name`` (the card's title and the code sample).
+        base_model: Hub id of the dense model it came from (``base_model`` in the card metadata).
+        datasets: Hub ids of the data sets used (calibration, fine-tuning, evaluation).
+        evaluation: Evaluation JSON (path, dict or list): model-index results, see `eval_results`.
+        benchmark: Benchmark result JSON (path or dict): the speed ratio, see `speed_ratio`.
+        compact: Whether the uploaded weights are in the compact format (the card says how to load them).
+        template_path: Jinja template; default ``model_cards/template.md``.
+    """
+    from huggingface_hub import ModelCard, ModelCardData
+
+    from .metadata import read_metadata
+    from .report import report
+
+    template = Path(template_path) if template_path else TEMPLATE
+    if not template.is_file():
+        raise FileNotFoundError(f"model card template {str(template)!r} does not exist.")
+    config = read_metadata(model.config)
+    measured = report(model)
+    evaluation = _load_json(evaluation, "evaluation")
+    results = eval_results(evaluation)
+    speed = speed_ratio(_load_json(benchmark, "benchmark"))
+    tags = ["sparse", "sparse-nlp"]
+    weights, attention, structured = [], None, None
+    if config is not None:
+        for rule in config.weights:
+            tags += [f"{_tag(rule.method)}-pruning", f"{_tag(rule.pattern)}-sparsity"]
+            weights.append(rule)
+        attention, structured = config.attention, config.structured
+        if attention is not None:
+            tags.append(f"{_tag(getattr(attention, 'pattern', 'sparse'))}-attention")
+        if structured is not None:
+            tags.append("structured-pruning")
+    if compact:
+        tags.append("sparse-nlp-compact")
+    data_ids = list(datasets or [])
+    for r in results:
+        if r.dataset_type not in data_ids:
+            data_ids.append(r.dataset_type)
+    card_data = ModelCardData(
+        base_model=base_model,
+        datasets=data_ids or None,
+        tags=list(dict.fromkeys(tags)),
+        library_name="transformers",
+        model_name=repo_id.split("/")[-1],
+        eval_results=results or None,
+    )
+    groups = [
+        {"name": g, "params": t.numel, "nonzeros": t.nonzeros, "sparsity": f"{t.sparsity:.2%}"}
+        for g, t in measured.groups.items()
+    ]
+    return ModelCard.from_template(
+        card_data,
+        template_path=str(template),
+        repo_id=repo_id,
+        model_type=getattr(model.config, "model_type", "?"),
+        architecture=type(model).__name__,
+        base_model=base_model,
+        weight_rules=weights,
+        attention=attention,
+        structured=structured,
+        recipe_json=config.to_json() if config is not None else None,
+        groups=groups,
+        masked_modules=sum(1 for r in measured.rows if r.masked),
+        linear_modules=len(measured.rows),
+        speed=speed,
+        results=results,
+        compact=compact,
+        library_version=(getattr(model.config, METADATA_KEY, None) or {}).get("library_version"),
+    )
+
+
+# ---- push ------------------------------------------------------------------------------------------------
+
+
+def _endpoint() -> str:
+    from huggingface_hub import constants
+
+    return constants.ENDPOINT
+
+
+def push_to_hub(
+    model_or_dir: Any,
+    repo_id: str,
+    *,
+    tokenizer: Any = None,
+    compact: bool = False,
+    base_model: str | None = None,
+    datasets: list[str] | None = None,
+    evaluation: Any = None,
+    benchmark: Any = None,
+    commit_message: str | None = None,
+    private: bool | None = None,
+    token: str | None = None,
+    revision: str | None = None,
+    create_pr: bool = False,
+    card: bool = True,
+) -> PushResult:
+    """Upload a sparse checkpoint and its generated model card to the Hub in one commit.
+
+    Args:
+        model_or_dir: A sparsified model (saved to a temporary folder first) or a folder written by
+            `sparse_nlp.save_pretrained` (checked before anything is uploaded; never modified).
+        repo_id: ``org/name``; created if it does not exist.
+        tokenizer: Uploaded with a model (a folder carries its own).
+        compact: Save a model in the compact format (a folder is uploaded as it is).
+        base_model: Hub id of the dense model, for the card.
+        datasets: Hub ids of the data sets used, for the card.
+        evaluation: Evaluation JSON (path/dict/list); default: ``evaluation.json``, ``eval_results.json`` or
+            ``results.json`` in the folder. Gives the card's model-index results.
+        benchmark: Benchmark result JSON (path/dict); default ``benchmark.json`` or ``speed.json`` in the folder.
+        commit_message, private, token, revision, create_pr: As in huggingface_hub.
+        card: Upload a generated ``README.md`` (False: upload the folder's own README.md, if any).
+
+    Returns:
+        `PushResult` with the commit URL and the uploaded file names.
+
+    Raises:
+        HubError: the Hub refused the upload (the message names the repository, the status and the reason);
+            nothing was committed.
+        CheckpointError / MetadataError: the folder is damaged (named file); nothing was uploaded.
+    """
+    from transformers import PreTrainedModel
+
+    opts = dict(
+        base_model=base_model,
+        datasets=datasets,
+        evaluation=evaluation,
+        benchmark=benchmark,
+        commit_message=commit_message,
+        private=private,
+        token=token,
+        revision=revision,
+        create_pr=create_pr,
+        card=card,
+    )
+    if isinstance(model_or_dir, PreTrainedModel):
+        with tempfile.TemporaryDirectory(prefix="sparse-nlp-push-") as tmp:
+            folder = save_pretrained(
+                model_or_dir, Path(tmp) / "checkpoint", tokenizer=tokenizer, compact=compact
+            )
+            return _push_folder(folder, model_or_dir, repo_id, opts)
+    folder = Path(model_or_dir)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"checkpoint folder {str(folder)!r} does not exist.")
+    verify_checkpoint(folder)
+    model = from_pretrained(folder) if card else None
+    return _push_folder(folder, model, repo_id, opts)
+
+
+def _push_folder(folder: Path, model: Any, repo_id: str, args: dict[str, Any]) -> PushResult:
+    from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
+    from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled, RepositoryNotFoundError
+
+    raw = json.loads((folder / "config.json").read_text())
+    is_compact = "compact" in (raw.get(METADATA_KEY) or {})
+    files = sorted(
+        p.relative_to(folder).as_posix()
+        for p in folder.rglob("*")
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+    )
+    operations = [
+        CommitOperationAdd(path_in_repo=f, path_or_fileobj=str(folder / f))
+        for f in files
+        if not (args["card"] and f == "README.md")
+    ]
+    if args["card"]:
+        evaluation = args["evaluation"] or next(
+            (folder / f for f in EVALUATION_FILES if (folder / f).is_file()), None
+        )
+        benchmark = args["benchmark"] or next(
+            (folder / f for f in BENCHMARK_FILES if (folder / f).is_file()), None
+        )
+        rendered = render_model_card(
+            model,
+            repo_id,
+            base_model=args["base_model"],
+            datasets=args["datasets"],
+            evaluation=evaluation,
+            benchmark=benchmark,
+            compact=is_compact,
+        )
+        operations.append(
+            CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=str(rendered).encode())
+        )
+    api = HfApi(token=args["token"])
+    where = f"{repo_id!r} at {_endpoint()}"
+    try:
+        api.create_repo(repo_id, private=args["private"], exist_ok=True)
+        try:  # weight files of an earlier push that this one does not replace (dense <-> compact) go
+            remote = api.list_repo_files(repo_id, revision=args["revision"])
+        except (RepositoryNotFoundError, HfHubHTTPError):
+            remote = []
+        uploaded = {op.path_in_repo for op in operations}
+        stale = [f for f in remote if f.endswith(_WEIGHT_SUFFIXES) and f not in uploaded]
+        operations += [CommitOperationDelete(path_in_repo=f) for f in stale]
+        info = api.create_commit(
+            repo_id,
+            operations,
+            commit_message=args["commit_message"]
+            or f"Upload sparse checkpoint ({'compact' if is_compact else 'dense'}) with sparse_nlp",
+            revision=args["revision"],
+            create_pr=args["create_pr"],
+        )
+    except OfflineModeIsEnabled:
+        raise HubError(f"push to {where} failed: HF_HUB_OFFLINE is set; unset it to upload.") from None
+    except HfHubHTTPError as err:
+        status = getattr(err.response, "status_code", "?")
+        reason = (getattr(err, "server_message", None) or str(err)).strip().splitlines()[0][:300]
+        raise HubError(
+            f"push to {where} failed: the Hub answered HTTP {status} ({reason}). Nothing was committed; "
+            f"the local folder {str(folder)!r} is unchanged. Try again."
+        ) from err
+    except OSError as err:  # connection refused, DNS, timeouts
+        raise HubError(
+            f"push to {where} failed: {type(err).__name__}: {err}. Nothing was committed."
+        ) from err
+    logger.info("pushed %d files to %s (%s)", len(operations), repo_id, info.commit_url)
+    return PushResult(
+        repo_id=repo_id,
+        commit_url=info.commit_url,
+        commit_oid=info.oid,
+        files=sorted(op.path_in_repo for op in operations if isinstance(op, CommitOperationAdd)),
+    )
+
+
+__all__ = [
+    "CONFIG_FILE",
+    "HubError",
+    "PushResult",
+    "eval_results",
+    "push_to_hub",
+    "render_model_card",
+    "speed_ratio",
+]
