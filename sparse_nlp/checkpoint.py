@@ -232,18 +232,56 @@ def save_pretrained(
             if compact:
                 compact_folder(tmp)
             _write_manifest(tmp, tokenizer_files)
-        out.mkdir(exist_ok=True)
-        for stale in [*_OUR_FILES, *(p.name for p in out.glob("model*.safetensors"))]:
-            if (out / stale).exists() and not (tmp / stale).exists():
-                (out / stale).unlink()
-        for item in tmp.iterdir():
-            target = out / item.name
-            if target.is_dir() and not target.is_symlink():
-                shutil.rmtree(target)
-            os.replace(item, target)
+        _publish(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     logger.info("saved sparse checkpoint to %s", out)
+    return out
+
+
+def _publish(tmp: Path, out: Path) -> None:
+    """Move a finished checkpoint from `tmp` into `out`, removing weight files of an earlier save there."""
+    out.mkdir(exist_ok=True)
+    for stale in [*_OUR_FILES, *(p.name for p in out.glob("model*.safetensors"))]:
+        if (out / stale).exists() and not (tmp / stale).exists():
+            (out / stale).unlink()
+    for item in tmp.iterdir():
+        target = out / item.name
+        if target.is_dir() and not target.is_symlink():
+            shutil.rmtree(target)
+        os.replace(item, target)
+
+
+def compact_checkpoint(source: str | os.PathLike, save_directory: str | os.PathLike) -> Path:
+    """Write a compact copy of the dense sparse_nlp checkpoint folder `source` to `save_directory`.
+
+    The source is checked first and never modified; the output is written to a temporary folder and
+    moved into place at the end. Loads bit-exact through `from_pretrained`.
+
+    Raises:
+        CheckpointError / MetadataError: a damaged source, a plain (non-sparse) or already compact checkpoint.
+    """
+    src, out = Path(source), Path(save_directory)
+    if not src.is_dir():
+        raise FileNotFoundError(f"checkpoint folder {str(src)!r} does not exist.")
+    meta = verify_checkpoint(src)
+    if meta is None:
+        raise CheckpointError(
+            f"{src / 'config.json'}: no {METADATA_KEY!r} metadata; only sparse_nlp checkpoints can be compacted."
+        )
+    if out.resolve() == src.resolve():
+        raise CheckpointError(f"the output folder must differ from the source {str(src)!r}.")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        for item in src.iterdir():
+            if item.is_file():
+                shutil.copy2(item, tmp / item.name)
+        compact_folder(tmp)
+        _write_manifest(tmp, list(meta.get("tokenizer_files") or []))
+        _publish(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
@@ -385,7 +423,9 @@ def _load_folder(folder: Path, model_class: type | None, name: str, **kwargs: An
     except MetadataError as err:
         raise MetadataError(f"{name}/config.json: {err}") from None
     cls = model_class or _model_class(config)
-    if meta is not None and meta.get("structured") is not None:  # shrunk blocks: rebuilt before the weights are read
+    if (
+        meta is not None and meta.get("structured") is not None
+    ):  # shrunk blocks: rebuilt before the weights are read
         from .structured.shapes import load_structured
 
         model = load_structured(cls, path_or_id, config, **kwargs)
@@ -443,6 +483,7 @@ __all__ = [
     "CompactFormatError",
     "METADATA_KEY",
     "MetadataError",
+    "compact_checkpoint",
     "download",
     "from_pretrained",
     "is_compact",

@@ -7,9 +7,9 @@ import logging
 import sys
 
 from . import __version__
-from .commands import bench, evaluate, report, run, sparsify
+from .commands import bench, compact, evaluate, push, report, run, sparsify
 
-COMMANDS = [sparsify, report, evaluate, run, bench]
+COMMANDS = [sparsify, report, evaluate, run, bench, compact, push]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -7,6 +7,7 @@ from .commands.bench import BenchError
 from .compact import CompactFormatError
 from .config import ConfigError
 from .evaluation.data import DataError
+from .hub import HubError
 from .metadata import MetadataError
 from .pruning.masks import MaskShapeError
 from .pruning.patterns import PatternError
@@ -21,6 +22,7 @@ USER_ERRORS: tuple[type[Exception], ...] = (
     ConfigError,
     DataError,
     FileNotFoundError,
+    HubError,
     MaskShapeError,
     MetadataError,
     PatternError,

@@ -29,6 +29,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--num-samples", type=int, default=128, help="calibration samples (default 128)")
     p.add_argument("--seq-len", type=int, default=128, help="calibration sequence length (default 128)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.add_argument("--compact", action="store_true", help="save in the compact format (smaller; loads only through sparse_nlp)")
     p.set_defaults(func=run)
 
 
@@ -92,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
         seq_len=args.seq_len,
     )
     seconds = time.perf_counter() - start
-    out = save_pretrained(model, args.out, tokenizer=tokenizer)
+    out = save_pretrained(model, args.out, tokenizer=tokenizer, compact=args.compact)
     result = report(model)
     print(result)
     print(f"\npruned in {seconds:.1f} s; saved to {out}")
