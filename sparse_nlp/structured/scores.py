@@ -157,7 +157,12 @@ def _loss(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
             batch["labels"] = labels
         else:
             with torch.no_grad():
-                logits = model(**batch).logits
+                logits = getattr(model(**batch), "logits", None)
+            if logits is None:
+                raise ValueError(
+                    f"{type(model).__name__} has no task head; taylor/movement scores need one "
+                    "(e.g. AutoModelForSequenceClassification or AutoModelForCausalLM), or use score='weight-norm'."
+                )
             batch["labels"] = logits.argmax(-1)  # pseudo-labels: the sensitivity of the model's own decision
     output = model(**batch)
     if getattr(output, "loss", None) is None:
