@@ -12,6 +12,7 @@ from sparse_nlp.registry import STRUCTURED_SCORES, RegistryError
 from sparse_nlp.sparsify import sparsify
 from sparse_nlp.structured import (
     EmptyAttention,
+    MovementTracker,
     StructuredError,
     apply_structured,
     keep_heads,
@@ -249,3 +250,20 @@ def test_gradual_schedule_reaches_budget():
         4,
     ]
     assert student.config.sparse_nlp["structured"]["layers"][0]["ffn"] == layout[0].ffn
+
+
+def test_movement_tracker_accumulates_negative_w_grad():
+    model = tiny_model("bert")
+    tracker = MovementTracker(model)
+    with pytest.raises(ValueError, match="never called"):
+        tracker.scores()
+    inputs = tiny_inputs()
+    expect = None
+    for _ in range(2):
+        model.zero_grad()
+        model(**inputs, labels=torch.tensor([0, 1])).loss.backward()
+        tracker.update()
+        sums = gradient_unit_sums(model)
+        expect = sums.ffn[0] if expect is None else expect + sums.ffn[0]
+    torch.testing.assert_close(tracker.scores().ffn[0], -expect)
+    assert tracker.steps == 2
