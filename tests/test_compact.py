@@ -207,3 +207,23 @@ def test_plain_transformers_refuses_compact_checkpoint_naming_sparse_nlp(tmp_pat
         "compact"
     ]
     assert all(line.startswith("LOADED") for line in outs["dense"]), outs["dense"]  # the default stays plain
+
+
+@pytest.mark.parametrize("family", ["bert", "gpt2", "llama"])
+def test_compact_with_structured_shapes_and_nm(family, tmp_path):
+    from sparse_nlp import StructuredSparsity
+
+    model = tiny_model(family)
+    config = SparsityConfig(
+        weights=[WeightSparsity(method="magnitude", sparsity=0.5, pattern="2:4")],
+        structured=StructuredSparsity(heads=0.5, ffn=0.25, score="weight-norm", scope="per-layer"),
+    )
+    sparsify(model, config, progress=False)
+    inputs = tiny_inputs()
+    with torch.no_grad():
+        ref = model(**inputs).logits
+    save_pretrained(model, tmp_path, compact=True)
+    loaded = from_pretrained(tmp_path)
+    with torch.no_grad():
+        assert torch.equal(ref, loaded(**inputs).logits)
+    assert [p.shape for p in loaded.parameters()] == [p.shape for p in model.parameters()]

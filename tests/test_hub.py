@@ -17,7 +17,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from sparse_nlp import AttentionSparsity, SparsityConfig, WeightSparsity, save_pretrained, sparsify
+from sparse_nlp import (
+    AttentionSparsity,
+    SparsityConfig,
+    StructuredSparsity,
+    WeightSparsity,
+    save_pretrained,
+    sparsify,
+)
 
 from .conftest import tiny_inputs, tiny_model
 from .hub_server import HubServer
@@ -59,15 +66,18 @@ def run_py(code: str, hub: HubServer, hf_home: Path, *, offline: bool = False, t
 
 
 def _checkpoint(tmp_path: Path, name: str, compact: bool) -> tuple[Path, torch.Tensor]:
+    """A tiny Llama with all three kinds of sparsity: 2:4 weights, a sliding-window pattern, removed heads/neurons."""
     model = tiny_model("llama")
     config = SparsityConfig(
         weights=[WeightSparsity(method="magnitude", sparsity=0.5, pattern="2:4")],
         attention=AttentionSparsity("sliding_window", {"window": 4, "causal": True}),
+        structured=StructuredSparsity(heads=0.5, ffn=0.25, score="weight-norm", scope="per-layer"),
     )
     sparsify(model, config, progress=False)
     with torch.no_grad():
         logits = model(**tiny_inputs(length=20)).logits
     folder = save_pretrained(model, tmp_path / name, compact=compact)
+    (folder / "params.txt").write_text(str(sum(p.numel() for p in model.parameters())))
     (folder / "results.json").write_text(
         json.dumps({"task": "wikitext2", "eval_perplexity": 123.4, "eval_runtime": 9.0})
     )
@@ -97,7 +107,11 @@ for repo, path in {pairs}:
     model = sparse_nlp.from_pretrained(repo)
     with torch.no_grad():
         torch.save(model(**tiny_inputs(length=20)).logits, path)
-    out[repo] = {{"masked": len(model.config.sparse_nlp["masked_modules"]), "attn": model.config._attn_implementation}}
+    out[repo] = {{
+        "masked": len(model.config.sparse_nlp["masked_modules"]),
+        "attn": model.config._attn_implementation,
+        "params": sum(p.numel() for p in model.parameters()),
+    }}
 print(json.dumps(out))
 """
 
@@ -107,6 +121,8 @@ def test_push_pull_round_trip_bit_identical_then_offline(hub, tmp_path):
     dense, ref = _checkpoint(tmp_path, "dense", compact=False)
     compact, ref_c = _checkpoint(tmp_path, "compact", compact=True)
     assert torch.equal(ref, ref_c)
+    params = int((dense / "params.txt").read_text())
+    assert params < sum(p.numel() for p in tiny_model("llama").parameters())
     pushed = run_py(
         PUSH.format(pairs=[(str(dense), "org/tiny"), (str(compact), "org/tiny-compact")]),
         hub,
@@ -126,6 +142,7 @@ def test_push_pull_round_trip_bit_identical_then_offline(hub, tmp_path):
     for repo, path in outs.items():
         assert torch.equal(torch.load(path), ref), repo
         assert pulled[repo]["masked"] == 14 and pulled[repo]["attn"] == "sparse_nlp"
+        assert pulled[repo]["params"] == params  # the structured (shrunk) shapes came back
     resolves = [p for m, p in hub.requests if "/resolve/" in p and m == "GET"]
     assert any("sparse_nlp_compact.safetensors" in p for p in resolves)
 
