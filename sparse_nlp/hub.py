@@ -57,6 +57,19 @@ _NOT_METRICS = (
     "seed",
     "num_samples",
 )
+# top-level keys read as metrics (what `sparse-nlp evaluate` writes: {"task", "split", "accuracy", ...})
+METRIC_NAMES = (
+    "accuracy",
+    "f1",
+    "matthews",
+    "mcc",
+    "pearson",
+    "spearman",
+    "combined_score",
+    "perplexity",
+    "exact_match",
+)
+_SPLITS = {"dev": "validation", "valid": "validation"}
 
 
 class HubError(RuntimeError):
@@ -89,9 +102,10 @@ def _load_json(source: str | os.PathLike | dict | list | None, what: str) -> Any
 def eval_results(evaluation: Any) -> list:
     """`EvalResult`s from an evaluation JSON: a dict (or list of dicts) with ``task`` and metrics.
 
-    Metrics are read from a ``metrics`` dict, or from top-level numbers named ``eval_<metric>`` (what the
-    Trainer writes; e.g. ``benchmarks/finetune_dense.py``'s results.json). Optional keys: ``split``
-    (default ``validation``), ``dataset`` / ``dataset_config`` for tasks outside the built-in table.
+    Metrics are read from a ``metrics`` dict, from top-level numbers named ``eval_<metric>`` (what the
+    Trainer writes; e.g. ``benchmarks/finetune_dense.py``'s results.json), and from top-level numbers with a
+    metric name (`METRIC_NAMES`; what ``sparse-nlp evaluate`` writes). Optional keys: ``split`` (default
+    ``validation``; ``dev`` means ``validation``), ``dataset`` / ``dataset_config`` for other tasks.
     """
     from huggingface_hub import EvalResult
 
@@ -110,8 +124,12 @@ def eval_results(evaluation: Any) -> list:
         config = item.get("dataset_config", config)
         metrics = dict(item.get("metrics") or {})
         for key, value in item.items():
-            if key.startswith("eval_") and isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not isinstance(value, (int, float)) or isinstance(value, bool):
+                continue
+            if key.startswith("eval_"):
                 metrics.setdefault(key.removeprefix("eval_"), value)
+            elif key in METRIC_NAMES:
+                metrics.setdefault(key, value)
         metrics = {k: v for k, v in metrics.items() if not any(bad in k for bad in _NOT_METRICS)}
         for name, value in metrics.items():
             out.append(
@@ -120,7 +138,7 @@ def eval_results(evaluation: Any) -> list:
                     dataset_type=dataset,
                     dataset_name=item.get("dataset_name", pretty),
                     dataset_config=config,
-                    dataset_split=item.get("split", "validation"),
+                    dataset_split=_SPLITS.get(str(item.get("split")), str(item.get("split", "validation"))),
                     metric_type=name,
                     metric_name=name,
                     metric_value=round(float(value), 4),
@@ -129,25 +147,36 @@ def eval_results(evaluation: Any) -> list:
     return out
 
 
-def speed_ratio(benchmark: Any) -> tuple[float, str] | None:
-    """(speed ratio vs dense, description) from a benchmark result JSON, or None when it has none.
+def speed_ratios(benchmark: Any) -> list[tuple[float, str]]:
+    """(speed ratio vs the reference, description) pairs from a benchmark result JSON ([] when it has none).
 
-    Accepts ``{"speedup": 2.1, "setting": "..."}`` (also ``speed_ratio``), a ``rows`` / list of such, or
+    Accepts what ``sparse-nlp bench --json`` writes (``{"vs", "speedup": [{"batch", "seq", "ratio"}, ...]}``),
+    ``{"speedup": 2.1, "setting": "..."}`` (also ``speed_ratio``), a list of such, or
     ``{"dense_s": a, "sparse_s": b}`` (ratio a / b).
     """
     if benchmark is None:
-        return None
+        return []
+    if isinstance(benchmark, dict) and isinstance(benchmark.get("speedup"), list):
+        vs = benchmark.get("vs")
+        out = []
+        for row in benchmark["speedup"]:
+            text = ", ".join(f"{k} {row[k]}" for k in ("batch", "seq") if k in row)
+            out.append((float(row["ratio"]), f"{text}; vs {vs}" if vs else text))
+        return out
     rows = benchmark.get("rows", benchmark) if isinstance(benchmark, dict) else benchmark
+    out = []
     for row in rows if isinstance(rows, list) else [rows]:
         if not isinstance(row, dict):
             continue
         text = str(row.get("setting") or row.get("description") or "")
-        for key in ("speedup", "speed_ratio"):
+        for key in ("speedup", "speed_ratio", "ratio"):
             if isinstance(row.get(key), (int, float)):
-                return float(row[key]), text
-        if isinstance(row.get("dense_s"), (int, float)) and row.get("sparse_s"):
-            return float(row["dense_s"]) / float(row["sparse_s"]), text
-    return None
+                out.append((float(row[key]), text))
+                break
+        else:
+            if isinstance(row.get("dense_s"), (int, float)) and row.get("sparse_s"):
+                out.append((float(row["dense_s"]) / float(row["sparse_s"]), text))
+    return out
 
 
 # ---- the card --------------------------------------------------------------------------------------------
@@ -155,6 +184,15 @@ def speed_ratio(benchmark: Any) -> tuple[float, str] | None:
 
 def _tag(text: str) -> str:
     return str(text).lower().replace(":", "-").replace(" ", "-").replace("_", "-")
+
+
+def default_evaluation(folder: Path) -> Any:
+    """The evaluation JSON of a checkpoint folder: the first of `EVALUATION_FILES`, else all ``eval_*.json``."""
+    for name in EVALUATION_FILES:
+        if (folder / name).is_file():
+            return folder / name
+    found = sorted(folder.glob("eval_*.json"))
+    return [_load_json(p, "evaluation") for p in found] or None
 
 
 def render_model_card(
@@ -176,7 +214,7 @@ def render_model_card(
         base_model: Hub id of the dense model it came from (``base_model`` in the card metadata).
         datasets: Hub ids of the data sets used (calibration, fine-tuning, evaluation).
         evaluation: Evaluation JSON (path, dict or list): model-index results, see `eval_results`.
-        benchmark: Benchmark result JSON (path or dict): the speed ratio, see `speed_ratio`.
+        benchmark: Benchmark result JSON (path or dict): the speed ratios, see `speed_ratios`.
         compact: Whether the uploaded weights are in the compact format (the card says how to load them).
         template_path: Jinja template; default ``model_cards/template.md``.
     """
@@ -192,7 +230,7 @@ def render_model_card(
     measured = report(model)
     evaluation = _load_json(evaluation, "evaluation")
     results = eval_results(evaluation)
-    speed = speed_ratio(_load_json(benchmark, "benchmark"))
+    speed = speed_ratios(_load_json(benchmark, "benchmark"))
     tags = ["sparse", "sparse-nlp"]
     weights, attention, structured = [], None, None
     if config is not None:
@@ -338,9 +376,7 @@ def _push_folder(folder: Path, model: Any, repo_id: str, args: dict[str, Any]) -
         if not (args["card"] and f == "README.md")
     ]
     if args["card"]:
-        evaluation = args["evaluation"] or next(
-            (folder / f for f in EVALUATION_FILES if (folder / f).is_file()), None
-        )
+        evaluation = args["evaluation"] or default_evaluation(folder)
         benchmark = args["benchmark"] or next(
             (folder / f for f in BENCHMARK_FILES if (folder / f).is_file()), None
         )
@@ -403,6 +439,7 @@ __all__ = [
     "PushResult",
     "eval_results",
     "push_to_hub",
+    "default_evaluation",
     "render_model_card",
-    "speed_ratio",
+    "speed_ratios",
 ]

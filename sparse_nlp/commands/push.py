@@ -44,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from ..checkpoint import from_pretrained, verify_checkpoint
-    from ..hub import push_to_hub, render_model_card
+    from ..hub import default_evaluation, push_to_hub, render_model_card
 
     if args.card_out:
         verify_checkpoint(args.folder)
@@ -54,8 +54,7 @@ def run(args: argparse.Namespace) -> int:
             args.repo_id,
             base_model=args.base_model,
             datasets=args.dataset or None,
-            evaluation=args.evaluation
-            or _default(args.folder, ("evaluation.json", "eval_results.json", "results.json")),
+            evaluation=args.evaluation or default_evaluation(Path(args.folder)),
             benchmark=args.benchmark or _default(args.folder, ("benchmark.json", "speed.json")),
             compact='"compact"' in raw,
         )
