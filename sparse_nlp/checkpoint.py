@@ -37,7 +37,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoConfig, PreTrainedModel
 
-from .compact import COMPACT_FILE, CompactFormatError, compact_folder, expanded, is_compact
+from .compact import COMPACT_FILE, CompactFormatError, compact_folder, expanded, is_compact, nonzero_entries
 from .metadata import METADATA_KEY, MetadataError, raw_metadata, read_metadata, write_metadata
 from .pruning.masking import attach_mask, masked_modules
 from .targets import base_relative_name, resolve_module
@@ -468,7 +468,7 @@ def restore_masks(
                 f"{mask_path or path_or_id}: mask of {rel!r} has shape {tuple(mask.shape)} but the weight has "
                 f"{tuple(module.weight.shape)}; the checkpoint files disagree."
             )
-        stray = int((module.weight.detach()[~mask.to(module.weight.device)] != 0).sum())
+        stray = int(nonzero_entries(module.weight)[~mask.cpu().numpy()].sum())
         if stray:
             raise CheckpointError(
                 f"{path_or_id}: {rel!r} has {stray} nonzero weights where its mask says pruned; "

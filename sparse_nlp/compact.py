@@ -10,6 +10,8 @@ files (``model.safetensors`` or its shards) are replaced by one file, ``sparse_n
   and ``KEY.__values`` (the kept values in row-major order, 1-D);
 - every other tensor (embeddings, biases, norms, unmasked weights) is stored unchanged under its key.
 
+(Pruned entries come back as +0.0; a pruned -0.0 loses its sign, which changes no result.)
+
 Each masked weight takes whichever of these is smallest (dense when neither helps), so a compact file is
 never larger than the dense one by more than its header. The encoding of every tensor, its shape and dtype
 are recorded as JSON in the safetensors header (key ``sparse_nlp_compact``). Kept values are copied, never
@@ -67,23 +69,46 @@ class CompactFormatError(ValueError):
 # ---- pure encoders / decoders --------------------------------------------------------------------------
 
 
+# Encoders work on the raw bits of a tensor (an integer view, in numpy): exact for every dtype, bf16
+# included, and much faster than torch's boolean indexing on a busy CPU.
+_INT_VIEWS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+_ABS_BITS = {1: 0x7F, 2: 0x7FFF, 4: 0x7FFF_FFFF, 8: 0x7FFF_FFFF_FFFF_FFFF}
+
+
+def _raw(t: torch.Tensor) -> np.ndarray:
+    """The bits of `t` as a numpy integer array of the same shape."""
+    return t.detach().cpu().contiguous().view(_INT_VIEWS[t.element_size()]).numpy()
+
+
+def _from_raw(a: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(a)).view(dtype)
+
+
+def nonzero_entries(t: torch.Tensor) -> np.ndarray:
+    """Bool numpy array: where `t` is not zero (+0.0 and -0.0 both count as zero)."""
+    raw = _raw(t)
+    if t.is_floating_point():
+        return (raw & raw.dtype.type(_ABS_BITS[t.element_size()])) != 0
+    return raw != 0
+
+
 def _bits_per_index(m: int) -> int:
     return max(1, math.ceil(math.log2(m)))
 
 
-def _pack_uint(values: torch.Tensor, bits: int) -> torch.Tensor:
+def _pack_uint(values: np.ndarray, bits: int) -> torch.Tensor:
     """Small unsigned ints (< 2**bits) -> packed uint8 bit stream (`bits` bits each, big-endian)."""
-    arr = values.reshape(-1).to(torch.uint8).numpy()[:, None]  # (K, 1)
+    arr = values.reshape(-1).astype(np.uint8)[:, None]  # (K, 1)
     stream = np.unpackbits(arr, axis=1)[:, 8 - bits :]  # (K, bits)
     return torch.from_numpy(np.packbits(stream.reshape(-1)))
 
 
-def _unpack_uint(packed: torch.Tensor, count: int, bits: int) -> torch.Tensor:
+def _unpack_uint(packed: torch.Tensor, count: int, bits: int) -> np.ndarray:
     if packed.numel() != (count * bits + 7) // 8:
         raise ValueError(f"{packed.numel()} index bytes stored, {(count * bits + 7) // 8} expected")
     stream = np.unpackbits(packed.numpy(), count=count * bits).reshape(count, bits)  # (K, bits)
     weights = (1 << np.arange(bits - 1, -1, -1)).astype(np.int64)
-    return torch.from_numpy(stream.astype(np.int64) @ weights)
+    return stream.astype(np.int64) @ weights
 
 
 def pack_bits(mask: torch.Tensor) -> torch.Tensor:
@@ -98,26 +123,35 @@ def unpack_bits(packed: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     return torch.from_numpy(np.unpackbits(packed.numpy(), count=count).astype(bool)).reshape(shape)
 
 
+def _rows_groups(a: np.ndarray, m: int, axis: int) -> np.ndarray:
+    """(R, C) array with groups along `axis` -> (R', G, m) with the groups on the last axis."""
+    at = a if axis == -1 else a.T
+    return np.ascontiguousarray(at).reshape(at.shape[0], -1, m)
+
+
 def nm_axis(mask: torch.Tensor, n: int, m: int) -> int | None:
     """The axis (-1 or 0) along which a 2-D `mask` keeps exactly `n` of every `m` entries, or None."""
     if mask.dim() != 2:
         return None
+    mk = mask.cpu().numpy()
     for axis in (-1, 0):
-        mt = mask if axis == -1 else mask.t()  # (R, C), groups along C
-        if mt.shape[1] % m == 0 and bool((mt.reshape(mt.shape[0], -1, m).sum(-1) == n).all()):
+        if mk.shape[1 if axis == -1 else 0] % m == 0 and bool((_rows_groups(mk, m, axis).sum(-1) == n).all()):
             return axis
     return None
 
 
 def encode_nm(weight: torch.Tensor, mask: torch.Tensor, n: int, m: int, axis: int) -> dict[str, torch.Tensor]:
-    """N:M weight -> ``values`` (R, G*n) and ``idx`` (packed positions in each group of m)."""
-    wt, mt = (weight, mask) if axis == -1 else (weight.t(), mask.t())  # (R, C)
-    rows = wt.shape[0]
-    groups = mt.reshape(rows, -1, m)  # (R, G, m)
-    # stable sort puts the kept positions (False in ~mask) first, in increasing order
-    idx = torch.argsort((~groups).to(torch.int8), dim=-1, stable=True)[..., :n]  # (R, G, n)
-    values = wt.reshape(rows, -1, m).gather(-1, idx)  # (R, G, n)
-    return {"values": values.reshape(rows, -1).contiguous(), "idx": _pack_uint(idx, _bits_per_index(m))}
+    """N:M weight -> ``values`` (R, G*n) and ``idx`` (packed positions of the kept entries in each group of m).
+
+    `mask` must keep exactly `n` of every `m` entries along `axis` (see `nm_axis`).
+    """
+    groups = _rows_groups(mask.cpu().numpy(), m, axis)  # (R, G, m)
+    rows, g = groups.shape[:2]
+    if not bool((groups.sum(-1) == n).all()):
+        raise ValueError(f"the mask does not keep exactly {n} of every {m} entries along axis {axis}")
+    pos = np.nonzero(groups)[2].reshape(rows, g, n)  # row-major: increasing positions inside each group
+    values = _rows_groups(_raw(weight), m, axis)[groups].reshape(rows, g * n)  # (R, G*n)
+    return {"values": _from_raw(values, weight.dtype), "idx": _pack_uint(pos, _bits_per_index(m))}
 
 
 def decode_nm(
@@ -133,31 +167,36 @@ def decode_nm(
     pos = _unpack_uint(idx, rows * g * n, _bits_per_index(m)).reshape(rows, g, n)  # (R, G, n)
     if bool((pos >= m).any()):
         raise ValueError(f"an N:M index is >= M={m}")
-    weight = torch.zeros(rows, g, m, dtype=values.dtype)
-    weight.scatter_(-1, pos, values.reshape(rows, g, n))
-    mask = torch.zeros(rows, g, m, dtype=torch.bool)
-    mask.scatter_(-1, pos, True)
+    mask = np.zeros((rows, g, m), dtype=bool)
+    np.put_along_axis(mask, pos, True, axis=-1)
     if int(mask.sum()) != rows * g * n:
         raise ValueError("N:M indices repeat a position inside a group")
+    raw = _raw(values)
+    weight = np.zeros((rows, g, m), dtype=raw.dtype)
+    np.put_along_axis(weight, pos, raw.reshape(rows, g, n), axis=-1)
     weight, mask = weight.reshape(rows, cols), mask.reshape(rows, cols)
-    return (weight, mask) if axis == -1 else (weight.t().contiguous(), mask.t().contiguous())
+    if axis == 0:
+        weight, mask = weight.T, mask.T
+    return _from_raw(weight, values.dtype), torch.from_numpy(np.ascontiguousarray(mask))
 
 
 def encode_bitmask(weight: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
     """Masked weight -> ``mask`` (packed bits) and ``values`` (kept entries, row-major, 1-D)."""
-    return {"mask": pack_bits(mask), "values": weight[mask].contiguous()}
+    return {"mask": pack_bits(mask), "values": _from_raw(_raw(weight)[mask.cpu().numpy()], weight.dtype)}
 
 
 def decode_bitmask(
     packed: torch.Tensor, values: torch.Tensor, shape: tuple[int, ...]
 ) -> tuple[torch.Tensor, torch.Tensor]:
     mask = unpack_bits(packed, shape)
-    kept = int(mask.sum())
+    mk = mask.numpy()
+    kept = int(mk.sum())
     if kept != values.numel():
         raise ValueError(f"the bitmask keeps {kept} entries but {values.numel()} values are stored")
-    weight = torch.zeros(shape, dtype=values.dtype)
-    weight[mask] = values
-    return weight, mask
+    raw = _raw(values)
+    weight = np.zeros(shape, dtype=raw.dtype)
+    weight[mk] = raw
+    return _from_raw(weight, values.dtype), mask
 
 
 def _nbytes(tensors: dict[str, torch.Tensor]) -> int:
@@ -169,7 +208,7 @@ def encode_tensor(
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """Pick the smallest exact encoding of one tensor: (header entry, tensors to store by suffix)."""
     dense = ({"encoding": "dense"}, {"": weight.contiguous()})
-    if mask is None or weight.dim() == 0 or bool((weight[~mask] != 0).any()):
+    if mask is None or weight.dim() == 0 or bool(nonzero_entries(weight)[~mask.cpu().numpy()].any()):
         return dense
     candidates = [dense]
     for n, m in nm_patterns:  # before the bitmask: on a tie (2:4) the N:M layout is the more useful one

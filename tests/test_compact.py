@@ -227,3 +227,12 @@ def test_compact_with_structured_shapes_and_nm(family, tmp_path):
     with torch.no_grad():
         assert torch.equal(ref, loaded(**inputs).logits)
     assert [p.shape for p in loaded.parameters()] == [p.shape for p in model.parameters()]
+
+
+def test_pruned_negative_zeros_still_encode_sparsely():
+    weight = torch.tensor([[1.5, -0.0, 0.0, -2.0]])  # attach_mask's multiply leaves -0.0 where w < 0
+    mask = torch.tensor([[True, False, False, True]])
+    entry, parts = encode_tensor(weight, mask)
+    assert entry["encoding"] == "bitmask"
+    w2, _ = decode_bitmask(parts["mask"], parts["values"], (1, 4))
+    assert torch.equal(w2, weight)  # equal as values: -0.0 == 0.0
