@@ -16,10 +16,9 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 import sparse_nlp
-from sparse_nlp.compact import COMPACT_FILE, HEADER_KEY
+from sparse_nlp.compact import COMPACT_FILE, compact_stats
 from sparse_nlp.models import load_model
 
 SETTINGS = [  # (label, pattern, sparsity, dtype)
@@ -32,27 +31,6 @@ SETTINGS = [  # (label, pattern, sparsity, dtype)
 
 def folder_bytes(folder: Path, names: tuple[str, ...] = ()) -> int:
     return sum(p.stat().st_size for p in folder.iterdir() if p.is_file() and (not names or p.name in names))
-
-
-def pruned_linear_bytes(compact_file: Path) -> tuple[int, int, dict[str, int]]:
-    """(dense bytes, stored bytes) of the weights the compact file stores sparsely, and encodings used."""
-    dense = stored = 0
-    encodings: dict[str, int] = {}
-    with safe_open(str(compact_file), framework="pt") as f:
-        header = json.loads(f.metadata()[HEADER_KEY])["tensors"]
-        for key, entry in header.items():
-            encodings[entry["encoding"]] = encodings.get(entry["encoding"], 0) + 1
-            if entry["encoding"] == "dense":
-                continue
-            el = torch.empty(0, dtype=getattr(torch, entry["dtype"])).element_size()
-            dense += el * int(torch.tensor(entry["shape"]).prod())
-            for name in f.keys():  # noqa: SIM118
-                if name.startswith(key + ".__"):
-                    t = f.get_slice(name)
-                    shape = t.get_shape()
-                    size = {"F32": 4, "F16": 2, "BF16": 2, "U8": 1, "I64": 8}[t.get_dtype()]
-                    stored += size * int(torch.tensor(shape).prod()) if shape else size
-    return dense, stored, encodings
 
 
 def timed(fn):
@@ -87,7 +65,12 @@ def run_setting(label, pattern, sparsity, dtype, model_name, work: Path) -> dict
     dense_file = (dense_dir / "model.safetensors").stat().st_size
     compact_file = (compact_dir / COMPACT_FILE).stat().st_size
     weights = ("model.safetensors", "sparse_masks.safetensors", COMPACT_FILE)
-    masked_dense, masked_stored, encodings = pruned_linear_bytes(compact_dir / COMPACT_FILE)
+    stats = compact_stats(compact_dir / COMPACT_FILE)
+    masked_dense, masked_stored, encodings = (
+        stats["sparse_dense_bytes"],
+        stats["sparse_stored_bytes"],
+        stats["encodings"],
+    )
     report = sparse_nlp.report(model)
     del loaded_dense
     return {

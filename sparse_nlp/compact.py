@@ -443,6 +443,51 @@ def read_compact(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict
     return state, masks
 
 
+def compact_stats(path: str | os.PathLike) -> dict[str, Any]:
+    """Sizes in a compact weight file, from its header (no tensor is read).
+
+    Returns ``dense_bytes`` / ``stored_bytes`` (all tensors as dense vs as stored), ``sparse_dense_bytes`` /
+    ``sparse_stored_bytes`` (the same for the tensors stored sparsely: the pruned Linear weights) and
+    ``encodings`` (count per encoding).
+    """
+    sizes = {
+        "F64": 8,
+        "F32": 4,
+        "F16": 2,
+        "BF16": 2,
+        "I64": 8,
+        "I32": 4,
+        "I16": 2,
+        "U8": 1,
+        "I8": 1,
+        "BOOL": 1,
+    }
+    out: dict[str, Any] = {
+        "dense_bytes": 0,
+        "stored_bytes": 0,
+        "sparse_dense_bytes": 0,
+        "sparse_stored_bytes": 0,
+        "encodings": {},
+    }
+    with safe_open(str(path), framework="pt") as f:
+        entries = json.loads((f.metadata() or {})[HEADER_KEY])["tensors"]
+        stored = {}
+        for name in f.keys():  # noqa: SIM118
+            sl = f.get_slice(name)
+            stored[name] = sizes[sl.get_dtype()] * math.prod(sl.get_shape())
+    for key, entry in entries.items():
+        element = torch.empty(0, dtype=getattr(torch, entry["dtype"])).element_size()
+        dense = element * math.prod(entry["shape"])
+        kept = sum(v for k, v in stored.items() if k == key or k.startswith(key + ".__"))
+        out["dense_bytes"] += dense
+        out["stored_bytes"] += kept
+        out["encodings"][entry["encoding"]] = out["encodings"].get(entry["encoding"], 0) + 1
+        if entry["encoding"] != "dense":
+            out["sparse_dense_bytes"] += dense
+            out["sparse_stored_bytes"] += kept
+    return out
+
+
 @contextmanager
 def expanded(folder: str | os.PathLike) -> Iterator[Path]:
     """A temporary dense checkpoint folder equivalent to the compact one in `folder` (deleted on exit)."""
@@ -489,4 +534,12 @@ def expanded(folder: str | os.PathLike) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-__all__ = ["COMPACT_FILE", "CompactFormatError", "compact_folder", "expanded", "is_compact", "read_compact"]
+__all__ = [
+    "COMPACT_FILE",
+    "CompactFormatError",
+    "compact_folder",
+    "compact_stats",
+    "expanded",
+    "is_compact",
+    "read_compact",
+]
