@@ -37,7 +37,15 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoConfig, PreTrainedModel
 
-from .compact import COMPACT_FILE, CompactFormatError, compact_folder, expanded, is_compact, nonzero_entries
+from .compact import (
+    ATTN_MARKER,
+    COMPACT_FILE,
+    CompactFormatError,
+    compact_folder,
+    expanded,
+    is_compact,
+    nonzero_entries,
+)
 from .metadata import METADATA_KEY, MetadataError, raw_metadata, read_metadata, write_metadata
 from .pruning.masking import attach_mask, masked_modules
 from .targets import base_relative_name, resolve_module
@@ -401,6 +409,7 @@ def from_pretrained(
         kwargs = {k: v for k, v in kwargs.items() if k not in _HUB_KEYS}
     raw = verify_checkpoint(folder)
     if raw is not None and "compact" in raw:
+        _uncompact_config(kwargs.get("config"), raw["compact"])
         with expanded(folder) as dense:
             model = _load_folder(dense, model_class, name, **kwargs)
     else:
@@ -411,6 +420,17 @@ def from_pretrained(
             meta.pop(key, None)
     model.config._name_or_path = name
     return model
+
+
+def _uncompact_config(config: Any, info: Any) -> None:
+    """A config the caller read from a compact folder (e.g. AutoConfig with num_labels) -> as saved."""
+    if config is None:
+        return
+    if getattr(config, "_attn_implementation", None) == ATTN_MARKER:
+        config._attn_implementation = info.get("attn_implementation") if isinstance(info, dict) else None
+    meta = getattr(config, METADATA_KEY, None)
+    if isinstance(meta, dict) and "compact" in meta:
+        setattr(config, METADATA_KEY, {k: v for k, v in meta.items() if k != "compact"})
 
 
 def _load_folder(folder: Path, model_class: type | None, name: str, **kwargs: Any) -> PreTrainedModel:

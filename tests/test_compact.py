@@ -236,3 +236,18 @@ def test_pruned_negative_zeros_still_encode_sparsely():
     assert entry["encoding"] == "bitmask"
     w2, _ = decode_bitmask(parts["mask"], parts["values"], (1, 4))
     assert torch.equal(w2, weight)  # equal as values: -0.0 == 0.0
+
+
+def test_compact_loads_with_a_config_the_caller_read_from_the_folder(tmp_path):
+    """What sparse-nlp evaluate does: AutoConfig.from_pretrained(folder, num_labels=...) then load."""
+    from transformers import AutoConfig
+
+    from sparse_nlp.models import load_model
+
+    model = _sparse("bert")
+    save_pretrained(model, tmp_path, compact=True)
+    config = AutoConfig.from_pretrained(tmp_path, num_labels=2)
+    loaded, _ = load_model(tmp_path, task="sequence-classification", config=config)
+    assert loaded.config.num_labels == 2 and loaded.config._attn_implementation != ATTN_MARKER
+    name, module = next(iter(masked_modules(model)))
+    assert torch.equal(get_mask(loaded.get_submodule(name)), get_mask(module))
