@@ -89,6 +89,7 @@ def train_loop(
     config: LoopConfig | None = None,
     accelerator: Any = None,
     resume_from: str | Path | None = None,
+    stop_after: int | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Train `model` with AdamW for ``config.max_steps`` steps, pruning with `pruner` after every step.
@@ -102,6 +103,7 @@ def train_loop(
         config: `LoopConfig`.
         accelerator: An ``accelerate.Accelerator`` (default: a new one).
         resume_from: A ``checkpoint-<step>`` folder written by this loop.
+        stop_after: Stop at this step although the schedule runs to ``max_steps`` (a job split in parts).
         progress: Show a progress bar (main process only).
 
     Returns:
@@ -187,8 +189,10 @@ def train_loop(
                 save_checkpoint(
                     accelerator, Path(config.output_dir) / f"checkpoint-{step}", step, pruner, config
                 )
-            if step >= config.max_steps:
+            if step >= config.max_steps or (stop_after is not None and step >= stop_after):
                 break
+        if stop_after is not None and step >= stop_after:
+            break
     bar.close()
     accelerator.wait_for_everyone()
     return {
