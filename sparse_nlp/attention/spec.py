@@ -8,7 +8,8 @@ instead of an (N, N) tensor, so the kernels can skip the masked-out blocks and m
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -31,6 +32,7 @@ class MaskSpec:
         extra: transformers' own mask function when it is more than plain causal / bidirectional (e.g.
             a model's sliding window or packed sequences); only the reference kernel applies it.
         block_size: Block size of the blocked kernel (0: its default).
+        cache: Index and mask tensors a kernel derived from this spec, reused by every layer of the pass.
     """
 
     pattern: Pattern
@@ -43,6 +45,7 @@ class MaskSpec:
     token_flags: torch.Tensor | None = None
     extra: Callable | None = None
     block_size: int = 0
+    cache: dict[Any, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def q_length(self) -> int:

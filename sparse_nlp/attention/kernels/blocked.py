@@ -8,15 +8,17 @@ grow as N * (c + left + right + globals) instead of N * N, and every operation h
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
 from ...registry import ATTENTION_KERNELS
 from ..patterns import BandStructure
 from ..spec import MaskSpec
-from .reference import masked_sdpa, repeat_kv
+from .reference import masked_sdpa, repeat_kv, revive_rows
 
-DEFAULT_BLOCK = 128
+DEFAULT_BLOCK = 256
 
 
 class KernelUnsupported(ValueError):
@@ -52,6 +54,75 @@ def _global_flags(band: BandStructure, spec: MaskSpec, n: int, device: torch.dev
     return flags
 
 
+@dataclass
+class _Plan:
+    """Index and mask tensors of one (spec, length, block): built once, used by every layer of a pass."""
+
+    c: int
+    nb: int
+    width: int  # keys per query block: band (c + left + right) + global columns
+    mask: torch.Tensor  # (B*nb, 1, c, width) additive float, dead rows opened
+    alive: torch.Tensor | bool
+    g: int = 0
+    order: torch.Tensor | None = None  # (B, g) raw indices of the global tokens
+    g_valid: torch.Tensor | None = None  # (B, g)
+    row_mask: torch.Tensor | None = None  # (B, 1, g, N) additive: what global queries see
+    row_alive: torch.Tensor | bool = True
+
+
+def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Bool mask -> additive float mask (0 where allowed, -inf elsewhere)."""
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+
+
+def _plan(spec: MaskSpec, band: BandStructure, n: int, device: torch.device, dtype: torch.dtype) -> _Plan:
+    key = ("blocked", n, spec.block_size, str(device), dtype)
+    if key in spec.cache:
+        return spec.cache[key]
+    bsz, left, right = spec.batch, band.left, band.right
+    c = max(1, min(spec.block_size or DEFAULT_BLOCK, n))
+    nb = -(-n // c)
+    n_pad = nb * c
+    width = c + left + right
+    flags = _global_flags(band, spec, n, device)
+    real = (
+        spec.padding.to(device)
+        if spec.padding is not None
+        else torch.ones(bsz, n, dtype=torch.bool, device=device)
+    )
+    key_ok = real if flags is None else real & ~flags  # global keys join through their own columns
+    key_ok = F.pad(key_ok, (left, n_pad - n + right), value=False).unfold(1, width, c)  # (B, nb, W)
+    i = torch.arange(c, device=device).view(c, 1)
+    j = torch.arange(width, device=device).view(1, width)
+    in_band = (j - i >= 0) & (j - i <= left + right)  # (c, W): key raw = block*c + j - left
+    mask = in_band.view(1, 1, c, width) & key_ok.unsqueeze(2)  # (B, nb, c, W)
+    plan = _Plan(c=c, nb=nb, width=width, mask=mask, alive=True)
+    if flags is not None:
+        count = flags.sum(dim=1)  # (B,)
+        g = int(count.max())
+        order = torch.argsort((~flags).to(torch.int8), dim=1, stable=True)[:, :g]  # global raw indices first
+        g_valid = torch.arange(g, device=device).view(1, g) < count.view(-1, 1)  # (B, g)
+        g_mask = (g_valid & real.gather(1, order)).view(bsz, 1, 1, g).expand(bsz, nb, c, g)
+        if band.causal:
+            q_raw = torch.arange(n_pad, device=device).view(1, nb, c, 1)
+            g_mask = g_mask & (order.view(bsz, 1, 1, g) <= q_raw)
+        mask = torch.cat([mask.expand(bsz, nb, c, width), g_mask], dim=3)
+        row_mask = g_valid.view(bsz, 1, g, 1) & real.view(bsz, 1, 1, n)
+        if band.causal:
+            row_mask = row_mask & (
+                torch.arange(n, device=device).view(1, 1, 1, n) <= order.view(bsz, 1, g, 1)
+            )
+        row_mask, plan.row_alive = revive_rows(row_mask)
+        plan.row_mask = _additive(row_mask, dtype)
+        plan.g, plan.order, plan.g_valid = g, order, g_valid
+        plan.width = width + g
+    mask = mask.expand(bsz, nb, c, plan.width).reshape(bsz * nb, 1, c, plan.width)
+    mask, plan.alive = revive_rows(mask)
+    plan.mask = _additive(mask, dtype)  # SDPA would convert a bool mask on every call (every layer)
+    spec.cache[key] = plan
+    return plan
+
+
 @ATTENTION_KERNELS.register("blocked")
 def blocked_attention(
     query: torch.Tensor,
@@ -82,69 +153,41 @@ def blocked_attention(
     groups = query.shape[1] // key.shape[1]
     key, value = repeat_kv(key, groups), repeat_kv(value, groups)
     bsz, heads, n, dim = query.shape
-    device = query.device
-    left, right = band.left, band.right
-    c = spec.block_size or DEFAULT_BLOCK
-    c = max(1, min(c, n))
-    nb = -(-n // c)
+    plan = _plan(spec, band, n, query.device, query.dtype)
+    c, nb, left, right = plan.c, plan.nb, band.left, band.right
     n_pad = nb * c
-    width = c + left + right
+    band_width = c + left + right
 
-    flags = _global_flags(band, spec, n, device)
-    real = (
-        spec.padding.to(device)
-        if spec.padding is not None
-        else torch.ones(bsz, n, dtype=torch.bool, device=device)
-    )
-
-    # ---- band part: block b of queries sees raw keys [b*c - left, b*c + c + right) ------------------------
-    q_blocks = F.pad(query, (0, 0, 0, n_pad - n)).view(bsz, heads, nb, c, dim)
-    q_blocks = q_blocks.permute(0, 2, 1, 3, 4).reshape(bsz * nb, heads, c, dim)  # (B*nb, H, c, D)
+    # ---- band part: block b of queries sees raw keys [b*c - left, b*c + c + right) plus the global keys -----
+    # Layout (H, nb, ., D) per batch row: query blocks and key windows are views of the inputs (the windows
+    # overlap in memory, no copy) and the mask (1, nb, c, W) is shared by all heads.
+    q_pad = query if n_pad == n else F.pad(query, (0, 0, 0, n_pad - n))
     k_pad = F.pad(key, (0, 0, left, n_pad - n + right))  # (B, H, left + Np + right, D)
     v_pad = F.pad(value, (0, 0, left, n_pad - n + right))
-    k_win = k_pad.unfold(2, width, c).permute(0, 2, 1, 4, 3)  # (B, nb, H, W, D)
-    v_win = v_pad.unfold(2, width, c).permute(0, 2, 1, 4, 3)
-    key_ok = real if flags is None else real & ~flags  # global keys join through their own columns
-    key_ok = F.pad(key_ok, (left, n_pad - n + right), value=False).unfold(1, width, c)  # (B, nb, W)
-    i = torch.arange(c, device=device).view(c, 1)
-    j = torch.arange(width, device=device).view(1, width)
-    in_band = (j - i >= 0) & (j - i <= left + right)  # (c, W): key raw = block*c + j - left
-    mask = in_band.view(1, 1, c, width) & key_ok.unsqueeze(2)  # (B, nb, c, W)
-
-    if flags is not None:
-        count = flags.sum(dim=1)  # (B,)
-        g = int(count.max())
-        order = torch.argsort((~flags).to(torch.int8), dim=1, stable=True)[:, :g]  # global raw indices first
-        g_valid = torch.arange(g, device=device).view(1, g) < count.view(-1, 1)  # (B, g)
-        g_key_ok = g_valid & real.gather(1, order)
-        idx = order.view(bsz, 1, g, 1).expand(bsz, heads, g, dim)
+    if plan.g:
+        idx = plan.order.view(bsz, 1, plan.g, 1).expand(bsz, heads, plan.g, dim)
         k_g, v_g = key.gather(2, idx), value.gather(2, idx)  # (B, H, g, D)
-        k_g_rep = k_g.unsqueeze(1).expand(bsz, nb, heads, g, dim)
-        v_g_rep = v_g.unsqueeze(1).expand(bsz, nb, heads, g, dim)
-        k_win = torch.cat([k_win, k_g_rep], dim=3)
-        v_win = torch.cat([v_win, v_g_rep], dim=3)
-        g_mask = g_key_ok.view(bsz, 1, 1, g).expand(bsz, nb, c, g)
-        if band.causal:
-            q_raw = torch.arange(n_pad, device=device).view(1, nb, c, 1)
-            g_mask = g_mask & (order.view(bsz, 1, 1, g) <= q_raw)
-        mask = torch.cat([mask.expand(bsz, nb, c, width), g_mask], dim=3)
-        width = width + g
-    k_win = k_win.reshape(bsz * nb, heads, width, dim)
-    v_win = v_win.reshape(bsz * nb, heads, width, dim)
-    mask = mask.expand(bsz, nb, c, width).reshape(bsz * nb, 1, c, width)
-    out = masked_sdpa(q_blocks, k_win, v_win, mask, scaling, dropout)  # (B*nb, H, c, D)
-    out = out.view(bsz, nb, heads, c, dim).permute(0, 2, 1, 3, 4).reshape(bsz, heads, n_pad, dim)[:, :, :n]
+    mask = plan.mask.view(bsz, 1, nb, c, plan.width)
+    alive = plan.alive if plan.alive is True else plan.alive.view(bsz, 1, nb, c, 1)
+    rows = []
+    for b in range(bsz):
+        q_b = q_pad[b].view(heads, nb, c, dim)
+        k_b = k_pad[b].unfold(1, band_width, c).transpose(-1, -2)  # (H, nb, W, D), a view
+        v_b = v_pad[b].unfold(1, band_width, c).transpose(-1, -2)
+        if plan.g:
+            k_b = torch.cat([k_b, k_g[b].unsqueeze(1).expand(heads, nb, plan.g, dim)], dim=2)
+            v_b = torch.cat([v_b, v_g[b].unsqueeze(1).expand(heads, nb, plan.g, dim)], dim=2)
+        a_b = alive if alive is True else alive[b]
+        rows.append(masked_sdpa(q_b, k_b, v_b, mask[b], scaling, dropout, alive=a_b).view(heads, n_pad, dim))
+    out = torch.stack(rows) if bsz > 1 else rows[0].unsqueeze(0)  # (B, H, Np, D)
+    if n_pad != n:
+        out = out[:, :, :n]
 
-    # ---- global queries attend to every (allowed) key ----------------------------------------------------
-    if flags is not None and g > 0:
+    # ---- global queries attend to every allowed key --------------------------------------------------------
+    if plan.g:
         q_g = query.gather(2, idx)  # (B, H, g, D)
-        row_mask = g_valid.view(bsz, 1, g, 1) & real.view(bsz, 1, 1, n)
-        if band.causal:
-            row_mask = row_mask & (
-                torch.arange(n, device=device).view(1, 1, 1, n) <= order.view(bsz, 1, g, 1)
-            )
-        out_g = masked_sdpa(q_g, key, value, row_mask, scaling, dropout)  # (B, H, g, D)
-        keep = out.gather(2, idx)
-        out_g = torch.where(g_valid.view(bsz, 1, g, 1), out_g, keep)
+        out_g = masked_sdpa(q_g, key, value, plan.row_mask, scaling, dropout, alive=plan.row_alive)
+        if not bool(plan.g_valid.all()):
+            out_g = torch.where(plan.g_valid.view(bsz, 1, plan.g, 1), out_g, out.gather(2, idx))
         out = out.scatter(2, idx, out_g)
     return out

@@ -24,6 +24,7 @@ def masked_sdpa(
     mask: torch.Tensor,
     scaling: float,
     dropout: float,
+    alive: torch.Tensor | bool | None = None,
 ) -> torch.Tensor:
     """SDPA under a bool mask where rows with no allowed key give 0 (not NaN).
 
@@ -32,11 +33,19 @@ def masked_sdpa(
         mask: bool, broadcastable to (B, H, Lq, Lk).
         scaling: Score scale.
         dropout: Attention dropout probability (training only).
+        alive: What `revive_rows` returned for `mask` (then `mask` must be its revived mask), or None.
     """
-    alive = mask.any(dim=-1, keepdim=True)  # (B, 1|H, Lq, 1)
-    mask = mask | ~alive
+    mask, alive = revive_rows(mask) if alive is None else (mask, alive)
     out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=dropout, scale=scaling)
-    return out * alive.to(out.dtype)
+    return out if alive is True else out * alive.to(out.dtype)
+
+
+def revive_rows(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | bool]:
+    """(mask with dead rows opened, alive (.., Lq, 1) or True): SDPA gives NaN on rows without any allowed key."""
+    alive = mask.any(dim=-1, keepdim=True)
+    if bool(alive.all()):
+        return mask, True
+    return mask | ~alive, alive
 
 
 @ATTENTION_KERNELS.register("reference")
