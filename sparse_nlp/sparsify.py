@@ -121,12 +121,20 @@ def sparsify(
     for plan in plans:
         if base_relative_name(model, plan.name) in already:
             raise ConfigError(f"{plan.name!r} is already pruned; call sparse_nlp.to_dense(model) first to start over.")
-    needs_data = [p for p in plans if p.method.needs_calibration]
+    # profile 'owl' weighs layers by activation outliers, so it needs calibration data even for magnitude
+    needs_data = [p for p in plans if p.method.needs_calibration or p.rule.profile == "owl"]
     if needs_data and data is None:
+        what = f"pruning method {needs_data[0].method.name!r}"
+        if not needs_data[0].method.needs_calibration:
+            what = f"profile 'owl' (with method {needs_data[0].method.name!r})"
         raise ConfigError(
-            f"pruning method {needs_data[0].method.name!r} needs calibration data: pass data=[texts...] "
+            f"{what} needs calibration data: pass data=[texts...] "
             "(and tokenizer=...) to sparsify, or --calibration on the command line."
         )
+    if needs_data:
+        from .pruning.calibration import check_calibration_plans
+
+        check_calibration_plans(plans)
     if config.structured is not None:
         from .structured import apply_structured  # noqa: PLC0415  (optional part, imported when used)
 

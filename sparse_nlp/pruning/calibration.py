@@ -1,0 +1,416 @@
+"""The layer-by-layer calibration pass of one-shot pruning (Wanda, SparseGPT, OWL profiles).
+
+How it runs, for encoders and decoders alike:
+
+1. Calibration data (texts, a `datasets` split, a source name, or token ids) becomes a few padded batches.
+2. The model runs up to its first block only: a forward pre-hook on block 0 (``with_kwargs=True``) records the
+   block's arguments and stops the forward with an exception. The model itself computed the attention mask,
+   position ids and rotary embeddings; nothing of the model is re-implemented here.
+3. For each block in turn: forward hooks on its target layers gather input statistics over the non-padding
+   tokens (per-feature sum of squares; x x^T when a method asks for the Hessian), the layers are pruned, and the
+   *pruned* block is run again to turn the stored inputs into the next block's inputs, in place.
+
+So at any time the pass holds one block's activations (one tensor per calibration batch), whatever the depth.
+Layers outside the repeated blocks (a regex target on a head) are calibrated at the end with one full forward.
+Layers whose method needs no data are pruned first (their choice does not depend on activations), so the
+calibrated layers after them see their pruned outputs.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..config import ConfigError
+from ..targets import layer_index, linear_weight, model_targets
+from .methods import LayerStats
+from .patterns import NM
+
+logger = logging.getLogger(__name__)
+
+BATCH_SIZE = 32
+"""Calibration samples per forward batch (sorted by length first, so batches carry little padding)."""
+
+
+class _StopForward(Exception):
+    """Raised by the block-0 pre-hook once it has recorded the block's inputs."""
+
+
+@dataclass
+class _Batch:
+    """One calibration batch as the current block sees it."""
+
+    hidden: torch.Tensor  # (B, T, H) input of the current block
+    args: tuple  # the other positional arguments of the block call (hidden removed)
+    kwargs: dict[str, Any]
+    hidden_in_kwargs: bool
+    token_mask: torch.Tensor  # (B, T) bool, True on real tokens
+
+
+def _track(tensor: torch.Tensor) -> torch.Tensor:
+    """Every captured or produced block activation passes through here (tests count live ones)."""
+    return tensor
+
+
+# ---- calibration data -------------------------------------------------------------------------------------
+
+
+def _texts_from(data: Any, num_samples: int) -> list[str] | None:
+    """Texts from a source name/path, a list of strings or a `datasets.Dataset`; None for token-id data."""
+    if isinstance(data, str):
+        from ..evaluation.data import calibration_texts
+
+        return calibration_texts(data, limit=num_samples)
+    if isinstance(data, Sequence) and data and all(isinstance(x, str) for x in data):
+        return list(data)[:num_samples]
+    column_names = getattr(data, "column_names", None)
+    if column_names is not None and not (isinstance(data, Sequence) and data and isinstance(data[0], dict)):
+        for name in ("text", "sentence", "content", "sentence1"):
+            if name in column_names:
+                return [str(x) for x in data[name][:num_samples]]
+        raise ConfigError(
+            f"calibration dataset has no text column; looked for text, sentence, content, sentence1 in {column_names}."
+        )
+    return None
+
+
+def calibration_batches(
+    data: Any,
+    tokenizer: Any = None,
+    *,
+    num_samples: int = 128,
+    seq_len: int = 128,
+    batch_size: int | None = None,
+) -> list[dict[str, torch.Tensor]]:
+    """Padded batches ``{"input_ids", "attention_mask"}`` from calibration data.
+
+    Args:
+        data: A list of texts, a `datasets.Dataset` with a text column, a source name or .txt path understood by
+            `sparse_nlp.evaluation.data.calibration_texts`, a (N, T) tensor of token ids, or a list of dicts with
+            ``input_ids`` (and optionally ``attention_mask``).
+        tokenizer: Needed for text data.
+        num_samples: Samples used (the first ones).
+        seq_len: Texts are truncated to this many tokens.
+        batch_size: Samples per batch (default `BATCH_SIZE`; samples are sorted by length to limit padding).
+
+    Raises:
+        ConfigError: no data, or texts without a tokenizer.
+    """
+    if data is None:
+        raise ConfigError(
+            "calibration needs data: pass data=[texts...] (and tokenizer=...), or --calibration on the command line."
+        )
+    texts = _texts_from(data, num_samples)
+    if texts is not None:
+        if tokenizer is None:
+            raise ConfigError(
+                "calibration data are texts but no tokenizer was given; pass tokenizer=... to sparsify."
+            )
+        encoded = tokenizer(texts, truncation=True, max_length=seq_len)["input_ids"]
+        samples = [torch.tensor(ids, dtype=torch.long) for ids in encoded if len(ids) > 0]
+        pad_id = getattr(tokenizer, "pad_token_id", None)
+    else:
+        samples = _id_samples(data, num_samples, seq_len)
+        pad_id = None
+    if not samples:
+        raise ConfigError("calibration data are empty (no sample has any token).")
+    pad_id = 0 if pad_id is None else int(pad_id)
+    batch_size = batch_size or BATCH_SIZE
+    samples.sort(key=len, reverse=True)
+    batches = []
+    for start in range(0, len(samples), batch_size):
+        group = samples[start : start + batch_size]
+        length = len(group[0])
+        ids = torch.full((len(group), length), pad_id, dtype=torch.long)  # (B, T)
+        mask = torch.zeros(len(group), length, dtype=torch.long)  # (B, T)
+        for row, sample in enumerate(group):
+            ids[row, : len(sample)] = sample
+            mask[row, : len(sample)] = 1
+        batches.append({"input_ids": ids, "attention_mask": mask})
+    return batches
+
+
+def _id_samples(data: Any, num_samples: int, seq_len: int) -> list[torch.Tensor]:
+    """Token-id samples (padding removed) from a tensor, a dict of tensors, or a list of such dicts."""
+    if torch.is_tensor(data) or isinstance(data, dict):
+        data = [data if isinstance(data, dict) else {"input_ids": data}]
+    if not isinstance(data, Sequence) or not all(isinstance(x, dict) and "input_ids" in x for x in data):
+        raise ConfigError(
+            "calibration data must be texts, a datasets.Dataset with a text column, a source name, a tensor of token "
+            f"ids, or dicts with 'input_ids'; got {type(data).__name__}."
+        )
+    samples = []
+    for item in data:
+        ids = torch.as_tensor(item["input_ids"])
+        ids = ids.unsqueeze(0) if ids.dim() == 1 else ids  # (B, T)
+        mask = torch.as_tensor(item.get("attention_mask", torch.ones_like(ids))).reshape(ids.shape).bool()
+        samples.extend(row[m][:seq_len] for row, m in zip(ids, mask))
+    return [s for s in samples[:num_samples] if s.numel() > 0]
+
+
+# ---- the layer-by-layer pass -----------------------------------------------------------------------------
+
+
+def _blocks(model: nn.Module) -> nn.ModuleList:
+    base = getattr(model, "base_model", model)
+    return base.get_submodule(model_targets(model).layers)
+
+
+def _capture(model: nn.Module, block: nn.Module, batches: list[dict[str, torch.Tensor]]) -> list[_Batch]:
+    """Inputs of `block` for every batch, stopping the forward at that block."""
+    captured: list[_Batch] = []
+    current: dict[str, torch.Tensor] = {}
+
+    def pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if args and torch.is_tensor(args[0]):
+            hidden, rest, in_kwargs = args[0], tuple(args[1:]), False
+        else:
+            hidden, rest, in_kwargs = kwargs.pop("hidden_states"), tuple(args), True
+        captured.append(
+            _Batch(_track(hidden.detach()), rest, dict(kwargs), in_kwargs, current["mask"].bool())
+        )
+        raise _StopForward
+
+    extra = {"use_cache": False} if getattr(model.config, "use_cache", None) is not None else {}
+    device = next(model.parameters()).device
+    handle = block.register_forward_pre_hook(pre_hook, with_kwargs=True)
+    try:
+        for batch in batches:
+            current["mask"] = batch["attention_mask"]
+            try:
+                model(**{k: v.to(device) for k, v in batch.items()}, **extra)
+            except _StopForward:
+                pass
+            else:
+                raise RuntimeError(
+                    f"block {type(block).__name__} was never called by {type(model).__name__}.forward"
+                )
+    finally:
+        handle.remove()
+    return captured
+
+
+def _run_block(block: nn.Module, batch: _Batch) -> torch.Tensor:
+    if batch.hidden_in_kwargs:
+        out = block(*batch.args, hidden_states=batch.hidden, **batch.kwargs)
+    else:
+        out = block(batch.hidden, *batch.args, **batch.kwargs)
+    return out[0] if isinstance(out, tuple) else out
+
+
+class _StatsHooks:
+    """Forward hooks that sum input statistics of some layers over the real tokens of each batch."""
+
+    def __init__(self, modules: dict[str, nn.Module], hessian_for: set[str]) -> None:
+        self.stats = {name: LayerStats() for name in modules}
+        self.token_mask: torch.Tensor | None = None
+        self._handles = [
+            module.register_forward_hook(self._hook(name, name in hessian_for))
+            for name, module in modules.items()
+        ]
+
+    def _hook(self, name: str, hessian: bool) -> Callable:
+        def hook(module: nn.Module, inputs: tuple, output: Any) -> None:
+            x = inputs[0].detach()
+            x = (
+                x[self.token_mask]
+                if self.token_mask is not None and x.dim() == 3
+                else x.reshape(-1, x.shape[-1])
+            )
+            x = x.float()  # (n, in)
+            st = self.stats[name]
+            sq = (x * x).sum(0)  # (in,)
+            st.sq_norm = sq if st.sq_norm is None else st.sq_norm + sq
+            if hessian:
+                st.hessian = x.t() @ x if st.hessian is None else st.hessian.addmm_(x.t(), x)  # (in, in)
+            st.count += x.shape[0]
+
+        return hook
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+
+def _layer_types_mixed(model: nn.Module) -> bool:
+    types = getattr(model.config, "layer_types", None)
+    return bool(types) and len(set(types)) > 1
+
+
+@torch.no_grad()
+def _walk_blocks(
+    model: nn.Module,
+    batches: list[dict[str, torch.Tensor]],
+    per_block: Callable[[int, Callable[[dict[str, nn.Module], set[str]], dict[str, LayerStats]]], None],
+    *,
+    desc: str,
+    progress: bool,
+) -> None:
+    """Run the calibration batches block by block; `per_block(i, collect)` may gather stats and prune block i.
+
+    ``collect(modules, hessian_for)`` runs block i over the stored inputs with stats hooks on `modules` and
+    returns their stats; after `per_block` returns, block i (as it now is) turns the inputs into block i+1's.
+    """
+    blocks = _blocks(model)
+    stored = _capture(model, blocks[0], batches)
+    types = getattr(model.config, "layer_types", None) if _layer_types_mixed(model) else None
+    for i in tqdm(range(len(blocks)), desc=desc, unit="layer", disable=not progress):
+        block = blocks[i]
+        if types is not None and i > 0 and types[i] != types[i - 1]:
+            # blocks of another attention type get another mask: let the model compute that block's arguments
+            fresh = _capture(model, block, batches)
+            for old, new in zip(stored, fresh):
+                old.args, old.kwargs = new.args, new.kwargs
+            del fresh
+
+        def collect(
+            modules: dict[str, nn.Module], hessian_for: set[str], block: nn.Module = block
+        ) -> dict[str, LayerStats]:
+            hooks = _StatsHooks(modules, hessian_for)
+            try:
+                for item in stored:
+                    hooks.token_mask = item.token_mask
+                    _run_block(block, item)
+            finally:
+                hooks.remove()
+            return hooks.stats
+
+        per_block(i, collect)
+        for item in stored:  # in place: the inputs of block i become those of block i+1
+            item.hidden = _track(_run_block(block, item))
+
+
+def _full_forward_stats(
+    model: nn.Module,
+    batches: list[dict[str, torch.Tensor]],
+    modules: dict[str, nn.Module],
+    hessian_for: set[str],
+) -> dict[str, LayerStats]:
+    extra = {"use_cache": False} if getattr(model.config, "use_cache", None) is not None else {}
+    device = next(model.parameters()).device
+    hooks = _StatsHooks(modules, hessian_for)
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                hooks.token_mask = batch["attention_mask"].bool()
+                model(**{k: v.to(device) for k, v in batch.items()}, **extra)
+    finally:
+        hooks.remove()
+    return hooks.stats
+
+
+def check_calibration_plans(plans: list) -> None:
+    """Reject, before anything changes, what the calibrated pass cannot do (a global budget, OWL with N:M)."""
+    for plan in plans:
+        calibrated = plan.method.needs_calibration or plan.rule.profile == "owl"
+        if calibrated and plan.rule.scope == "global":
+            raise ConfigError(
+                f"scope 'global' cannot be used with {plan.method.name!r}"
+                + (" and profile 'owl'" if plan.rule.profile == "owl" else "")
+                + ": the calibrated pass prunes block by block. Use per-layer or per-row (profile 'owl' gives non-uniform "
+                "per-layer sparsity at the same total)."
+            )
+        if plan.rule.profile == "owl" and isinstance(plan.pattern, NM):
+            raise ConfigError(
+                f"profile 'owl' varies the sparsity per layer, but pattern {plan.pattern} fixes it; use 'unstructured' or "
+                "'block:RxC' with profile 'owl', or profile 'uniform' with N:M."
+            )
+
+
+def prune_with_calibration(
+    model: nn.Module,
+    plans: list,
+    data: Any,
+    *,
+    tokenizer: Any = None,
+    num_samples: int = 128,
+    seq_len: int = 128,
+    progress: bool = True,
+) -> dict[str, float]:
+    """Prune the layers of `plans` one block at a time with statistics of calibration inputs.
+
+    Args:
+        model: A transformers model of a supported family (encoder or decoder), in eval mode or not.
+        plans: `sparse_nlp.sparsify.LayerPlan` items (layer, rule, method, sparsity, pattern).
+        data: Calibration data (see `calibration_batches`).
+        tokenizer: Tokenizer for text data.
+        num_samples: Calibration samples used.
+        seq_len: Tokens per sample at most.
+        progress: Show a progress bar over blocks.
+
+    Returns:
+        Layer name -> the sparsity it was pruned at (differs from the rule's with profile ``owl``).
+
+    Raises:
+        ConfigError: no usable data, or a plan the pass cannot do (see `check_calibration_plans`).
+    """
+    from ..sparsify import _attach_oi, _prune_without_data  # noqa: PLC0415  (sparsify imports this module lazily)
+    from .profiles import owl_sparsities
+
+    check_calibration_plans(plans)
+    batches = calibration_batches(data, tokenizer, num_samples=num_samples, seq_len=seq_len)
+    was_training = model.training
+    model.eval()
+    try:
+        calibrated = [p for p in plans if p.method.needs_calibration or p.rule.profile == "owl"]
+        direct = [p for p in plans if p not in calibrated]
+        if direct:
+            _prune_without_data(direct, progress)
+        sparsities = {p.name: p.sparsity for p in plans}
+        owl = [p for p in calibrated if p.rule.profile == "owl"]
+        if owl:
+            sparsities.update(
+                owl_sparsities(
+                    model,
+                    owl,
+                    lambda fn, desc: _walk_blocks(model, batches, fn, desc=desc, progress=progress),
+                )
+            )
+
+        by_block: dict[int | None, list] = {}
+        for plan in calibrated:
+            by_block.setdefault(layer_index(model, plan.name), []).append(plan)
+
+        def prune(group: list, stats: dict[str, LayerStats]) -> None:
+            for p in group:
+                mask, new_weight = p.method.prune_layer(
+                    linear_weight(p.module), sparsities[p.name], p.pattern, p.rule.scope, stats.get(p.name)
+                )
+                _attach_oi(p.module, mask, new_weight)
+
+        def per_block(i: int, collect: Callable) -> None:
+            group = by_block.get(i, [])
+            if not group:
+                return
+            need = [p for p in group if p.method.needs_calibration]
+            stats = (
+                collect({p.name: p.module for p in need}, {p.name for p in need if p.method.needs_hessian})
+                if need
+                else {}
+            )
+            prune(group, stats)
+
+        if any(i is not None for i in by_block):
+            _walk_blocks(model, batches, per_block, desc="one-shot pruning", progress=progress)
+        outside = by_block.get(None, [])
+        if (
+            outside
+        ):  # layers outside the blocks (heads): one full forward of the pruned model gives their inputs
+            need = [p for p in outside if p.method.needs_calibration]
+            stats = _full_forward_stats(
+                model,
+                batches,
+                {p.name: p.module for p in need},
+                {p.name for p in need if p.method.needs_hessian},
+            )
+            prune(outside, stats)
+    finally:
+        model.train(was_training)
+    logger.info("one-shot pruned %d layers with %d calibration batches", len(plans), len(batches))
+    return sparsities
