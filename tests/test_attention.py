@@ -202,12 +202,13 @@ def test_reference_equals_masked_softmax_by_hand():
     [SlidingWindow(8), BigBird(block_size=4, random_blocks=1, random_span=4), Strided(4, causal=False)],
 )
 def test_flex_equals_reference_with_padding(pattern):
-    q, k, v, real = _inputs("right", n=37)
-    spec = _spec(pattern, real, "right")
-    with torch.no_grad():
-        ref = reference_attention(q, k, v, spec, 0.3)
-        out = flex_attention_kernel(q, k, v, spec, 0.3, compile=False)
-    assert (out - ref).abs().max() < 1e-5
+    for pad, n in (("right", 37), ("none", 128)):  # padded + bucketed, and an exact bucket without padding
+        q, k, v, real = _inputs(pad, n=n)
+        spec = _spec(pattern, real, pad)
+        with torch.no_grad():
+            ref = reference_attention(q, k, v, spec, 0.3)
+            out = flex_attention_kernel(q, k, v, spec, 0.3, compile=False)
+        assert (out - ref).abs().max() < 1e-5
 
 
 def test_flex_refuses_autograd_and_auto_falls_back():

@@ -110,11 +110,13 @@ def flex_attention_kernel(
     pad = length - n
     if pad:
         query, key, value = (F.pad(t, (0, 0, 0, pad)) for t in (query, key, value))
-    real = torch.zeros(bsz, length, dtype=torch.bool, device=query.device)
-    real[:, :n] = True if spec.padding is None else spec.padding.to(query.device)
+    score_mod = None
+    if pad or spec.padding is not None:
+        real = torch.zeros(bsz, length, dtype=torch.bool, device=query.device)
+        real[:, :n] = True if spec.padding is None else spec.padding.to(query.device)
 
-    def score_mod(score, b, h, q_idx, kv_idx):
-        return torch.where(real[b, kv_idx], score, -float("inf"))
+        def score_mod(score, b, h, q_idx, kv_idx):
+            return torch.where(real[b, kv_idx], score, -float("inf"))
 
     block_mask = block_mask_for(spec.pattern, length, query.device)
     gqa = key.shape[1] != heads
