@@ -1,0 +1,155 @@
+"""Recipes: YAML parsing into typed stages, errors that name the bad key, and a tiny end-to-end run through
+the CLI (fine-tune -> prune with distillation -> evaluate) with the recipe saved next to each checkpoint."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from sparse_nlp import from_pretrained
+from sparse_nlp.cli import main
+from sparse_nlp.config import ConfigError
+from sparse_nlp.evaluation.data import DataError
+from sparse_nlp.pruning.masking import masked_modules
+from sparse_nlp.recipes import Recipe, load_recipe, run_recipe
+
+from .tiny_glue import tiny_bert_folder, tiny_glue_dir
+
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+
+TINY = """
+model: {model}
+task: sst2
+max_length: 32
+stages:
+  - name: dense
+    type: finetune
+    training: {{max_steps: 6, learning_rate: 1e-3, batch_size: 8, logging_steps: 100}}
+  - name: gmp
+    type: prune
+    teacher: dense
+    sparsity: {{weights: [{{method: magnitude, sparsity: 0.8, targets: [all-linear]}}]}}
+    schedule: {{start_step: 0, end_step: 6, update_every: 2}}
+    distillation: {{temperature: 2.0, alpha: 0.5}}
+    training: {{max_steps: 8, learning_rate: 1e-3, batch_size: 8, logging_steps: 100}}
+  - name: eval
+    type: evaluate
+"""
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "recipe.yaml"
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("path", sorted(RECIPES.glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_recipes_parse_and_round_trip(path, tmp_path):
+    recipe = load_recipe(path)
+    assert recipe.stages and {s.type for s in recipe.stages} <= {"finetune", "prune", "evaluate"}
+    recipe.save(tmp_path / "again.yaml")
+    assert load_recipe(tmp_path / "again.yaml") == recipe
+
+
+def test_yaml_floats_without_dot_are_numbers(tmp_path):
+    recipe = load_recipe(_write(tmp_path, TINY.format(model="m")))
+    assert recipe.stages[0].training.learning_rate == pytest.approx(1e-3)
+    assert recipe.stages[1].schedule.end_step == 6
+    assert recipe.stages[1].sparsity.weights[0].sparsity == 0.8
+
+
+@pytest.mark.parametrize(
+    "old, new, message",
+    [
+        ("    schedule:", "    shedule:", r"stages\[1\]\.shedule.*Did you mean 'schedule'"),
+        (
+            "max_steps: 6, learning_rate: 1e-3",
+            "max_steps: 6, learning_rate: fast",
+            r"stages\[0\]\.training\.learning_rate must be a number",
+        ),
+        ("type: evaluate", "type: evaluation", r"stages\[2\]\.type.*Did you mean 'evaluate'"),
+        ("method: magnitude", "method: magnitud", r"stages\[1\]\.sparsity\.weights\[0\]\.method.*magnitude"),
+        ("teacher: dense", "teacher: dence", r"stages\[1\]\.teacher 'dence'.*Did you mean 'dense'"),
+        ("end_step: 6,", "end_step: 60,", r"end_step \(60\) is after the last step"),
+        ("alpha: 0.5", "alpha: 1.5", r"alpha must be in \[0, 1\]"),
+        ("max_length: 32", "max_lenght: 32", r"unknown field 'max_lenght'.*Did you mean 'max_length'"),
+    ],
+)
+def test_bad_recipe_names_the_key(tmp_path, old, new, message):
+    text = TINY.format(model="m")
+    assert old in text
+    with pytest.raises(ConfigError, match=message) as err:
+        load_recipe(_write(tmp_path, text.replace(old, new, 1)))
+    assert "recipe.yaml" in str(err.value)
+
+
+def test_prune_stage_needs_schedule():
+    data = {
+        "model": "m",
+        "task": "sst2",
+        "stages": [{"name": "p", "type": "prune", "training": {}, "sparsity": {"weights": [{}]}}],
+    }
+    with pytest.raises(ConfigError, match=r"stages\[0\]\.schedule is required"):
+        Recipe.from_dict(data)
+
+
+def test_cli_run_end_to_end_tiny(tmp_path, capsys):
+    model_dir = tiny_bert_folder(tmp_path / "model")
+    data_dir = tiny_glue_dir(tmp_path / "data")
+    recipe = _write(tmp_path, TINY.format(model=model_dir))
+    out = tmp_path / "out"
+    assert main(["run", str(recipe), "--data-dir", str(data_dir), "--out", str(out), "--no-progress"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    stages = {s["name"]: s for s in results["stages"]}
+    assert stages["gmp"]["sparsity"] == pytest.approx(0.8, abs=1e-3)
+    assert stages["eval"]["num_examples"] == 64 and 0 <= stages["eval"]["accuracy"] <= 100
+    assert stages["eval"]["block_sparsity"] == pytest.approx(0.8, abs=1e-3)
+    assert all(s["wall_seconds"] >= 0 for s in results["stages"])
+    # the recipe lies next to each checkpoint, and the sparse checkpoint reloads with its masks
+    assert load_recipe(out / "gmp" / "recipe.yaml") == load_recipe(recipe)
+    model = from_pretrained(out / "gmp")
+    assert len(list(masked_modules(model))) == 12
+    # the evaluate command scores the checkpoint and writes the same accuracy as the recipe's evaluate stage
+    capsys.readouterr()
+    assert (
+        main(
+            [
+                "evaluate",
+                str(out / "gmp"),
+                "--task",
+                "sst2",
+                "--data-dir",
+                str(data_dir),
+                "--max-length",
+                "32",
+            ]
+        )
+        == 0
+    )
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["accuracy"] == stages["eval"]["accuracy"]
+    assert json.loads((out / "gmp" / "eval_sst2.json").read_text())["accuracy"] == printed["accuracy"]
+    # start from the fine-tuned model: the finetune stage is skipped, the teacher is that model
+    again = run_recipe(
+        load_recipe(recipe), tmp_path / "out2", data_dir=data_dir, start_from=out / "dense", progress=False
+    )
+    assert again["stages"][0]["skipped"].startswith("started from")
+    assert torch.is_tensor(next(from_pretrained(tmp_path / "out2" / "gmp").parameters()))
+
+
+def test_run_with_data_dir_lacking_task_files_lists_paths(tmp_path, capsys):
+    model_dir = tiny_bert_folder(tmp_path / "model")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    recipe = _write(tmp_path, TINY.format(model=model_dir))
+    assert (
+        main(["run", str(recipe), "--data-dir", str(empty), "--out", str(tmp_path / "out"), "--no-progress"])
+        == 2
+    )
+    err = capsys.readouterr().err
+    assert "no sst2 train split" in err and str(empty / "glue" / "sst2" / "train.tsv") in err
+    with pytest.raises(DataError, match="looked for"):
+        run_recipe(load_recipe(recipe), tmp_path / "out", data_dir=empty, progress=False)
