@@ -92,7 +92,11 @@ from sparse_nlp.hub import push_to_hub
 out = {{}}
 for folder, repo in {pairs}:
     try:
-        r = push_to_hub(folder, repo, base_model="org/tiny-dense")
+        if folder.startswith("MODEL:"):  # push a model object (saved compact on the way)
+            model = sparse_nlp.from_pretrained(folder.removeprefix("MODEL:"))
+            r = push_to_hub(model, repo, base_model="org/tiny-dense", compact=True)
+        else:
+            r = push_to_hub(folder, repo, base_model="org/tiny-dense")
         out[repo] = {{"ok": True, "files": r.files, "commit": r.commit_oid}}
     except sparse_nlp.hub.HubError as err:
         out[repo] = {{"ok": False, "error": str(err)}}
@@ -124,7 +128,13 @@ def test_push_pull_round_trip_bit_identical_then_offline(hub, tmp_path):
     params = int((dense / "params.txt").read_text())
     assert params < sum(p.numel() for p in tiny_model("llama").parameters())
     pushed = run_py(
-        PUSH.format(pairs=[(str(dense), "org/tiny"), (str(compact), "org/tiny-compact")]),
+        PUSH.format(
+            pairs=[
+                (str(dense), "org/tiny"),
+                (str(compact), "org/tiny-compact"),
+                (f"MODEL:{dense}", "org/tiny-object"),
+            ]
+        ),
         hub,
         tmp_path / "home-push",
     )
@@ -135,9 +145,11 @@ def test_push_pull_round_trip_bit_identical_then_offline(hub, tmp_path):
     assert "sparse_nlp_compact.safetensors" in pushed["org/tiny-compact"]["files"]
     _check_card(hub.files("org/tiny")["README.md"].decode(), dense)
     assert "compact format" in hub.files("org/tiny-compact")["README.md"].decode()
+    assert "sparse_nlp_compact.safetensors" in pushed["org/tiny-object"]["files"]
 
     home = tmp_path / "home-pull"  # a fresh cache: everything comes over HTTP
-    outs = {repo: tmp_path / f"{repo.replace('/', '_')}.pt" for repo in ("org/tiny", "org/tiny-compact")}
+    repos = ("org/tiny", "org/tiny-compact", "org/tiny-object")
+    outs = {repo: tmp_path / f"{repo.replace('/', '_')}.pt" for repo in repos}
     pulled = run_py(PULL.format(pairs=[(r, str(p)) for r, p in outs.items()]), hub, home)
     for repo, path in outs.items():
         assert torch.equal(torch.load(path), ref), repo
