@@ -148,7 +148,11 @@ def cmd_summarize(args):
         rows.append(
             {
                 "run": name,
-                **{k: res[k] for k in ("heads", "ffn", "dev_accuracy", "params", "epoch_fraction", "wall_s")},
+                **{
+                    k: res[k]
+                    for k in ("heads", "ffn", "dev_accuracy", "params", "epoch_fraction", "wall_s", "layers")
+                },
+                "recovery_steps": res["train_examples_seen"] // res["args"]["batch_size"],
                 "reloaded_accuracy": reloaded,
             }
         )
@@ -194,13 +198,15 @@ def cmd_summarize(args):
         f"Dense MiniLM-L6 (SST-2 fine-tuned): dev accuracy {dense_acc:.2f}, {params(teacher) / 1e6:.1f}M parameters, "
         f"{by_name['dense'].median_ms:.0f} ms per batch of {args.bench_batch} x {args.bench_seq} tokens.",
         "",
-        "| run | heads removed | FFN removed | params (M) | dev acc. | drop (pts) | throughput ratio |",
-        "|---|---|---|---|---|---|---|",
+        "| run | heads removed | FFN removed | params (M) | recovery steps (epoch) | wall (min) | dev acc. "
+        "| reloaded acc. | vs dense (pts) | throughput ratio |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['run']} | {r['heads']:.0%} | {r['ffn']:.0%} | {r['params'] / 1e6:.1f} | {r['dev_accuracy']:.2f} | "
-            f"{r['accuracy_drop']:+.2f} | {r['throughput_ratio']:.2f}x |"
+            f"| {r['run']} | {r['heads']:.0%} | {r['ffn']:.0%} | {r['params'] / 1e6:.1f} | "
+            f"{r['recovery_steps']} ({r['epoch_fraction']:.2f}) | {r['wall_s'] / 60:.0f} | {r['dev_accuracy']:.2f} | "
+            f"{r['reloaded_accuracy']:.2f} | {-r['accuracy_drop']:+.2f} | {r['throughput_ratio']:.2f}x |"
         )
     lines.append("")
     lines.append(
