@@ -105,6 +105,7 @@ def flex_attention_kernel(
         raise FlexUnsupported(
             "the flex kernel has no attention dropout; call model.eval() or use kernel 'blocked'."
         )
+    query, key, value = query.detach(), key.detach(), value.detach()  # no autograd here (checked above)
     bsz, heads, n, _ = query.shape
     length = -(-n // BUCKET) * BUCKET
     pad = length - n
