@@ -235,7 +235,31 @@ def test_block_by_block_inputs_match_the_full_forward(name):
         torch.testing.assert_close(walked[n].hessian, full[n].hessian, rtol=1e-4, atol=1e-3)
 
 
-def test_pass_holds_one_block_of_activations(monkeypatch):
+@pytest.mark.parametrize("family_name", ["llama", "bert", "gpt2"])
+def test_sparsegpt_match_dense_corrects_the_drift(family_name):
+    """Refitting each layer to the dense model's outputs keeps the last hidden state closer to the dense one."""
+    kw = {"n_layer": 4} if family_name == "gpt2" else {"num_hidden_layers": 4}
+    batches = id_batches(n=16)
+    real = batches[0]["attention_mask"].bool()
+    with torch.no_grad():
+        ref = tiny_model(family_name, **kw)(**batches[0], output_hidden_states=True).hidden_states[-1]
+    errors = {}
+    for match in (False, True):
+        model = tiny_model(family_name, **kw)
+        rule = WeightSparsity(method="sparsegpt", sparsity=0.6, options={"match_dense": match})
+        sparsify(model, SparsityConfig(weights=[rule]), data=batches, progress=False)
+        with torch.no_grad():
+            out = model(**batches[0], output_hidden_states=True).hidden_states[-1]
+        errors[match] = torch.linalg.norm((out - ref)[real]).item()
+        assert all(
+            1 - get_mask(m).float().mean().item() == pytest.approx(0.6, abs=0.01)
+            for _, m in masked_modules(model)
+        )
+    assert errors[True] < errors[False], errors
+
+
+@pytest.mark.parametrize("match_dense", [False, True])
+def test_pass_holds_one_block_of_activations(monkeypatch, match_dense):
     live, peak, total = set(), [0], [0]
 
     def track(tensor):
@@ -252,14 +276,13 @@ def test_pass_holds_one_block_of_activations(monkeypatch):
     model = tiny_model("gpt2", n_layer=layers)
     batches = id_batches(n=12)  # 3 calibration batches of 4
     assert len(calibration.calibration_batches(batches)) == 3
-    sparsify(
-        model,
-        SparsityConfig(weights=[WeightSparsity(method="sparsegpt", sparsity=0.5)]),
-        data=batches,
-        progress=False,
-    )
-    assert total[0] == 3 * (layers + 1)  # every block input and output went through the counter
-    assert peak[0] <= 3 + 1  # one block's activations (+ the one being produced), not all layers'
+    rule = WeightSparsity(method="sparsegpt", sparsity=0.5, options={"match_dense": match_dense})
+    sparsify(model, SparsityConfig(weights=[rule]), data=batches, progress=False)
+    copies = 2 if match_dense else 1  # match_dense carries the dense hidden states along
+    assert total[0] == 3 * (
+        1 + copies * layers
+    )  # every captured input and block output went through the counter
+    assert peak[0] <= copies * 3 + 1  # one block's activations (+ the one being produced), not all layers'
 
 
 @pytest.mark.parametrize(

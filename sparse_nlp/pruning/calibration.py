@@ -51,6 +51,7 @@ class _Batch:
     kwargs: dict[str, Any]
     hidden_in_kwargs: bool
     token_mask: torch.Tensor  # (B, T) bool, True on real tokens
+    dense_hidden: torch.Tensor | None = None  # (B, T, H) the same input in the dense model, when tracked
 
 
 def _track(tensor: torch.Tensor) -> torch.Tensor:
@@ -196,26 +197,35 @@ def _capture(model: nn.Module, block: nn.Module, batches: list[dict[str, torch.T
     return captured
 
 
-def _run_block(block: nn.Module, batch: _Batch) -> torch.Tensor:
+def _run_block(block: nn.Module, batch: _Batch, hidden: torch.Tensor | None = None) -> torch.Tensor:
+    hidden = batch.hidden if hidden is None else hidden
     if batch.hidden_in_kwargs:
-        out = block(*batch.args, hidden_states=batch.hidden, **batch.kwargs)
+        out = block(*batch.args, hidden_states=hidden, **batch.kwargs)
     else:
-        out = block(batch.hidden, *batch.args, **batch.kwargs)
+        out = block(hidden, *batch.args, **batch.kwargs)
     return out[0] if isinstance(out, tuple) else out
 
 
 class _StatsHooks:
-    """Forward hooks that sum input statistics of some layers over the real tokens of each batch."""
+    """Forward hooks that sum input statistics of some layers over the real tokens of each batch.
 
-    def __init__(self, modules: dict[str, nn.Module], hessian_for: set[str]) -> None:
+    While `recording` is set, the hooks only keep the inputs of the `cross_for` layers (a run of the dense block on
+    the dense inputs); the next, normal run adds their cross products with those inputs to ``LayerStats.cross``.
+    """
+
+    def __init__(
+        self, modules: dict[str, nn.Module], hessian_for: set[str], cross_for: set[str] = frozenset()
+    ) -> None:
         self.stats = {name: LayerStats() for name in modules}
         self.token_mask: torch.Tensor | None = None
+        self.recording = False
+        self._dense: dict[str, torch.Tensor] = {}
         self._handles = [
-            module.register_forward_hook(self._hook(name, name in hessian_for))
+            module.register_forward_hook(self._hook(name, name in hessian_for, name in cross_for))
             for name, module in modules.items()
         ]
 
-    def _hook(self, name: str, hessian: bool) -> Callable:
+    def _hook(self, name: str, hessian: bool, cross: bool) -> Callable:
         def hook(module: nn.Module, inputs: tuple, output: Any) -> None:
             x = inputs[0].detach()
             x = (
@@ -224,11 +234,18 @@ class _StatsHooks:
                 else x.reshape(-1, x.shape[-1])
             )
             x = x.float()  # (n, in)
+            if self.recording:
+                if cross:
+                    self._dense[name] = x
+                return
             st = self.stats[name]
             sq = (x * x).sum(0)  # (in,)
             st.sq_norm = sq if st.sq_norm is None else st.sq_norm + sq
             if hessian:
                 st.hessian = x.t() @ x if st.hessian is None else st.hessian.addmm_(x.t(), x)  # (in, in)
+            if cross:
+                xd = self._dense.pop(name)  # (n, in) the same tokens in the dense model
+                st.cross = xd.t() @ x if st.cross is None else st.cross.addmm_(xd.t(), x)  # (in, in)
             st.count += x.shape[0]
 
         return hook
@@ -247,18 +264,24 @@ def _layer_types_mixed(model: nn.Module) -> bool:
 def _walk_blocks(
     model: nn.Module,
     batches: list[dict[str, torch.Tensor]],
-    per_block: Callable[[int, Callable[[dict[str, nn.Module], set[str]], dict[str, LayerStats]]], None],
+    per_block: Callable[[int, Callable[..., dict[str, LayerStats]]], None],
     *,
     desc: str,
     progress: bool,
+    dense: bool = False,
 ) -> None:
     """Run the calibration batches block by block; `per_block(i, collect)` may gather stats and prune block i.
 
-    ``collect(modules, hessian_for)`` runs block i over the stored inputs with stats hooks on `modules` and
-    returns their stats; after `per_block` returns, block i (as it now is) turns the inputs into block i+1's.
+    ``collect(modules, hessian_for, cross_for=())`` runs block i over the stored inputs with stats hooks on
+    `modules` and returns their stats; after `per_block` returns, block i (as it now is) turns the inputs into
+    block i+1's. With `dense`, the dense model's hidden states are carried along too (twice the activations):
+    `collect` runs the still-dense block on them first, which gives the `cross_for` layers their dense inputs.
     """
     blocks = _blocks(model)
     stored = _capture(model, blocks[0], batches)
+    if dense:
+        for item in stored:
+            item.dense_hidden = item.hidden
     types = getattr(model.config, "layer_types", None) if _layer_types_mixed(model) else None
     for i in tqdm(range(len(blocks)), desc=desc, unit="layer", disable=not progress):
         block = blocks[i]
@@ -268,21 +291,35 @@ def _walk_blocks(
             for old, new in zip(stored, fresh):
                 old.args, old.kwargs = new.args, new.kwargs
             del fresh
+        advanced = [False]
 
         def collect(
-            modules: dict[str, nn.Module], hessian_for: set[str], block: nn.Module = block
+            modules: dict[str, nn.Module],
+            hessian_for: set[str],
+            cross_for: set[str] = frozenset(),
+            block: nn.Module = block,
+            advanced: list = advanced,
         ) -> dict[str, LayerStats]:
-            hooks = _StatsHooks(modules, hessian_for)
+            hooks = _StatsHooks(modules, hessian_for, cross_for if dense else frozenset())
             try:
                 for item in stored:
                     hooks.token_mask = item.token_mask
+                    if dense and not advanced[0]:
+                        hooks.recording = True
+                        dense_out = _run_block(block, item, item.dense_hidden)
+                        hooks.recording = False
                     _run_block(block, item)
+                    if dense and not advanced[0]:
+                        item.dense_hidden = _track(dense_out)
             finally:
                 hooks.remove()
+            advanced[0] = True
             return hooks.stats
 
         per_block(i, collect)
         for item in stored:  # in place: the inputs of block i become those of block i+1
+            if dense and not advanced[0]:
+                item.dense_hidden = _track(_run_block(block, item, item.dense_hidden))
             item.hidden = _track(_run_block(block, item))
 
 
@@ -384,20 +421,23 @@ def prune_with_calibration(
                 )
                 _attach_oi(p.module, mask, new_weight)
 
+        dense = any(getattr(p.method, "needs_dense_inputs", False) for p in calibrated)
+
         def per_block(i: int, collect: Callable) -> None:
             group = by_block.get(i, [])
-            if not group:
-                return
             need = [p for p in group if p.method.needs_calibration]
-            stats = (
-                collect({p.name: p.module for p in need}, {p.name for p in need if p.method.needs_hessian})
-                if need
-                else {}
+            if not need and not (dense and group):
+                prune(group, {})
+                return
+            stats = collect(
+                {p.name: p.module for p in need},
+                {p.name for p in need if p.method.needs_hessian},
+                {p.name for p in need if getattr(p.method, "needs_dense_inputs", False)},
             )
             prune(group, stats)
 
         if any(i is not None for i in by_block):
-            _walk_blocks(model, batches, per_block, desc="one-shot pruning", progress=progress)
+            _walk_blocks(model, batches, per_block, desc="one-shot pruning", progress=progress, dense=dense)
         outside = by_block.get(None, [])
         if (
             outside

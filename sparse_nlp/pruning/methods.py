@@ -32,11 +32,14 @@ class LayerStats:
         sq_norm: Sum over calibration tokens of x_j^2 for every input feature j, shape (in_features,).
         hessian: Sum of x x^T, shape (in_features, in_features), for methods that ask for it.
         count: Number of tokens seen.
+        cross: Sum of x_dense x^T, shape (in_features, in_features): the same tokens' inputs in the dense model
+            against those in the partly pruned model, for methods that reconstruct the dense outputs.
     """
 
     sq_norm: torch.Tensor | None = None
     hessian: torch.Tensor | None = None
     count: int = 0
+    cross: torch.Tensor | None = None
 
 
 class PruningMethod:

@@ -34,11 +34,16 @@ class SparseGPTOptions:
         percdamp: Dampening added to the Hessian diagonal, as a fraction of its mean diagonal.
         blocksize: Columns per lazy-update block (rounded up to a multiple of M or of the block width).
         update: Reconstruct the kept weights (the OBS update); False keeps the original values.
+        match_dense: Reconstruct the *dense* model's layer outputs from the pruned model's inputs: the weight is
+            first refitted by least squares (W X_dense ~ W* X_pruned), then pruned as usual. This corrects the drift
+            that the blocks pruned before add to a layer's inputs; the pass then carries the dense hidden states
+            along too (twice the activations).
     """
 
     percdamp: float = 0.01
     blocksize: int = 128
     update: bool = True
+    match_dense: bool = False
 
     def __post_init__(self) -> None:
         from ..config import ConfigError
@@ -191,6 +196,30 @@ def _sweep(
             w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
 
 
+def refit_to_dense(
+    weight: torch.Tensor, hessian: torch.Tensor, cross: torch.Tensor, percdamp: float
+) -> torch.Tensor:
+    """Least-squares W* with W* X_pruned ~ W X_dense: ``W* = W C (H + damp)^-1``.
+
+    Args:
+        weight: (out, in) dense weight W.
+        hessian: (in, in) sum of x_pruned x_pruned^T.
+        cross: (in, in) sum of x_dense x_pruned^T over the same tokens.
+        percdamp: Dampening as a fraction of the mean diagonal of `hessian`.
+
+    Returns:
+        (out, in) W*, float32. Since W* X_pruned is the projection of W X_dense, pruning W* against H minimises
+        the distance to the dense outputs.
+    """
+    h = hessian.double().clone()  # (in, in)
+    h.diagonal().add_(percdamp * torch.mean(torch.diag(h)) + 1e-12)
+    rhs = cross.double().t() @ weight.detach().double().t()  # (in, out) = C^T W^T
+    chol, info = torch.linalg.cholesky_ex(h)
+    if info != 0:
+        return weight.detach().float()
+    return torch.cholesky_solve(rhs, chol).t().float()  # (out, in)
+
+
 def _exact(scores: torch.Tensor, pruned: int) -> torch.Tensor:
     """Keep-mask removing exactly `pruned` of the lowest scores of the whole tensor."""
     flat = scores.reshape(-1)
@@ -222,6 +251,11 @@ class SparseGPTPruning(PruningMethod):
         hinv, _ = _inverse_hessian_factor(self._hessian(stats), self.options.percdamp)
         return weight.detach().float() ** 2 / torch.diag(hinv).unsqueeze(0) ** 2
 
+    @property
+    def needs_dense_inputs(self) -> bool:
+        """Whether the calibration pass must also gather the dense inputs (``LayerStats.cross``)."""
+        return bool(self.options.match_dense)
+
     def _hessian(self, stats: LayerStats | None) -> torch.Tensor:
         if stats is None or stats.hessian is None:
             raise ValueError(
@@ -238,6 +272,8 @@ class SparseGPTPruning(PruningMethod):
             raise ConfigError(
                 "sparsegpt prunes layer by layer; scope 'global' is not available (use per-layer or per-row)."
             )
+        if self.options.match_dense and stats is not None and stats.cross is not None:
+            weight = refit_to_dense(weight, stats.hessian, stats.cross, self.options.percdamp)
         mask, new_weight = sparsegpt_prune(
             weight,
             self._hessian(stats),
