@@ -57,6 +57,16 @@ DEFAULT_ROWS = [
     ("magnitude", "2:4", 0.5, "uniform", {}),
     ("magnitude", "4:8", 0.5, "uniform", {}),
 ]
+# SparseGPT refitting each layer to the dense model's outputs (option match_dense), alone and with OWL
+TUNED_ROWS = [
+    ("sparsegpt", "unstructured", 0.5, "uniform", {"match_dense": True}),
+    ("sparsegpt", "2:4", 0.5, "uniform", {"match_dense": True}),
+    ("sparsegpt", "4:8", 0.5, "uniform", {"match_dense": True}),
+    ("sparsegpt", "unstructured", 0.7, "uniform", {"match_dense": True}),
+    ("sparsegpt", "unstructured", 0.8, "uniform", {"match_dense": True}),
+    ("sparsegpt", "unstructured", 0.7, "owl", {"match_dense": True}),
+    ("sparsegpt", "unstructured", 0.8, "owl", {"match_dense": True}),
+]
 
 
 def parse_row(text: str) -> tuple:
@@ -108,6 +118,9 @@ def main() -> None:
         default=[],
         help="method,pattern,sparsity[,profile[,key=json...]] (repeatable)",
     )
+    p.add_argument(
+        "--tuned", action="store_true", help="append the tuned rows (SparseGPT match_dense, with OWL)"
+    )
     p.add_argument("--skip-gpt2", action="store_true", help="MiniLM only")
     p.add_argument("--skip-minilm", action="store_true", help="tiny GPT-2 only")
     p.add_argument("--json", help="write the results to this JSON file")
@@ -116,6 +129,8 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     rows = [parse_row(r) for r in args.row] or DEFAULT_ROWS
+    if args.tuned:
+        rows = rows + TUNED_ROWS
 
     minilm_calib = calibration_texts("sst2", data_dir=args.data_dir, limit=args.num_samples)
     models = {}
