@@ -1,0 +1,116 @@
+"""Training-aware sparsity on MiniLM: table and plot of task quality against sparsity, from recipe runs.
+
+The runs themselves are recipes (``recipes/minilm-*.yaml``) executed with ``sparse-nlp run``; this script
+reads their ``results.json`` files (several folders of one recipe are merged in order, e.g. a run that was
+continued with ``--start-from``), prints one table with the dense result and each sparse result side by
+side (ratio to dense), and writes ``training_sparsity.json`` and ``training_sparsity.png`` into --out.
+
+    sparse-nlp run recipes/minilm-sst2-gmp.yaml --data-dir ../shared/data --out runs/minilm-sst2-gmp
+    sparse-nlp run recipes/minilm-stsb-gmp80.yaml --data-dir ../shared/data --out runs/minilm-stsb-gmp80
+    python benchmarks/training_sparsity.py --run sst2=runs/minilm-sst2-gmp --run stsb=runs/minilm-stsb-gmp80 \
+        --out benchmarks/results
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def merged_stages(folders: list[Path]) -> dict[str, dict]:
+    """Stage records by name over the results.json of `folders` (later folders win, skipped stages don't)."""
+    stages: dict[str, dict] = {}
+    for folder in folders:
+        path = folder / "results.json"
+        if not path.is_file():
+            continue
+        for record in json.loads(path.read_text())["stages"]:
+            if "skipped" in record and record["name"] in stages:
+                continue
+            stages[record["name"]] = record
+    return stages
+
+
+def rows_for(task: str, folders: list[Path]) -> list[dict]:
+    """One row per evaluate stage: the training stage before it, its sparsity, metric, and wall times."""
+    stages = merged_stages(folders)
+    rows = []
+    for name, record in stages.items():
+        if record["type"] != "evaluate":
+            continue
+        trained = stages.get(name.removeprefix("eval-"), {})
+        metric = record["main_metric"]
+        rows.append(
+            {
+                "task": task,
+                "stage": trained.get("name", name),
+                "method": "dense" if trained.get("type") == "finetune" else "GMP + distillation",
+                "target_sparsity": trained.get("target_sparsity"),
+                "block_sparsity": record["block_sparsity"],
+                "metric": metric,
+                "value": record[metric],
+                "train_steps": trained.get("steps"),
+                "train_seconds": trained.get("wall_seconds"),
+                "eval_seconds": record["wall_seconds"],
+            }
+        )
+    dense = next((r["value"] for r in rows if r["method"] == "dense"), None)
+    for r in rows:
+        r["ratio_to_dense"] = round(r["value"] / dense, 4) if dense else None
+    return rows
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = sorted({r["task"] for r in rows})
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 4), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        pts = sorted((100 * r["block_sparsity"], r["value"]) for r in rows if r["task"] == task)
+        dense = next(r["value"] for r in rows if r["task"] == task and r["method"] == "dense")
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label="GMP + distillation (MiniLM-L6)")
+        ax.axhline(dense * 0.99, color="gray", ls="--", lw=0.8, label="99% of dense")
+        ax.axhline(dense * 0.98, color="gray", ls=":", lw=0.8, label="98% of dense")
+        metric = next(r["metric"] for r in rows if r["task"] == task)
+        ax.set_xlabel("sparsity of encoder Linear weights (%)")
+        ax.set_ylabel(f"{task} dev {metric}")
+        ax.set_title(f"{task.upper()}: quality vs sparsity")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument(
+        "--run",
+        action="append",
+        required=True,
+        help="TASK=FOLDER[,FOLDER...] (results.json of sparse-nlp run)",
+    )
+    p.add_argument("--out", default="benchmarks/results")
+    args = p.parse_args()
+    rows = []
+    for item in args.run:
+        task, folders = item.split("=", 1)
+        rows += rows_for(task, [Path(f) for f in folders.split(",")])
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "training_sparsity.json").write_text(json.dumps(rows, indent=2) + "\n")
+    plot(rows, out / "training_sparsity.png")
+    header = f"{'task':<5} {'stage':<8} {'sparsity':>8} {'metric':<22} {'value':>6} {'vs dense':>8} {'steps':>5} {'train s':>8}"
+    print(header)
+    for r in rows:
+        print(
+            f"{r['task']:<5} {r['stage']:<8} {100 * r['block_sparsity']:>7.1f}% {r['metric']:<22} {r['value']:>6.2f} "
+            f"{100 * r['ratio_to_dense']:>7.1f}% {r['train_steps'] or '':>5} {r['train_seconds'] or '':>8}"
+        )
+
+
+if __name__ == "__main__":
+    main()
