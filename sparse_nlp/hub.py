@@ -195,6 +195,17 @@ def default_evaluation(folder: Path) -> Any:
     return [_load_json(p, "evaluation") for p in found] or None
 
 
+def _notes(evaluation: Any) -> list[str]:
+    """Free-text ``note`` entries of an evaluation JSON (how a number was measured), for the card."""
+    items = evaluation.get("results", evaluation) if isinstance(evaluation, dict) else evaluation
+    items = items if isinstance(items, list) else [items]
+    return [
+        f"{item.get('task', '')}: {item['note']}"
+        for item in items
+        if isinstance(item, dict) and item.get("note")
+    ]
+
+
 def render_model_card(
     model: Any,
     repo_id: str,
@@ -276,6 +287,7 @@ def render_model_card(
         linear_modules=len(measured.rows),
         speed=speed,
         results=results,
+        notes=_notes(evaluation),
         compact=compact,
         library_version=(getattr(model.config, METADATA_KEY, None) or {}).get("library_version"),
     )
