@@ -18,7 +18,7 @@ from ..patterns import BandStructure
 from ..spec import MaskSpec
 from .reference import masked_sdpa, repeat_kv, revive_rows
 
-DEFAULT_BLOCK = 256
+DEFAULT_BLOCK = 128
 
 
 class KernelUnsupported(ValueError):
