@@ -160,8 +160,6 @@ def _sweep(
         i2 = min(i1 + blocksize, cols)
         count = i2 - i1
         w1 = w[:, i1:i2].clone()  # (out, count)
-        q1 = torch.zeros_like(w1)
-        err1 = torch.zeros_like(w1)
         hinv1 = hinv[i1:i2, i1:i2]  # (count, count)
         d1 = torch.diag(hinv1)  # (count,)
         keep1 = torch.ones(rows, count, dtype=torch.bool, device=w.device)
@@ -178,22 +176,32 @@ def _sweep(
                 keep1 = _exact_rows(saliency, _share(total_pruned, i1, i2, cols))
             else:
                 keep1 = _exact(saliency, _share(total_pruned, i1 * rows, i2 * rows, rows * cols))
+        nm = isinstance(pattern, NM)
+        if not update and not nm:  # the mask is known and nothing moves: no sweep needed
+            w[:, i1:i2] = w1 * keep1
+            mask[:, i1:i2] = keep1
+            continue
+        # error factor of each entry: w / [H^-1]_jj where pruned, 0 where kept; rows = columns of w1
+        scale = (~keep1).t().float() / d1.unsqueeze(1)  # (count, out)
+        err = torch.zeros(count, rows, dtype=w.dtype, device=w.device)  # (count, out)
         for i in range(count):
-            if isinstance(pattern, NM) and i % pattern.m == 0:
+            if nm and i % pattern.m == 0:
                 group = w1[:, i : i + pattern.m] ** 2 / d1[i : i + pattern.m].unsqueeze(0) ** 2  # (out, m)
                 drop = torch.topk(group, pattern.m - pattern.n, dim=1, largest=False).indices
                 keep1[:, i : i + pattern.m].scatter_(1, drop, False)
-            col = w1[:, i]  # (out,)
-            q = col * keep1[:, i]
-            q1[:, i] = q
-            if update:
-                e = (col - q) / d1[i]  # (out,)
-                w1[:, i:] -= e.unsqueeze(1) @ hinv1[i, i:].unsqueeze(0)
-                err1[:, i] = e
-        w[:, i1:i2] = q1
+                scale[i : i + pattern.m] = (~keep1[:, i : i + pattern.m]).t().float() / d1[
+                    i : i + pattern.m
+                ].unsqueeze(1)
+            if not update:
+                continue
+            e = w1[:, i] * scale[i]  # (out,)
+            # OBS update of the rest of the block; it also sets column i to its kept value (0 where pruned)
+            w1[:, i:].addr_(e, hinv1[i, i:], alpha=-1.0)
+            err[i] = e
+        w[:, i1:i2] = w1 * keep1
         mask[:, i1:i2] = keep1
         if update:
-            w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+            w[:, i2:] -= err.t() @ hinv[i1:i2, i2:]  # lazy batch update of the later columns
 
 
 def refit_to_dense(
