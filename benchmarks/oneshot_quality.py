@@ -6,7 +6,7 @@ Every row prunes a fresh copy of each model with `sparse_nlp.sparsify` (all enco
 the blocks, per-layer budgets; Wanda compares within rows) and reports MiniLM STS-B dev Spearman x100 (mean
 pooling, cosine) and the tiny GPT-2's held-out Tiny Shakespeare perplexity (context 256), with the wall time
 of each pruning call. Calibration: the first ``--num-samples`` SST-2 train sentences (MiniLM) and Tiny
-Shakespeare training lines (GPT-2), ``--seq-len`` tokens at most. The dense row comes first. The tiny GPT-2
+Shakespeare training windows (GPT-2), ``--seq-len`` tokens at most. The dense row comes first. The tiny GPT-2
 is trained by ``benchmarks/train_tiny_gpt2.py`` when ``--gpt2`` does not exist.
 """
 
@@ -94,6 +94,18 @@ def perplexity(model, ids: torch.Tensor, context: int = 256, batch_size: int = 1
     return math.exp(total / count)
 
 
+def gpt2_calibration(tokenizer, args: argparse.Namespace) -> list[dict[str, torch.Tensor]]:
+    """``--num-samples`` windows of ``--seq-len`` tokens spread evenly over the training 90% of Tiny Shakespeare."""
+    from train_tiny_gpt2 import split_text
+
+    from sparse_nlp.evaluation.data import load_text
+
+    train_text, _ = split_text(load_text("tinyshakespeare", "train", args.data_dir))
+    ids = torch.tensor(tokenizer(train_text)["input_ids"], dtype=torch.long)
+    starts = torch.linspace(0, ids.numel() - args.seq_len - 1, args.num_samples).long()
+    return [{"input_ids": torch.stack([ids[s : s + args.seq_len] for s in starts.tolist()])}]  # (N, T)
+
+
 def config_for(method: str, pattern: str, sparsity: float, profile: str, options: dict) -> SparsityConfig:
     return SparsityConfig(
         weights=[
@@ -141,7 +153,7 @@ def main() -> None:
             from train_tiny_gpt2 import train
 
             train(args.gpt2, args.data_dir)
-        gpt2_calib = calibration_texts("tinyshakespeare", data_dir=args.data_dir, limit=args.num_samples)
+        gpt2_calib = gpt2_calibration(load_model(args.gpt2, task="causal-lm")[1], args)
         models["gpt2"] = (lambda: load_model(args.gpt2, task="causal-lm"), gpt2_calib)
         held = held_out_ids(load_model(args.gpt2, task="causal-lm")[1], args.data_dir)
 
