@@ -2,8 +2,10 @@
 
 It answers the endpoints huggingface_hub 2.x and transformers 5.x use for a model repository (see
 ``shared/reference/hub-api.md``): create repo, repo info, YAML validation, preupload, commit, tree,
-paths-info, whoami and ``resolve`` (HEAD/GET). Every file is uploaded in the "regular" mode (base64
-inside the commit), so neither LFS nor Xet is involved. Storage is in memory, one snapshot per commit.
+paths-info, whoami and ``resolve`` (HEAD/GET). By default every file is uploaded in the "regular" mode
+(base64 inside the commit), so neither LFS nor Xet is involved. With ``HubServer(lfs=(".safetensors",))``
+files with those endings are answered "lfs", as the real Hub does, and travel through the LFS batch API
+and a PUT (the client needs ``HF_HUB_DISABLE_XET=1`` then). Storage is in memory, one snapshot per commit.
 
 Fault injection: ``server.fail_next("commit", 500)`` makes the next commit answer 500 without applying it.
 ``server.requests`` logs ``(method, path)`` of every request.
@@ -40,7 +42,9 @@ class Repo:
 
 
 class HubState:
-    def __init__(self) -> None:
+    def __init__(self, lfs: tuple[str, ...] = ()) -> None:
+        self.lfs = tuple(lfs)
+        self.lfs_objects: dict[str, bytes] = {}  # sha256 -> content
         self.repos: dict[str, Repo] = {}
         self.lock = threading.Lock()
         self.failures: dict[str, list[int]] = {}
@@ -58,8 +62,8 @@ class HubState:
 class HubServer:
     """The server, started on a free port of 127.0.0.1 in a background thread (`start` / `stop`)."""
 
-    def __init__(self, port: int = 0) -> None:
-        self.state = HubState()
+    def __init__(self, port: int = 0, lfs: tuple[str, ...] = ()) -> None:
+        self.state = HubState(lfs)
         handler = type("Handler", (_Handler,), {"state": self.state})
         self.httpd = ThreadingHTTPServer(("127.0.0.1", port), handler)
         self.httpd.daemon_threads = True
@@ -196,6 +200,14 @@ class _Handler(BaseHTTPRequestHandler):
                 return self._json(200, {"errors": [], "warnings": []})
             if path == "/api/repos/create" and self.command == "POST":
                 return self._create(json.loads(body or b"{}"))
+            if (
+                len(parts) == 6
+                and parts[1].endswith(".git")
+                and parts[2:] == ["info", "lfs", "objects", "batch"]
+            ):
+                return self._lfs_batch(json.loads(body))
+            if len(parts) == 2 and parts[0] == "lfs-upload" and self.command == "PUT":
+                return self._lfs_put(parts[1], body)
             if len(parts) >= 4 and parts[0] == "api" and parts[1] == "models":
                 return self._api(parts[2] + "/" + parts[3], parts[4:], query, body)
             if len(parts) >= 5 and parts[2] == "resolve":
@@ -254,12 +266,16 @@ class _Handler(BaseHTTPRequestHandler):
             answer = []
             for f in json.loads(body)["files"]:
                 old = files.get(f["path"])
+                lfs = f["path"].endswith(self.state.lfs) if self.state.lfs else False
+                oid = (
+                    None if old is None else (hashlib.sha256(old).hexdigest() if lfs else git_blob_sha1(old))
+                )
                 answer.append(
                     {
                         "path": f["path"],
-                        "uploadMode": "regular",
+                        "uploadMode": "lfs" if lfs else "regular",
                         "shouldIgnore": False,
-                        "oid": git_blob_sha1(old) if old is not None else None,
+                        "oid": oid,
                     }
                 )
             return self._json(200, {"files": answer})
@@ -301,12 +317,19 @@ class _Handler(BaseHTTPRequestHandler):
                         return self._error(412, "A commit has happened since. Please refresh and try again.")
                 elif key == "file":
                     files[value["path"]] = base64.b64decode(value["content"])
+                elif key == "lfsFile":
+                    content = self.state.lfs_objects.get(value["oid"])
+                    if content is None or len(content) != value["size"]:
+                        return self._error(
+                            400, f"LFS object {value['oid']} of {value['path']} was never uploaded"
+                        )
+                    files[value["path"]] = content
                 elif key == "deletedFile":
                     files.pop(value["path"], None)
                 elif key == "deletedFolder":
                     prefix = value["path"].rstrip("/") + "/"
                     files = {p: c for p, c in files.items() if not p.startswith(prefix)}
-                else:  # lfsFile: this server only answers "regular"
+                else:
                     return self._error(400, f"unsupported commit operation {key!r} (test hub server)")
             sha = hashlib.sha1(f"{repo.head} {summary} {uuid.uuid4()}".encode()).hexdigest()
             repo.commits[sha] = files
@@ -321,6 +344,28 @@ class _Handler(BaseHTTPRequestHandler):
             },
         )
 
+    # LFS batch API (basic transfer) and the upload target it hands out
+
+    def _lfs_batch(self, data: dict) -> None:
+        host = self.headers.get("Host")
+        objects = []
+        for obj in data.get("objects", []):
+            entry = {"oid": obj["oid"], "size": obj["size"]}
+            if obj["oid"] not in self.state.lfs_objects:
+                entry["actions"] = {
+                    "upload": {"href": f"http://{host}/lfs-upload/{obj['oid']}", "header": {}}
+                }
+            objects.append(entry)
+        body = json.dumps({"transfer": "basic", "objects": objects}).encode()
+        self._send(200, body, ctype="application/vnd.git-lfs+json")
+
+    def _lfs_put(self, oid: str, body: bytes) -> None:
+        if hashlib.sha256(body).hexdigest() != oid:
+            return self._error(400, f"LFS upload does not match its oid {oid}")
+        with self.state.lock:
+            self.state.lfs_objects[oid] = body
+        self._send(200, b"")
+
     def _resolve(self, repo_id: str, revision: str, filename: str) -> None:
         if self._injected("resolve"):
             return
@@ -334,7 +379,9 @@ class _Handler(BaseHTTPRequestHandler):
         if filename not in files:
             return self._error(404, f"Entry not found: {filename}", "EntryNotFound", {"X-Repo-Commit": sha})
         content = files[filename]
-        headers = {"X-Repo-Commit": sha, "ETag": f'"{git_blob_sha1(content)}"', "Accept-Ranges": "bytes"}
+        lfs = bool(self.state.lfs) and filename.endswith(self.state.lfs)
+        etag = hashlib.sha256(content).hexdigest() if lfs else git_blob_sha1(content)
+        headers = {"X-Repo-Commit": sha, "ETag": f'"{etag}"', "Accept-Ranges": "bytes"}
         self._send(200, content, headers, ctype="application/octet-stream")
 
 

@@ -225,3 +225,24 @@ def test_push_of_damaged_folder_uploads_nothing(tmp_path):
         CheckpointError, match=r"model\.safetensors: file has \d+ bytes but was saved with \d+"
     ):
         push_to_hub(folder, "org/broken")
+
+
+@pytest.mark.slow
+def test_push_pull_through_lfs_uploads(tmp_path):
+    """As on the real Hub: *.safetensors answered "lfs", uploaded by the LFS batch API + PUT (Xet off)."""
+    server = HubServer(lfs=(".safetensors",)).start()
+    try:
+        compact, ref = _checkpoint(tmp_path, "compact", compact=True)
+        pushed = run_py(PUSH.format(pairs=[(str(compact), "org/lfs")]), server, tmp_path / "home-push")
+        assert pushed["org/lfs"]["ok"], pushed
+        assert any(p.endswith("/info/lfs/objects/batch") for _, p in server.requests)
+        assert sum(m == "PUT" for m, _ in server.requests) == 1  # the one weight file; the rest is regular
+        assert (
+            server.files("org/lfs")["sparse_nlp_compact.safetensors"]
+            == (compact / "sparse_nlp_compact.safetensors").read_bytes()
+        )
+        out = tmp_path / "lfs.pt"
+        run_py(PULL.format(pairs=[("org/lfs", str(out))]), server, tmp_path / "home-pull")
+        assert torch.equal(torch.load(out), ref)
+    finally:
+        server.stop()
