@@ -133,6 +133,9 @@ def main() -> None:
     p.add_argument(
         "--tuned", action="store_true", help="append the tuned rows (SparseGPT match_dense, with OWL)"
     )
+    p.add_argument(
+        "--skip-dense", action="store_true", help="leave out the dense row (for extra tuning runs)"
+    )
     p.add_argument("--skip-gpt2", action="store_true", help="MiniLM only")
     p.add_argument("--skip-minilm", action="store_true", help="tiny GPT-2 only")
     p.add_argument("--json", help="write the results to this JSON file")
@@ -166,7 +169,7 @@ def main() -> None:
     header = f"{'method':<10} {'pattern':<12} {'sparsity':>8} {'profile':<8} {'STS-B':>7} {'prune s':>8} {'GPT-2 ppl':>10} {'prune s':>8}"
     print(header)
     print("-" * len(header))
-    for row in [("dense", "-", 0.0, "-", {}), *rows]:
+    for row in ([] if args.skip_dense else [("dense", "-", 0.0, "-", {})]) + rows:
         method, pattern, sparsity, profile, options = row
         result = {
             "method": method,
