@@ -70,9 +70,14 @@ def plot(rows: list[dict], path: Path) -> None:
     tasks = sorted({r["task"] for r in rows})
     fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 4), squeeze=False)
     for ax, task in zip(axes[0], tasks):
-        pts = sorted((100 * r["block_sparsity"], r["value"]) for r in rows if r["task"] == task)
+        task_rows = sorted((r for r in rows if r["task"] == task), key=lambda r: r["block_sparsity"])
+        pts = [(100 * r["block_sparsity"], r["value"]) for r in task_rows]
         dense = next(r["value"] for r in rows if r["task"] == task and r["method"] == "dense")
         ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label="GMP + distillation (MiniLM-L6)")
+        for r, (x, y) in zip(task_rows, pts):
+            ax.annotate(
+                f"{r['train_steps']} steps", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7
+            )
         ax.axhline(dense * 0.99, color="gray", ls="--", lw=0.8, label="99% of dense")
         ax.axhline(dense * 0.98, color="gray", ls=":", lw=0.8, label="98% of dense")
         metric = next(r["metric"] for r in rows if r["task"] == task)
