@@ -153,3 +153,21 @@ def test_run_with_data_dir_lacking_task_files_lists_paths(tmp_path, capsys):
     assert "no sst2 train split" in err and str(empty / "glue" / "sst2" / "train.tsv") in err
     with pytest.raises(DataError, match="looked for"):
         run_recipe(load_recipe(recipe), tmp_path / "out", data_dir=empty, progress=False)
+
+
+@pytest.mark.real
+@pytest.mark.parametrize(
+    "task, pair, n_dev",
+    [("sst2", False, 872), ("cola", False, 1043), ("rte", True, 277), ("stsb", True, 1500)],
+)
+def test_real_glue_tasks_encode_and_score(data_dir, minilm_path, task, pair, n_dev):
+    from sparse_nlp.evaluation.tasks import TASKS, encode_glue, evaluate_glue, load_for_task
+
+    model, tokenizer = load_for_task(minilm_path, task)
+    features = encode_glue(tokenizer, task, "dev", data_dir=data_dir, max_length=64)
+    assert len(features) == n_dev
+    assert (max(f["token_type_ids"][-2] for f in features) == 1) == pair  # sentence pairs get segment 1
+    assert all(len(f["input_ids"]) <= 64 for f in features)
+    result = evaluate_glue(model, tokenizer, task, data_dir=data_dir, max_length=64, limit=64, progress=False)
+    metric = TASKS[task].main_metric
+    assert result["num_examples"] == 64 and -100 <= result[metric] <= 100
