@@ -32,6 +32,18 @@ def merged_stages(folders: list[Path]) -> dict[str, dict]:
     return stages
 
 
+def stage_method(record: dict) -> str:
+    """'dense', or the pruning method(s) of a prune stage, read from the recipe saved next to its checkpoint."""
+    if record.get("type") != "prune":
+        return "dense"
+    import yaml
+
+    recipe = yaml.safe_load((Path(record["checkpoint"]) / "recipe.yaml").read_text())
+    stage = next(s for s in recipe["stages"] if s["name"] == record["name"])
+    methods = sorted({w["method"] for w in stage["sparsity"]["weights"]})
+    return "+".join(methods) + (" + distillation" if stage.get("distillation") else "")
+
+
 def rows_for(task: str, folders: list[Path]) -> list[dict]:
     """One row per evaluate stage: the training stage before it, its sparsity, metric, and wall times."""
     stages = merged_stages(folders)
@@ -45,7 +57,7 @@ def rows_for(task: str, folders: list[Path]) -> list[dict]:
             {
                 "task": task,
                 "stage": trained.get("name", name),
-                "method": "dense" if trained.get("type") == "finetune" else "GMP + distillation",
+                "method": stage_method(trained),
                 "target_sparsity": trained.get("target_sparsity"),
                 "block_sparsity": record["block_sparsity"],
                 "metric": metric,
@@ -70,14 +82,18 @@ def plot(rows: list[dict], path: Path) -> None:
     tasks = sorted({r["task"] for r in rows})
     fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 4), squeeze=False)
     for ax, task in zip(axes[0], tasks):
-        task_rows = sorted((r for r in rows if r["task"] == task), key=lambda r: r["block_sparsity"])
-        pts = [(100 * r["block_sparsity"], r["value"]) for r in task_rows]
-        dense = next(r["value"] for r in rows if r["task"] == task and r["method"] == "dense")
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label="GMP + distillation (MiniLM-L6)")
-        for r, (x, y) in zip(task_rows, pts):
-            ax.annotate(
-                f"{r['train_steps']} steps", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7
-            )
+        dense_row = next(r for r in rows if r["task"] == task and r["method"] == "dense")
+        dense = dense_row["value"]
+        methods = sorted({r["method"] for r in rows if r["task"] == task} - {"dense"})
+        for method, marker in zip(methods, "os^v"):
+            pruned = [r for r in rows if r["task"] == task and r["method"] == method]
+            series = [dense_row, *sorted(pruned, key=lambda r: r["block_sparsity"])]
+            xs, ys = [100 * r["block_sparsity"] for r in series], [r["value"] for r in series]
+            ax.plot(xs, ys, marker + "-", label=f"{method} (MiniLM-L6)")
+            for r, x, y in zip(series, xs, ys):
+                ax.annotate(
+                    f"{r['train_steps']} steps", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7
+                )
         ax.axhline(dense * 0.99, color="gray", ls="--", lw=0.8, label="99% of dense")
         ax.axhline(dense * 0.98, color="gray", ls=":", lw=0.8, label="98% of dense")
         metric = next(r["metric"] for r in rows if r["task"] == task)
@@ -108,11 +124,11 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "training_sparsity.json").write_text(json.dumps(rows, indent=2) + "\n")
     plot(rows, out / "training_sparsity.png")
-    header = f"{'task':<5} {'stage':<8} {'sparsity':>8} {'metric':<22} {'value':>6} {'vs dense':>8} {'steps':>5} {'train s':>8}"
+    header = f"{'task':<5} {'stage':<10} {'method':<26} {'sparsity':>8} {'metric':<9} {'value':>6} {'vs dense':>8} {'steps':>5} {'train s':>8}"
     print(header)
     for r in rows:
         print(
-            f"{r['task']:<5} {r['stage']:<8} {100 * r['block_sparsity']:>7.1f}% {r['metric']:<22} {r['value']:>6.2f} "
+            f"{r['task']:<5} {r['stage']:<10} {r['method']:<26} {100 * r['block_sparsity']:>7.1f}% {r['metric']:<9} {r['value']:>6.2f} "
             f"{100 * r['ratio_to_dense']:>7.1f}% {r['train_steps'] or '':>5} {r['train_seconds'] or '':>8}"
         )
 
