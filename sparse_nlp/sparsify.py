@@ -135,10 +135,15 @@ def sparsify(
         from .pruning.calibration import check_calibration_plans
 
         check_calibration_plans(plans)
+    if config.attention is not None:
+        from .attention.apply import check_pattern
+
+        check_pattern(model, config.attention)  # a pattern the family cannot use fails before any change
     if config.structured is not None:
         from .structured import apply_structured  # noqa: PLC0415  (optional part, imported when used)
 
         apply_structured(model, config.structured, data=data, tokenizer=tokenizer, progress=progress)
+        plans = plan_weight_rules(model, config.weights)  # removal may have swapped the Linear modules
     if needs_data:
         from .pruning.calibration import prune_with_calibration
 

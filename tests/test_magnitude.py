@@ -196,3 +196,13 @@ def test_report_counts_measured_zeros(family):
 def test_all_families_are_in_the_table():
     for family_name in FAMILIES:
         assert model_targets(family_name).ffn_linears
+
+
+def test_attention_pattern_the_family_cannot_use_fails_before_pruning():
+    model = tiny_model("gpt2")
+    before = _snapshot(model)
+    config = {"weights": [{"sparsity": 0.5}], "attention": {"pattern": "sliding_window", "options": {"window": 4}}}
+    with pytest.raises(ConfigError, match="bidirectional"):
+        sparse_nlp.sparsify(model, config, progress=False)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert list(masked_modules(model)) == []
