@@ -134,6 +134,9 @@ def main() -> None:
         "--tuned", action="store_true", help="append the tuned rows (SparseGPT match_dense, with OWL)"
     )
     p.add_argument(
+        "--timing-only", action="store_true", help="time the pruning calls (wall and CPU), skip evaluation"
+    )
+    p.add_argument(
         "--skip-dense", action="store_true", help="leave out the dense row (for extra tuning runs)"
     )
     p.add_argument("--skip-gpt2", action="store_true", help="MiniLM only")
@@ -180,9 +183,9 @@ def main() -> None:
         }
         for name, (load, calib) in models.items():
             model, tok = load()
-            seconds = 0.0
+            seconds = cpu = 0.0
             if method != "dense":
-                start = time.perf_counter()
+                start, start_cpu = time.perf_counter(), time.process_time()
                 sparsify(
                     model,
                     config_for(method, pattern, sparsity, profile, options),
@@ -192,9 +195,14 @@ def main() -> None:
                     seq_len=args.seq_len,
                     progress=False,
                 )
-                seconds = time.perf_counter() - start
-            result[name] = evaluate(name, model, tok)
+                seconds, cpu = time.perf_counter() - start, time.process_time() - start_cpu
+            result[name] = float("nan") if args.timing_only else evaluate(name, model, tok)
             result[f"{name}_prune_seconds"] = round(seconds, 2)
+            result[f"{name}_prune_cpu_seconds"] = round(cpu, 2)
+            if args.timing_only:
+                print(
+                    f"{name}: {method} {pattern} {sparsity} {profile} {options}: {seconds:.1f} s wall, {cpu:.1f} s CPU"
+                )
         label = pattern if pattern != "unstructured" else "unstr."
         opts = " " + ",".join(f"{k}={v}" for k, v in options.items()) if options else ""
         print(
