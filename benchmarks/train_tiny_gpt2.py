@@ -76,8 +76,8 @@ def train(
     out_dir: str | os.PathLike = DEFAULT_OUT,
     data_dir: str | os.PathLike | None = None,
     *,
-    steps: int = 300,
-    long_steps: int = 30,
+    steps: int = 160,
+    long_steps: int = 16,
     seq_len: int = 256,
     long_seq_len: int = 1024,
     tokens_per_step: int = 4096,
@@ -202,8 +202,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data-dir", default=None, help="data directory (default $SPARSE_NLP_DATA_DIR)")
     p.add_argument("--out", default=DEFAULT_OUT, help=f"output folder (default {DEFAULT_OUT})")
-    p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--long-steps", type=int, default=30)
+    p.add_argument("--steps", type=int, default=160)
+    p.add_argument("--long-steps", type=int, default=16)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--tokens-per-step", type=int, default=4096)
     p.add_argument("--lr", type=float, default=2e-3)
