@@ -13,7 +13,18 @@ Public API::
 __version__ = "0.1.0"
 
 from . import attention  # noqa: F401  (registers the "sparse_nlp" attention implementation with transformers)
-from .checkpoint import CheckpointError, from_pretrained, save_pretrained
+from .attention.apply import apply_attention, remove_attention
+from .attention.cache import SinkWindowCache
+from .attention.long_context import extend_positions
+from .attention.patterns import AttentionPatternError, build_pattern
+from .checkpoint import (
+    CheckpointError,
+    compact_checkpoint,
+    from_pretrained,
+    save_pretrained,
+    verify_checkpoint,
+)
+from .compact import CompactFormatError
 from .config import (
     FORMAT_VERSION,
     ActivationSparsity,
@@ -23,38 +34,60 @@ from .config import (
     StructuredSparsity,
     WeightSparsity,
 )
+from .evaluation.speed import compare_speed
+from .hub import HubError, push_to_hub, render_model_card
 from .metadata import MetadataError
 from .pruning.masking import apply_masks
 from .pruning.patterns import NM, Block, PatternError, Unstructured, parse_pattern
 from .registry import RegistryError
 from .report import SparsityReport, report
 from .sparsify import sparsify, to_dense
+from .structured import apply_structured
+from .structured.removal import StructuredError, remove_units
+from .structured.scores import MovementTracker
 from .targets import TargetError, UnsupportedModelError
 
 __all__ = [
-    "FORMAT_VERSION",
-    "NM",
     "ActivationSparsity",
+    "AttentionPatternError",
     "AttentionSparsity",
     "Block",
     "CheckpointError",
+    "CompactFormatError",
     "ConfigError",
+    "FORMAT_VERSION",
+    "HubError",
     "MetadataError",
+    "MovementTracker",
+    "NM",
     "PatternError",
     "RegistryError",
+    "SinkWindowCache",
     "SparsityConfig",
     "SparsityReport",
+    "StructuredError",
     "StructuredSparsity",
     "TargetError",
     "Unstructured",
     "UnsupportedModelError",
     "WeightSparsity",
     "__version__",
+    "apply_attention",
     "apply_masks",
+    "apply_structured",
+    "build_pattern",
+    "compact_checkpoint",
+    "compare_speed",
+    "extend_positions",
     "from_pretrained",
     "parse_pattern",
+    "push_to_hub",
+    "remove_attention",
+    "remove_units",
+    "render_model_card",
     "report",
     "save_pretrained",
     "sparsify",
     "to_dense",
+    "verify_checkpoint",
 ]
