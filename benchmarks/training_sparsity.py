@@ -58,6 +58,7 @@ def rows_for(task: str, folders: list[Path]) -> list[dict]:
                 "task": task,
                 "stage": trained.get("name", name),
                 "method": stage_method(trained),
+                "run": Path(trained["checkpoint"]).parent.name if "checkpoint" in trained else None,
                 "target_sparsity": trained.get("target_sparsity"),
                 "block_sparsity": record["block_sparsity"],
                 "metric": metric,
@@ -68,7 +69,7 @@ def rows_for(task: str, folders: list[Path]) -> list[dict]:
             }
         )
     dense = next((r["value"] for r in rows if r["method"] == "dense"), None)
-    for r in rows:
+    for r in rows:  # several folders of one task share the dense row of the first
         r["ratio_to_dense"] = round(r["value"] / dense, 4) if dense else None
     return rows
 
@@ -84,12 +85,14 @@ def plot(rows: list[dict], path: Path) -> None:
     for ax, task in zip(axes[0], tasks):
         dense_row = next(r for r in rows if r["task"] == task and r["method"] == "dense")
         dense = dense_row["value"]
-        methods = sorted({r["method"] for r in rows if r["task"] == task} - {"dense"})
-        for method, marker in zip(methods, "os^v"):
-            pruned = [r for r in rows if r["task"] == task and r["method"] == method]
+        series_keys = sorted(
+            {(r["method"], r["run"]) for r in rows if r["task"] == task and r["method"] != "dense"}
+        )
+        for (method, run), marker in zip(series_keys, "os^vD"):
+            pruned = [r for r in rows if r["task"] == task and (r["method"], r["run"]) == (method, run)]
             series = [dense_row, *sorted(pruned, key=lambda r: r["block_sparsity"])]
             xs, ys = [100 * r["block_sparsity"] for r in series], [r["value"] for r in series]
-            ax.plot(xs, ys, marker + "-", label=f"{method} (MiniLM-L6)")
+            ax.plot(xs, ys, marker + "-", label=f"{method} ({run})")
             for r, x, y in zip(series, xs, ys):
                 ax.annotate(
                     f"{r['train_steps']} steps", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7
