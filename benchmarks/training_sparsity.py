@@ -68,9 +68,6 @@ def rows_for(task: str, folders: list[Path]) -> list[dict]:
                 "eval_seconds": record["wall_seconds"],
             }
         )
-    dense = next((r["value"] for r in rows if r["method"] == "dense"), None)
-    for r in rows:  # several folders of one task share the dense row of the first
-        r["ratio_to_dense"] = round(r["value"] / dense, 4) if dense else None
     return rows
 
 
@@ -123,6 +120,9 @@ def main() -> None:
     for item in args.run:
         task, folders = item.split("=", 1)
         rows += rows_for(task, [Path(f) for f in folders.split(",")])
+    for r in rows:  # runs continued with --start-from share the dense row of their task
+        dense = next((d["value"] for d in rows if d["task"] == r["task"] and d["method"] == "dense"), None)
+        r["ratio_to_dense"] = round(r["value"] / dense, 4) if dense else None
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "training_sparsity.json").write_text(json.dumps(rows, indent=2) + "\n")
