@@ -433,10 +433,17 @@ def _uncompact_config(config: Any, info: Any) -> None:
         setattr(config, METADATA_KEY, {k: v for k, v in meta.items() if k != "compact"})
 
 
+_CONFIG_OVERRIDES = ("num_labels", "id2label", "label2id", "problem_type", "output_hidden_states", "output_attentions")
+
+
 def _load_folder(folder: Path, model_class: type | None, name: str, **kwargs: Any) -> PreTrainedModel:
     """Load a verified local dense checkpoint folder; `name` is what error messages call it."""
     path_or_id = folder
+    # config overrides (num_labels, ...) go into the config: transformers refuses them beside config=
+    overrides = {k: kwargs.pop(k) for k in _CONFIG_OVERRIDES if k in kwargs}
     config = kwargs.pop("config", None) or AutoConfig.from_pretrained(path_or_id)
+    for key, value in overrides.items():
+        setattr(config, key, value)
     try:
         meta = raw_metadata(config)
         read_metadata(config)

@@ -147,9 +147,8 @@ def test_plain_transformers_refuses_a_sparse_attention_checkpoint(tmp_path):
     assert 'attn_implementation="sparse_nlp"' in done.stderr and "not supported" in done.stderr
 
 
+@pytest.mark.parametrize("family", DECODERS)
 def test_bidirectional_pattern_on_decoder_fails(family):
-    if family not in DECODERS:
-        pytest.skip("decoders only")
     model = tiny_model(family)
     with pytest.raises(AttentionPatternError, match="bidirectional.*causal decoder"):
         apply_attention(model, AttentionSparsity("sliding_window", {"window": 8}))

@@ -156,3 +156,12 @@ def test_missing_paths_are_named(tmp_path):
         sparse_nlp.from_pretrained(tmp_path / "nowhere" / "at" / "all")
     with pytest.raises(CheckpointError, match=r"config.json: missing"):
         sparse_nlp.from_pretrained(tmp_path)
+
+
+def test_config_overrides_such_as_num_labels(tmp_path):
+    model = tiny_model("bert", head="base")
+    sparse_nlp.sparsify(model, SparsityConfig.magnitude(0.5), progress=False)
+    sparse_nlp.save_pretrained(model, tmp_path)
+    loaded = sparse_nlp.from_pretrained(tmp_path, transformers.AutoModelForSequenceClassification, num_labels=3)
+    assert loaded.classifier.out_features == 3 and loaded.config.num_labels == 3
+    assert len(list(masked_modules(loaded))) == len(list(masked_modules(model)))
