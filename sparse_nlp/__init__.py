@@ -34,11 +34,15 @@ from .config import (
     StructuredSparsity,
     WeightSparsity,
 )
+from .evaluation.metrics import load_metric
 from .evaluation.speed import compare_speed
+from .evaluation.tasks import evaluate_glue
 from .hub import HubError, push_to_hub, render_model_card
 from .metadata import MetadataError
 from .pruning.masking import apply_masks
 from .pruning.patterns import NM, Block, PatternError, Unstructured, parse_pattern
+from .pruning.schedules import CubicSchedule
+from .recipes import load_recipe, run_recipe
 from .registry import RegistryError
 from .report import SparsityReport, report
 from .sparsify import sparsify, to_dense
@@ -46,6 +50,7 @@ from .structured import apply_structured
 from .structured.removal import StructuredError, remove_units
 from .structured.scores import MovementTracker
 from .targets import TargetError, UnsupportedModelError
+from .training import DistillationConfig, Distiller, GradualPruner, LoopConfig, SparsityCallback, train_loop
 
 __all__ = [
     "ActivationSparsity",
@@ -55,14 +60,20 @@ __all__ = [
     "CheckpointError",
     "CompactFormatError",
     "ConfigError",
+    "CubicSchedule",
+    "DistillationConfig",
+    "Distiller",
     "FORMAT_VERSION",
+    "GradualPruner",
     "HubError",
+    "LoopConfig",
     "MetadataError",
     "MovementTracker",
     "NM",
     "PatternError",
     "RegistryError",
     "SinkWindowCache",
+    "SparsityCallback",
     "SparsityConfig",
     "SparsityReport",
     "StructuredError",
@@ -78,16 +89,21 @@ __all__ = [
     "build_pattern",
     "compact_checkpoint",
     "compare_speed",
+    "evaluate_glue",
     "extend_positions",
     "from_pretrained",
+    "load_metric",
+    "load_recipe",
     "parse_pattern",
     "push_to_hub",
     "remove_attention",
     "remove_units",
     "render_model_card",
     "report",
+    "run_recipe",
     "save_pretrained",
     "sparsify",
     "to_dense",
+    "train_loop",
     "verify_checkpoint",
 ]
