@@ -16,9 +16,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, Trainer, TrainingArguments
+from transformers import (
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    DataCollatorWithPadding,
+    Trainer,
+    TrainingArguments,
+)
 
 from sparse_nlp.evaluation.data import GLUE_TASKS, load_glue_rows
+from sparse_nlp.evaluation.tasks import compute_task_metrics
 from sparse_nlp.models import resolve_model
 
 
@@ -52,15 +59,8 @@ def main() -> None:
 
     def metrics(pred):
         logits, labels = pred
-        if info["regression"]:
-            from scipy.stats import spearmanr
-
-            return {"spearman": float(spearmanr(logits.squeeze(-1), labels).statistic * 100)}
-        if args.task == "cola":
-            from sklearn.metrics import matthews_corrcoef  # noqa: PLC0415
-
-            return {"matthews": float(matthews_corrcoef(labels, logits.argmax(-1)) * 100)}
-        return {"accuracy": float((np.argmax(logits, -1) == labels).mean() * 100)}
+        predictions = logits.squeeze(-1) if info["regression"] else np.argmax(logits, -1)
+        return compute_task_metrics(args.task, predictions, labels)
 
     targs = TrainingArguments(
         output_dir=str(Path(args.out) / "trainer"),

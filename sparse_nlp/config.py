@@ -187,8 +187,8 @@ class StructuredSparsity:
         _check_fraction(f"{path}.ffn", self.ffn)
         if self.scope not in ("per-layer", "global"):
             raise ConfigError(f"{path}.scope must be per-layer or global, got {self.scope!r}.")
-        from .structured import scores as _scores  # noqa: F401  (fills the structured score registry)
         from .registry import STRUCTURED_SCORES
+        from .structured import scores as _scores  # noqa: F401  (fills the structured score registry)
 
         try:
             STRUCTURED_SCORES.get(self.score)
