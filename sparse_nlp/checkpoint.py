@@ -45,6 +45,8 @@ from .compact import (
     expanded,
     is_compact,
     nonzero_entries,
+    pack_bits,
+    unpack_bits,
 )
 from .metadata import METADATA_KEY, MetadataError, raw_metadata, read_metadata, write_metadata
 from .pruning.masking import attach_mask, masked_modules
@@ -64,20 +66,9 @@ class CheckpointError(ValueError):
 # ---- masks as packed bits ----------------------------------------------------------------------------
 
 
-def pack_mask(mask: torch.Tensor) -> torch.Tensor:
-    """Bool mask -> uint8 tensor of packed bits (8 entries per byte, big-endian bit order, row-major)."""
-    return torch.from_numpy(np.packbits(mask.detach().cpu().numpy().reshape(-1)))
-
-
-def unpack_mask(packed: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
-    count = int(np.prod(shape))
-    bits = np.unpackbits(packed.numpy(), count=count)
-    return torch.from_numpy(bits.astype(bool)).reshape(shape)
-
-
 def write_masks(masks: dict[str, torch.Tensor], path: Path) -> int:
     """Write bool masks (by base-relative module name) as packed bits with their shapes in the header."""
-    tensors = {key: pack_mask(mask) for key, mask in masks.items()}
+    tensors = {key: pack_bits(mask) for key, mask in masks.items()}
     shapes = {key: list(mask.shape) for key, mask in masks.items()}
     if tensors:
         save_file(
@@ -116,7 +107,7 @@ def load_masks(path: Path) -> dict[str, torch.Tensor]:
             raise CheckpointError(
                 f"{path}: mask {k!r} holds {v.numel()} bytes but its recorded shape {shape} needs {(int(np.prod(shape)) + 7) // 8}."
             )
-        out[k] = unpack_mask(v, shape)
+        out[k] = unpack_bits(v, shape)
     return out
 
 
