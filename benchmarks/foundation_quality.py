@@ -36,7 +36,7 @@ def main() -> None:
         linear = sparse_nlp.report(model).groups["linear"].sparsity
         rows.append({"sparsity": sparsity, "linear_sparsity": linear, "prune_seconds": prune_s, **scores})
 
-    print(f"| magnitude ({args.scope}) | encoder Linear sparsity | STS-B dev Spearman | prune time (s) |")
+    print(f"| magnitude ({args.scope}) | sparsity of all Linear weights | STS-B dev Spearman | prune time (s) |")
     print("| --- | --- | --- | --- |")
     for r in rows:
         name = "dense" if r["sparsity"] == 0 else f"{r['sparsity']:.0%}"
