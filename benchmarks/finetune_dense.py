@@ -78,8 +78,12 @@ def main() -> None:
         dataloader_num_workers=0,
     )
     trainer = Trainer(
-        model=model, args=targs, train_dataset=train, eval_dataset=dev,
-        data_collator=DataCollatorWithPadding(tokenizer), compute_metrics=metrics,
+        model=model,
+        args=targs,
+        train_dataset=train,
+        eval_dataset=dev,
+        data_collator=DataCollatorWithPadding(tokenizer),
+        compute_metrics=metrics,
     )
     start = time.perf_counter()
     trainer.train()

@@ -30,13 +30,17 @@ def main() -> None:
         model, tokenizer = load_model("minilm")
         start = time.perf_counter()
         if sparsity:
-            sparse_nlp.sparsify(model, sparse_nlp.SparsityConfig.magnitude(sparsity, scope=args.scope), progress=False)
+            sparse_nlp.sparsify(
+                model, sparse_nlp.SparsityConfig.magnitude(sparsity, scope=args.scope), progress=False
+            )
         prune_s = time.perf_counter() - start
         scores = stsb_scores(model, tokenizer, data_dir=args.data_dir)
         linear = sparse_nlp.report(model).groups["linear"].sparsity
         rows.append({"sparsity": sparsity, "linear_sparsity": linear, "prune_seconds": prune_s, **scores})
 
-    print(f"| magnitude ({args.scope}) | sparsity of all Linear weights | STS-B dev Spearman | prune time (s) |")
+    print(
+        f"| magnitude ({args.scope}) | sparsity of all Linear weights | STS-B dev Spearman | prune time (s) |"
+    )
     print("| --- | --- | --- | --- |")
     for r in rows:
         name = "dense" if r["sparsity"] == 0 else f"{r['sparsity']:.0%}"

@@ -424,7 +424,14 @@ def _uncompact_config(config: Any, info: Any) -> None:
         setattr(config, METADATA_KEY, {k: v for k, v in meta.items() if k != "compact"})
 
 
-_CONFIG_OVERRIDES = ("num_labels", "id2label", "label2id", "problem_type", "output_hidden_states", "output_attentions")
+_CONFIG_OVERRIDES = (
+    "num_labels",
+    "id2label",
+    "label2id",
+    "problem_type",
+    "output_hidden_states",
+    "output_attentions",
+)
 
 
 def _load_folder(folder: Path, model_class: type | None, name: str, **kwargs: Any) -> PreTrainedModel:

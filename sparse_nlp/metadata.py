@@ -38,14 +38,18 @@ def raw_metadata(config: Any) -> dict[str, Any] | None:
         raise MetadataError(f"{where} must be a JSON object, got {type(meta).__name__}: {meta!r:.80}.")
     version = meta.get("format_version")
     if not isinstance(version, int) or isinstance(version, bool):
-        raise MetadataError(f"{where} has no integer 'format_version' (got {version!r}); the metadata is damaged.")
+        raise MetadataError(
+            f"{where} has no integer 'format_version' (got {version!r}); the metadata is damaged."
+        )
     if version > FORMAT_VERSION:
         raise MetadataError(
             f"{where} has format_version {version}, newer than this sparse_nlp understands (<= {FORMAT_VERSION}). "
             "Upgrade sparse_nlp: pip install -U sparse-nlp."
         )
     if not isinstance(meta.get("config"), dict):
-        raise MetadataError(f"{where}.config must be a JSON object with the sparsity config, got {meta.get('config')!r:.80}.")
+        raise MetadataError(
+            f"{where}.config must be a JSON object with the sparsity config, got {meta.get('config')!r:.80}."
+        )
     modules = meta.get("masked_modules", [])
     if not isinstance(modules, list) or not all(isinstance(m, str) for m in modules):
         raise MetadataError(f"{where}.masked_modules must be a list of module names, got {modules!r:.80}.")

@@ -28,14 +28,18 @@ def resolve_model(name: str | os.PathLike) -> str:
     path = Path(text).expanduser()
     if path.exists():
         if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"{text!r} is a folder without config.json; it is not a saved transformers model.")
+            raise FileNotFoundError(
+                f"{text!r} is a folder without config.json; it is not a saved transformers model."
+            )
         return str(path)
     if text.startswith((".", "/", "~")) or text.count("/") > 1 or os.sep in text.replace("/", ""):
         raise FileNotFoundError(f"model folder {text!r} does not exist.")
     return text  # a Hub id: transformers downloads it (or finds it in the cache)
 
 
-def load_model(name: str | os.PathLike, *, task: str | None = None, num_labels: int | None = None, **kwargs: Any):
+def load_model(
+    name: str | os.PathLike, *, task: str | None = None, num_labels: int | None = None, **kwargs: Any
+):
     """Load (model, tokenizer) by name; sparse checkpoints come back with their masks.
 
     Args:

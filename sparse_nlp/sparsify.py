@@ -68,8 +68,12 @@ def _prune_without_data(plans: list[LayerPlan], progress: bool) -> None:
             for p in group:
                 _attach_oi(p.module, masks[p.name], None)
             continue
-        for p in tqdm(group, desc=f"{rule.method} pruning", unit="layer", disable=not progress or len(group) < 2):
-            mask, new_weight = p.method.prune_layer(linear_weight(p.module), p.sparsity, p.pattern, rule.scope, None)
+        for p in tqdm(
+            group, desc=f"{rule.method} pruning", unit="layer", disable=not progress or len(group) < 2
+        ):
+            mask, new_weight = p.method.prune_layer(
+                linear_weight(p.module), p.sparsity, p.pattern, rule.scope, None
+            )
             _attach_oi(p.module, mask, new_weight)
 
 
@@ -120,7 +124,9 @@ def sparsify(
     already = {base_relative_name(model, n) for n, _ in masked_modules(model)}
     for plan in plans:
         if base_relative_name(model, plan.name) in already:
-            raise ConfigError(f"{plan.name!r} is already pruned; call sparse_nlp.to_dense(model) first to start over.")
+            raise ConfigError(
+                f"{plan.name!r} is already pruned; call sparse_nlp.to_dense(model) first to start over."
+            )
     # profile 'owl' weighs layers by activation outliers, so it needs calibration data even for magnitude
     needs_data = [p for p in plans if p.method.needs_calibration or p.rule.profile == "owl"]
     if needs_data and data is None:
@@ -148,7 +154,13 @@ def sparsify(
         from .pruning.calibration import prune_with_calibration
 
         prune_with_calibration(
-            model, plans, data, tokenizer=tokenizer, num_samples=num_samples, seq_len=seq_len, progress=progress
+            model,
+            plans,
+            data,
+            tokenizer=tokenizer,
+            num_samples=num_samples,
+            seq_len=seq_len,
+            progress=progress,
         )
     elif plans:
         _prune_without_data(plans, progress)
@@ -166,7 +178,9 @@ def sparsify(
 def _merge(previous: SparsityConfig, new: SparsityConfig) -> SparsityConfig:
     merged = SparsityConfig(weights=[*previous.weights, *new.weights])
     for part in ("attention", "structured", "activation"):
-        setattr(merged, part, getattr(new, part) if getattr(new, part) is not None else getattr(previous, part))
+        setattr(
+            merged, part, getattr(new, part) if getattr(new, part) is not None else getattr(previous, part)
+        )
     return merged
 
 

@@ -34,7 +34,13 @@ def tiny_config(family: str, **overrides):
     common = {"vocab_size": VOCAB}
     if family in ("bert", "roberta"):
         cls = transformers.BertConfig if family == "bert" else transformers.RobertaConfig
-        kw = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, max_position_embeddings=128)
+        kw = dict(
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=64,
+            max_position_embeddings=128,
+        )
         if family == "roberta":
             kw.update(pad_token_id=1, bos_token_id=0, eos_token_id=2)
     elif family == "distilbert":
@@ -44,7 +50,11 @@ def tiny_config(family: str, **overrides):
         cls = transformers.GPT2Config
         kw = dict(n_embd=32, n_layer=2, n_head=4, n_positions=128, bos_token_id=0, eos_token_id=0)
     else:
-        cls = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig, "qwen2": transformers.Qwen2Config}[family]
+        cls = {
+            "llama": transformers.LlamaConfig,
+            "mistral": transformers.MistralConfig,
+            "qwen2": transformers.Qwen2Config,
+        }[family]
         kw = dict(
             hidden_size=32,
             num_hidden_layers=2,
@@ -94,7 +104,9 @@ def family(request) -> str:
 @pytest.fixture
 def data_dir() -> Path:
     """The shared real data directory ($SPARSE_NLP_DATA_DIR, else ../shared/data beside the checkout)."""
-    value = os.environ.get("SPARSE_NLP_DATA_DIR") or str(Path(__file__).resolve().parents[2] / "shared" / "data")
+    value = os.environ.get("SPARSE_NLP_DATA_DIR") or str(
+        Path(__file__).resolve().parents[2] / "shared" / "data"
+    )
     path = Path(value)
     if not (path / "glue").is_dir():
         _missing(f"real data directory not found at {path}; set SPARSE_NLP_DATA_DIR")

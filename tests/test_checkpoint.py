@@ -40,10 +40,17 @@ def test_round_trip_all_families(family, tmp_path):
     original, restored = _masks(model), _masks(loaded)
     assert original.keys() == restored.keys() and original
     assert all(torch.equal(original[k], restored[k]) for k in original)
-    assert sparse_nlp.report(loaded).groups["linear"].nonzeros == sparse_nlp.report(model).groups["linear"].nonzeros
+    assert (
+        sparse_nlp.report(loaded).groups["linear"].nonzeros
+        == sparse_nlp.report(model).groups["linear"].nonzeros
+    )
 
     # plain transformers reads the same folder as an ordinary model with the same outputs
-    auto = transformers.AutoModelForCausalLM if family in DECODERS else transformers.AutoModelForSequenceClassification
+    auto = (
+        transformers.AutoModelForCausalLM
+        if family in DECODERS
+        else transformers.AutoModelForSequenceClassification
+    )
     plain = auto.from_pretrained(tmp_path / "ckpt")
     assert torch.equal(_logits(plain, inputs), expected)
     assert list(masked_modules(plain)) == []
@@ -124,9 +131,18 @@ def _edit_meta(path, edit):
     [
         (lambda c: c.__setitem__("sparse_nlp", "oops"), r"config.json.*must be a JSON object"),
         (lambda c: c["sparse_nlp"].pop("format_version"), r"config.json.*no integer 'format_version'"),
-        (lambda c: c["sparse_nlp"].__setitem__("format_version", 99), r"config.json.*format_version 99, newer.*pip install -U"),
-        (lambda c: c["sparse_nlp"]["config"]["weights"][0].__setitem__("sparsity", 2), r"config.json.*sparsity must be in"),
-        (lambda c: c["sparse_nlp"]["config"]["weights"][0].__setitem__("method", "evil.module"), r"unknown pruning method 'evil.module'"),
+        (
+            lambda c: c["sparse_nlp"].__setitem__("format_version", 99),
+            r"config.json.*format_version 99, newer.*pip install -U",
+        ),
+        (
+            lambda c: c["sparse_nlp"]["config"]["weights"][0].__setitem__("sparsity", 2),
+            r"config.json.*sparsity must be in",
+        ),
+        (
+            lambda c: c["sparse_nlp"]["config"]["weights"][0].__setitem__("method", "evil.module"),
+            r"unknown pruning method 'evil.module'",
+        ),
         (lambda c: c["sparse_nlp"].__setitem__("masked_modules", "all"), r"masked_modules must be a list"),
     ],
 )
@@ -162,6 +178,8 @@ def test_config_overrides_such_as_num_labels(tmp_path):
     model = tiny_model("bert", head="base")
     sparse_nlp.sparsify(model, SparsityConfig.magnitude(0.5), progress=False)
     sparse_nlp.save_pretrained(model, tmp_path)
-    loaded = sparse_nlp.from_pretrained(tmp_path, transformers.AutoModelForSequenceClassification, num_labels=3)
+    loaded = sparse_nlp.from_pretrained(
+        tmp_path, transformers.AutoModelForSequenceClassification, num_labels=3
+    )
     assert loaded.classifier.out_features == 3 and loaded.config.num_labels == 3
     assert len(list(masked_modules(loaded))) == len(list(masked_modules(model)))

@@ -22,7 +22,21 @@ def tiny_dir(tmp_path):
 
 def test_sparsify_then_report(tiny_dir, tmp_path, capsys):
     out = tmp_path / "sparse"
-    code = main(["sparsify", str(tiny_dir), "--method", "magnitude", "--sparsity", "0.5", "--targets", "ffn", "--out", str(out), "--no-progress"])
+    code = main(
+        [
+            "sparsify",
+            str(tiny_dir),
+            "--method",
+            "magnitude",
+            "--sparsity",
+            "0.5",
+            "--targets",
+            "ffn",
+            "--out",
+            str(out),
+            "--no-progress",
+        ]
+    )
     assert code == 0
     printed = capsys.readouterr().out
     assert "50.00%" in printed and str(out) in printed
@@ -74,7 +88,10 @@ def test_missing_model_folder(tmp_path, capsys):
 @pytest.mark.parametrize("command", [[], ["sparsify"], ["report"]])
 def test_help(command):
     result = subprocess.run(
-        [sys.executable, "-m", "sparse_nlp.cli", *command, "--help"], capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "sparse_nlp.cli", *command, "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode == 0, result.stderr
     assert "usage: sparse-nlp" in result.stdout
@@ -85,7 +102,22 @@ def test_help(command):
 @pytest.mark.real
 def test_minilm_alias(tmp_path, capsys, minilm_path):
     out = tmp_path / "mini"
-    assert main(["sparsify", "minilm", "--sparsity", "0.5", "--targets", "ffn", "--out", str(out), "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "sparsify",
+                "minilm",
+                "--sparsity",
+                "0.5",
+                "--targets",
+                "ffn",
+                "--out",
+                str(out),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     assert (out / "tokenizer.json").is_file() or (out / "vocab.txt").is_file()
     capsys.readouterr()
     assert main(["report", str(out), "--json", "-"]) == 0

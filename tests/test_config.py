@@ -18,7 +18,9 @@ rules = st.builds(
     sparsity=st.floats(min_value=0.0, max_value=0.999, allow_nan=False),
     pattern=st.sampled_from(["unstructured", "block:2x2", "block:1x4"]),
     scope=st.sampled_from(["per-layer", "per-row", "global"]),
-    targets=st.lists(st.sampled_from(["attention", "ffn", "all-linear", r"re:\.query$"]), min_size=1, max_size=3),
+    targets=st.lists(
+        st.sampled_from(["attention", "ffn", "all-linear", r"re:\.query$"]), min_size=1, max_size=3
+    ),
     exclude=st.lists(st.sampled_from([r"layer\.0\.", "pooler"]), max_size=2),
     options=st.just({}),
 )
@@ -53,9 +55,18 @@ def test_file_round_trip(tmp_path):
         ({"weights": [{"sparsity": 1.0}]}, r"weights\[0\]\.sparsity must be in \[0, 1\).*1\.0"),
         ({"weights": [{"sparsity": -0.1}]}, r"weights\[0\]\.sparsity must be in \[0, 1\)"),
         ({"weights": [{"sparsity": "half"}]}, r"weights\[0\]\.sparsity must be a number, got 'half'"),
-        ({"weights": [{"method": "magnitud"}]}, r"weights\[0\]\.method: unknown pruning method 'magnitud'\. Did you mean 'magnitude'"),
-        ({"weights": [{"pattern": "3:2"}]}, r"weights\[0\]\.pattern: invalid N:M pattern 3:2.*Accepted forms"),
-        ({"weights": [{"scope": "per-layr"}]}, r"weights\[0\]\.scope must be one of.*Did you mean 'per-layer'"),
+        (
+            {"weights": [{"method": "magnitud"}]},
+            r"weights\[0\]\.method: unknown pruning method 'magnitud'\. Did you mean 'magnitude'",
+        ),
+        (
+            {"weights": [{"pattern": "3:2"}]},
+            r"weights\[0\]\.pattern: invalid N:M pattern 3:2.*Accepted forms",
+        ),
+        (
+            {"weights": [{"scope": "per-layr"}]},
+            r"weights\[0\]\.scope must be one of.*Did you mean 'per-layer'",
+        ),
         ({"weights": [{"targets": ["fnn"]}]}, r"weights\[0\]\.targets\[0\] is 'fnn'.*Did you mean 'ffn'"),
         ({"weights": [{"sparsty": 0.5}]}, r"unknown field 'weights\[0\]\.sparsty'\. Did you mean 'sparsity'"),
         ({"wieghts": []}, r"unknown field 'wieghts'\. Did you mean 'weights'"),

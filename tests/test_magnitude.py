@@ -112,7 +112,9 @@ def test_targets_groups_regex_and_exclude():
     assert len(attn) == 2 * 3 and not any(n.endswith("o_proj") for n in attn)
     only_q = select_modules(model, [r"re:layers\.1\.self_attn\.q_proj$"])
     assert list(only_q) == ["model.layers.1.self_attn.q_proj"]
-    sparse_nlp.sparsify(model, SparsityConfig(weights=[WeightSparsity(targets=["ffn"], sparsity=0.5)]), progress=False)
+    sparse_nlp.sparsify(
+        model, SparsityConfig(weights=[WeightSparsity(targets=["ffn"], sparsity=0.5)]), progress=False
+    )
     assert {n for n, _ in masked_modules(model)} == set(ffn)
 
 
@@ -153,7 +155,11 @@ def _snapshot(model):
     [
         ({"weights": [{"method": "nope"}]}, ConfigError, "unknown pruning method 'nope'"),
         ({"weights": [{"sparsity": 1.0}]}, ConfigError, r"sparsity must be in \[0, 1\)"),
-        ({"weights": [{"targets": ["re:no_such_layer"]}]}, TargetError, "'re:no_such_layer' matches no Linear layer"),
+        (
+            {"weights": [{"targets": ["re:no_such_layer"]}]},
+            TargetError,
+            "'re:no_such_layer' matches no Linear layer",
+        ),
         ({"weights": [{"pattern": "2:0"}]}, ConfigError, "Accepted forms"),
         (
             {"weights": [{"targets": ["ffn"]}, {"targets": ["all-linear"]}]},
@@ -175,8 +181,12 @@ def test_bad_input_changes_nothing(config, error, message):
 def test_unknown_model_type_is_named():
     import transformers
 
-    model = transformers.T5EncoderModel(transformers.T5Config(d_model=16, num_layers=1, num_heads=2, d_ff=32, vocab_size=50))
-    with pytest.raises(UnsupportedModelError, match=r"model_type 't5' is not supported; supported: bert, distilbert"):
+    model = transformers.T5EncoderModel(
+        transformers.T5Config(d_model=16, num_layers=1, num_heads=2, d_ff=32, vocab_size=50)
+    )
+    with pytest.raises(
+        UnsupportedModelError, match=r"model_type 't5' is not supported; supported: bert, distilbert"
+    ):
         sparse_nlp.sparsify(model, SparsityConfig.magnitude(0.5), progress=False)
 
 
@@ -201,7 +211,10 @@ def test_all_families_are_in_the_table():
 def test_attention_pattern_the_family_cannot_use_fails_before_pruning():
     model = tiny_model("gpt2")
     before = _snapshot(model)
-    config = {"weights": [{"sparsity": 0.5}], "attention": {"pattern": "sliding_window", "options": {"window": 4}}}
+    config = {
+        "weights": [{"sparsity": 0.5}],
+        "attention": {"pattern": "sliding_window", "options": {"window": 4}},
+    }
     with pytest.raises(ConfigError, match="bidirectional"):
         sparse_nlp.sparsify(model, config, progress=False)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

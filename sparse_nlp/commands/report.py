@@ -12,7 +12,9 @@ def add_parser(subparsers) -> None:
         description="Print the measured sparsity of every Linear layer of MODEL and totals per group.",
     )
     p.add_argument("model", help="local folder, Hub id, or alias 'minilm'")
-    p.add_argument("--json", dest="json_path", help="also write the report as JSON to this file ('-' for stdout only)")
+    p.add_argument(
+        "--json", dest="json_path", help="also write the report as JSON to this file ('-' for stdout only)"
+    )
     p.set_defaults(func=run)
 
 

@@ -16,20 +16,46 @@ def add_parser(subparsers) -> None:
     p.add_argument("model", help="local folder, Hub id, or alias 'minilm'")
     p.add_argument("--out", required=True, help="output folder for the sparse checkpoint")
     p.add_argument("--method", default="magnitude", help="pruning method (default: magnitude)")
-    p.add_argument("--sparsity", type=float, default=None, help="fraction of weights removed, in [0, 1) (default 0.5; fixed by N:M)")
-    p.add_argument("--pattern", default="unstructured", help='"unstructured", "N:M" (e.g. 2:4) or "block:RxC"')
+    p.add_argument(
+        "--sparsity",
+        type=float,
+        default=None,
+        help="fraction of weights removed, in [0, 1) (default 0.5; fixed by N:M)",
+    )
+    p.add_argument(
+        "--pattern", default="unstructured", help='"unstructured", "N:M" (e.g. 2:4) or "block:RxC"'
+    )
     p.add_argument("--scope", default="per-layer", help="per-layer, per-row or global (default: per-layer)")
-    p.add_argument("--targets", default="all-linear", help="comma-separated groups (attention, ffn, all-linear) or re:<regex>")
-    p.add_argument("--exclude", action="append", default=[], help="regex of module names to keep dense (repeatable)")
+    p.add_argument(
+        "--targets",
+        default="all-linear",
+        help="comma-separated groups (attention, ffn, all-linear) or re:<regex>",
+    )
+    p.add_argument(
+        "--exclude", action="append", default=[], help="regex of module names to keep dense (repeatable)"
+    )
     p.add_argument("--profile", default="uniform", help="per-layer sparsity profile: uniform or owl")
-    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="method option (JSON value), repeatable")
+    p.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="method option (JSON value), repeatable",
+    )
     p.add_argument("--config", help="a SparsityConfig JSON file (replaces the options above)")
-    p.add_argument("--calibration", help="calibration texts: a GLUE task (sst2, ...), wikitext2, tinyshakespeare, or a .txt file")
+    p.add_argument(
+        "--calibration",
+        help="calibration texts: a GLUE task (sst2, ...), wikitext2, tinyshakespeare, or a .txt file",
+    )
     p.add_argument("--data-dir", help="local data directory (default: $SPARSE_NLP_DATA_DIR, then the Hub)")
     p.add_argument("--num-samples", type=int, default=128, help="calibration samples (default 128)")
     p.add_argument("--seq-len", type=int, default=128, help="calibration sequence length (default 128)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    p.add_argument("--compact", action="store_true", help="save in the compact format (smaller; loads only through sparse_nlp)")
+    p.add_argument(
+        "--compact",
+        action="store_true",
+        help="save in the compact format (smaller; loads only through sparse_nlp)",
+    )
     p.set_defaults(func=run)
 
 

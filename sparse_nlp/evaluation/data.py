@@ -56,7 +56,9 @@ def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> Path | None:
         return None
     path = Path(value).expanduser()
     if not path.is_dir():
-        raise DataError(f"data directory {str(path)!r} does not exist (from {'--data-dir' if data_dir else DATA_DIR_ENV}).")
+        raise DataError(
+            f"data directory {str(path)!r} does not exist (from {'--data-dir' if data_dir else DATA_DIR_ENV})."
+        )
     return path
 
 
@@ -153,7 +155,9 @@ def load_text(corpus: str, split: str, data_dir: str | os.PathLike | None = None
         import datasets
 
         if corpus == "wikitext2":
-            ds = datasets.load_dataset("wikitext", "wikitext-2-raw-v1", split="validation" if split == "valid" else split)
+            ds = datasets.load_dataset(
+                "wikitext", "wikitext-2-raw-v1", split="validation" if split == "valid" else split
+            )
             return "\n\n".join(ds["text"])
         ds = datasets.load_dataset("karpathy/tiny_shakespeare", split="train")
         return "".join(ds["text"])
@@ -166,20 +170,30 @@ def load_text(corpus: str, split: str, data_dir: str | os.PathLike | None = None
     return text
 
 
-def load_texts(source: str, *, split: str = "train", data_dir: str | os.PathLike | None = None, limit: int | None = None) -> list[str]:
+def load_texts(
+    source: str, *, split: str = "train", data_dir: str | os.PathLike | None = None, limit: int | None = None
+) -> list[str]:
     """A list of texts for calibration: a GLUE task's sentences or a corpus's non-blank lines."""
     if source in GLUE_TASKS:
         rows = load_glue_rows(source, split, data_dir)
-        texts = rows["text"] if rows["text_pair"] is None else [a + " " + b for a, b in zip(rows["text"], rows["text_pair"])]
+        texts = (
+            rows["text"]
+            if rows["text_pair"] is None
+            else [a + " " + b for a, b in zip(rows["text"], rows["text_pair"])]
+        )
     elif source in TEXT_CORPORA:
         corpus_split = split if split in TEXT_CORPORA[source] else next(iter(TEXT_CORPORA[source]))
         texts = [line for line in load_text(source, corpus_split, data_dir).split("\n") if line.strip()]
     else:
-        raise ValueError(f"unknown text source {source!r}; use a GLUE task ({', '.join(GLUE_TASKS)}) or {', '.join(TEXT_CORPORA)}.")
+        raise ValueError(
+            f"unknown text source {source!r}; use a GLUE task ({', '.join(GLUE_TASKS)}) or {', '.join(TEXT_CORPORA)}."
+        )
     return texts[:limit] if limit is not None else texts
 
 
-def calibration_texts(source: str | os.PathLike, *, data_dir: str | os.PathLike | None = None, limit: int | None = None) -> list[str]:
+def calibration_texts(
+    source: str | os.PathLike, *, data_dir: str | os.PathLike | None = None, limit: int | None = None
+) -> list[str]:
     """Calibration texts from a GLUE task or corpus name (see `load_texts`) or a local .txt file (one text a line)."""
     path = Path(source).expanduser()
     if path.suffix == ".txt" or path.is_file():

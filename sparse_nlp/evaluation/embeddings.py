@@ -34,7 +34,11 @@ def embed(
     out = []
     for start in tqdm(range(0, len(sentences), batch_size), desc="embedding", disable=not progress):
         batch = tokenizer(
-            sentences[start : start + batch_size], padding=True, truncation=True, max_length=max_length, return_tensors="pt"
+            sentences[start : start + batch_size],
+            padding=True,
+            truncation=True,
+            max_length=max_length,
+            return_tensors="pt",
         )
         batch = {k: v.to(next(model.parameters()).device) for k, v in batch.items()}
         hidden = base(**batch).last_hidden_state  # (B, T, H)
@@ -60,7 +64,9 @@ def stsb_scores(
     """
     rows = load_glue_rows("stsb", split, data_dir)
     a = embed(model, tokenizer, rows["text"], batch_size=batch_size, max_length=max_length, progress=progress)
-    b = embed(model, tokenizer, rows["text_pair"], batch_size=batch_size, max_length=max_length, progress=progress)
+    b = embed(
+        model, tokenizer, rows["text_pair"], batch_size=batch_size, max_length=max_length, progress=progress
+    )
     cos = F.cosine_similarity(a, b).cpu().numpy()
     return {
         "spearman": float(spearmanr(cos, rows["label"]).statistic * 100),

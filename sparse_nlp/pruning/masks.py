@@ -62,7 +62,9 @@ def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
     s = scores.detach().float()
     rows, cols = s.shape
     if cols % m:
-        raise MaskShapeError(f"in_features {cols} is not a multiple of M={m}, so {n}:{m} groups do not tile the layer.")
+        raise MaskShapeError(
+            f"in_features {cols} is not a multiple of M={m}, so {n}:{m} groups do not tile the layer."
+        )
     groups = s.reshape(rows, cols // m, m)  # (rows, groups, m)
     order = torch.sort(groups, dim=-1, descending=True, stable=True).indices
     mask = torch.zeros_like(groups, dtype=torch.bool)
@@ -70,7 +72,9 @@ def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
     return mask.reshape(rows, cols)
 
 
-def block_mask(scores: torch.Tensor, sparsity: float, rows_per_block: int, cols_per_block: int) -> torch.Tensor:
+def block_mask(
+    scores: torch.Tensor, sparsity: float, rows_per_block: int, cols_per_block: int
+) -> torch.Tensor:
     """Keep whole blocks by their summed score; removes ``num_pruned(sparsity, number_of_blocks)`` blocks."""
     s = scores.detach().float()
     rows, cols = s.shape
@@ -84,7 +88,9 @@ def block_mask(scores: torch.Tensor, sparsity: float, rows_per_block: int, cols_
     return keep.repeat_interleave(rows_per_block, 0).repeat_interleave(cols_per_block, 1)
 
 
-def select_mask(scores: torch.Tensor, sparsity: float, pattern: Pattern, scope: str = "per-layer") -> torch.Tensor:
+def select_mask(
+    scores: torch.Tensor, sparsity: float, pattern: Pattern, scope: str = "per-layer"
+) -> torch.Tensor:
     """Keep-mask of one layer for a pattern and a per-layer or per-row scope.
 
     Args:

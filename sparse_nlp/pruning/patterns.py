@@ -10,7 +10,9 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-ACCEPTED_FORMS = '"unstructured", "N:M" with 0 < N < M (e.g. "2:4", "4:8"), "block:RxC" with R, C >= 1 (e.g. "block:4x4")'
+ACCEPTED_FORMS = (
+    '"unstructured", "N:M" with 0 < N < M (e.g. "2:4", "4:8"), "block:RxC" with R, C >= 1 (e.g. "block:4x4")'
+)
 
 
 class PatternError(ValueError):
@@ -37,7 +39,9 @@ class NM:
 
     def __post_init__(self) -> None:
         if not (isinstance(self.n, int) and isinstance(self.m, int) and 0 < self.n < self.m):
-            raise PatternError(f"invalid N:M pattern {self.n}:{self.m}: need 0 < N < M. Accepted forms: {ACCEPTED_FORMS}.")
+            raise PatternError(
+                f"invalid N:M pattern {self.n}:{self.m}: need 0 < N < M. Accepted forms: {ACCEPTED_FORMS}."
+            )
 
     @property
     def sparsity(self) -> float:
@@ -55,7 +59,9 @@ class Block:
     cols: int
 
     def __post_init__(self) -> None:
-        if not (isinstance(self.rows, int) and isinstance(self.cols, int) and self.rows >= 1 and self.cols >= 1):
+        if not (
+            isinstance(self.rows, int) and isinstance(self.cols, int) and self.rows >= 1 and self.cols >= 1
+        ):
             raise PatternError(
                 f"invalid block pattern block:{self.rows}x{self.cols}: both sides must be >= 1. "
                 f"Accepted forms: {ACCEPTED_FORMS}."
@@ -83,7 +89,9 @@ def parse_pattern(value: str | Pattern) -> Pattern:
     if isinstance(value, Unstructured | NM | Block):
         return value
     if not isinstance(value, str):
-        raise PatternError(f"pattern must be a string, got {type(value).__name__} {value!r}. Accepted forms: {ACCEPTED_FORMS}.")
+        raise PatternError(
+            f"pattern must be a string, got {type(value).__name__} {value!r}. Accepted forms: {ACCEPTED_FORMS}."
+        )
     text = value.strip()
     if text.lower() == "unstructured":
         return Unstructured()
