@@ -24,14 +24,9 @@ from transformers import (
     TrainingArguments,
 )
 
-from sparse_nlp.evaluation.data import GLUE_TASKS, load_glue_rows
-from sparse_nlp.evaluation.tasks import compute_task_metrics
+from sparse_nlp.evaluation.data import GLUE_TASKS
+from sparse_nlp.evaluation.tasks import compute_task_metrics, encode_glue
 from sparse_nlp.models import resolve_model
-
-
-def encode(tokenizer, rows, max_length):
-    enc = tokenizer(rows["text"], rows["text_pair"], truncation=True, max_length=max_length)
-    return [{**{k: enc[k][i] for k in enc}, "labels": rows["label"][i]} for i in range(len(rows["label"]))]
 
 
 def main() -> None:
@@ -54,8 +49,8 @@ def main() -> None:
     model = AutoModelForSequenceClassification.from_pretrained(
         path, num_labels=info["num_labels"], problem_type="regression" if info["regression"] else None
     )
-    train = encode(tokenizer, load_glue_rows(args.task, "train", args.data_dir), args.max_length)
-    dev = encode(tokenizer, load_glue_rows(args.task, "dev", args.data_dir), args.max_length)
+    train = encode_glue(tokenizer, args.task, "train", data_dir=args.data_dir, max_length=args.max_length)
+    dev = encode_glue(tokenizer, args.task, "dev", data_dir=args.data_dir, max_length=args.max_length)
 
     def metrics(pred):
         logits, labels = pred
