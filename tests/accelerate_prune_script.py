@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 import transformers
 from accelerate import Accelerator
+from conftest import tiny_config  # this script's folder is on sys.path when it runs
 from safetensors.torch import save_file
 
 from sparse_nlp import SparsityConfig
@@ -25,15 +26,8 @@ from sparse_nlp.training.pruner import GradualPruner
 
 def tiny_bert(seed: int):
     torch.manual_seed(seed)
-    config = transformers.BertConfig(
-        vocab_size=128,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        max_position_embeddings=64,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
+    config = tiny_config(
+        "bert", max_position_embeddings=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0
     )
     return transformers.BertForSequenceClassification(config)
 
