@@ -220,3 +220,30 @@ def test_flex_refuses_autograd_and_auto_falls_back():
     assert choose_kernel(_spec(SlidingWindow(8), real, "none", kernel="flex"), needs_grad=True) == "blocked"
     assert choose_kernel(_spec(SlidingWindow(8), real, "none"), needs_grad=True) == "blocked"
     assert choose_kernel(_spec(SlidingWindow(8), real[:, :10], "none"), needs_grad=False) == "reference"
+
+
+@pytest.mark.slow
+def test_flex_compiles_once_per_length_bucket():
+    """Batches of varying size, length and padding inside one 128-bucket reuse one compiled graph."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    pattern = SlidingWindow(16) | GlobalTokens((0,))
+    graphs = []
+    ref_err = 0.0
+    for bsz, n, padded in [(2, 100, False), (1, 128, False), (3, 77, True), (2, 200, False), (4, 130, True)]:
+        q = torch.randn(bsz, 2, n, 8)
+        real = torch.ones(bsz, n, dtype=torch.bool)
+        if padded:
+            real[0, n - 7 :] = False
+        pos = torch.arange(n)
+        spec = MaskSpec(pattern, "flex", bsz, pos, pos, padding=real if padded else None)
+        with torch.no_grad():
+            out = flex_attention_kernel(q, q, q, spec, 0.3)
+            ref = reference_attention(q, q, q, spec, 0.3)
+        ref_err = max(ref_err, float((out - ref)[real.view(bsz, 1, n, 1).expand_as(out)].abs().max()))
+        graphs.append(counters["stats"]["unique_graphs"])
+    assert graphs == [1, 1, 1, 2, 2]  # one compile for bucket 128, one for bucket 256
+    assert ref_err < 1e-5
+    torch._dynamo.reset()

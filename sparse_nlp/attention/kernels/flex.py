@@ -4,7 +4,8 @@ torch's flex_attention skips whole 128 x 128 blocks that the BlockMask marks emp
 compiled forward but no backward, and every new shape costs a compile (4-14 s) with a silent fall back to
 eager after 8 recompiles. So lengths are rounded up to a multiple of `BUCKET` (one compile and one
 BlockMask per bucket, reused across batches), padding enters through a score modifier rather than the
-BlockMask (so the cached BlockMask does not depend on the batch), and autograd calls are refused.
+BlockMask (so the cached BlockMask does not depend on the batch), batch rows run one at a time (so the
+batch size never triggers a recompile), and autograd calls are refused.
 """
 
 from __future__ import annotations
@@ -111,23 +112,31 @@ def flex_attention_kernel(
     pad = length - n
     if pad:
         query, key, value = (F.pad(t, (0, 0, 0, pad)) for t in (query, key, value))
-    score_mod = None
-    if pad or spec.padding is not None:
-        real = torch.zeros(bsz, length, dtype=torch.bool, device=query.device)
-        real[:, :n] = True if spec.padding is None else spec.padding.to(query.device)
-
-        def score_mod(score, b, h, q_idx, kv_idx):
-            return torch.where(real[b, kv_idx], score, -float("inf"))
-
+    real = torch.zeros(bsz, length, dtype=torch.bool, device=query.device)
+    real[:, :n] = True if spec.padding is None else spec.padding.to(query.device)
     block_mask = block_mask_for(spec.pattern, length, query.device)
     gqa = key.shape[1] != heads
-    out = _compiled(compile)(
-        query.contiguous(),
-        key.contiguous(),
-        value.contiguous(),
-        score_mod=score_mod,
-        block_mask=block_mask,
-        scale=scaling,
-        enable_gqa=gqa,
-    )
+    flex = _compiled(compile)
+    rows = []
+    # One row at a time, always with the padding score modifier: every call in a bucket then has the same
+    # shapes and graph, so a bucket compiles once whatever the batch size or padding (a new batch size
+    # would otherwise recompile, and after 8 recompiles torch silently falls back to eager).
+    for b in range(bsz):
+        row_real = real[b : b + 1]
+
+        def score_mod(score, b_, h, q_idx, kv_idx, row_real=row_real):
+            return torch.where(row_real[0, kv_idx], score, -float("inf"))
+
+        rows.append(
+            flex(
+                query[b : b + 1].contiguous(),
+                key[b : b + 1].contiguous(),
+                value[b : b + 1].contiguous(),
+                score_mod=score_mod,
+                block_mask=block_mask,
+                scale=scaling,
+                enable_gqa=gqa,
+            )
+        )
+    out = torch.cat(rows) if bsz > 1 else rows[0]
     return torch.nan_to_num(out[:, :, :n], nan=0.0)  # rows with no allowed key: 0, as in the reference
