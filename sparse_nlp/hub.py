@@ -2,8 +2,8 @@
 
 ``push_to_hub(model_or_dir, "org/name")`` uploads the checkpoint folder (weights - dense or compact -,
 masks, tokenizer, our metadata in config.json, the recipe ``sparsity_config.json``) in one commit, plus a
-``README.md`` model card rendered with huggingface_hub's `ModelCard` from ``model_cards/template.md``. The
-card states what was *measured* on the weights (`sparse_nlp.report`), not what was asked for: sparsity
+``README.md`` model card rendered with huggingface_hub's `ModelCard` from the package's
+``templates/model_card.md``. The card states what was *measured* on the weights (`sparse_nlp.report`), not what was asked for: sparsity
 per module group, the speed ratio from a benchmark result JSON when there is one, and model-index
 evaluation results from an evaluation JSON.
 
@@ -30,7 +30,7 @@ from .metadata import METADATA_KEY
 
 logger = logging.getLogger(__name__)
 
-TEMPLATE = Path(__file__).resolve().parents[1] / "model_cards" / "template.md"
+TEMPLATE = Path(__file__).resolve().parent / "templates" / "model_card.md"
 EVALUATION_FILES = ("evaluation.json", "eval_results.json", "results.json")
 BENCHMARK_FILES = ("benchmark.json", "speed.json")
 _WEIGHT_SUFFIXES = (".safetensors", ".safetensors.index.json", ".bin")
@@ -227,7 +227,7 @@ def render_model_card(
         evaluation: Evaluation JSON (path, dict or list): model-index results, see `eval_results`.
         benchmark: Benchmark result JSON (path or dict): the speed ratios, see `speed_ratios`.
         compact: Whether the uploaded weights are in the compact format (the card says how to load them).
-        template_path: Jinja template; default ``model_cards/template.md``.
+        template_path: Jinja template; default ``sparse_nlp/templates/model_card.md`` (package data).
     """
     from huggingface_hub import ModelCard, ModelCardData
 

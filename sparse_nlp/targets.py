@@ -211,7 +211,8 @@ def select_modules(
         Full module name -> module, in model order.
 
     Raises:
-        TargetError: when a target selects no prunable module.
+        TargetError: when a target selects no prunable module, or a module whose weight is shared with the
+            input embeddings (a tied ``lm_head``: pruning it would silently prune the embeddings too).
     """
     entry = model_targets(model)
     if isinstance(targets, str):
@@ -240,4 +241,14 @@ def select_modules(
             )
         chosen.update(hits)
     excludes = [re.compile(x) for x in exclude]
-    return {n: m for n, m in named if n in chosen and not any(x.search(n) for x in excludes)}
+    selected = {n: m for n, m in named if n in chosen and not any(x.search(n) for x in excludes)}
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    shared = getattr(embeddings, "weight", None)
+    for name, module in selected.items():
+        if shared is not None and getattr(module, "weight", None) is shared:
+            raise TargetError(
+                f"{name}.weight is tied to the input embeddings (tie_word_embeddings=True): pruning it would "
+                f"prune the embeddings too. Leave it out (exclude: ['{re.escape(name)}$']) or untie the weights "
+                "first."
+            )
+    return selected

@@ -219,3 +219,18 @@ def test_attention_pattern_the_family_cannot_use_fails_before_pruning():
         sparse_nlp.sparsify(model, config, progress=False)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert list(masked_modules(model)) == []
+
+
+def test_tied_lm_head_is_refused_not_pruned_with_the_embeddings():
+    model = tiny_model("gpt2", head="causal-lm")
+    assert model.lm_head.weight is model.get_input_embeddings().weight  # tied by default
+    before = _snapshot(model)
+    with pytest.raises(TargetError, match=r"lm_head.weight is tied to the input embeddings"):
+        sparse_nlp.sparsify(model, {"weights": [{"targets": ["re:lm_head"]}]}, progress=False)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    # excluding it works
+    sparse_nlp.sparsify(
+        model,
+        {"weights": [{"targets": ["all-linear", "re:lm_head"], "exclude": ["lm_head$"]}]},
+        progress=False,
+    )

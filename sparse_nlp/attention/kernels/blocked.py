@@ -4,6 +4,12 @@ For a window pattern plus global tokens (Longformer, StreamingLLM), queries are 
 each block attends, in one batched SDPA call, to the keys of its band (``c + left + right`` of them) and
 to the global keys; the global queries then attend to every key in a second, small call. Work and memory
 grow as N * (c + left + right + globals) instead of N * N, and every operation has a backward pass.
+
+Without attention dropout the band runs through torch's CPU flash-attention op, which also returns each
+row's log-sum-exp: the band (key windows are overlapping *views* of the keys, never copied) and the global
+key columns are computed apart and merged by their log-sum-exps, and the backward pass calls the op's own
+backward with the merged output and log-sum-exp (`_BandAttention`). With dropout the global columns are
+concatenated to every window and one SDPA call does both (`_concat_attention`).
 """
 
 from __future__ import annotations
@@ -68,6 +74,10 @@ class _Plan:
     g_valid: torch.Tensor | None = None  # (B, g)
     row_mask: torch.Tensor | None = None  # (B, 1, g, N) additive: what global queries see
     row_alive: torch.Tensor | bool = True
+    band_mask: torch.Tensor | None = None  # (B, 1, nb, c, c + left + right) additive, band columns only
+    band_alive: torch.Tensor | None = None  # (B, 1, nb, c) rows with an allowed band key
+    g_cols: torch.Tensor | None = None  # (B, 1, nb, c, g) bool: global key columns each query sees
+    row_open: torch.Tensor | None = None  # (B, 1, g) global query rows with an allowed key
 
 
 def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -97,6 +107,8 @@ def _plan(spec: MaskSpec, band: BandStructure, n: int, device: torch.device, dty
     in_band = (j - i >= 0) & (j - i <= left + right)  # (c, W): key raw = block*c + j - left
     mask = in_band.view(1, 1, c, width) & key_ok.unsqueeze(2)  # (B, nb, c, W)
     plan = _Plan(c=c, nb=nb, width=width, mask=mask, alive=True)
+    plan.band_mask = _additive(mask, dtype).unsqueeze(1)
+    plan.band_alive = mask.any(dim=-1).unsqueeze(1)
     if flags is not None:
         count = flags.sum(dim=1)  # (B,)
         g = int(count.max())
@@ -107,11 +119,13 @@ def _plan(spec: MaskSpec, band: BandStructure, n: int, device: torch.device, dty
             q_raw = torch.arange(n_pad, device=device).view(1, nb, c, 1)
             g_mask = g_mask & (order.view(bsz, 1, 1, g) <= q_raw)
         mask = torch.cat([mask.expand(bsz, nb, c, width), g_mask], dim=3)
+        plan.g_cols = g_mask.unsqueeze(1)
         row_mask = g_valid.view(bsz, 1, g, 1) & real.view(bsz, 1, 1, n)
         if band.causal:
             row_mask = row_mask & (
                 torch.arange(n, device=device).view(1, 1, 1, n) <= order.view(bsz, 1, g, 1)
             )
+        plan.row_open = row_mask.any(dim=-1).squeeze(1).unsqueeze(1)  # (B, 1, g)
         row_mask, plan.row_alive = revive_rows(row_mask)
         plan.row_mask = _additive(row_mask, dtype)
         plan.g, plan.order, plan.g_valid = g, order, g_valid
@@ -152,8 +166,15 @@ def blocked_attention(
         raise KernelUnsupported(f"pattern {spec.pattern.name!r} has no band form for the blocked kernel")
     groups = query.shape[1] // key.shape[1]
     key, value = repeat_kv(key, groups), repeat_kv(value, groups)
+    plan = _plan(spec, band, query.shape[2], query.device, query.dtype)
+    if dropout or not _FLASH_LSE:
+        return _concat_attention(query, key, value, plan, band, scaling, dropout)
+    return _BandAttention.apply(query, key, value, plan, band.left, band.right, scaling)
+
+
+def _concat_attention(query, key, value, plan: _Plan, band: BandStructure, scaling: float, dropout: float):
+    """One SDPA call per batch row over each block's window with the global key columns appended."""
     bsz, heads, n, dim = query.shape
-    plan = _plan(spec, band, n, query.device, query.dtype)
     c, nb, left, right = plan.c, plan.nb, band.left, band.right
     n_pad = nb * c
     band_width = c + left + right
@@ -191,3 +212,161 @@ def blocked_attention(
             out_g = torch.where(plan.g_valid.view(bsz, 1, plan.g, 1), out_g, out.gather(2, idx))
         out = out.scatter(2, idx, out_g)
     return out
+
+
+_FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+_FLASH_BACKWARD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
+_FLASH_LSE = _FLASH is not None and _FLASH_BACKWARD is not None
+
+
+def _pad_rows(x: torch.Tensor, n_pad: int, value: float = 0.0) -> torch.Tensor:
+    """Pad dim 1 of (H, N, ...) up to n_pad rows."""
+    if x.shape[1] == n_pad:
+        return x
+    pad = [0, 0] * (x.dim() - 2) + [0, n_pad - x.shape[1]]
+    return F.pad(x, pad, value=value)
+
+
+def _windows(x: torch.Tensor, left: int, right: int, c: int, nb: int) -> torch.Tensor:
+    """(H, N, D) -> (H, nb, c + left + right, D): block b's raw keys [b*c - left, b*c + c + right), a view."""
+    xp = F.pad(x, (0, 0, left, nb * c - x.shape[1] + right))
+    return xp.unfold(1, c + left + right, c).transpose(-1, -2)
+
+
+def _fold_windows(grad: torch.Tensor, left: int, n: int, c: int) -> torch.Tensor:
+    """Adjoint of `_windows`: add (H, nb, W, D) window gradients back onto (H, n, D) (overlaps summed)."""
+    heads, nb, width, dim = grad.shape
+    acc = grad.new_zeros(heads, nb * c + width, dim)
+    for o in range(0, width, c):  # for a fixed offset the blocks' slices tile the rows without overlap
+        w = min(c, width - o)
+        acc[:, o : o + nb * c].view(heads, nb, c, dim)[:, :, :w] += grad[:, :, o : o + w]
+    return acc[:, left : left + n]
+
+
+class _BandAttention(torch.autograd.Function):
+    """Band (flash op over key-window views) + global key columns + global query rows, merged by log-sum-exp.
+
+    Forward keeps the merged output and log-sum-exp (+inf on rows with no allowed key, whose output is 0);
+    backward hands them to the flash op's backward for each piece, which then yields exactly that piece's
+    share of the gradients.
+    """
+
+    @staticmethod
+    def forward(ctx, query, key, value, plan: _Plan, left: int, right: int, scaling: float):
+        bsz, heads, n, dim = query.shape
+        c, nb, g = plan.c, plan.nb, plan.g
+        n_pad = nb * c
+        inf = float("inf")
+        outs, lses = [], []
+        for b in range(bsz):
+            q_b = _pad_rows(query[b], n_pad).view(heads, nb, c, dim)
+            o, lse = _FLASH(
+                q_b,
+                _windows(key[b], left, right, c, nb),
+                _windows(value[b], left, right, c, nb),
+                attn_mask=plan.band_mask[b],
+                scale=scaling,
+            )
+            lse = lse.masked_fill(~plan.band_alive[b], -inf)  # the op reports 0 for fully masked rows
+            if g:
+                idx = plan.order[b]
+                s = torch.matmul(q_b, key[b, :, idx].transpose(-1, -2).unsqueeze(1)) * scaling  # (H, nb, c, g)
+                s = s.masked_fill(~plan.g_cols[b], -inf)
+                total = torch.logaddexp(lse, torch.logsumexp(s, dim=-1))
+                total = total.masked_fill(torch.isneginf(total), inf)  # no allowed key: weights all 0
+                o = o * torch.exp(lse - total).unsqueeze(-1) + torch.matmul(
+                    torch.exp(s - total.unsqueeze(-1)), value[b, :, idx].unsqueeze(1)
+                )
+                lse = total
+            else:
+                lse = lse.masked_fill(torch.isneginf(lse), inf)
+                o = o * plan.band_alive[b].unsqueeze(-1)
+            o, lse = o.reshape(heads, n_pad, dim)[:, :n], lse.reshape(heads, n_pad)[:, :n]
+            if g:  # global queries see every allowed key: their rows are replaced
+                o_g, lse_g = _FLASH(
+                    query[b, :, idx].unsqueeze(0),
+                    key[b].unsqueeze(0),
+                    value[b].unsqueeze(0),
+                    attn_mask=plan.row_mask[b : b + 1],
+                    scale=scaling,
+                )
+                open_ = plan.row_open[b]  # (1, g)
+                o_g = o_g[0] * open_.unsqueeze(-1)
+                lse_g = lse_g[0].masked_fill(~open_, inf)
+                valid = plan.g_valid[b]
+                o[:, idx[valid]] = o_g[:, valid]
+                lse[:, idx[valid]] = lse_g[:, valid]
+            outs.append(o)
+            lses.append(lse)
+        out, lse = torch.stack(outs), torch.stack(lses)
+        ctx.save_for_backward(query, key, value, out, lse)
+        ctx.plan, ctx.left, ctx.right, ctx.scaling = plan, left, right, scaling
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        query, key, value, out, lse = ctx.saved_tensors
+        plan, left, right, scaling = ctx.plan, ctx.left, ctx.right, ctx.scaling
+        bsz, heads, n, dim = query.shape
+        c, nb, g = plan.c, plan.nb, plan.g
+        n_pad = nb * c
+        grad_out = grad_out.contiguous()
+        dqs, dks, dvs = [], [], []
+        for b in range(bsz):
+            go = grad_out[b]
+            if g:
+                idx = plan.order[b]
+                valid_idx = idx[plan.g_valid[b]]
+                go = go.clone()
+                go[:, valid_idx] = 0  # global query rows come from their own piece below
+            go_b = _pad_rows(go, n_pad).view(heads, nb, c, dim)
+            o_b = _pad_rows(out[b], n_pad).view(heads, nb, c, dim)
+            lse_b = _pad_rows(lse[b], n_pad, value=float("inf")).view(heads, nb, c)
+            q_b = _pad_rows(query[b], n_pad).view(heads, nb, c, dim)
+            dq, dkw, dvw = _FLASH_BACKWARD(
+                go_b,
+                q_b,
+                _windows(key[b], left, right, c, nb),
+                _windows(value[b], left, right, c, nb),
+                o_b,
+                lse_b,
+                0.0,
+                False,
+                attn_mask=plan.band_mask[b],
+                scale=scaling,
+            )
+            dk = _fold_windows(dkw, left, n, c)
+            dv = _fold_windows(dvw, left, n, c)
+            if g:
+                k_g, v_g = key[b, :, idx].unsqueeze(1), value[b, :, idx].unsqueeze(1)  # (H, 1, g, D)
+                s = torch.matmul(q_b, k_g.transpose(-1, -2)) * scaling
+                p = torch.exp(s.masked_fill(~plan.g_cols[b], float("-inf")) - lse_b.unsqueeze(-1))
+                d_sum = (go_b * o_b).sum(dim=-1, keepdim=True)
+                ds = p * (torch.matmul(go_b, v_g.transpose(-1, -2)) - d_sum)  # (H, nb, c, g)
+                dq = dq + torch.matmul(ds, k_g) * scaling
+                dk_g = torch.einsum("hncg,hncd->hgd", ds, q_b) * scaling
+                dv_g = torch.einsum("hncg,hncd->hgd", p, go_b)
+                dk = dk.index_add(1, idx, dk_g)
+                dv = dv.index_add(1, idx, dv_g)
+            dq = dq.reshape(heads, n_pad, dim)[:, :n]
+            if g:
+                go_g = grad_out[b, :, idx] * plan.g_valid[b].view(1, g, 1)
+                dq_g, dk_r, dv_r = _FLASH_BACKWARD(
+                    go_g.unsqueeze(0),
+                    query[b, :, idx].unsqueeze(0),
+                    key[b].unsqueeze(0),
+                    value[b].unsqueeze(0),
+                    out[b, :, idx].unsqueeze(0),
+                    lse[b, :, idx].unsqueeze(0),
+                    0.0,
+                    False,
+                    attn_mask=plan.row_mask[b : b + 1],
+                    scale=scaling,
+                )
+                dq = dq.clone()
+                dq[:, valid_idx] = dq_g[0][:, plan.g_valid[b]]
+                dk, dv = dk + dk_r[0], dv + dv_r[0]
+            dqs.append(dq)
+            dks.append(dk)
+            dvs.append(dv)
+        return torch.stack(dqs), torch.stack(dks), torch.stack(dvs), None, None, None, None
