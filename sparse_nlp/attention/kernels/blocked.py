@@ -270,7 +270,9 @@ class _BandAttention(torch.autograd.Function):
             lse = lse.masked_fill(~plan.band_alive[b], -inf)  # the op reports 0 for fully masked rows
             if g:
                 idx = plan.order[b]
-                s = torch.matmul(q_b, key[b, :, idx].transpose(-1, -2).unsqueeze(1)) * scaling  # (H, nb, c, g)
+                s = (
+                    torch.matmul(q_b, key[b, :, idx].transpose(-1, -2).unsqueeze(1)) * scaling
+                )  # (H, nb, c, g)
                 s = s.masked_fill(~plan.g_cols[b], -inf)
                 total = torch.logaddexp(lse, torch.logsumexp(s, dim=-1))
                 total = total.masked_fill(torch.isneginf(total), inf)  # no allowed key: weights all 0
