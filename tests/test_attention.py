@@ -185,6 +185,20 @@ def test_blocked_equals_reference_values_and_gradients(pattern, pad):
         assert (a - b).abs().max() < 1e-5
 
 
+@pytest.mark.parametrize("pattern", BAND_PATTERNS[2:4], ids=lambda p: p.key())
+def test_blocked_with_dropout_takes_the_concatenated_path(pattern):
+    """With attention dropout the windows and global columns go through one SDPA call (its own dropout)."""
+    q, k, v, real = _inputs("right")
+    spec = _spec(pattern, real, "right")
+    ref = reference_attention(q, k, v, spec, 0.3)
+    out = blocked_attention(q, k, v, spec, 0.3, dropout=1e-12)  # never drops in practice: same values
+    assert (out - ref).abs().max() < 1e-5
+    g_ref = torch.autograd.grad(ref.sum(), (q, k, v))
+    g_out = torch.autograd.grad(out.sum(), (q, k, v))
+    for a, b in zip(g_ref, g_out, strict=True):
+        assert (a - b).abs().max() < 1e-5
+
+
 def test_reference_equals_masked_softmax_by_hand():
     q, k, v, real = _inputs("right", n=11)
     pattern = SlidingWindow(4) | GlobalTokens((0,))
