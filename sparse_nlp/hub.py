@@ -3,8 +3,8 @@
 ``push_to_hub(model_or_dir, "org/name")`` uploads the checkpoint folder (weights - dense or compact -,
 masks, tokenizer, our metadata in config.json, the recipe ``sparsity_config.json``) in one commit, plus a
 ``README.md`` model card rendered with huggingface_hub's `ModelCard` from the package's
-``templates/model_card.md``. The card states what was *measured* on the weights (`sparse_nlp.report`), not what was asked for: sparsity
-per module group, the speed ratio from a benchmark result JSON when there is one, and model-index
+``templates/model_card.md``. The card states what was *measured* on the weights (`sparse_nlp.report`),
+not what was asked for: sparsity per module group, the speed ratio from a benchmark result JSON when there is one, and model-index
 evaluation results from an evaluation JSON.
 
 Pulling is `sparse_nlp.from_pretrained("org/name")`: it downloads the repository into the Hugging Face

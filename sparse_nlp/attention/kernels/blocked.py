@@ -125,7 +125,7 @@ def _plan(spec: MaskSpec, band: BandStructure, n: int, device: torch.device, dty
             row_mask = row_mask & (
                 torch.arange(n, device=device).view(1, 1, 1, n) <= order.view(bsz, 1, g, 1)
             )
-        plan.row_open = row_mask.any(dim=-1).squeeze(1).unsqueeze(1)  # (B, 1, g)
+        plan.row_open = row_mask.any(dim=-1)  # (B, 1, g)
         row_mask, plan.row_alive = revive_rows(row_mask)
         plan.row_mask = _additive(row_mask, dtype)
         plan.g, plan.order, plan.g_valid = g, order, g_valid
@@ -172,48 +172,6 @@ def blocked_attention(
     return _BandAttention.apply(query, key, value, plan, band.left, band.right, scaling)
 
 
-def _concat_attention(query, key, value, plan: _Plan, band: BandStructure, scaling: float, dropout: float):
-    """One SDPA call per batch row over each block's window with the global key columns appended."""
-    bsz, heads, n, dim = query.shape
-    c, nb, left, right = plan.c, plan.nb, band.left, band.right
-    n_pad = nb * c
-    band_width = c + left + right
-
-    # ---- band part: block b of queries sees raw keys [b*c - left, b*c + c + right) plus the global keys -----
-    # Layout (H, nb, ., D) per batch row: query blocks and key windows are views of the inputs (the windows
-    # overlap in memory, no copy) and the mask (1, nb, c, W) is shared by all heads.
-    q_pad = query if n_pad == n else F.pad(query, (0, 0, 0, n_pad - n))
-    k_pad = F.pad(key, (0, 0, left, n_pad - n + right))  # (B, H, left + Np + right, D)
-    v_pad = F.pad(value, (0, 0, left, n_pad - n + right))
-    if plan.g:
-        idx = plan.order.view(bsz, 1, plan.g, 1).expand(bsz, heads, plan.g, dim)
-        k_g, v_g = key.gather(2, idx), value.gather(2, idx)  # (B, H, g, D)
-    mask = plan.mask.view(bsz, 1, nb, c, plan.width)
-    alive = plan.alive if plan.alive is True else plan.alive.view(bsz, 1, nb, c, 1)
-    rows = []
-    for b in range(bsz):
-        q_b = q_pad[b].view(heads, nb, c, dim)
-        k_b = k_pad[b].unfold(1, band_width, c).transpose(-1, -2)  # (H, nb, W, D), a view
-        v_b = v_pad[b].unfold(1, band_width, c).transpose(-1, -2)
-        if plan.g:
-            k_b = torch.cat([k_b, k_g[b].unsqueeze(1).expand(heads, nb, plan.g, dim)], dim=2)
-            v_b = torch.cat([v_b, v_g[b].unsqueeze(1).expand(heads, nb, plan.g, dim)], dim=2)
-        a_b = alive if alive is True else alive[b]
-        rows.append(masked_sdpa(q_b, k_b, v_b, mask[b], scaling, dropout, alive=a_b).view(heads, n_pad, dim))
-    out = torch.stack(rows) if bsz > 1 else rows[0].unsqueeze(0)  # (B, H, Np, D)
-    if n_pad != n:
-        out = out[:, :, :n]
-
-    # ---- global queries attend to every allowed key --------------------------------------------------------
-    if plan.g:
-        q_g = query.gather(2, idx)  # (B, H, g, D)
-        out_g = masked_sdpa(q_g, key, value, plan.row_mask, scaling, dropout, alive=plan.row_alive)
-        if not bool(plan.g_valid.all()):
-            out_g = torch.where(plan.g_valid.view(bsz, 1, plan.g, 1), out_g, out.gather(2, idx))
-        out = out.scatter(2, idx, out_g)
-    return out
-
-
 _FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 _FLASH_BACKWARD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
 _FLASH_LSE = _FLASH is not None and _FLASH_BACKWARD is not None
@@ -241,6 +199,44 @@ def _fold_windows(grad: torch.Tensor, left: int, n: int, c: int) -> torch.Tensor
         w = min(c, width - o)
         acc[:, o : o + nb * c].view(heads, nb, c, dim)[:, :, :w] += grad[:, :, o : o + w]
     return acc[:, left : left + n]
+
+
+def _concat_attention(query, key, value, plan: _Plan, band: BandStructure, scaling: float, dropout: float):
+    """One SDPA call per batch row over each block's window with the global key columns appended."""
+    bsz, heads, n, dim = query.shape
+    c, nb, left, right = plan.c, plan.nb, band.left, band.right
+    n_pad = nb * c
+
+    # ---- band part: block b of queries sees raw keys [b*c - left, b*c + c + right) plus the global keys -----
+    # Layout (H, nb, ., D) per batch row: query blocks and key windows are views of the inputs (the windows
+    # overlap in memory, no copy) and the mask (1, nb, c, W) is shared by all heads.
+    if plan.g:
+        idx = plan.order.view(bsz, 1, plan.g, 1).expand(bsz, heads, plan.g, dim)
+        k_g, v_g = key.gather(2, idx), value.gather(2, idx)  # (B, H, g, D)
+    mask = plan.mask.view(bsz, 1, nb, c, plan.width)
+    alive = plan.alive if plan.alive is True else plan.alive.view(bsz, 1, nb, c, 1)
+    rows = []
+    for b in range(bsz):
+        q_b = _pad_rows(query[b], n_pad).view(heads, nb, c, dim)
+        k_b = _windows(key[b], left, right, c, nb)  # (H, nb, W, D)
+        v_b = _windows(value[b], left, right, c, nb)
+        if plan.g:
+            k_b = torch.cat([k_b, k_g[b].unsqueeze(1).expand(heads, nb, plan.g, dim)], dim=2)
+            v_b = torch.cat([v_b, v_g[b].unsqueeze(1).expand(heads, nb, plan.g, dim)], dim=2)
+        a_b = alive if alive is True else alive[b]
+        rows.append(masked_sdpa(q_b, k_b, v_b, mask[b], scaling, dropout, alive=a_b).view(heads, n_pad, dim))
+    out = torch.stack(rows) if bsz > 1 else rows[0].unsqueeze(0)  # (B, H, Np, D)
+    if n_pad != n:
+        out = out[:, :, :n]
+
+    # ---- global queries attend to every allowed key --------------------------------------------------------
+    if plan.g:
+        q_g = query.gather(2, idx)  # (B, H, g, D)
+        out_g = masked_sdpa(q_g, key, value, plan.row_mask, scaling, dropout, alive=plan.row_alive)
+        if not bool(plan.g_valid.all()):
+            out_g = torch.where(plan.g_valid.view(bsz, 1, plan.g, 1), out_g, out.gather(2, idx))
+        out = out.scatter(2, idx, out_g)
+    return out
 
 
 class _BandAttention(torch.autograd.Function):
