@@ -171,3 +171,44 @@ def test_real_glue_tasks_encode_and_score(data_dir, minilm_path, task, pair, n_d
     result = evaluate_glue(model, tokenizer, task, data_dir=data_dir, max_length=64, limit=64, progress=False)
     metric = TASKS[task].main_metric
     assert result["num_examples"] == 64 and -100 <= result[metric] <= 100
+
+
+def test_group_by_length_batches_rows_of_similar_length(tmp_path):
+    from transformers import (
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+        DataCollatorWithPadding,
+        Trainer,
+    )
+
+    from sparse_nlp.recipes import TrainingSettings, _training_args
+
+    folder = tiny_bert_folder(tmp_path / "model")
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForSequenceClassification.from_pretrained(folder)
+    generator = torch.Generator().manual_seed(0)
+    rows = [
+        {"input_ids": [1] * int(n), "attention_mask": [1] * int(n), "labels": 0}
+        for n in torch.randint(2, 60, (512,), generator=generator)
+    ]
+
+    def padded_tokens(group: bool) -> int:
+        args = _training_args(TrainingSettings(batch_size=16, group_by_length=group), tmp_path, 0, False)
+        loader = Trainer(
+            model=model, args=args, train_dataset=rows, data_collator=DataCollatorWithPadding(tokenizer)
+        ).get_train_dataloader()
+        batches = list(loader)
+        assert sum(len(b["labels"]) for b in batches) == len(rows)  # every row once either way
+        return sum(b["input_ids"].numel() for b in batches)
+
+    real = sum(len(r["input_ids"]) for r in rows)
+    grouped, shuffled = padded_tokens(True), padded_tokens(False)
+    assert grouped < 0.8 * shuffled and grouped < 1.25 * real
+
+
+def test_group_by_length_must_be_a_bool(tmp_path):
+    text = TINY.format(model="m")
+    bad = text.replace("logging_steps: 100}", "logging_steps: 100, group_by_length: often}", 1)
+    assert bad != text
+    with pytest.raises(ConfigError, match=r"stages\[0\]\.training\.group_by_length must be true or false"):
+        load_recipe(_write(tmp_path, bad))
