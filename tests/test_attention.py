@@ -185,6 +185,28 @@ def test_blocked_equals_reference_values_and_gradients(pattern, pad):
         assert (a - b).abs().max() < 1e-5
 
 
+@pytest.mark.parametrize("pad", ["none", "left"])
+def test_blocked_default_blocks_two_layers_share_one_spec(pad):
+    """Default block sizes (forward 32, backward 128: two plans) at a length that is a multiple of neither,
+    and two "layers" calling the kernel with one spec, as a model does: the padded key/value buffers the plan
+    reuses between calls must not leak one layer's keys into the other's values or gradients."""
+    pattern = SlidingWindow(20) | GlobalTokens((0,))
+    q1, k1, v1, real = _inputs(pad, n=150, seed=1)
+    q2, k2, v2, _ = _inputs(pad, n=150, seed=2)
+    spec = _spec(pattern, real, pad, block=0)
+    outs = [blocked_attention(q, k, v, spec, 0.3) for q, k, v in ((q1, k1, v1), (q2, k2, v2))]
+    refs = [reference_attention(q, k, v, spec, 0.3) for q, k, v in ((q1, k1, v1), (q2, k2, v2))]
+    for out, ref in zip(outs, refs, strict=True):
+        assert (out - ref).abs().max() < 1e-5
+    weight = torch.randn_like(refs[0])
+    leaves = (q1, k1, v1, q2, k2, v2)
+    g_ref = torch.autograd.grad(((refs[0] + refs[1]) * weight).sum(), leaves)
+    g_out = torch.autograd.grad(((outs[0] + outs[1]) * weight).sum(), leaves)
+    for a, b in zip(g_ref, g_out, strict=True):
+        assert (a - b).abs().max() < 1e-5
+    assert {key[2] for key in spec.cache if key[0] == "blocked"} == {32, 128}
+
+
 @pytest.mark.parametrize("pattern", BAND_PATTERNS[2:4], ids=lambda p: p.key())
 def test_blocked_with_dropout_takes_the_concatenated_path(pattern):
     """With attention dropout the windows and global columns go through one SDPA call (its own dropout)."""

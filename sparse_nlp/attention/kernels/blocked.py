@@ -6,7 +6,7 @@ to the global keys; the global queries then attend to every key in a second, sma
 grow as N * (c + left + right + globals) instead of N * N, and every operation has a backward pass.
 
 Without attention dropout the band runs through torch's CPU flash-attention op, which also returns each
-row's log-sum-exp: the band (key windows are overlapping *views* of the keys, never copied) and the global
+row's log-sum-exp: the band (key windows are overlapping *views* of one zero-padded copy of the keys) and the global
 key columns are computed apart and merged by their log-sum-exps, and the backward pass calls the op's own
 backward with the merged output and log-sum-exp (`_BandAttention`). With dropout the global columns are
 concatenated to every window and one SDPA call does both (`_concat_attention`).
@@ -14,7 +14,8 @@ concatenated to every window and one SDPA call does both (`_concat_attention`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import functools
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -24,7 +25,12 @@ from ..patterns import BandStructure
 from ..spec import MaskSpec
 from .reference import masked_sdpa, repeat_kv, revive_rows
 
-DEFAULT_BLOCK = 128
+# Query block of the forward pass and of the backward pass (when the config leaves block_size at 0). The
+# forward prefers small blocks (less of each key window is masked out); the backward prefers large ones, because
+# the flash op's backward returns a gradient for every key *window* (c + left + right keys per block of c), so
+# small blocks multiply that buffer (measured with benchmarks/attention_speed.py --block; see README).
+DEFAULT_BLOCK = 32
+DEFAULT_BACKWARD_BLOCK = 128
 
 
 class KernelUnsupported(ValueError):
@@ -78,6 +84,7 @@ class _Plan:
     band_alive: torch.Tensor | None = None  # (B, 1, nb, c) rows with an allowed band key
     g_cols: torch.Tensor | None = None  # (B, 1, nb, c, g) bool: global key columns each query sees
     row_open: torch.Tensor | None = None  # (B, 1, g) global query rows with an allowed key
+    scratch: dict = field(default_factory=dict)  # padded key/value buffers, reused by every layer
 
 
 def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -85,12 +92,19 @@ def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
 
 
-def _plan(spec: MaskSpec, band: BandStructure, n: int, device: torch.device, dtype: torch.dtype) -> _Plan:
-    key = ("blocked", n, spec.block_size, str(device), dtype)
+def _plan(
+    spec: MaskSpec,
+    band: BandStructure,
+    n: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    default_block: int = DEFAULT_BLOCK,
+) -> _Plan:
+    key = ("blocked", n, spec.block_size or default_block, str(device), dtype)
     if key in spec.cache:
         return spec.cache[key]
     bsz, left, right = spec.batch, band.left, band.right
-    c = max(1, min(spec.block_size or DEFAULT_BLOCK, n))
+    c = max(1, min(spec.block_size or default_block, n))
     nb = -(-n // c)
     n_pad = nb * c
     width = c + left + right
@@ -166,10 +180,14 @@ def blocked_attention(
         raise KernelUnsupported(f"pattern {spec.pattern.name!r} has no band form for the blocked kernel")
     groups = query.shape[1] // key.shape[1]
     key, value = repeat_kv(key, groups), repeat_kv(value, groups)
-    plan = _plan(spec, band, query.shape[2], query.device, query.dtype)
-    if dropout or not _FLASH_LSE:
+    n = query.shape[2]
+    if dropout or not _FLASH_LSE:  # autograd runs through masked SDPA: the backward's block size suits it
+        plan = _plan(spec, band, n, query.device, query.dtype, DEFAULT_BACKWARD_BLOCK)
         return _concat_attention(query, key, value, plan, band, scaling, dropout)
-    return _BandAttention.apply(query, key, value, plan, band.left, band.right, scaling)
+    plan = _plan(spec, band, n, query.device, query.dtype, DEFAULT_BLOCK)
+    # the backward's plan is built on the first backward call, then cached in the spec for the other layers
+    backward_plan = functools.partial(_plan, spec, band, n, query.device, query.dtype, DEFAULT_BACKWARD_BLOCK)
+    return _BandAttention.apply(query, key, value, plan, backward_plan, band.left, band.right, scaling)
 
 
 _FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
@@ -185,9 +203,23 @@ def _pad_rows(x: torch.Tensor, n_pad: int, value: float = 0.0) -> torch.Tensor:
     return F.pad(x, pad, value=value)
 
 
-def _windows(x: torch.Tensor, left: int, right: int, c: int, nb: int) -> torch.Tensor:
-    """(H, N, D) -> (H, nb, c + left + right, D): block b's raw keys [b*c - left, b*c + c + right), a view."""
-    xp = F.pad(x, (0, 0, left, nb * c - x.shape[1] + right))
+def _windows(
+    x: torch.Tensor, left: int, right: int, c: int, nb: int, scratch: dict | None = None, name: str = ""
+) -> torch.Tensor:
+    """(H, N, D) -> (H, nb, c + left + right, D): block b's raw keys [b*c - left, b*c + c + right).
+
+    The windows are overlapping views of one zero-padded copy of `x`. With `scratch`, that copy is kept
+    there under `name` and reused by later calls of the same shape: a fresh multi-MB buffer per call costs
+    more in page faults than the copy itself (measured: 6.5 ms against 2 ms at 12 x 4,096 x 64).
+    """
+    heads, n, dim = x.shape
+    shape = (heads, left + nb * c + right, dim)
+    xp = scratch.get(name) if scratch is not None else None
+    if xp is None or xp.shape != shape or xp.dtype != x.dtype or xp.device != x.device:
+        xp = x.new_zeros(shape)
+        if scratch is not None:
+            scratch[name] = xp
+    xp[:, left : left + n].copy_(x)  # the padding rows outside stay zero
     return xp.unfold(1, c + left + right, c).transpose(-1, -2)
 
 
@@ -248,7 +280,7 @@ class _BandAttention(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, query, key, value, plan: _Plan, left: int, right: int, scaling: float):
+    def forward(ctx, query, key, value, plan: _Plan, backward_plan, left: int, right: int, scaling: float):
         bsz, heads, n, dim = query.shape
         c, nb, g = plan.c, plan.nb, plan.g
         n_pad = nb * c
@@ -258,27 +290,26 @@ class _BandAttention(torch.autograd.Function):
             q_b = _pad_rows(query[b], n_pad).view(heads, nb, c, dim)
             o, lse = _FLASH(
                 q_b,
-                _windows(key[b], left, right, c, nb),
-                _windows(value[b], left, right, c, nb),
+                _windows(key[b], left, right, c, nb, plan.scratch, "key"),
+                _windows(value[b], left, right, c, nb, plan.scratch, "value"),
                 attn_mask=plan.band_mask[b],
                 scale=scaling,
             )
             lse = lse.masked_fill(~plan.band_alive[b], -inf)  # the op reports 0 for fully masked rows
             if g:
                 idx = plan.order[b]
-                s = (
-                    torch.matmul(q_b, key[b, :, idx].transpose(-1, -2).unsqueeze(1)) * scaling
-                )  # (H, nb, c, g)
-                s = s.masked_fill(~plan.g_cols[b], -inf)
+                # scores against the global keys for all rows in one (H, Np, D) x (H, D, g) product
+                s = torch.matmul(q_b.reshape(heads, n_pad, dim), key[b, :, idx].transpose(-1, -2))
+                s = s.mul_(scaling).view(heads, nb, c, g).masked_fill_(~plan.g_cols[b], -inf)
                 total = torch.logaddexp(lse, torch.logsumexp(s, dim=-1))
-                total = total.masked_fill(torch.isneginf(total), inf)  # no allowed key: weights all 0
-                o = o * torch.exp(lse - total).unsqueeze(-1) + torch.matmul(
-                    torch.exp(s - total.unsqueeze(-1)), value[b, :, idx].unsqueeze(1)
-                )
+                total.masked_fill_(torch.isneginf(total), inf)  # no allowed key: weights all 0
+                # in place on the op's (contiguous) output: no copy of the (H, Np, D) rows
+                o = o.mul_(torch.exp(lse - total).unsqueeze(-1)).view(heads, n_pad, dim)
+                o = o.baddbmm_(torch.exp(s.sub_(total.unsqueeze(-1))).view(heads, n_pad, g), value[b, :, idx])
                 lse = total
             else:
                 lse = lse.masked_fill(torch.isneginf(lse), inf)
-                o = o * plan.band_alive[b].unsqueeze(-1)
+                o = o.mul_(plan.band_alive[b].unsqueeze(-1))
             o, lse = o.reshape(heads, n_pad, dim)[:, :n], lse.reshape(heads, n_pad)[:, :n]
             if g:  # global queries see every allowed key: their rows are replaced
                 o_g, lse_g = _FLASH(
@@ -296,15 +327,15 @@ class _BandAttention(torch.autograd.Function):
                 lse[:, idx[valid]] = lse_g[:, valid]
             outs.append(o)
             lses.append(lse)
-        out, lse = torch.stack(outs), torch.stack(lses)
+        out, lse = (torch.stack(outs), torch.stack(lses)) if bsz > 1 else (outs[0][None], lses[0][None])
         ctx.save_for_backward(query, key, value, out, lse)
-        ctx.plan, ctx.left, ctx.right, ctx.scaling = plan, left, right, scaling
+        ctx.plan, ctx.left, ctx.right, ctx.scaling = backward_plan, left, right, scaling
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         query, key, value, out, lse = ctx.saved_tensors
-        plan, left, right, scaling = ctx.plan, ctx.left, ctx.right, ctx.scaling
+        plan, left, right, scaling = ctx.plan(), ctx.left, ctx.right, ctx.scaling
         bsz, heads, n, dim = query.shape
         c, nb, g = plan.c, plan.nb, plan.g
         n_pad = nb * c
@@ -324,8 +355,8 @@ class _BandAttention(torch.autograd.Function):
             dq, dkw, dvw = _FLASH_BACKWARD(
                 go_b,
                 q_b,
-                _windows(key[b], left, right, c, nb),
-                _windows(value[b], left, right, c, nb),
+                _windows(key[b], left, right, c, nb, plan.scratch, "key"),
+                _windows(value[b], left, right, c, nb, plan.scratch, "value"),
                 o_b,
                 lse_b,
                 0.0,
@@ -335,17 +366,17 @@ class _BandAttention(torch.autograd.Function):
             )
             dk = _fold_windows(dkw, left, n, c)
             dv = _fold_windows(dvw, left, n, c)
-            if g:
-                k_g, v_g = key[b, :, idx].unsqueeze(1), value[b, :, idx].unsqueeze(1)  # (H, 1, g, D)
-                s = torch.matmul(q_b, k_g.transpose(-1, -2)) * scaling
-                p = torch.exp(s.masked_fill(~plan.g_cols[b], float("-inf")) - lse_b.unsqueeze(-1))
-                d_sum = (go_b * o_b).sum(dim=-1, keepdim=True)
-                ds = p * (torch.matmul(go_b, v_g.transpose(-1, -2)) - d_sum)  # (H, nb, c, g)
-                dq = dq + torch.matmul(ds, k_g) * scaling
-                dk_g = torch.einsum("hncg,hncd->hgd", ds, q_b) * scaling
-                dv_g = torch.einsum("hncg,hncd->hgd", p, go_b)
-                dk = dk.index_add(1, idx, dk_g)
-                dv = dv.index_add(1, idx, dv_g)
+            if g:  # the global key columns, on (H, Np, .) views: a few small matrix products
+                k_g, v_g = key[b, :, idx], value[b, :, idx]  # (H, g, D)
+                q_f, go_f = q_b.reshape(heads, n_pad, dim), go_b.reshape(heads, n_pad, dim)
+                s = torch.matmul(q_f, k_g.transpose(-1, -2)).mul_(scaling).view(heads, nb, c, g)
+                p = torch.exp(s.masked_fill_(~plan.g_cols[b], float("-inf")).sub_(lse_b.unsqueeze(-1)))
+                p = p.view(heads, n_pad, g)
+                d_sum = (go_f * o_b.reshape(heads, n_pad, dim)).sum(dim=-1, keepdim=True)
+                ds = p * (torch.matmul(go_f, v_g.transpose(-1, -2)) - d_sum)  # (H, Np, g)
+                dq = dq + (torch.matmul(ds, k_g) * scaling).view(heads, nb, c, dim)
+                dk = dk.index_add(1, idx, torch.matmul(ds.transpose(-1, -2), q_f).mul_(scaling))
+                dv = dv.index_add(1, idx, torch.matmul(p.transpose(-1, -2), go_f))
             dq = dq.reshape(heads, n_pad, dim)[:, :n]
             if g:
                 go_g = grad_out[b, :, idx] * plan.g_valid[b].view(1, g, 1)
@@ -367,4 +398,4 @@ class _BandAttention(torch.autograd.Function):
             dqs.append(dq)
             dks.append(dk)
             dvs.append(dv)
-        return torch.stack(dqs), torch.stack(dks), torch.stack(dvs), None, None, None, None
+        return torch.stack(dqs), torch.stack(dks), torch.stack(dvs), None, None, None, None, None
