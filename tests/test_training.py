@@ -214,12 +214,25 @@ def test_distillation_config_validation():
 # ---- Trainer callback and resume -----------------------------------------------------------------------
 
 
-def _features(n=64, seed=0):
+def _features(n=64, seed=0, lengths=(10,)):
     g = torch.Generator().manual_seed(seed)
     return [
-        {"input_ids": torch.randint(3, VOCAB, (10,), generator=g).tolist(), "labels": int(i % 2)}
+        {
+            "input_ids": torch.randint(3, VOCAB, (lengths[i % len(lengths)],), generator=g).tolist(),
+            "labels": int(i % 2),
+        }
         for i in range(n)
     ]
+
+
+def _pad_collate(features):
+    width = max(len(f["input_ids"]) for f in features)
+    ids = torch.zeros(len(features), width, dtype=torch.long)
+    mask = torch.zeros(len(features), width, dtype=torch.long)
+    for i, f in enumerate(features):
+        ids[i, : len(f["input_ids"])] = torch.tensor(f["input_ids"])
+        mask[i, : len(f["input_ids"])] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": torch.tensor([f["labels"] for f in features])}
 
 
 class _StopAt(TrainerCallback):
@@ -231,7 +244,7 @@ class _StopAt(TrainerCallback):
             control.should_training_stop = True
 
 
-def _trainer_run(out, *, max_steps=10, stop_at=None, resume=False, method="magnitude"):
+def _trainer_run(out, *, max_steps=10, stop_at=None, resume=False, method="magnitude", group_by_length=False):
     model = tiny_model("bert", hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0).train()
     teacher = tiny_model("bert", seed=5)
     rule = WeightSparsity(
@@ -251,12 +264,14 @@ def _trainer_run(out, *, max_steps=10, stop_at=None, resume=False, method="magni
         logging_steps=100,
         seed=7,
         dataloader_num_workers=0,
+        train_sampling_strategy="group_by_length" if group_by_length else "random",
     )
     callbacks = [SparsityCallback(pruner, finish_at_end=False)] + ([_StopAt(stop_at)] if stop_at else [])
     trainer = Trainer(
         model=model,
         args=args,
-        train_dataset=_features(),
+        train_dataset=_features(lengths=(4, 9, 13, 6, 16, 10, 7, 12) if group_by_length else (10,)),
+        data_collator=_pad_collate if group_by_length else None,
         callbacks=callbacks,
         compute_loss_func=Distiller(model, teacher, DistillationConfig(alpha=0.5)),
     )
@@ -278,6 +293,21 @@ def test_trainer_callback_and_resume_give_same_masks(tmp_path, method):
     assert resumed.applied_step == full.applied_step
     a, b = full.masks(), resumed.masks()
     assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
+    for (n, p), (_, q) in zip(trainer.model.named_parameters(), trainer2.model.named_parameters()):
+        assert torch.allclose(p, q, atol=1e-5), n
+
+
+def test_resume_with_length_grouped_batches_gives_same_masks(tmp_path):
+    """Recipes may batch rows of similar length (group_by_length): a resumed run must still see the same
+    batches, in the same order, as an uninterrupted one (the sampler draws from torch's global RNG)."""
+    from transformers.trainer_pt_utils import LengthGroupedSampler
+
+    trainer, full = _trainer_run(tmp_path / "full", group_by_length=True)
+    assert isinstance(trainer._get_train_sampler(), LengthGroupedSampler)
+    _trainer_run(tmp_path / "part", stop_at=4, group_by_length=True)
+    trainer2, resumed = _trainer_run(tmp_path / "part", resume=True, group_by_length=True)
+    a, b = full.masks(), resumed.masks()
+    assert all(torch.equal(a[n], b[n]) for n in a)
     for (n, p), (_, q) in zip(trainer.model.named_parameters(), trainer2.model.named_parameters()):
         assert torch.allclose(p, q, atol=1e-5), n
 
