@@ -98,8 +98,9 @@ class Stage:
         sparsity: Weight rules with their final sparsity (prune); methods ``magnitude`` or ``movement``.
         schedule: When the masks change (prune).
         distillation: Distil from a teacher (prune; omit for no teacher).
-        teacher: Name of an earlier finetune/prune stage whose model is the teacher; default: the model as it
-            was before this stage.
+        teacher: Name of an earlier finetune/prune stage whose model is the teacher, or a model folder (any
+            value with a ``/``, e.g. ``runs/minilm-sst2-dense-epoch/dense``; relative to the working directory);
+            default: the model as it was before this stage.
         split: Split to evaluate (evaluate).
     """
 
@@ -159,6 +160,11 @@ class Stage:
             raise ConfigError(f"{path}.split must be dev or train, got {self.split!r}.")
 
 
+def is_teacher_folder(teacher: str) -> bool:
+    """A stage's `teacher` names a model folder (rather than an earlier stage) when it contains a path separator."""
+    return "/" in teacher or os.sep in teacher
+
+
 @dataclass
 class Recipe:
     """A run: a starting model, a GLUE task and the stages applied in order."""
@@ -183,9 +189,14 @@ class Recipe:
         names = set()
         for i, stage in enumerate(self.stages):
             stage.validate(f"stages[{i}]")
-            if stage.teacher is not None and stage.teacher not in names:
+            if (
+                stage.teacher is not None
+                and not is_teacher_folder(stage.teacher)
+                and stage.teacher not in names
+            ):
                 raise ConfigError(
-                    f"stages[{i}].teacher {stage.teacher!r} is not an earlier stage.{suggest(stage.teacher, sorted(names))}"
+                    f"stages[{i}].teacher {stage.teacher!r} is not an earlier stage (nor a folder: a path has a '/')."
+                    f"{suggest(stage.teacher, sorted(names))}"
                 )
             if stage.name in names:
                 raise ConfigError(
@@ -353,6 +364,12 @@ def run_recipe(
     if any(s.type != "evaluate" and not (s.type == "finetune" and start_from) for s in recipe.stages):
         train_rows(None)
     encode_glue(tokenizer, recipe.task, "dev", data_dir=data_dir, max_length=recipe.max_length, limit=1)
+    for i, stage in enumerate(recipe.stages):  # and so is a teacher folder
+        if stage.teacher and is_teacher_folder(stage.teacher) and not Path(stage.teacher).is_dir():
+            raise ConfigError(
+                f"stages[{i}].teacher: no model folder at {Path(stage.teacher).resolve()} (a teacher with a '/' "
+                "is a folder, relative to the working directory)."
+            )
 
     for stage in recipe.stages:
         record: dict[str, Any] = {"name": stage.name, "type": stage.type}
@@ -384,7 +401,7 @@ def run_recipe(
                 teacher = None
                 if stage.distillation is not None:
                     teacher = (
-                        load_for_task(stage_models[stage.teacher], recipe.task)[0]
+                        load_for_task(stage_models.get(stage.teacher, stage.teacher), recipe.task)[0]
                         if stage.teacher
                         else copy.deepcopy(model)
                     )

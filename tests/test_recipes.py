@@ -212,3 +212,55 @@ def test_group_by_length_must_be_a_bool(tmp_path):
     assert bad != text
     with pytest.raises(ConfigError, match=r"stages\[0\]\.training\.group_by_length must be true or false"):
         load_recipe(_write(tmp_path, bad))
+
+
+RECOVER = """
+model: {model}
+task: sst2
+max_length: 32
+stages:
+  - name: recover
+    type: prune
+    teacher: {teacher}
+    sparsity: {{weights: [{{method: magnitude, sparsity: 0.8, targets: [all-linear]}}]}}
+    schedule: {{initial_sparsity: 0.8, start_step: 0, end_step: 0, update_every: 1}}
+    distillation: {{temperature: 2.0, alpha: 0.5}}
+    training: {{max_steps: 6, learning_rate: 1e-3, batch_size: 8, logging_steps: 100}}
+"""
+
+
+def test_teacher_folder_and_a_recovery_stage_keep_the_mask(tmp_path):
+    """A stage can name a model folder as its teacher (a value with '/'), e.g. to train a pruned model on at
+    its sparsity with the dense model as the teacher; the pruned weights stay exactly the same ones."""
+    model_dir = tiny_bert_folder(tmp_path / "model")
+    data_dir = tiny_glue_dir(tmp_path / "data")
+    first = tmp_path / "first"
+    run_recipe(
+        load_recipe(_write(tmp_path, TINY.format(model=model_dir))), first, data_dir=data_dir, progress=False
+    )
+    recipe = load_recipe(_write(tmp_path, RECOVER.format(model="m", teacher=first / "dense")))
+    assert recipe.stages[0].teacher == str(first / "dense")
+    again = run_recipe(
+        recipe, tmp_path / "again", data_dir=data_dir, start_from=first / "gmp", progress=False
+    )
+    assert again["stages"][0]["sparsity"] == pytest.approx(0.8, abs=1e-3)
+    before, after = from_pretrained(first / "gmp"), from_pretrained(tmp_path / "again" / "recover")
+    changed = 0
+    for (name, p), (_, q) in zip(before.named_parameters(), after.named_parameters(), strict=True):
+        if "encoder" in name and name.endswith("weight") and p.dim() == 2:
+            assert torch.equal(p == 0, q == 0), name  # same zeros
+            changed += int(not torch.equal(p, q))
+    assert changed > 0  # and the kept weights did train
+
+
+def test_missing_teacher_folder_fails_before_training(tmp_path, capsys):
+    model_dir = tiny_bert_folder(tmp_path / "model")
+    data_dir = tiny_glue_dir(tmp_path / "data")
+    recipe = _write(tmp_path, RECOVER.format(model=model_dir, teacher="runs/nowhere/dense"))
+    code = main(
+        ["run", str(recipe), "--data-dir", str(data_dir), "--out", str(tmp_path / "out"), "--no-progress"]
+    )
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "stages[0].teacher" in err and "nowhere" in err
+    assert not (tmp_path / "out" / "recover").exists()
