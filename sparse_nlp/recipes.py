@@ -339,6 +339,16 @@ def run_recipe(
     recipe.validate()
     task_info(recipe.task)
     resolve_data_dir(data_dir)  # a missing directory fails before any work
+    for i, stage in enumerate(recipe.stages):  # and so does a teacher folder without a model
+        if (
+            stage.teacher
+            and is_teacher_folder(stage.teacher)
+            and not (Path(stage.teacher) / "config.json").is_file()
+        ):
+            raise ConfigError(
+                f"stages[{i}].teacher: no model (config.json) in {Path(stage.teacher).resolve()}; a teacher with "
+                "a '/' is a model folder, relative to the working directory (name an earlier stage without '/')."
+            )
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     recipe.save(out / RECIPE_FILE)
@@ -364,12 +374,6 @@ def run_recipe(
     if any(s.type != "evaluate" and not (s.type == "finetune" and start_from) for s in recipe.stages):
         train_rows(None)
     encode_glue(tokenizer, recipe.task, "dev", data_dir=data_dir, max_length=recipe.max_length, limit=1)
-    for i, stage in enumerate(recipe.stages):  # and so is a teacher folder
-        if stage.teacher and is_teacher_folder(stage.teacher) and not Path(stage.teacher).is_dir():
-            raise ConfigError(
-                f"stages[{i}].teacher: no model folder at {Path(stage.teacher).resolve()} (a teacher with a '/' "
-                "is a folder, relative to the working directory)."
-            )
 
     for stage in recipe.stages:
         record: dict[str, Any] = {"name": stage.name, "type": stage.type}

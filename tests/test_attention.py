@@ -185,21 +185,37 @@ def test_blocked_equals_reference_values_and_gradients(pattern, pad):
         assert (a - b).abs().max() < 1e-5
 
 
-@pytest.mark.parametrize("pad", ["none", "left"])
-def test_blocked_default_blocks_two_layers_share_one_spec(pad):
+@pytest.mark.parametrize("pad, batch", [("none", 1), ("left", 3)])
+@pytest.mark.parametrize(
+    "pattern",
+    [
+        SlidingWindow(20) | GlobalTokens((0,)),
+        SinkWindow(window=20, sinks=2),
+        GlobalTokens((1,), causal=True) | SlidingWindow(12, causal=True),
+    ],
+    ids=lambda p: p.key(),
+)
+def test_blocked_default_blocks_two_layers_share_one_spec(pattern, pad, batch):
     """Default block sizes (forward 32, backward 128: two plans) at a length that is a multiple of neither,
     and two "layers" calling the kernel with one spec, as a model does: the padded key/value buffers the plan
-    reuses between calls must not leak one layer's keys into the other's values or gradients."""
-    pattern = SlidingWindow(20) | GlobalTokens((0,))
-    q1, k1, v1, real = _inputs(pad, n=150, seed=1)
-    q2, k2, v2, _ = _inputs(pad, n=150, seed=2)
+    reuses between calls must not leak one layer's keys into the other's values or gradients. Batch 1 gets
+    q/k/v in the (B, N, H, D)-transposed layout that transformers' attention layers pass."""
+    leaves, layers = [], []
+    for seed in (1, 2):
+        q, k, v, real = _inputs(pad, n=150, batch=batch, seed=seed)
+        if batch == 1:  # leaves in (B, N, H, D); the kernel sees transposed views
+            q, k, v = (x.detach().transpose(1, 2).contiguous().requires_grad_() for x in (q, k, v))
+            leaves += [q, k, v]
+            q, k, v = (x.transpose(1, 2) for x in (q, k, v))
+        else:
+            leaves += [q, k, v]
+        layers.append((q, k, v))
     spec = _spec(pattern, real, pad, block=0)
-    outs = [blocked_attention(q, k, v, spec, 0.3) for q, k, v in ((q1, k1, v1), (q2, k2, v2))]
-    refs = [reference_attention(q, k, v, spec, 0.3) for q, k, v in ((q1, k1, v1), (q2, k2, v2))]
+    outs = [blocked_attention(q, k, v, spec, 0.3) for q, k, v in layers]
+    refs = [reference_attention(q, k, v, spec, 0.3) for q, k, v in layers]
     for out, ref in zip(outs, refs, strict=True):
         assert (out - ref).abs().max() < 1e-5
     weight = torch.randn_like(refs[0])
-    leaves = (q1, k1, v1, q2, k2, v2)
     g_ref = torch.autograd.grad(((refs[0] + refs[1]) * weight).sum(), leaves)
     g_out = torch.autograd.grad(((outs[0] + outs[1]) * weight).sum(), leaves)
     for a, b in zip(g_ref, g_out, strict=True):

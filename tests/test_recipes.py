@@ -15,6 +15,7 @@ from sparse_nlp.config import ConfigError
 from sparse_nlp.evaluation.data import DataError
 from sparse_nlp.pruning.masking import masked_modules
 from sparse_nlp.recipes import Recipe, load_recipe, run_recipe
+from sparse_nlp.training.distillation import Distiller
 
 from .tiny_glue import tiny_bert_folder, tiny_glue_dir
 
@@ -229,7 +230,7 @@ stages:
 """
 
 
-def test_teacher_folder_and_a_recovery_stage_keep_the_mask(tmp_path):
+def test_teacher_folder_and_a_recovery_stage_keep_the_mask(tmp_path, monkeypatch):
     """A stage can name a model folder as its teacher (a value with '/'), e.g. to train a pruned model on at
     its sparsity with the dense model as the teacher; the pruned weights stay exactly the same ones."""
     model_dir = tiny_bert_folder(tmp_path / "model")
@@ -240,10 +241,21 @@ def test_teacher_folder_and_a_recovery_stage_keep_the_mask(tmp_path):
     )
     recipe = load_recipe(_write(tmp_path, RECOVER.format(model="m", teacher=first / "dense")))
     assert recipe.stages[0].teacher == str(first / "dense")
+    teachers = []
+    original_init = Distiller.__init__
+
+    def spy(self, student, teacher, config):
+        teachers.append(teacher)
+        original_init(self, student, teacher, config)
+
+    monkeypatch.setattr(Distiller, "__init__", spy)
     again = run_recipe(
         recipe, tmp_path / "again", data_dir=data_dir, start_from=first / "gmp", progress=False
     )
     assert again["stages"][0]["sparsity"] == pytest.approx(0.8, abs=1e-3)
+    (teacher,) = teachers  # the folder's model, not the student's starting point
+    dense = from_pretrained(first / "dense").state_dict()
+    assert all(torch.equal(t, dense[n]) for n, t in teacher.state_dict().items())
     before, after = from_pretrained(first / "gmp"), from_pretrained(tmp_path / "again" / "recover")
     changed = 0
     for (name, p), (_, q) in zip(before.named_parameters(), after.named_parameters(), strict=True):
@@ -253,14 +265,16 @@ def test_teacher_folder_and_a_recovery_stage_keep_the_mask(tmp_path):
     assert changed > 0  # and the kept weights did train
 
 
-def test_missing_teacher_folder_fails_before_training(tmp_path, capsys):
+@pytest.mark.parametrize("where", ["nowhere", "folder-without-model"])
+def test_missing_teacher_folder_fails_before_training(tmp_path, capsys, where):
     model_dir = tiny_bert_folder(tmp_path / "model")
     data_dir = tiny_glue_dir(tmp_path / "data")
-    recipe = _write(tmp_path, RECOVER.format(model=model_dir, teacher="runs/nowhere/dense"))
-    code = main(
-        ["run", str(recipe), "--data-dir", str(data_dir), "--out", str(tmp_path / "out"), "--no-progress"]
-    )
-    assert code == 2
+    (tmp_path / "folder-without-model").mkdir()
+    # a finetune stage first: the bad teacher of the later stage must fail before it trains
+    recover = RECOVER.format(model="m", teacher=tmp_path / where).split("stages:\n")[1]
+    recipe = _write(tmp_path, TINY.format(model=model_dir).split("  - name: gmp")[0] + recover)
+    out = tmp_path / "out"
+    assert main(["run", str(recipe), "--data-dir", str(data_dir), "--out", str(out), "--no-progress"]) == 2
     err = capsys.readouterr().err
-    assert "stages[0].teacher" in err and "nowhere" in err
-    assert not (tmp_path / "out" / "recover").exists()
+    assert "stages[1].teacher" in err and where in err and "config.json" in err
+    assert not out.exists()

@@ -303,8 +303,9 @@ class _BandAttention(torch.autograd.Function):
                 s = s.mul_(scaling).view(heads, nb, c, g).masked_fill_(~plan.g_cols[b], -inf)
                 total = torch.logaddexp(lse, torch.logsumexp(s, dim=-1))
                 total.masked_fill_(torch.isneginf(total), inf)  # no allowed key: weights all 0
-                # in place on the op's (contiguous) output: no copy of the (H, Np, D) rows
-                o = o.mul_(torch.exp(lse - total).unsqueeze(-1)).view(heads, n_pad, dim)
+                # in place on the op's output (a view on torch >= 2.5, whose output follows the query's
+                # layout; older versions copy here): no new (H, Np, D) buffer
+                o = o.mul_(torch.exp(lse - total).unsqueeze(-1)).reshape(heads, n_pad, dim)
                 o = o.baddbmm_(torch.exp(s.sub_(total.unsqueeze(-1))).view(heads, n_pad, g), value[b, :, idx])
                 lse = total
             else:
