@@ -223,6 +223,18 @@ def test_blocked_default_blocks_two_layers_share_one_spec(pattern, pad, batch):
     assert {key[2] for key in spec.cache if key[0] == "blocked"} == {32, 128}
 
 
+def test_blocked_workspace_reuse_across_lengths():
+    """The padded key/value buffers are reused from call to call (per thread): inputs of different lengths,
+    including two with the same padded length, in a row, each still equal the reference."""
+    pattern = SlidingWindow(20) | GlobalTokens((0,))
+    for n in (160, 150, 160, 37, 150):
+        q, k, v, real = _inputs("none", n=n, seed=n)
+        spec = _spec(pattern, real, "none", block=0)
+        with torch.no_grad():
+            out = blocked_attention(q, k, v, spec, 0.3)
+            assert (out - reference_attention(q, k, v, spec, 0.3)).abs().max() < 1e-5
+
+
 @pytest.mark.parametrize("pattern", BAND_PATTERNS[2:4], ids=lambda p: p.key())
 def test_blocked_with_dropout_takes_the_concatenated_path(pattern):
     """With attention dropout the windows and global columns go through one SDPA call (its own dropout)."""

@@ -15,7 +15,8 @@ concatenated to every window and one SDPA call does both (`_concat_attention`).
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass, field
+import threading
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -73,8 +74,10 @@ class _Plan:
     c: int
     nb: int
     width: int  # keys per query block: band (c + left + right) + global columns
-    mask: torch.Tensor  # (B*nb, 1, c, width) additive float, dead rows opened
-    alive: torch.Tensor | bool
+    dtype: torch.dtype
+    concat_bool: torch.Tensor | None = None  # (B, nb, c, width) bool: band + global columns of each query
+    mask: torch.Tensor | None = None  # (B*nb, 1, c, width) additive, dead rows opened (dropout path only)
+    alive: torch.Tensor | bool = True
     g: int = 0
     order: torch.Tensor | None = None  # (B, g) raw indices of the global tokens
     g_valid: torch.Tensor | None = None  # (B, g)
@@ -84,7 +87,6 @@ class _Plan:
     band_alive: torch.Tensor | None = None  # (B, 1, nb, c) rows with an allowed band key
     g_cols: torch.Tensor | None = None  # (B, 1, nb, c, g) bool: global key columns each query sees
     row_open: torch.Tensor | None = None  # (B, 1, g) global query rows with an allowed key
-    scratch: dict = field(default_factory=dict)  # padded key/value buffers, reused by every layer
 
 
 def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -120,7 +122,7 @@ def _plan(
     j = torch.arange(width, device=device).view(1, width)
     in_band = (j - i >= 0) & (j - i <= left + right)  # (c, W): key raw = block*c + j - left
     mask = in_band.view(1, 1, c, width) & key_ok.unsqueeze(2)  # (B, nb, c, W)
-    plan = _Plan(c=c, nb=nb, width=width, mask=mask, alive=True)
+    plan = _Plan(c=c, nb=nb, width=width, dtype=dtype)
     plan.band_mask = _additive(mask, dtype).unsqueeze(1)
     plan.band_alive = mask.any(dim=-1).unsqueeze(1)
     if flags is not None:
@@ -144,11 +146,22 @@ def _plan(
         plan.row_mask = _additive(row_mask, dtype)
         plan.g, plan.order, plan.g_valid = g, order, g_valid
         plan.width = width + g
-    mask = mask.expand(bsz, nb, c, plan.width).reshape(bsz * nb, 1, c, plan.width)
-    mask, plan.alive = revive_rows(mask)
-    plan.mask = _additive(mask, dtype)  # SDPA would convert a bool mask on every call (every layer)
+    plan.concat_bool = mask
     spec.cache[key] = plan
     return plan
+
+
+def _concat_mask(plan: _Plan) -> None:
+    """Build the dropout path's additive mask over band + global columns, once per plan (lazily: the flash
+    path never needs it)."""
+    if plan.mask is not None:
+        return
+    bsz = plan.concat_bool.shape[0]
+    mask = plan.concat_bool.expand(bsz, plan.nb, plan.c, plan.width).reshape(
+        bsz * plan.nb, 1, plan.c, plan.width
+    )
+    mask, plan.alive = revive_rows(mask)
+    plan.mask = _additive(mask, plan.dtype)  # SDPA would convert a bool mask on every call (every layer)
 
 
 @ATTENTION_KERNELS.register("blocked")
@@ -203,23 +216,28 @@ def _pad_rows(x: torch.Tensor, n_pad: int, value: float = 0.0) -> torch.Tensor:
     return F.pad(x, pad, value=value)
 
 
-def _windows(
-    x: torch.Tensor, left: int, right: int, c: int, nb: int, scratch: dict | None = None, name: str = ""
-) -> torch.Tensor:
+_WORKSPACE = threading.local()  # per thread: name -> the last padded key/value buffer
+
+
+def _windows(x: torch.Tensor, left: int, right: int, c: int, nb: int, name: str = "") -> torch.Tensor:
     """(H, N, D) -> (H, nb, c + left + right, D): block b's raw keys [b*c - left, b*c + c + right).
 
-    The windows are overlapping views of one zero-padded copy of `x`. With `scratch`, that copy is kept
-    there under `name` and reused by later calls of the same shape: a fresh multi-MB buffer per call costs
-    more in page faults than the copy itself (measured: 6.5 ms against 2 ms at 12 x 4,096 x 64).
+    The windows are overlapping views of one zero-padded copy of `x`. With a `name`, that copy lives in a
+    per-thread workspace and is reused by the next call of the same shape (every layer of a model, and the next
+    forward pass): a fresh multi-MB buffer per call costs more in page faults than the copy itself (measured:
+    6.5 ms against 2 ms at 12 x 4,096 x 64). Callers use the windows at once and never keep them.
     """
     heads, n, dim = x.shape
     shape = (heads, left + nb * c + right, dim)
-    xp = scratch.get(name) if scratch is not None else None
+    buffers = _WORKSPACE.__dict__
+    xp = buffers.get(name) if name else None
     if xp is None or xp.shape != shape or xp.dtype != x.dtype or xp.device != x.device:
-        xp = x.new_zeros(shape)
-        if scratch is not None:
-            scratch[name] = xp
-    xp[:, left : left + n].copy_(x)  # the padding rows outside stay zero
+        xp = x.new_empty(shape)
+        if name:
+            buffers[name] = xp
+    xp[:, :left].zero_()  # the border rows are few; zeroing them each time keeps a reused buffer exact
+    xp[:, left + n :].zero_()
+    xp[:, left : left + n].copy_(x)
     return xp.unfold(1, c + left + right, c).transpose(-1, -2)
 
 
@@ -238,6 +256,7 @@ def _concat_attention(query, key, value, plan: _Plan, band: BandStructure, scali
     bsz, heads, n, dim = query.shape
     c, nb, left, right = plan.c, plan.nb, band.left, band.right
     n_pad = nb * c
+    _concat_mask(plan)
 
     # ---- band part: block b of queries sees raw keys [b*c - left, b*c + c + right) plus the global keys -----
     # Layout (H, nb, ., D) per batch row: query blocks and key windows are views of the inputs (the windows
@@ -290,8 +309,8 @@ class _BandAttention(torch.autograd.Function):
             q_b = _pad_rows(query[b], n_pad).view(heads, nb, c, dim)
             o, lse = _FLASH(
                 q_b,
-                _windows(key[b], left, right, c, nb, plan.scratch, "key"),
-                _windows(value[b], left, right, c, nb, plan.scratch, "value"),
+                _windows(key[b], left, right, c, nb, "key"),
+                _windows(value[b], left, right, c, nb, "value"),
                 attn_mask=plan.band_mask[b],
                 scale=scaling,
             )
@@ -356,8 +375,8 @@ class _BandAttention(torch.autograd.Function):
             dq, dkw, dvw = _FLASH_BACKWARD(
                 go_b,
                 q_b,
-                _windows(key[b], left, right, c, nb, plan.scratch, "key"),
-                _windows(value[b], left, right, c, nb, plan.scratch, "value"),
+                _windows(key[b], left, right, c, nb, "key"),
+                _windows(value[b], left, right, c, nb, "value"),
                 o_b,
                 lse_b,
                 0.0,
