@@ -19,16 +19,20 @@ from pathlib import Path
 
 
 def merged_stages(folders: list[Path]) -> dict[str, dict]:
-    """Stage records by name over the results.json of `folders` (later folders win, skipped stages don't)."""
+    """Stage records by name over the results.json of `folders` (later folders win, skipped stages don't).
+
+    Each record gets ``started_from``: the model its run started from (the recipe's model, or --start-from).
+    """
     stages: dict[str, dict] = {}
     for folder in folders:
         path = folder / "results.json"
         if not path.is_file():
             continue
-        for record in json.loads(path.read_text())["stages"]:
+        results = json.loads(path.read_text())
+        for record in results["stages"]:
             if "skipped" in record and record["name"] in stages:
                 continue
-            stages[record["name"]] = record
+            stages[record["name"]] = {**record, "started_from": results.get("model")}
     return stages
 
 
@@ -63,6 +67,7 @@ def rows_for(task: str, folders: list[Path]) -> list[dict]:
                 "block_sparsity": record["block_sparsity"],
                 "metric": metric,
                 "value": record[metric],
+                "started_from": trained.get("started_from"),
                 "train_steps": trained.get("steps"),
                 "train_seconds": trained.get("wall_seconds"),
                 "eval_seconds": record["wall_seconds"],
@@ -82,14 +87,13 @@ def plot(rows: list[dict], path: Path) -> None:
     for ax, task in zip(axes[0], tasks):
         dense_row = next(r for r in rows if r["task"] == task and r["method"] == "dense")
         dense = dense_row["value"]
-        series_keys = sorted(
-            {(r["method"], r["run"]) for r in rows if r["task"] == task and r["method"] != "dense"}
-        )
-        for (method, run), marker in zip(series_keys, "os^vD"):
-            pruned = [r for r in rows if r["task"] == task and (r["method"], r["run"]) == (method, run)]
+        groups = sorted({r["group"] for r in rows if r["task"] == task and r["method"] != "dense"})
+        for group, marker in zip(groups, "os^vDPX*"):  # one line per --run argument
+            pruned = [r for r in rows if r["task"] == task and r["group"] == group and r["method"] != "dense"]
             series = [dense_row, *sorted(pruned, key=lambda r: r["block_sparsity"])]
             xs, ys = [100 * r["block_sparsity"] for r in series], [r["value"] for r in series]
-            ax.plot(xs, ys, marker + "-", label=f"{method} ({run})")
+            runs = ", ".join(r["run"] for r in pruned)
+            ax.plot(xs, ys, marker + "-", label=f"{pruned[0]['method']} ({runs})")
             for r, x, y in zip(series, xs, ys):
                 ax.annotate(
                     f"{r['train_steps']} steps", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7
@@ -117,9 +121,9 @@ def main() -> None:
     p.add_argument("--out", default="benchmarks/results")
     args = p.parse_args()
     rows = []
-    for item in args.run:
+    for group, item in enumerate(args.run):
         task, folders = item.split("=", 1)
-        rows += rows_for(task, [Path(f) for f in folders.split(",")])
+        rows += [{**r, "group": group} for r in rows_for(task, [Path(f) for f in folders.split(",")])]
     for r in rows:  # runs continued with --start-from share the dense row of their task
         dense = next((d["value"] for d in rows if d["task"] == r["task"] and d["method"] == "dense"), None)
         r["ratio_to_dense"] = round(r["value"] / dense, 4) if dense else None
@@ -127,11 +131,11 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "training_sparsity.json").write_text(json.dumps(rows, indent=2) + "\n")
     plot(rows, out / "training_sparsity.png")
-    header = f"{'task':<5} {'stage':<10} {'method':<26} {'sparsity':>8} {'metric':<9} {'value':>6} {'vs dense':>8} {'steps':>5} {'train s':>8}"
+    header = f"{'task':<5} {'run':<22} {'stage':<10} {'method':<26} {'sparsity':>8} {'metric':<9} {'value':>6} {'vs dense':>8} {'steps':>5} {'train s':>8}"
     print(header)
     for r in rows:
         print(
-            f"{r['task']:<5} {r['stage']:<10} {r['method']:<26} {100 * r['block_sparsity']:>7.1f}% {r['metric']:<9} {r['value']:>6.2f} "
+            f"{r['task']:<5} {r['run'] or '':<22} {r['stage']:<10} {r['method']:<26} {100 * r['block_sparsity']:>7.1f}% {r['metric']:<9} {r['value']:>6.2f} "
             f"{100 * r['ratio_to_dense']:>7.1f}% {r['train_steps'] or '':>5} {r['train_seconds'] or '':>8}"
         )
 
