@@ -29,7 +29,8 @@ from .reference import masked_sdpa, repeat_kv, revive_rows
 # Query block of the forward pass and of the backward pass (when the config leaves block_size at 0). The
 # forward prefers small blocks (less of each key window is masked out); the backward prefers large ones, because
 # the flash op's backward returns a gradient for every key *window* (c + left + right keys per block of c), so
-# small blocks multiply that buffer (measured with benchmarks/attention_speed.py --block; see README).
+# small blocks multiply that buffer (timed here at 4,096 tokens, 12 heads x 64: forward 61 / 68 / 84 ms with
+# blocks of 32 / 64 / 128, forward + backward 712 ms with 32 against 630 ms with 128, both under load).
 DEFAULT_BLOCK = 32
 DEFAULT_BACKWARD_BLOCK = 128
 
