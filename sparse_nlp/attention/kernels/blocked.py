@@ -76,7 +76,7 @@ class _Plan:
     nb: int
     width: int  # keys per query block: band (c + left + right) + global columns
     dtype: torch.dtype
-    concat_bool: torch.Tensor | None = None  # (B, nb, c, width) bool: band + global columns of each query
+    band_bool: torch.Tensor | None = None  # (B, nb, c, c + left + right) bool: band columns of each query
     mask: torch.Tensor | None = None  # (B*nb, 1, c, width) additive, dead rows opened (dropout path only)
     alive: torch.Tensor | bool = True
     g: int = 0
@@ -135,7 +135,6 @@ def _plan(
         if band.causal:
             q_raw = torch.arange(n_pad, device=device).view(1, nb, c, 1)
             g_mask = g_mask & (order.view(bsz, 1, 1, g) <= q_raw)
-        mask = torch.cat([mask.expand(bsz, nb, c, width), g_mask], dim=3)
         plan.g_cols = g_mask.unsqueeze(1)
         row_mask = g_valid.view(bsz, 1, g, 1) & real.view(bsz, 1, 1, n)
         if band.causal:
@@ -147,7 +146,7 @@ def _plan(
         plan.row_mask = _additive(row_mask, dtype)
         plan.g, plan.order, plan.g_valid = g, order, g_valid
         plan.width = width + g
-    plan.concat_bool = mask
+    plan.band_bool = mask
     spec.cache[key] = plan
     return plan
 
@@ -157,10 +156,10 @@ def _concat_mask(plan: _Plan) -> None:
     path never needs it)."""
     if plan.mask is not None:
         return
-    bsz = plan.concat_bool.shape[0]
-    mask = plan.concat_bool.expand(bsz, plan.nb, plan.c, plan.width).reshape(
-        bsz * plan.nb, 1, plan.c, plan.width
-    )
+    mask = plan.band_bool  # (B, nb, c, band width), then the global key columns
+    if plan.g:
+        mask = torch.cat([mask, plan.g_cols.squeeze(1)], dim=3)
+    mask = mask.reshape(mask.shape[0] * plan.nb, 1, plan.c, plan.width)
     mask, plan.alive = revive_rows(mask)
     plan.mask = _additive(mask, plan.dtype)  # SDPA would convert a bool mask on every call (every layer)
 
@@ -260,8 +259,8 @@ def _concat_attention(query, key, value, plan: _Plan, band: BandStructure, scali
     _concat_mask(plan)
 
     # ---- band part: block b of queries sees raw keys [b*c - left, b*c + c + right) plus the global keys -----
-    # Layout (H, nb, ., D) per batch row: query blocks and key windows are views of the inputs (the windows
-    # overlap in memory, no copy) and the mask (1, nb, c, W) is shared by all heads.
+    # Layout (H, nb, ., D) per batch row: query blocks are views of the inputs, key windows overlapping views of
+    # one padded copy (a fresh one: autograd keeps these windows), and the mask (1, nb, c, W) is shared by all heads.
     if plan.g:
         idx = plan.order.view(bsz, 1, plan.g, 1).expand(bsz, heads, plan.g, dim)
         k_g, v_g = key.gather(2, idx), value.gather(2, idx)  # (B, H, g, D)
