@@ -71,7 +71,7 @@ class TrainingSettings:
     group_by_length: bool = field(
         default=False,
         metadata={
-            "help": "Batch rows of similar length together (less padding; SST-2 trains about 2x faster per step)."
+            "help": "Batch rows of similar length together (less padding; 1.8x faster SST-2 steps here)."
         },
     )
 
