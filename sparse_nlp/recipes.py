@@ -277,7 +277,31 @@ def measured_sparsity(model: Any) -> dict[str, float]:
     }
 
 
-def _training_args(settings: TrainingSettings, output_dir: Path, seed: int, progress: bool):
+def resolve_device(device: str | None = "auto"):
+    """The torch device a run trains on: ``auto`` (CUDA when available, else CPU), ``cpu``, ``cuda`` or ``cuda:N``.
+
+    Raises:
+        ConfigError: An unknown device name, or CUDA asked for where torch sees no GPU.
+    """
+    import torch
+
+    name = (device or "auto").strip().lower()
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", name):
+        raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {device!r}.")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device {device!r}: torch sees no CUDA GPU here; use --device cpu (or auto).")
+        index = int(name.split(":")[1]) if ":" in name else 0
+        if index >= torch.cuda.device_count():
+            raise ConfigError(
+                f"device {device!r}: torch sees {torch.cuda.device_count()} CUDA GPU(s), numbered from 0."
+            )
+    return torch.device(name)
+
+
+def _training_args(settings: TrainingSettings, output_dir: Path, seed: int, progress: bool, device=None):
     from transformers import TrainingArguments
 
     return TrainingArguments(
@@ -299,8 +323,14 @@ def _training_args(settings: TrainingSettings, output_dir: Path, seed: int, prog
         seed=seed,
         dataloader_num_workers=0,
         disable_tqdm=not progress,
-        use_cpu=True,
+        use_cpu=device is None or device.type == "cpu",
     )
+
+
+def _device_name(device) -> str:
+    import torch
+
+    return f"{device} ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else str(device)
 
 
 def run_recipe(
@@ -311,6 +341,7 @@ def run_recipe(
     start_from: str | os.PathLike | None = None,
     resume: bool = False,
     progress: bool = True,
+    device: str | None = "auto",
 ) -> dict[str, Any]:
     """Run every stage of `recipe`, writing checkpoints, ``recipe.yaml`` and ``results.json`` under `out`.
 
@@ -321,6 +352,8 @@ def run_recipe(
         start_from: An already fine-tuned model: finetune stages are skipped and the run starts from it.
         resume: Resume a prune/finetune stage from its latest Trainer checkpoint when there is one.
         progress: Show progress bars.
+        device: ``auto`` (a CUDA GPU when torch sees one, else the CPU), ``cpu``, ``cuda`` or ``cuda:N``. The
+            model, its teacher, the pruning state and evaluation all run there; ``results.json`` records it.
 
     Returns:
         The results dict (also written to ``results.json``): per stage its wall time, steps, measured
@@ -337,6 +370,9 @@ def run_recipe(
     from .training.pruner import GradualPruner
 
     recipe.validate()
+    device = resolve_device(device)
+    if device.type == "cuda" and device.index is not None:  # the Trainer trains on the current CUDA device
+        torch.cuda.set_device(device)
     task_info(recipe.task)
     resolve_data_dir(data_dir)  # a missing directory fails before any work
     for i, stage in enumerate(recipe.stages):  # and so does a teacher folder without a model
@@ -355,7 +391,13 @@ def run_recipe(
     torch.manual_seed(recipe.seed)
     source = str(start_from) if start_from is not None else recipe.model
     model, tokenizer = load_for_task(source, recipe.task)
-    results: dict[str, Any] = {"model": source, "task": recipe.task, "stages": []}
+    model.to(device)  # before any pruner is built, so masks and movement scores live beside the weights
+    results: dict[str, Any] = {
+        "model": source,
+        "task": recipe.task,
+        "device": _device_name(device),
+        "stages": [],
+    }
     collator = DataCollatorWithPadding(tokenizer)
     train_cache: dict[int | None, list] = {}
     stage_models: dict[str, str] = {}  # stage name -> folder of the model it wrote
@@ -399,7 +441,7 @@ def run_recipe(
         else:
             stage_dir = out / stage.name
             settings = stage.training
-            args = _training_args(settings, stage_dir / "trainer", recipe.seed, progress)
+            args = _training_args(settings, stage_dir / "trainer", recipe.seed, progress, device)
             callbacks, loss_func, pruner = [], None, None
             if stage.type == "prune":
                 teacher = None
@@ -408,7 +450,7 @@ def run_recipe(
                         load_for_task(stage_models.get(stage.teacher, stage.teacher), recipe.task)[0]
                         if stage.teacher
                         else copy.deepcopy(model)
-                    )
+                    ).to(device)
                 pruner = GradualPruner(model, stage.sparsity, stage.schedule)
                 callbacks.append(SparsityCallback(pruner))
                 if teacher is not None:

@@ -244,7 +244,9 @@ class _StopAt(TrainerCallback):
             control.should_training_stop = True
 
 
-def _trainer_run(out, *, max_steps=10, stop_at=None, resume=False, method="magnitude", group_by_length=False):
+def _trainer_run(
+    out, *, max_steps=10, stop_at=None, resume=False, method="magnitude", group_by_length=False, device="cpu"
+):
     model = tiny_model("bert", hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0).train()
     teacher = tiny_model("bert", seed=5)
     rule = WeightSparsity(
@@ -259,7 +261,7 @@ def _trainer_run(out, *, max_steps=10, stop_at=None, resume=False, method="magni
         save_strategy="steps",
         save_steps=4,
         report_to=[],
-        use_cpu=True,
+        use_cpu=device == "cpu",  # on a GPU the Trainer moves the student after the pruner and teacher exist
         disable_tqdm=True,
         logging_steps=100,
         seed=7,
@@ -279,16 +281,23 @@ def _trainer_run(out, *, max_steps=10, stop_at=None, resume=False, method="magni
     return trainer, pruner
 
 
+CUDA = pytest.param(
+    "cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+)
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA])
 @pytest.mark.parametrize("method", ["magnitude", "movement"])
-def test_trainer_callback_and_resume_give_same_masks(tmp_path, method):
-    trainer, full = _trainer_run(tmp_path / "full", method=method)
+def test_trainer_callback_and_resume_give_same_masks(tmp_path, method, device):
+    trainer, full = _trainer_run(tmp_path / "full", method=method, device=device)
     assert trainer.state.global_step == 10 and full.applied_step == 8
     assert full.sparsity() == pytest.approx(0.8, abs=1e-3)
     assert (tmp_path / "full" / "checkpoint-4" / "sparse_pruner.json").is_file()
+    assert all(m.device.type == device for m in full.masks().values())
 
-    _, stopped = _trainer_run(tmp_path / "part", stop_at=4, method=method)
+    _, stopped = _trainer_run(tmp_path / "part", stop_at=4, method=method, device=device)
     assert stopped.applied_step == 4 and stopped.sparsity() < 0.8
-    trainer2, resumed = _trainer_run(tmp_path / "part", resume=True, method=method)
+    trainer2, resumed = _trainer_run(tmp_path / "part", resume=True, method=method, device=device)
     assert trainer2.state.global_step == 10
     assert resumed.applied_step == full.applied_step
     a, b = full.masks(), resumed.masks()

@@ -25,6 +25,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N examples")
     p.add_argument(
+        "--device", default="auto", help="auto (a CUDA GPU when there is one, else CPU), cpu, cuda or cuda:N"
+    )
+    p.add_argument(
         "--json", dest="json_path", default=None, help="output JSON file (default MODEL/eval_<task>.json)"
     )
     p.set_defaults(func=run)
@@ -36,9 +39,11 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from ..evaluation.tasks import evaluate_glue, load_for_task
-    from ..recipes import measured_sparsity
+    from ..recipes import measured_sparsity, resolve_device
 
+    device = resolve_device(args.device)
     model, tokenizer = load_for_task(args.model, args.task)
+    model.to(device)
     start = time.perf_counter()
     result = evaluate_glue(
         model,
@@ -51,7 +56,10 @@ def run(args: argparse.Namespace) -> int:
         limit=args.limit,
     )
     result.update(
-        measured_sparsity(model), model=str(args.model), eval_seconds=round(time.perf_counter() - start, 1)
+        measured_sparsity(model),
+        model=str(args.model),
+        device=str(device),
+        eval_seconds=round(time.perf_counter() - start, 1),
     )
     text = json.dumps(result, indent=2)
     print(text)

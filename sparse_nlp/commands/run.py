@@ -27,6 +27,11 @@ def add_parser(subparsers) -> None:
         "--resume", action="store_true", help="resume training stages from their latest checkpoint"
     )
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument(
+        "--device",
+        default="auto",
+        help="where to train: auto (a CUDA GPU when torch sees one, else CPU), cpu, cuda or cuda:N",
+    )
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.set_defaults(func=run)
 
@@ -48,6 +53,7 @@ def run(args: argparse.Namespace) -> int:
         start_from=args.start_from,
         resume=args.resume,
         progress=not args.no_progress,
+        device=args.device,
     )
     print(json.dumps(results, indent=2))
     return 0

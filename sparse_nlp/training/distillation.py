@@ -112,7 +112,8 @@ class Distiller:
 
     Args:
         student: The model being trained (unwrapped; the hook sits on it).
-        teacher: The dense teacher (same tokenizer and label space). It is put in eval mode and frozen.
+        teacher: The dense teacher (same tokenizer and label space). It is put in eval mode and frozen, and
+            moved to the device of the student's inputs when they arrive elsewhere (a Trainer on a GPU).
         config: `DistillationConfig`.
     """
 
@@ -120,6 +121,7 @@ class Distiller:
         self, student: torch.nn.Module, teacher: torch.nn.Module, config: DistillationConfig | None = None
     ) -> None:
         self.teacher = teacher.eval().requires_grad_(False)
+        self._teacher_device = next(teacher.parameters()).device
         self.config = config or DistillationConfig()
         self._inputs: dict[str, torch.Tensor] = {}
         self._handle = student.register_forward_pre_hook(self._capture, with_kwargs=True)
@@ -143,6 +145,10 @@ class Distiller:
             raise RuntimeError(
                 "Distiller saw no student forward call; build it on the model that is trained."
             )
+        device = next(iter(self._inputs.values())).device
+        if self._teacher_device != device:  # the Trainer moves the student, not the teacher it never sees
+            self.teacher.to(device)
+            self._teacher_device = device
         with torch.no_grad():
             teacher_out = self.teacher(**self._inputs, output_hidden_states=self.config.hidden_weight > 0)
         logits = outputs["logits"] if isinstance(outputs, dict) else outputs.logits

@@ -137,10 +137,30 @@ class GradualPruner:
         if groups:
             self._score_optimizer = torch.optim.Adam(groups)
 
+    def _follow_weights(self) -> None:
+        """Keep the movement state on the weights' device: a Trainer moves the model (to a GPU) after the
+        pruner is built, and the scores, their gradients, backups and Adam state must follow it."""
+        plans = self._movement_plans()
+        if not plans or not self.scores:
+            return
+        device = plans[0].module.weight.device
+        if self.scores[plans[0].name].device == device:
+            return
+        with torch.no_grad():
+            for store in (self.scores, self._score_grads, self._backups):
+                for tensor in store.values():
+                    tensor.data = tensor.data.to(device)
+            if self._score_optimizer is not None:
+                for state in self._score_optimizer.state.values():
+                    for key, value in state.items():
+                        if torch.is_tensor(value) and key != "step":
+                            state[key] = value.to(device)
+
     def _grad_hook(self, plan: LayerPlan):
         name, module = plan.name, plan.module
 
         def hook(grad: torch.Tensor) -> torch.Tensor:
+            self._follow_weights()
             weight_oi = linear_weight(module).detach()
             mask = get_mask(module)
             if mask is not None:  # pruned weights count with the value they had when pruned
@@ -154,6 +174,7 @@ class GradualPruner:
         """Move the movement scores by their accumulated gradients (call once after each optimizer step)."""
         if self._score_optimizer is None:
             return
+        self._follow_weights()
         grads = [self._score_grads[p.name] for p in self._movement_plans()]
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             world = torch.distributed.get_world_size()
@@ -183,6 +204,7 @@ class GradualPruner:
 
     @torch.no_grad()
     def _update_masks(self, step: int) -> None:
+        self._follow_weights()
         by_rule: dict[int, list[LayerPlan]] = {}
         for plan in self.plans:
             by_rule.setdefault(id(plan.rule), []).append(plan)
@@ -301,7 +323,8 @@ class GradualPruner:
                 score = self.scores[name]
                 self._score_optimizer.state[score] = {
                     "step": torch.tensor(steps),
-                    "exp_avg": tensors[f"adam_avg/{name}"].clone(),
-                    "exp_avg_sq": tensors[f"adam_sq/{name}"].clone(),
+                    "exp_avg": tensors[f"adam_avg/{name}"].to(score.device, copy=True),
+                    "exp_avg_sq": tensors[f"adam_sq/{name}"].to(score.device, copy=True),
                 }
+        self._follow_weights()
         self.applied_step = meta["applied_step"]
