@@ -32,7 +32,13 @@ def merged_stages(folders: list[Path]) -> dict[str, dict]:
         for record in results["stages"]:
             if "skipped" in record and record["name"] in stages:
                 continue
-            stages[record["name"]] = {**record, "started_from": results.get("model")}
+            # runs written before results.json named a device always trained on the CPU
+            stages[record["name"]] = {
+                **record,
+                "started_from": results.get("model"),
+                "device": results.get("device", "cpu"),
+                "run_folder": str(folder),
+            }
     return stages
 
 
@@ -42,10 +48,20 @@ def stage_method(record: dict) -> str:
         return "dense"
     import yaml
 
-    recipe = yaml.safe_load((Path(record["checkpoint"]) / "recipe.yaml").read_text())
+    # the recipe saved next to the checkpoint, else the copy at the top of the run folder (a run made on
+    # another machine whose checkpoints stayed there)
+    path = Path(record["checkpoint"]) / "recipe.yaml"
+    if not path.is_file():
+        path = Path(record["run_folder"]) / "recipe.yaml"
+    recipe = yaml.safe_load(path.read_text())
     stage = next(s for s in recipe["stages"] if s["name"] == record["name"])
     methods = sorted({w["method"] for w in stage["sparsity"]["weights"]})
-    return "+".join(methods) + (" + distillation" if stage.get("distillation") else "")
+    distillation = stage.get("distillation")
+    if not distillation:
+        return "+".join(methods)
+    return "+".join(methods) + (
+        " + hidden distillation" if distillation.get("hidden_weight") else " + distillation"
+    )
 
 
 def rows_for(task: str, folders: list[Path]) -> list[dict]:
@@ -63,6 +79,7 @@ def rows_for(task: str, folders: list[Path]) -> list[dict]:
                 "stage": trained.get("name", name),
                 "method": stage_method(trained),
                 "run": Path(trained["checkpoint"]).parent.name if "checkpoint" in trained else None,
+                "device": trained.get("device", record.get("device")),
                 "target_sparsity": trained.get("target_sparsity"),
                 "block_sparsity": record["block_sparsity"],
                 "metric": metric,
@@ -83,7 +100,7 @@ def plot(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     tasks = sorted({r["task"] for r in rows})
-    fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 4), squeeze=False)
+    fig, axes = plt.subplots(1, len(tasks), figsize=(6 * len(tasks), 6), squeeze=False)
     for ax, task in zip(axes[0], tasks):
         dense_row = next(r for r in rows if r["task"] == task and r["method"] == "dense")
         dense = dense_row["value"]
@@ -93,7 +110,8 @@ def plot(rows: list[dict], path: Path) -> None:
             series = [dense_row, *sorted(pruned, key=lambda r: r["block_sparsity"])]
             xs, ys = [100 * r["block_sparsity"] for r in series], [r["value"] for r in series]
             runs = ", ".join(r["run"] for r in pruned)
-            ax.plot(xs, ys, marker + "-", label=f"{pruned[0]['method']} ({runs})")
+            where = ", on a GPU" if str(pruned[0].get("device", "cpu")).startswith("cuda") else ""
+            ax.plot(xs, ys, marker + "-", label=f"{pruned[0]['method']} ({runs}{where})")
             for r, x, y in zip(series, xs, ys):
                 ax.annotate(
                     f"{r['train_steps']} steps", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7
@@ -105,7 +123,9 @@ def plot(rows: list[dict], path: Path) -> None:
         ax.set_ylabel(f"{task} dev {metric}")
         ax.set_title(f"{task.upper()}: quality vs sparsity")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(
+            fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.15)
+        )  # below: the points stay visible
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -131,12 +151,12 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "training_sparsity.json").write_text(json.dumps(rows, indent=2) + "\n")
     plot(rows, out / "training_sparsity.png")
-    header = f"{'task':<5} {'run':<22} {'stage':<10} {'method':<26} {'sparsity':>8} {'metric':<9} {'value':>6} {'vs dense':>8} {'steps':>5} {'train s':>8}"
+    header = f"{'task':<5} {'run':<22} {'stage':<10} {'method':<26} {'sparsity':>8} {'metric':<9} {'value':>6} {'vs dense':>8} {'steps':>5} {'train s':>8} device"
     print(header)
     for r in rows:
         print(
             f"{r['task']:<5} {r['run'] or '':<22} {r['stage']:<10} {r['method']:<26} {100 * r['block_sparsity']:>7.1f}% {r['metric']:<9} {r['value']:>6.2f} "
-            f"{100 * r['ratio_to_dense']:>7.1f}% {r['train_steps'] or '':>5} {r['train_seconds'] or '':>8}"
+            f"{100 * r['ratio_to_dense']:>7.1f}% {r['train_steps'] or '':>5} {r['train_seconds'] or '':>8} {r['device']}"
         )
 
 
