@@ -135,6 +135,7 @@ BAND_PATTERNS = [
     SlidingWindow(8),
     SlidingWindow(5, causal=True),
     SlidingWindow(10) | GlobalTokens((0, 3)),
+    SlidingWindow(6) | GlobalTokens((0, 2, 9, 20, 30, 35)),  # more than 4 globals: merged by one product
     SinkWindow(window=6, sinks=2),
     GlobalTokens((1,), causal=True) | SlidingWindow(4, causal=True),
 ]
