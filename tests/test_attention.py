@@ -186,6 +186,7 @@ def test_blocked_equals_reference_values_and_gradients(pattern, pad):
         assert (a - b).abs().max() < 1e-5
 
 
+@pytest.mark.parametrize("n", [150, 160])  # 160: a multiple of the forward block (no padded query rows)
 @pytest.mark.parametrize("pad, batch", [("none", 1), ("left", 3)])
 @pytest.mark.parametrize(
     "pattern",
@@ -196,14 +197,14 @@ def test_blocked_equals_reference_values_and_gradients(pattern, pad):
     ],
     ids=lambda p: p.key(),
 )
-def test_blocked_default_blocks_two_layers_share_one_spec(pattern, pad, batch):
+def test_blocked_default_blocks_two_layers_share_one_spec(pattern, pad, batch, n):
     """Default block sizes (forward 32, backward 128: two plans) at a length that is a multiple of neither,
     and two "layers" calling the kernel with one spec, as a model does: the padded key/value buffers the plan
     reuses between calls must not leak one layer's keys into the other's values or gradients. Batch 1 gets
     q/k/v in the (B, N, H, D)-transposed layout that transformers' attention layers pass."""
     leaves, layers = [], []
     for seed in (1, 2):
-        q, k, v, real = _inputs(pad, n=150, batch=batch, seed=seed)
+        q, k, v, real = _inputs(pad, n=n, batch=batch, seed=seed)
         if batch == 1:  # leaves in (B, N, H, D); the kernel sees transposed views
             q, k, v = (x.detach().transpose(1, 2).contiguous().requires_grad_() for x in (q, k, v))
             leaves += [q, k, v]

@@ -335,7 +335,10 @@ class _BandAttention(torch.autograd.Function):
                 idx = plan.order[b]
                 # scores against the global keys for all rows in one (H, Np, D) x (H, D, g) product
                 k_g, v_g = k_b[:, idx], v_b[:, idx]  # (H, g, D)
-                s = torch.matmul(q_b.reshape(heads, n_pad, dim), k_g.transpose(-1, -2))
+                # (the unpadded query directly when it needs no padding: reshaping transformers' strided view
+                # of it would copy it)
+                q_f = query[b] if n == n_pad else q_b.reshape(heads, n_pad, dim)
+                s = torch.matmul(q_f, k_g.transpose(-1, -2))
                 s = s.mul_(scaling).view(heads, nb, c, g).masked_fill_(~plan.g_cols[b], -inf)
                 total = torch.logaddexp(lse, torch.logsumexp(s, dim=-1))
                 total.masked_fill_(torch.isneginf(total), inf)  # no allowed key: weights all 0
