@@ -123,9 +123,8 @@ def plot(rows: list[dict], path: Path) -> None:
         ax.set_ylabel(f"{task} dev {metric}")
         ax.set_title(f"{task.upper()}: quality vs sparsity")
         ax.grid(alpha=0.3)
-        ax.legend(
-            fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.15)
-        )  # below: the points stay visible
+        # the legend goes below the axes, so it hides none of the points
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.15))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 

@@ -160,7 +160,8 @@ class GradualPruner:
         name, module = plan.name, plan.module
 
         def hook(grad: torch.Tensor) -> torch.Tensor:
-            self._follow_weights()
+            if grad.device != self._score_grads[name].device:  # the model was moved since the last call
+                self._follow_weights()
             weight_oi = linear_weight(module).detach()
             mask = get_mask(module)
             if mask is not None:  # pruned weights count with the value they had when pruned

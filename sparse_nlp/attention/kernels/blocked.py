@@ -275,9 +275,9 @@ def _concat_attention(query, key, value, plan: _Plan, band: BandStructure, scali
     mask = plan.mask.view(bsz, 1, nb, c, plan.width)
     alive = plan.alive if plan.alive is True else plan.alive.view(bsz, 1, nb, c, 1)
     rows = []
+    width = c + left + right
     for b in range(bsz):
         q_b = _pad_rows(query[b], n_pad).view(heads, nb, c, dim)
-        width = c + left + right
         k_b = _windows(_padded(key[b], left, right, c, nb), width, c)  # (H, nb, W, D)
         v_b = _windows(_padded(value[b], left, right, c, nb), width, c)
         if plan.g:
@@ -319,10 +319,7 @@ class _BandAttention(torch.autograd.Function):
             q_b = _pad_rows(query[b], n_pad).view(heads, nb, c, dim)
             k_pad = _padded(key[b], left, right, c, nb, "key")
             v_pad = _padded(value[b], left, right, c, nb, "value")
-            k_b, v_b = (
-                k_pad[:, left : left + n],
-                v_pad[:, left : left + n],
-            )  # contiguous copies of key[b], value[b]
+            k_b, v_b = k_pad[:, left : left + n], v_pad[:, left : left + n]  # contiguous key[b], value[b]
             o, lse = _FLASH(
                 q_b,
                 _windows(k_pad, width, c),
@@ -385,6 +382,7 @@ class _BandAttention(torch.autograd.Function):
         c, nb, g = plan.c, plan.nb, plan.g
         n_pad = nb * c
         grad_out = grad_out.contiguous()
+        width = c + left + right
         dqs, dks, dvs = [], [], []
         for b in range(bsz):
             go = grad_out[b]
@@ -397,9 +395,9 @@ class _BandAttention(torch.autograd.Function):
             o_b = _pad_rows(out[b], n_pad).view(heads, nb, c, dim)
             lse_b = _pad_rows(lse[b], n_pad, value=float("inf")).view(heads, nb, c)
             q_b = _pad_rows(query[b], n_pad).view(heads, nb, c, dim)
-            width = c + left + right
             k_pad = _padded(key[b], left, right, c, nb, "key")
             v_pad = _padded(value[b], left, right, c, nb, "value")
+            k_b, v_b = k_pad[:, left : left + n], v_pad[:, left : left + n]  # contiguous key[b], value[b]
             dq, dkw, dvw = _FLASH_BACKWARD(
                 go_b,
                 q_b,
@@ -415,7 +413,7 @@ class _BandAttention(torch.autograd.Function):
             dk = _fold_windows(dkw, left, n, c)
             dv = _fold_windows(dvw, left, n, c)
             if g:  # the global key columns, on (H, Np, .) views: a few small matrix products
-                k_g, v_g = key[b, :, idx], value[b, :, idx]  # (H, g, D)
+                k_g, v_g = k_b[:, idx], v_b[:, idx]  # (H, g, D)
                 q_f, go_f = q_b.reshape(heads, n_pad, dim), go_b.reshape(heads, n_pad, dim)
                 s = torch.matmul(q_f, k_g.transpose(-1, -2)).mul_(scaling).view(heads, nb, c, g)
                 p = torch.exp(s.masked_fill_(~plan.g_cols[b], float("-inf")).sub_(lse_b.unsqueeze(-1)))
@@ -431,8 +429,8 @@ class _BandAttention(torch.autograd.Function):
                 dq_g, dk_r, dv_r = _FLASH_BACKWARD(
                     go_g.unsqueeze(0),
                     query[b, :, idx].unsqueeze(0),
-                    k_pad[:, left : left + n].unsqueeze(0),
-                    v_pad[:, left : left + n].unsqueeze(0),
+                    k_b.unsqueeze(0),
+                    v_b.unsqueeze(0),
                     out[b, :, idx].unsqueeze(0),
                     lse[b, :, idx].unsqueeze(0),
                     0.0,
