@@ -14,6 +14,7 @@ side (ratio to dense), and writes ``training_sparsity.json`` and ``training_spar
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 from pathlib import Path
 
@@ -42,19 +43,25 @@ def merged_stages(folders: list[Path]) -> dict[str, dict]:
     return stages
 
 
-def stage_method(record: dict) -> str:
-    """'dense', or the pruning method(s) of a prune stage, read from the recipe saved next to its checkpoint."""
-    if record.get("type") != "prune":
-        return "dense"
+def recipe_stage(record: dict) -> dict | None:
+    """The recipe entry of a training stage, read from the recipe saved next to its checkpoint, else from the copy
+    at the top of the run folder (a run made on another machine whose checkpoints stayed there)."""
+    if "checkpoint" not in record:
+        return None
     import yaml
 
-    # the recipe saved next to the checkpoint, else the copy at the top of the run folder (a run made on
-    # another machine whose checkpoints stayed there)
     path = Path(record["checkpoint"]) / "recipe.yaml"
     if not path.is_file():
         path = Path(record["run_folder"]) / "recipe.yaml"
     recipe = yaml.safe_load(path.read_text())
-    stage = next(s for s in recipe["stages"] if s["name"] == record["name"])
+    return next(s for s in recipe["stages"] if s["name"] == record["name"])
+
+
+def stage_method(record: dict) -> str:
+    """'dense', or the pruning method(s) of a prune stage."""
+    if record.get("type") != "prune":
+        return "dense"
+    stage = recipe_stage(record)
     methods = sorted({w["method"] for w in stage["sparsity"]["weights"]})
     distillation = stage.get("distillation")
     if not distillation:
@@ -73,6 +80,7 @@ def rows_for(task: str, folders: list[Path]) -> list[dict]:
             continue
         trained = stages.get(name.removeprefix("eval-"), {})
         metric = record["main_metric"]
+        stage = recipe_stage(trained) if trained else None
         rows.append(
             {
                 "task": task,
@@ -86,6 +94,7 @@ def rows_for(task: str, folders: list[Path]) -> list[dict]:
                 "value": record[metric],
                 "started_from": trained.get("started_from"),
                 "train_steps": trained.get("steps"),
+                "batch_size": (stage or {}).get("training", {}).get("batch_size", 32),
                 "train_seconds": trained.get("wall_seconds"),
                 "eval_seconds": record["wall_seconds"],
             }
@@ -105,7 +114,8 @@ def plot(rows: list[dict], path: Path) -> None:
         dense_row = next(r for r in rows if r["task"] == task and r["method"] == "dense")
         dense = dense_row["value"]
         groups = sorted({r["group"] for r in rows if r["task"] == task and r["method"] != "dense"})
-        for group, marker in zip(groups, "os^vDPX*"):  # one line per --run argument
+        markers = itertools.cycle("os^vDPX*<>ph")
+        for group, marker in zip(groups, markers):  # one line per --run argument
             pruned = [r for r in rows if r["task"] == task and r["group"] == group and r["method"] != "dense"]
             series = [dense_row, *sorted(pruned, key=lambda r: r["block_sparsity"])]
             xs, ys = [100 * r["block_sparsity"] for r in series], [r["value"] for r in series]
@@ -114,7 +124,11 @@ def plot(rows: list[dict], path: Path) -> None:
             ax.plot(xs, ys, marker + "-", label=f"{pruned[0]['method']} ({runs}{where})")
             for r, x, y in zip(series, xs, ys):
                 ax.annotate(
-                    f"{r['train_steps']} steps", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7
+                    f"{r['train_steps']} steps x {r['batch_size']}",
+                    (x, y),
+                    textcoords="offset points",
+                    xytext=(4, 4),
+                    fontsize=7,
                 )
         ax.axhline(dense * 0.99, color="gray", ls="--", lw=0.8, label="99% of dense")
         ax.axhline(dense * 0.98, color="gray", ls=":", lw=0.8, label="98% of dense")
@@ -150,12 +164,12 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "training_sparsity.json").write_text(json.dumps(rows, indent=2) + "\n")
     plot(rows, out / "training_sparsity.png")
-    header = f"{'task':<5} {'run':<22} {'stage':<10} {'method':<26} {'sparsity':>8} {'metric':<9} {'value':>6} {'vs dense':>8} {'steps':>5} {'train s':>8} device"
+    header = f"{'task':<5} {'run':<22} {'stage':<10} {'method':<26} {'sparsity':>8} {'metric':<9} {'value':>6} {'vs dense':>8} {'steps':>5} {'batch':>5} {'train s':>8} device"
     print(header)
     for r in rows:
         print(
             f"{r['task']:<5} {r['run'] or '':<22} {r['stage']:<10} {r['method']:<26} {100 * r['block_sparsity']:>7.1f}% {r['metric']:<9} {r['value']:>6.2f} "
-            f"{100 * r['ratio_to_dense']:>7.1f}% {r['train_steps'] or '':>5} {r['train_seconds'] or '':>8} {r['device']}"
+            f"{100 * r['ratio_to_dense']:>7.1f}% {r['train_steps'] or '':>5} {r['batch_size']:>5} {r['train_seconds'] or '':>8} {r['device']}"
         )
 
 
