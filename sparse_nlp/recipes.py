@@ -396,6 +396,7 @@ def run_recipe(
         "model": source,
         "task": recipe.task,
         "device": _device_name(device),
+        "seed": recipe.seed,
         "stages": [],
     }
     collator = DataCollatorWithPadding(tokenizer)

@@ -97,6 +97,24 @@ def test_prune_stage_needs_schedule():
         Recipe.from_dict(data)
 
 
+def test_cli_seed_overrides_the_recipe(tmp_path):
+    """`--seed` repeats a run with another seed: it is recorded in results.json and the saved recipe, and it
+    changes the training (the Trainer shuffles with it)."""
+    model_dir = tiny_bert_folder(tmp_path / "model")
+    data_dir = tiny_glue_dir(tmp_path / "data")
+    recipe = _write(tmp_path, TINY.format(model=model_dir))
+    losses = {}
+    for seed in (None, 7):
+        out = tmp_path / f"out-{seed}"
+        argv = ["run", str(recipe), "--data-dir", str(data_dir), "--out", str(out), "--no-progress"]
+        assert main(argv + (["--seed", str(seed)] if seed is not None else [])) == 0
+        results = json.loads((out / "results.json").read_text())
+        assert results["seed"] == (42 if seed is None else seed)
+        assert load_recipe(out / "recipe.yaml").seed == results["seed"]
+        losses[seed] = [s["train_loss"] for s in results["stages"] if "train_loss" in s]
+    assert losses[None] != losses[7]
+
+
 def test_cli_run_end_to_end_tiny(tmp_path, capsys):
     model_dir = tiny_bert_folder(tmp_path / "model")
     data_dir = tiny_glue_dir(tmp_path / "data")

@@ -32,6 +32,12 @@ def add_parser(subparsers) -> None:
         default="auto",
         help="where to train: auto (a CUDA GPU when torch sees one, else CPU), cpu, cuda or cuda:N",
     )
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="override the recipe's seed (repeat a run with other seeds; the saved recipe.yaml records it)",
+    )
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.set_defaults(func=run)
 
@@ -42,6 +48,8 @@ def run(args: argparse.Namespace) -> int:
     from ..recipes import load_recipe, run_recipe
 
     recipe = load_recipe(args.recipe)
+    if args.seed is not None:
+        recipe.seed = args.seed
     if args.threads:
         import torch
 
