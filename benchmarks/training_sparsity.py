@@ -43,36 +43,36 @@ def merged_stages(folders: list[Path]) -> dict[str, dict]:
     return stages
 
 
-def recipe_stage(record: dict) -> dict | None:
-    """The recipe entry of a training stage, read from the recipe saved next to its checkpoint, else from the copy
-    at the top of the run folder (a run made on another machine whose checkpoints stayed there)."""
+def recipe_stage(record: dict):
+    """The recipe `Stage` of a training stage (defaults filled in), read from the recipe saved next to its
+    checkpoint, else from the copy at the top of the run folder (a run made on another machine whose checkpoints
+    stayed there); None for a stage without a checkpoint."""
     if "checkpoint" not in record:
         return None
-    import yaml
+    from sparse_nlp.recipes import load_recipe
 
     path = Path(record["checkpoint"]) / "recipe.yaml"
     if not path.is_file():
         path = Path(record["run_folder"]) / "recipe.yaml"
-    recipe = yaml.safe_load(path.read_text())
-    return next(s for s in recipe["stages"] if s["name"] == record["name"])
+    return next(s for s in load_recipe(path).stages if s.name == record["name"])
 
 
-def stage_method(record: dict) -> str:
-    """'dense', or the pruning method(s) of a prune stage."""
+def stage_method(record: dict, stage) -> str:
+    """'dense', or the pruning method(s) of a prune stage (`stage`: its recipe `Stage`)."""
     if record.get("type") != "prune":
         return "dense"
-    stage = recipe_stage(record)
-    methods = sorted({w["method"] for w in stage["sparsity"]["weights"]})
-    distillation = stage.get("distillation")
-    if not distillation:
+    methods = sorted({rule.method for rule in stage.sparsity.weights})
+    if stage.distillation is None:
         return "+".join(methods)
     return "+".join(methods) + (
-        " + hidden distillation" if distillation.get("hidden_weight") else " + distillation"
+        " + hidden distillation" if stage.distillation.hidden_weight else " + distillation"
     )
 
 
 def rows_for(task: str, folders: list[Path]) -> list[dict]:
     """One row per evaluate stage: the training stage before it, its sparsity, metric, and wall times."""
+    from sparse_nlp.recipes import TrainingSettings
+
     stages = merged_stages(folders)
     rows = []
     for name, record in stages.items():
@@ -80,12 +80,12 @@ def rows_for(task: str, folders: list[Path]) -> list[dict]:
             continue
         trained = stages.get(name.removeprefix("eval-"), {})
         metric = record["main_metric"]
-        stage = recipe_stage(trained) if trained else None
+        stage = recipe_stage(trained)
         rows.append(
             {
                 "task": task,
                 "stage": trained.get("name", name),
-                "method": stage_method(trained),
+                "method": stage_method(trained, stage),
                 "run": Path(trained["checkpoint"]).parent.name if "checkpoint" in trained else None,
                 "device": trained.get("device", record.get("device")),
                 "target_sparsity": trained.get("target_sparsity"),
@@ -94,7 +94,7 @@ def rows_for(task: str, folders: list[Path]) -> list[dict]:
                 "value": record[metric],
                 "started_from": trained.get("started_from"),
                 "train_steps": trained.get("steps"),
-                "batch_size": (stage or {}).get("training", {}).get("batch_size", 32),
+                "batch_size": stage.training.batch_size if stage else TrainingSettings.batch_size,
                 "train_seconds": trained.get("wall_seconds"),
                 "eval_seconds": record["wall_seconds"],
             }
