@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 
-from sparse_nlp.attention.kernels import choose_kernel
+from sparse_nlp.attention.kernels import choose_kernel, native
 from sparse_nlp.attention.kernels.blocked import blocked_attention
 from sparse_nlp.attention.kernels.flex import flex_attention_kernel
 from sparse_nlp.attention.kernels.reference import reference_attention
@@ -136,16 +138,17 @@ BAND_PATTERNS = [
     SlidingWindow(5, causal=True),
     SlidingWindow(10) | GlobalTokens((0, 3)),
     SlidingWindow(6) | GlobalTokens((0, 2, 9, 20, 30, 35)),  # more than 4 globals: merged by one product
+    SlidingWindow(4) | GlobalTokens(tuple(range(0, 36, 2))),  # 18 globals: per-head products, two key chunks
     SinkWindow(window=6, sinks=2),
     GlobalTokens((1,), causal=True) | SlidingWindow(4, causal=True),
 ]
 
 
-def _inputs(pad: str, n: int = 37, batch: int = 3, seed: int = 0, dtype=torch.float32):
+def _inputs(pad: str, n: int = 37, batch: int = 3, seed: int = 0, dtype=torch.float32, dim: int = 8):
     g = torch.Generator().manual_seed(seed)
-    q = torch.randn(batch, 4, n, 8, generator=g, dtype=dtype, requires_grad=True)
-    k = torch.randn(batch, 2, n, 8, generator=g, dtype=dtype, requires_grad=True)  # GQA: 2 KV heads
-    v = torch.randn(batch, 2, n, 8, generator=g, dtype=dtype, requires_grad=True)
+    q = torch.randn(batch, 4, n, dim, generator=g, dtype=dtype, requires_grad=True)
+    k = torch.randn(batch, 2, n, dim, generator=g, dtype=dtype, requires_grad=True)  # GQA: 2 KV heads
+    v = torch.randn(batch, 2, n, dim, generator=g, dtype=dtype, requires_grad=True)
     real = torch.ones(batch, n, dtype=torch.bool)
     if pad == "right":
         real[1, n - 7 :] = False
@@ -171,10 +174,12 @@ def _spec(pattern, real, pad, block=16, kernel="auto"):
     )
 
 
+# head size 8: the flash-op path; 16: the native kernel where it runs (test_native_kernel_builds_here says where)
+@pytest.mark.parametrize("dim", [8, 16])
 @pytest.mark.parametrize("pad", ["none", "right", "left"])
 @pytest.mark.parametrize("pattern", BAND_PATTERNS, ids=lambda p: p.key())
-def test_blocked_equals_reference_values_and_gradients(pattern, pad):
-    q, k, v, real = _inputs(pad)  # 37 tokens: not a multiple of the block of 16
+def test_blocked_equals_reference_values_and_gradients(pattern, pad, dim):
+    q, k, v, real = _inputs(pad, dim=dim)  # 37 tokens: not a multiple of the block of 16
     spec = _spec(pattern, real, pad)
     ref = reference_attention(q, k, v, spec, 0.3)
     out = blocked_attention(q, k, v, spec, 0.3)
@@ -186,6 +191,7 @@ def test_blocked_equals_reference_values_and_gradients(pattern, pad):
         assert (a - b).abs().max() < 1e-5
 
 
+@pytest.mark.parametrize("dim", [8, 32])
 @pytest.mark.parametrize("n", [150, 160])  # 160: a multiple of the forward block (no padded query rows)
 @pytest.mark.parametrize("pad, batch", [("none", 1), ("left", 3)])
 @pytest.mark.parametrize(
@@ -197,14 +203,14 @@ def test_blocked_equals_reference_values_and_gradients(pattern, pad):
     ],
     ids=lambda p: p.key(),
 )
-def test_blocked_default_blocks_two_layers_share_one_spec(pattern, pad, batch, n):
+def test_blocked_default_blocks_two_layers_share_one_spec(pattern, pad, batch, n, dim):
     """Default block sizes (forward 32, backward 128: two plans) at a length that is a multiple of neither,
     and two "layers" calling the kernel with one spec, as a model does: the padded key/value buffers the plan
     reuses between calls must not leak one layer's keys into the other's values or gradients. Batch 1 gets
     q/k/v in the (B, N, H, D)-transposed layout that transformers' attention layers pass."""
     leaves, layers = [], []
     for seed in (1, 2):
-        q, k, v, real = _inputs(pad, n=n, batch=batch, seed=seed)
+        q, k, v, real = _inputs(pad, n=n, batch=batch, seed=seed, dim=dim)
         if batch == 1:  # leaves in (B, N, H, D); the kernel sees transposed views
             q, k, v = (x.detach().transpose(1, 2).contiguous().requires_grad_() for x in (q, k, v))
             leaves += [q, k, v]
@@ -221,7 +227,9 @@ def test_blocked_default_blocks_two_layers_share_one_spec(pattern, pad, batch, n
     g_ref = torch.autograd.grad(((refs[0] + refs[1]) * weight).sum(), leaves)
     g_out = torch.autograd.grad(((outs[0] + outs[1]) * weight).sum(), leaves)
     for a, b in zip(g_ref, g_out, strict=True):
-        assert (a - b).abs().max() < 1e-5
+        # at head size 32 these gradients reach |g| of about 10, where a few float32 rounding steps exceed 1e-5:
+        # absolute 1e-5 plus 2e-6 of the value (measured: up to 1.0e-5 with the native forward, 5e-6 without)
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=2e-6)
     assert {key[2] for key in spec.cache if key[0] == "blocked"} == {32, 128}
 
 
@@ -235,6 +243,68 @@ def test_blocked_workspace_reuse_across_lengths():
         with torch.no_grad():
             out = blocked_attention(q, k, v, spec, 0.3)
             assert (out - reference_attention(q, k, v, spec, 0.3)).abs().max() < 1e-5
+
+
+def test_native_kernel_builds_here():
+    """Where the native kernel can run (x86-64 with AVX-512 and a C++ compiler, as on the CI machine) it builds;
+    elsewhere its status says why not."""
+    reason = native.unavailable_reason()
+    assert native.status() == ("ready" if reason is None else reason)
+
+
+@pytest.mark.skipif(native.unavailable_reason() is not None, reason="the native kernel cannot run here")
+def test_native_kernel_runs_the_band_and_equals_the_flash_path(monkeypatch):
+    calls = []
+    ops = native.ops()
+
+    class Counted:
+        def band_forward(self, *args):
+            calls.append(args[0].shape)
+            return ops.band_forward(*args)
+
+        global_rows = staticmethod(ops.global_rows)
+
+    q, k, v, real = _inputs("left", n=150, dim=32)
+    pattern = SlidingWindow(20) | GlobalTokens((0, 5))
+    with torch.no_grad():
+        monkeypatch.setattr(native, "ops", lambda: Counted())
+        out = blocked_attention(q, k, v, _spec(pattern, real, "left", block=0), 0.3)
+        assert len(calls) == 3  # one call per batch row
+        with native.turned_off():
+            flash = blocked_attention(q, k, v, _spec(pattern, real, "left", block=0), 0.3)
+    assert len(calls) == 3
+    assert (out - flash).abs().max() < 1e-5
+
+
+def test_native_build_failure_warns_once_and_falls_back(monkeypatch, caplog):
+    def failing_build():
+        raise RuntimeError("Error building extension 'sparse_nlp_band':\nc++: fatal error: no input files")
+
+    monkeypatch.setattr(native, "_STATE", {})
+    monkeypatch.setattr(native, "unavailable_reason", lambda: None)
+    monkeypatch.setattr(native, "_build", failing_build)
+    q, k, v, real = _inputs("right", dim=16)
+    spec = _spec(SlidingWindow(8) | GlobalTokens((0,)), real, "right")
+    with caplog.at_level(logging.WARNING, logger=native.__name__), torch.no_grad():
+        out = blocked_attention(q, k, v, spec, 0.3)
+        blocked_attention(q, k, v, spec, 0.3)
+    assert (out - reference_attention(q, k, v, spec, 0.3)).abs().max() < 1e-5
+    assert native.status() == "build failed: c++: fatal error: no input files"
+    assert len([r for r in caplog.records if "native band-attention kernel unavailable" in r.message]) == 1
+
+
+def test_native_unavailable_reasons(monkeypatch):
+    monkeypatch.setenv(native.ENV_SWITCH, "0")
+    assert "SPARSE_NLP_NATIVE=0" in native.unavailable_reason()
+    monkeypatch.delenv(native.ENV_SWITCH)
+    monkeypatch.setattr(native.platform, "machine", lambda: "aarch64")
+    assert "x86-64" in native.unavailable_reason()
+    monkeypatch.setattr(native.platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(native.torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    assert "AVX-512 (torch reports AVX2)" in native.unavailable_reason()
+    monkeypatch.setattr(native.torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    monkeypatch.setenv("CXX", "no-such-compiler")
+    assert "'no-such-compiler' is not on PATH" in native.unavailable_reason()
 
 
 @pytest.mark.parametrize("pattern", BAND_PATTERNS[2:4], ids=lambda p: p.key())
