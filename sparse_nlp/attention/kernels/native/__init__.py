@@ -22,6 +22,7 @@ import logging
 import os
 import platform
 import shutil
+import tempfile
 import threading
 from pathlib import Path
 
@@ -78,7 +79,11 @@ def _build():
     from torch.utils.cpp_extension import load
 
     folder = cache_dir()
-    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError:  # a read-only home: build in the temp folder instead (rebuilt after a reboot)
+        folder = Path(tempfile.gettempdir()) / "sparse_nlp" / folder.relative_to(folder.parents[1])
+        folder.mkdir(parents=True, exist_ok=True)
     if not any(folder.glob("*.so")):
         logger.info(
             "sparse_nlp: compiling the native band-attention kernel into %s (once, about 20 s)", folder
