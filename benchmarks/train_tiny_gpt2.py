@@ -1,6 +1,6 @@
 """Train a tiny GPT-2 on Tiny Shakespeare: the decoder testbed for quality numbers (no pretrained decoder offline).
 
-    python benchmarks/train_tiny_gpt2.py --data-dir ../shared/data --out /work/runs/tiny-gpt2
+    python benchmarks/train_tiny_gpt2.py --data-dir ../shared/data --out runs/tiny-gpt2
 
 The tokenizer is a byte-level BPE trained here on the training split (so any text, e.g. SST-2 calibration
 sentences, tokenizes without unknowns). The model is a plain `GPT2LMHeadModel` with ``n_positions=1024``;
@@ -30,7 +30,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast  #
 
 from sparse_nlp.evaluation.data import load_text  # noqa: E402
 
-DEFAULT_OUT = "/work/runs/tiny-gpt2"
+DEFAULT_OUT = "runs/tiny-gpt2"  # under the working directory (git-ignored /runs/)
 EOS = "<|endoftext|>"
 HELD_OUT_FRACTION = 0.1
 
