@@ -276,9 +276,58 @@ def test_native_kernel_runs_the_band_and_equals_the_flash_path(monkeypatch):
     assert (out - flash).abs().max() < 1e-5
 
 
+@pytest.mark.skipif(native.unavailable_reason() is not None, reason="the native kernel cannot run here")
+@pytest.mark.parametrize(("block", "dim", "threads"), [(3, 16, 1), (5, 64, 2), (8, 128, 1), (0, 32, 2)])
+def test_native_kernel_block_and_head_sizes_and_threads(block, dim, threads):
+    """Blocks under 8 or not a multiple of 8 (8-row tiles then span two query blocks), every head size the kernel
+    has, and two threads (tiles split between them)."""
+    pattern = SlidingWindow(14) | GlobalTokens((0, 9))
+    q, k, v, real = _inputs("left", n=70, dim=dim)
+    spec = _spec(pattern, real, "left", block=block)
+    scale = (
+        dim**-0.5
+    )  # the usual scale: 0.3 at head size 128 would make scores of +-10 and push both past 1e-5
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.no_grad():
+            out = blocked_attention(q, k, v, spec, scale)
+    finally:
+        torch.set_num_threads(before)
+    assert native.usable(q)
+    assert (out - reference_attention(q, k, v, spec, scale)).abs().max() < 1e-5
+
+
+@pytest.mark.skipif(native.unavailable_reason() is not None, reason="the native kernel cannot run here")
+def test_native_kernel_nan_reaches_the_rows_that_see_it():
+    """A NaN key turns exactly the rows that attend to it NaN (here the window around it and the global row);
+    a NaN query turns its own row NaN; every other row is what it would be without the NaN."""
+    q, k, v, real = _inputs("none", n=80, batch=1, dim=16)
+    q, k, v = (x.detach().clone() for x in (q, k, v))
+    pattern = SlidingWindow(10) | GlobalTokens((0,))
+    spec = _spec(pattern, real, "none", block=0)
+    clean = blocked_attention(q, k, v, spec, 0.3)
+    k[:, :, 40] = float("nan")
+    q[:, :, 70] = float("nan")
+    with torch.no_grad():
+        out = blocked_attention(q, k, v, spec, 0.3)
+    sees_40 = torch.zeros(80, dtype=torch.bool)
+    sees_40[35:46] = True  # window 10: five positions each side
+    sees_40[0] = True  # the global row sees every key
+    nan_rows = sees_40.clone()
+    nan_rows[70] = True
+    row_has_nan = out.isnan().any(dim=-1)  # (1, H, N)
+    assert torch.equal(row_has_nan, nan_rows.expand_as(row_has_nan))
+    assert (out[..., ~nan_rows, :] - clean[..., ~nan_rows, :]).abs().max() < 1e-6
+
+
 def test_native_build_failure_warns_once_and_falls_back(monkeypatch, caplog):
-    def failing_build():
-        raise RuntimeError("Error building extension 'sparse_nlp_band':\nc++: fatal error: no input files")
+    def failing_build():  # the shape of torch's message: the compiler's output, then ninja's last word
+        raise RuntimeError(
+            "Error building extension 'sparse_nlp_band': [1/2] c++ -MMD -c band_attention.cpp -o band.o\n"
+            "FAILED: band.o\nband_attention.cpp:12:10: fatal error: immintrin.h: No such file or directory\n"
+            "compilation terminated.\nninja: build stopped: subcommand failed."
+        )
 
     monkeypatch.setattr(native, "_STATE", {})
     monkeypatch.setattr(native, "unavailable_reason", lambda: None)
@@ -289,8 +338,42 @@ def test_native_build_failure_warns_once_and_falls_back(monkeypatch, caplog):
         out = blocked_attention(q, k, v, spec, 0.3)
         blocked_attention(q, k, v, spec, 0.3)
     assert (out - reference_attention(q, k, v, spec, 0.3)).abs().max() < 1e-5
-    assert native.status() == "build failed: c++: fatal error: no input files"
+    assert native.status() == (
+        "build failed: band_attention.cpp:12:10: fatal error: immintrin.h: No such file or directory"
+    )
     assert len([r for r in caplog.records if "native band-attention kernel unavailable" in r.message]) == 1
+
+
+def test_native_build_clears_a_stale_lock_and_loads_a_built_kernel_directly(monkeypatch, tmp_path, caplog):
+    """A build killed half-way leaves `lock` behind, on which torch's builder would wait for ever: an old one is
+    removed before building. A folder that already holds the built library is loaded without the builder."""
+    import os
+    import time
+
+    import torch.utils.cpp_extension as cpp_extension
+
+    monkeypatch.setenv(native.ENV_CACHE, str(tmp_path))
+    folder = native.cache_dir()
+    folder.mkdir(parents=True)
+    lock = folder / "lock"
+    lock.touch()
+    old = time.time() - native.STALE_LOCK_SECONDS - 60
+    os.utime(lock, (old, old))
+    seen = []
+    monkeypatch.setattr(
+        cpp_extension, "load", lambda **kw: seen.append((kw["build_directory"], lock.exists()))
+    )
+    with caplog.at_level(logging.WARNING, logger=native.__name__):
+        native._build()
+    assert seen == [(str(folder), False)]
+    assert "stale build lock" in caplog.text
+
+    built = folder / f"sparse_nlp_band_{folder.name.rsplit('-', 1)[1]}.so"
+    built.touch()
+    loaded = []
+    monkeypatch.setattr(native.torch.ops, "load_library", lambda path: loaded.append(path))
+    native._build()
+    assert loaded == [str(built)] and len(seen) == 1  # the builder was not called again
 
 
 def test_native_unavailable_reasons(monkeypatch):

@@ -511,7 +511,7 @@ class _BandAttention(torch.autograd.Function):
         n_pad = plan.nb * plan.c
         g = plan.g
         inf = float("inf")
-        ops = native.ops() if native.usable(query) else None
+        ops = native.ops() if native.usable(query, key, value) else None
         # rows-major (B, N, H, D) output: transformers transposes it back to (B, N, H*D) without a copy
         out_rows = query.new_empty(bsz, n_pad, heads, dim)
         lses = []

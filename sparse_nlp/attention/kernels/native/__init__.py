@@ -24,6 +24,7 @@ import platform
 import shutil
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 import torch
@@ -35,6 +36,7 @@ FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma")
 HEAD_SIZES = (16, 32, 64, 128)
 ENV_SWITCH = "SPARSE_NLP_NATIVE"
 ENV_CACHE = "SPARSE_NLP_CACHE"
+STALE_LOCK_SECONDS = 600  # a build lock older than this is left over from a killed build
 
 _LOCK = threading.Lock()
 _STATE: dict[str, object] = {}
@@ -84,12 +86,19 @@ def _build():
     except OSError:  # a read-only home: build in the temp folder instead (rebuilt after a reboot)
         folder = Path(tempfile.gettempdir()) / "sparse_nlp" / folder.relative_to(folder.parents[1])
         folder.mkdir(parents=True, exist_ok=True)
-    if not any(folder.glob("*.so")):
-        logger.info(
-            "sparse_nlp: compiling the native band-attention kernel into %s (once, about 20 s)", folder
-        )
+    name = f"sparse_nlp_band_{folder.name.rsplit('-', 1)[1]}"
+    built = folder / f"{name}.so"
+    if built.exists():  # built before: load it directly (no build lock to wait on)
+        torch.ops.load_library(str(built))
+        return torch.ops.sparse_nlp
+    lock = folder / "lock"
+    if lock.exists() and time.time() - lock.stat().st_mtime > STALE_LOCK_SECONDS:
+        # a build killed half-way leaves its lock behind, and torch's builder would wait on it for ever
+        logger.warning("sparse_nlp: removing a stale build lock %s", lock)
+        lock.unlink(missing_ok=True)
+    logger.info("sparse_nlp: compiling the native band-attention kernel into %s (once, about 20 s)", folder)
     load(
-        name=f"sparse_nlp_band_{folder.name.rsplit('-', 1)[1]}",
+        name=name,
         sources=[str(SOURCE)],
         extra_cflags=list(FLAGS),
         build_directory=str(folder),
@@ -97,6 +106,15 @@ def _build():
         verbose=False,
     )
     return torch.ops.sparse_nlp
+
+
+def _first_error(message: str) -> str:
+    """The compiler's first error line in a build failure's message, else its last line."""
+    lines = [line.strip() for line in message.strip().splitlines() if line.strip()]
+    for line in lines:
+        if "error" in line.lower() and not line.lower().startswith("error building extension"):
+            return line
+    return lines[-1] if lines else ""
 
 
 def ops():
@@ -109,11 +127,12 @@ def ops():
                 try:
                     op = _build()
                 except Exception as err:  # a compiler or linker error: keep the flash-op path, say why once
-                    lines = str(err).strip().splitlines()
-                    reason = f"build failed: {lines[-1] if lines else type(err).__name__}"
+                    reason = f"build failed: {_first_error(str(err)) or type(err).__name__}"
                     logger.warning(
-                        "sparse_nlp: native band-attention kernel unavailable (%s); using the slower flash-op path",
+                        "sparse_nlp: native band-attention kernel unavailable (%s; build folder %s); using the "
+                        "slower flash-op path",
                         reason,
+                        cache_dir(),
                     )
             _STATE["op"], _STATE["reason"] = op, reason
         return _STATE["op"]
@@ -134,13 +153,18 @@ def turned_off():
         _OFF.depth -= 1
 
 
-def usable(query: torch.Tensor) -> bool:
-    """Whether the native kernel can run attention on inputs like `query` (builds it on first call)."""
+def usable(query: torch.Tensor, *others: torch.Tensor) -> bool:
+    """Whether the native kernel can run attention on `query` (and `others`: the keys and values, which must have
+    its head count and head size); builds the kernel on first call."""
     return (
         not getattr(_OFF, "depth", 0)
         and query.device.type == "cpu"
         and query.dtype == torch.float32
         and query.shape[-1] in HEAD_SIZES
+        and all(
+            x.dtype == query.dtype and x.shape[-1] == query.shape[-1] and x.shape[1] == query.shape[1]
+            for x in others
+        )
         and ops() is not None
     )
 
@@ -149,9 +173,10 @@ __all__ = [
     "ENV_CACHE",
     "ENV_SWITCH",
     "HEAD_SIZES",
-    "band_forward",
     "cache_dir",
+    "ops",
     "status",
+    "turned_off",
     "unavailable_reason",
     "usable",
 ]

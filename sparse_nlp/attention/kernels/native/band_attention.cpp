@@ -23,9 +23,9 @@ constexpr int kChunk = 16;  // keys per chunk (one zmm of scores)
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 // exp(x) for x <= 0 (a softmax numerator); Cody-Waite range reduction and a degree-6 polynomial (Cephes expf),
-// relative error about 2e-7.
+// relative error about 2e-7; NaN in, NaN out.
 inline __m512 exp512(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-87.3f));
+  x = _mm512_max_ps(_mm512_set1_ps(-87.3f), x);  // returns x when x is NaN: NaN scores stay NaN
   const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
@@ -103,8 +103,13 @@ __attribute__((noinline)) void scores(const float* qs, const Source& src, float*
 inline void softmax_numerators(float* S, int64_t ss, int64_t count, float* row_max, float* row_sum) {
   for (int r = 0; r < kRows; ++r) {
     __m512 vmax = _mm512_set1_ps(kNegInf);
-    for (int64_t x = 0; x < count * kChunk; x += kChunk) vmax = _mm512_max_ps(vmax, _mm512_loadu_ps(S + r * ss + x));
-    row_max[r] = _mm512_reduce_max_ps(vmax);
+    __mmask16 nan = 0;  // max_ps drops NaNs, so they are tracked apart: a NaN score makes its row NaN
+    for (int64_t x = 0; x < count * kChunk; x += kChunk) {
+      const __m512 v = _mm512_loadu_ps(S + r * ss + x);
+      vmax = _mm512_max_ps(vmax, v);
+      nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+    }
+    row_max[r] = nan ? std::numeric_limits<float>::quiet_NaN() : _mm512_reduce_max_ps(vmax);
     row_sum[r] = 0.f;
     if (row_max[r] == kNegInf) {
       for (int64_t x = 0; x < count * kChunk; ++x) S[r * ss + x] = 0.f;
@@ -116,7 +121,7 @@ inline void softmax_numerators(float* S, int64_t ss, int64_t count, float* row_m
     float* s = S + r * ss;
     for (int64_t x = 0; x < count * kChunk; x += kChunk) {
       const __m512 v = _mm512_loadu_ps(s + x);
-      const __mmask16 ok = _mm512_cmp_ps_mask(v, neg_inf, _CMP_NEQ_OQ);
+      const __mmask16 ok = _mm512_cmp_ps_mask(v, neg_inf, _CMP_NEQ_UQ);
       const __m512 p = _mm512_maskz_mov_ps(ok, exp512(_mm512_sub_ps(v, m)));
       sum = _mm512_add_ps(sum, p);
       _mm512_storeu_ps(s + x, p);
@@ -290,6 +295,7 @@ void run_rows(const at::Tensor& qg, const at::Tensor& kt, const at::Tensor& v, c
       const float* kh = ktp + h * chunks * D * kChunk;
       const bool* row = mp + j * n;
       __m512 vmax = _mm512_set1_ps(kNegInf);
+      __mmask16 nan = 0;
       for (int64_t ch = 0; ch < chunks; ++ch) {
         __m512 acc = _mm512_setzero_ps();
         for (int d = 0; d < D; ++d)
@@ -297,8 +303,9 @@ void run_rows(const at::Tensor& qg, const at::Tensor& kt, const at::Tensor& v, c
         const __m512 x = _mm512_mask_mov_ps(_mm512_set1_ps(kNegInf), mask_bits(row, ch * kChunk, n), acc);
         _mm512_storeu_ps(s.data() + ch * kChunk, x);
         vmax = _mm512_max_ps(vmax, x);
+        nan |= _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
       }
-      const float m = _mm512_reduce_max_ps(vmax);
+      const float m = nan ? std::numeric_limits<float>::quiet_NaN() : _mm512_reduce_max_ps(vmax);
       float* o = op + h * osH + j * osG;
       if (m == kNegInf) {
         for (int d = 0; d < D; ++d) o[d] = 0.f;
@@ -309,7 +316,7 @@ void run_rows(const at::Tensor& qg, const at::Tensor& kt, const at::Tensor& v, c
       __m512 sum = _mm512_setzero_ps();
       for (int64_t x = 0; x < chunks * kChunk; x += kChunk) {
         const __m512 v = _mm512_loadu_ps(s.data() + x);
-        const __m512 p = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(v, neg_inf, _CMP_NEQ_OQ), exp512(_mm512_sub_ps(v, mv)));
+        const __m512 p = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(v, neg_inf, _CMP_NEQ_UQ), exp512(_mm512_sub_ps(v, mv)));
         sum = _mm512_add_ps(sum, p);
         _mm512_storeu_ps(s.data() + x, p);
       }
@@ -347,7 +354,19 @@ void band_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                   gmask.is_contiguous(),
               "band_forward: contiguous bool masks expected");
   TORCH_CHECK(ranges.scalar_type() == at::kLong && ranges.is_contiguous(), "band_forward: int64 ranges expected");
-  const int64_t n = k.size(1), dim = q.size(2);
+  const int64_t heads = q.size(0), n_pad = q.size(1), n = k.size(1), dim = q.size(2), g = kg.size(1);
+  auto same = [](const at::Tensor& t, std::initializer_list<int64_t> shape) {
+    return t.sizes().vec() == std::vector<int64_t>(shape);
+  };
+  TORCH_CHECK(same(k, {heads, n, dim}) && same(v, {heads, n, dim}) && same(out, {heads, n_pad, dim}) &&
+                  same(lse, {heads, n_pad}) && same(vg, {heads, g, dim}) && kg.size(0) == heads && kg.size(2) == dim,
+              "band_forward: q (H, N_pad, D), k and v (H, N, D), kg and vg (H, g, D), out (H, N_pad, D), lse (H, N_pad)");
+  TORCH_CHECK(mask.dim() == 2 && mask.size(0) == n_pad && same(ranges, {n_pad, 3}) && same(gmask, {n_pad, g}),
+              "band_forward: mask (N_pad, W), ranges (N_pad, 3), gmask (N_pad, g) expected");
+  TORCH_CHECK(same(kt, {heads, (n + kChunk - 1) / kChunk, dim, kChunk}) && ktg.size(0) == heads &&
+                  ktg.size(1) * kChunk >= g && ktg.size(2) == dim && ktg.size(3) == kChunk,
+              "band_forward: kt (H, ceil(N / 16), D, 16) and ktg (H, >= ceil(g / 16), D, 16) expected");
+  TORCH_CHECK(c > 0 && left >= 0, "band_forward: block size > 0 and left >= 0 expected");
   chunk_keys(k, kt);
   if (vg.size(1)) chunk_keys(kg, ktg);
   const float s = static_cast<float>(scale);
@@ -368,7 +387,12 @@ void global_rows(const at::Tensor& qg, const at::Tensor& kt, const at::Tensor& v
               "global_rows: fp32 tensors with unit stride in the last dimension expected");
   TORCH_CHECK(mask.scalar_type() == at::kBool && mask.is_contiguous() && mask.size(1) == v.size(1),
               "global_rows: a contiguous (g, N) bool mask expected");
-  const int64_t n = v.size(1);
+  const int64_t heads = qg.size(0), g = qg.size(1), dim = qg.size(2), n = v.size(1);
+  TORCH_CHECK(v.dim() == 3 && v.size(0) == heads && v.size(2) == dim && mask.size(0) == g &&
+                  kt.dim() == 4 && kt.size(0) == heads && kt.size(1) * kChunk >= n && kt.size(2) == dim &&
+                  out.sizes() == qg.sizes() && lse.dim() == 2 && lse.size(0) == heads && lse.size(1) == g,
+              "global_rows: qg (H, g, D), kt (H, ceil(N / 16), D, 16), v (H, N, D), mask (g, N), out (H, g, D), "
+              "lse (H, g) expected");
   const float s = static_cast<float>(scale);
   switch (qg.size(2)) {
     case 16: run_rows<16>(qg, kt, v, mask, out, lse, n, s); break;
