@@ -1,17 +1,17 @@
 """The native band-attention forward: a C++ kernel for x86-64 CPUs with AVX-512, compiled on first use.
 
 The blocked kernel's forward runs its band, its global key columns and its global query rows through this kernel
-when it can:
-fp32 on the CPU, head size 16, 32, 64 or 128, an AVX-512 CPU, and a C++ compiler on the machine. It computes the
-same output and log-sum-exp as torch's flash-attention op on the key windows, about 1.4x faster at 12 heads x 32
-(`benchmarks/attention_speed.py`), because its register tiles keep the FMA units busy where the op's small
-matrix products are bound by loads. The backward pass is unchanged (the flash op's backward).
+when it can: fp32 on the CPU, head size 16, 32, 64 or 128, an AVX-512 CPU, and a C++ compiler on the machine. It
+computes the same output and log-sum-exp as torch's flash-attention op on the key windows, in one pass and without
+the window copies and log-sum-exp merges around the op: 1.2x-1.6x faster than that path at 12 heads x 64, about
+even at MiniLM's 12 x 32 (`benchmarks/attention_speed.py`). The backward pass is unchanged (the flash op's).
 
 The first use compiles `band_attention.cpp` with `torch.utils.cpp_extension` (ninja and the system C++ compiler;
-about 20 s) into a cache folder keyed by the source, the compiler flags and the torch version:
-``$SPARSE_NLP_CACHE/kernels`` (default ``~/.cache/sparse_nlp/kernels``). Later processes load it at once.
-`SPARSE_NLP_NATIVE=0` turns it off. Where it cannot run (another CPU, no compiler, a failed build) the blocked
-kernel keeps its flash-op path, which gives the same values; a failed build is logged as a warning once, with why.
+about 20 s) into a cache folder keyed by the source, the compiler flags, the torch and Python versions and the
+compiler name: ``$SPARSE_NLP_CACHE/kernels`` (default ``~/.cache/sparse_nlp/kernels``). Later processes load it at
+once. `SPARSE_NLP_NATIVE=0` turns it off. Where it cannot run (another CPU, no compiler, a failed build) the
+blocked kernel keeps its flash-op path, which gives the same values; a failed build is logged as a warning once,
+with why.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import logging
 import os
 import platform
 import shutil
+import sys
 import tempfile
 import threading
 import time
@@ -44,12 +45,13 @@ _OFF = threading.local()  # `turned_off` blocks active in this thread
 
 
 def cache_dir() -> Path:
-    """Folder of the compiled kernel for this source, these flags and this torch version."""
+    """Folder of the compiled kernel for this source, these flags, this torch, this Python and this compiler name."""
     root = os.environ.get(ENV_CACHE)
     base = (
         Path(root) if root else Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "sparse_nlp"
     )
-    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode() + torch.__version__.encode())
+    key = [SOURCE.read_bytes(), " ".join(FLAGS), torch.__version__, sys.version, os.environ.get("CXX", "c++")]
+    digest = hashlib.sha256(b"\0".join(x if isinstance(x, bytes) else x.encode() for x in key))
     return base / "kernels" / f"band_attention-{digest.hexdigest()[:16]}"
 
 
@@ -83,8 +85,9 @@ def _build():
     folder = cache_dir()
     try:
         folder.mkdir(parents=True, exist_ok=True)
-    except OSError:  # a read-only home: build in the temp folder instead (rebuilt after a reboot)
-        folder = Path(tempfile.gettempdir()) / "sparse_nlp" / folder.relative_to(folder.parents[1])
+    except OSError:  # a read-only home: build in a per-user temp folder instead (rebuilt after a reboot)
+        user = str(os.getuid()) if hasattr(os, "getuid") else "user"
+        folder = Path(tempfile.gettempdir()) / f"sparse_nlp-{user}" / folder.relative_to(folder.parents[1])
         folder.mkdir(parents=True, exist_ok=True)
     name = f"sparse_nlp_band_{folder.name.rsplit('-', 1)[1]}"
     built = folder / f"{name}.so"
