@@ -3,7 +3,7 @@
 The blocked kernel's forward runs its band, its global key columns and its global query rows through this kernel
 when it can: fp32 on the CPU, head size 16, 32, 64 or 128, an AVX-512 CPU, and a C++ compiler on the machine. It
 computes the same output and log-sum-exp as torch's flash-attention op on the key windows, in one pass and without
-the window copies and log-sum-exp merges around the op: 1.2x-1.6x faster than that path at 12 heads x 64, about
+the window copies and log-sum-exp merges around the op: 1.2x-1.65x faster than that path at 12 heads x 64, about
 even at MiniLM's 12 x 32 (`benchmarks/attention_speed.py`). The backward pass is unchanged (the flash op's).
 
 The first use compiles `band_attention.cpp` with `torch.utils.cpp_extension` (ninja and the system C++ compiler;
