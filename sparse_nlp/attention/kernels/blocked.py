@@ -221,6 +221,15 @@ def _pad_rows(x: torch.Tensor, n_pad: int, value: float = 0.0) -> torch.Tensor:
 _WORKSPACE = threading.local()  # per thread: name -> the last padded key/value buffer
 
 
+def _workspace(name: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+    """A per-thread scratch buffer reused from call to call (see `_padded` for why); its contents are not kept."""
+    buffers = _WORKSPACE.__dict__
+    x = buffers.get(name)
+    if x is None or x.shape != shape or x.dtype != like.dtype or x.device != like.device:
+        x = buffers[name] = like.new_empty(shape)
+    return x
+
+
 def _padded(x: torch.Tensor, left: int, right: int, c: int, nb: int, name: str = "") -> torch.Tensor:
     """(H, N, D) -> a contiguous zero-padded copy (H, left + nb*c + right, D): rows [left, left + N) are `x`.
 
@@ -233,12 +242,7 @@ def _padded(x: torch.Tensor, left: int, right: int, c: int, nb: int, name: str =
     """
     heads, n, dim = x.shape
     shape = (heads, left + nb * c + right, dim)
-    buffers = _WORKSPACE.__dict__
-    xp = buffers.get(name) if name else None
-    if xp is None or xp.shape != shape or xp.dtype != x.dtype or xp.device != x.device:
-        xp = x.new_empty(shape)
-        if name:
-            buffers[name] = xp
+    xp = _workspace(name, shape, x) if name else x.new_empty(shape)
     xp[:, :left].zero_()  # the border rows are few; zeroing them each time keeps a reused buffer exact
     xp[:, left + n :].zero_()
     xp[:, left : left + n].copy_(x)
@@ -354,11 +358,7 @@ def _key_source(x: torch.Tensor, start: int, stop: int, name: str) -> torch.Tens
     n = x.shape[1]
     if start >= 0 and stop <= n:
         return x[:, start:stop]
-    shape = (x.shape[0], stop - start, x.shape[2])
-    buffers = _WORKSPACE.__dict__
-    xp = buffers.get(name)
-    if xp is None or xp.shape != shape or xp.dtype != x.dtype or xp.device != x.device:
-        xp = buffers[name] = x.new_empty(shape)
+    xp = _workspace(name, (x.shape[0], stop - start, x.shape[2]), x)
     lo, hi = min(max(start, 0), n), max(min(stop, n), 0)
     xp[:, : max(lo - start, 0)].zero_()
     xp[:, max(hi - start, 0) :].zero_()
@@ -368,7 +368,7 @@ def _key_source(x: torch.Tensor, start: int, stop: int, name: str) -> torch.Tens
 
 
 def _band_pieces(q_b, k_b, v_b, band_mask, left: int, right: int, c: int, scaling: float):
-    """The band alone, in up to three flash-op calls: (first query block, blocks, out, lse) per call.
+    """The band alone, in up to three flash-op calls: (first query block, end block, out, lse) per call.
 
     Interior blocks, whose key windows lie inside [0, N), read their windows as views of the keys and values as
     they come (no copy: the op reads strided rows as fast as contiguous ones); the border blocks at each end read
@@ -400,9 +400,13 @@ def _band_pieces(q_b, k_b, v_b, band_mask, left: int, right: int, c: int, scalin
     return pieces
 
 
-def _band_flash(q_b, k_b, v_b, plan: _Plan, b: int, left: int, right: int, scaling: float, out: torch.Tensor):
-    """Band + global key columns of batch row `b` through the flash op: writes `out` (N_pad, H, D) and returns the
-    log-sum-exp (N_pad, H), +inf on rows with no allowed key (their output is 0)."""
+def _flash_forward(
+    query, key, value, plan: _Plan, b: int, left: int, right: int, scaling: float, out: torch.Tensor
+):
+    """Batch row `b` through the flash op: the band and global key columns into `out` (N_pad, H, D), then the
+    global query rows. Returns the log-sum-exp (N_pad, H), +inf on rows with no allowed key (their output is 0)."""
+    k_b, v_b = key[b], value[b]
+    q_b = _pad_rows(query[b], plan.nb * plan.c)
     heads, n_pad, dim = q_b.shape
     c, g = plan.c, plan.g
     inf = float("inf")
@@ -427,6 +431,17 @@ def _band_flash(q_b, k_b, v_b, plan: _Plan, b: int, left: int, right: int, scali
         torch.mul(o.transpose(1, 2), weight[b0 * c : b1 * c].view(b1 - b0, c, -1, 1), out=rows)
     if g:
         _add_head_mix(out, p, v_g)
+        # global queries see every allowed key: their rows are replaced
+        s = _head_scores(_rows_view(k_b), q_b[:, idx]).mul_(scaling)  # (N, H, g)
+        s.add_(plan.row_mask[b, 0].t().unsqueeze(1))  # (g, N) additive mask, dead rows opened
+        lse_g = torch.logsumexp(s, dim=0)  # (H, g)
+        o_g = _head_gather(torch.exp(s.sub_(lse_g)), _rows_view(v_b))  # (H, g, D)
+        open_ = plan.row_open[b]  # (1, g)
+        o_g = o_g * open_.unsqueeze(-1)
+        lse_g = lse_g.masked_fill(~open_, inf)
+        valid = plan.g_valid[b]
+        out[idx[valid]] = o_g[:, valid].transpose(0, 1)
+        total[idx[valid]] = lse_g[:, valid].t()
     return total
 
 
@@ -487,15 +502,6 @@ def _native_forward(
     return lse.masked_fill_(torch.isneginf(lse), float("inf"))
 
 
-def _workspace(name: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
-    """A per-thread scratch buffer reused from call to call (see `_padded`); its contents are not kept."""
-    buffers = _WORKSPACE.__dict__
-    x = buffers.get(name)
-    if x is None or x.shape != shape or x.dtype != like.dtype or x.device != like.device:
-        x = buffers[name] = like.new_empty(shape)
-    return x
-
-
 class _BandAttention(torch.autograd.Function):
     """Band (flash op over key-window views) + global key columns + global query rows, merged by log-sum-exp.
 
@@ -509,8 +515,6 @@ class _BandAttention(torch.autograd.Function):
     def forward(ctx, query, key, value, plan: _Plan, backward_plan, left: int, right: int, scaling: float):
         bsz, heads, n, dim = query.shape
         n_pad = plan.nb * plan.c
-        g = plan.g
-        inf = float("inf")
         ops = native.ops() if native.usable(query, key, value) else None
         # rows-major (B, N, H, D) output: transformers transposes it back to (B, N, H*D) without a copy
         out_rows = query.new_empty(bsz, n_pad, heads, dim)
@@ -518,25 +522,9 @@ class _BandAttention(torch.autograd.Function):
         for b in range(bsz):
             if ops is not None:
                 total = _native_forward(ops, query, key, value, plan, b, left, scaling, out_rows[b])
-                lses.append(total[:n].t())
-                continue
-            q_b = _pad_rows(query[b], n_pad)
-            total = _band_flash(q_b, key[b], value[b], plan, b, left, right, scaling, out_rows[b])
-            o, lse = out_rows[b, :n].transpose(0, 1), total[:n].t()  # (H, N, D), (H, N)
-            if g:  # global queries see every allowed key: their rows are replaced
-                idx = plan.order[b]
-                q_g = query[b][:, idx]  # (H, g, D)
-                s = _head_scores(_rows_view(key[b]), q_g).mul_(scaling)  # (N, H, g)
-                s.add_(plan.row_mask[b, 0].t().unsqueeze(1))  # (g, N) additive mask, dead rows opened
-                lse_g = torch.logsumexp(s, dim=0)  # (H, g)
-                o_g = _head_gather(torch.exp(s.sub_(lse_g)), _rows_view(value[b]))  # (H, g, D)
-                open_ = plan.row_open[b]  # (1, g)
-                o_g = o_g * open_.unsqueeze(-1)
-                lse_g = lse_g.masked_fill(~open_, inf)
-                valid = plan.g_valid[b]
-                o[:, idx[valid]] = o_g[:, valid]
-                lse[:, idx[valid]] = lse_g[:, valid]
-            lses.append(lse)
+            else:
+                total = _flash_forward(query, key, value, plan, b, left, right, scaling, out_rows[b])
+            lses.append(total[:n].t())
         out = out_rows[:, :n].transpose(1, 2)
         lse = torch.stack(lses)
         ctx.save_for_backward(query, key, value, out, lse)

@@ -44,13 +44,17 @@ _STATE: dict[str, object] = {}
 _OFF = threading.local()  # `turned_off` blocks active in this thread
 
 
+def _compiler() -> str:
+    return os.environ.get("CXX", "c++")
+
+
 def cache_dir() -> Path:
     """Folder of the compiled kernel for this source, these flags, this torch, this Python and this compiler name."""
     root = os.environ.get(ENV_CACHE)
     base = (
         Path(root) if root else Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "sparse_nlp"
     )
-    key = [SOURCE.read_bytes(), " ".join(FLAGS), torch.__version__, sys.version, os.environ.get("CXX", "c++")]
+    key = [SOURCE.read_bytes(), " ".join(FLAGS), torch.__version__, sys.version, _compiler()]
     digest = hashlib.sha256(b"\0".join(x if isinstance(x, bytes) else x.encode() for x in key))
     return base / "kernels" / f"band_attention-{digest.hexdigest()[:16]}"
 
@@ -64,7 +68,7 @@ def unavailable_reason() -> str | None:
     capability = torch.backends.cpu.get_cpu_capability()
     if "AVX512" not in capability and capability != "AMX":
         return f"needs a CPU with AVX-512 (torch reports {capability})"
-    compiler = os.environ.get("CXX", "c++")
+    compiler = _compiler()
     if shutil.which(compiler) is None:
         return f"no C++ compiler: {compiler!r} is not on PATH (install g++ or set CXX)"
     try:

@@ -99,35 +99,34 @@ __attribute__((noinline)) void scores(const float* qs, const Source& src, float*
     score_tile<D, 1>(qs, src.kt, chunk, S + (chunk - src.first) * kChunk, ss, full, bits);
 }
 
-// Each row's max over `count` chunks of S into row_max, then S <- exp(S - max) (0 where masked), sum into row_sum.
-inline void softmax_numerators(float* S, int64_t ss, int64_t count, float* row_max, float* row_sum) {
-  for (int r = 0; r < kRows; ++r) {
-    __m512 vmax = _mm512_set1_ps(kNegInf);
-    __mmask16 nan = 0;  // max_ps drops NaNs, so they are tracked apart: a NaN score makes its row NaN
-    for (int64_t x = 0; x < count * kChunk; x += kChunk) {
-      const __m512 v = _mm512_loadu_ps(S + r * ss + x);
-      vmax = _mm512_max_ps(vmax, v);
-      nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
-    }
-    row_max[r] = nan ? std::numeric_limits<float>::quiet_NaN() : _mm512_reduce_max_ps(vmax);
-    row_sum[r] = 0.f;
-    if (row_max[r] == kNegInf) {
-      for (int64_t x = 0; x < count * kChunk; ++x) S[r * ss + x] = 0.f;
-      continue;
-    }
-    const __m512 m = _mm512_set1_ps(row_max[r]);
-    const __m512 neg_inf = _mm512_set1_ps(kNegInf);
-    __m512 sum = _mm512_setzero_ps();
-    float* s = S + r * ss;
-    for (int64_t x = 0; x < count * kChunk; x += kChunk) {
-      const __m512 v = _mm512_loadu_ps(s + x);
-      const __mmask16 ok = _mm512_cmp_ps_mask(v, neg_inf, _CMP_NEQ_UQ);
-      const __m512 p = _mm512_maskz_mov_ps(ok, exp512(_mm512_sub_ps(v, m)));
-      sum = _mm512_add_ps(sum, p);
-      _mm512_storeu_ps(s + x, p);
-    }
-    row_sum[r] = _mm512_reduce_add_ps(sum);
+// One row's softmax numerators over `count` chunks of s: its max into *row_max (NaN when a score is NaN, which
+// max_ps would drop), then s <- exp(s - max) (0 where masked) and their sum into *row_sum. A row with no allowed
+// key (max -inf) becomes zeros with sum 0.
+inline void row_softmax(float* s, int64_t count, float* row_max, float* row_sum) {
+  const __m512 neg_inf = _mm512_set1_ps(kNegInf);
+  __m512 vmax = neg_inf;
+  __mmask16 nan = 0;
+  for (int64_t x = 0; x < count * kChunk; x += kChunk) {
+    const __m512 v = _mm512_loadu_ps(s + x);
+    vmax = _mm512_max_ps(vmax, v);
+    nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
   }
+  *row_max = nan ? std::numeric_limits<float>::quiet_NaN() : _mm512_reduce_max_ps(vmax);
+  *row_sum = 0.f;
+  if (*row_max == kNegInf) {
+    for (int64_t x = 0; x < count * kChunk; ++x) s[x] = 0.f;
+    return;
+  }
+  const __m512 m = _mm512_set1_ps(*row_max);
+  __m512 sum = _mm512_setzero_ps();
+  for (int64_t x = 0; x < count * kChunk; x += kChunk) {
+    const __m512 v = _mm512_loadu_ps(s + x);
+    const __mmask16 ok = _mm512_cmp_ps_mask(v, neg_inf, _CMP_NEQ_UQ);
+    const __m512 p = _mm512_maskz_mov_ps(ok, exp512(_mm512_sub_ps(v, m)));
+    sum = _mm512_add_ps(sum, p);
+    _mm512_storeu_ps(s + x, p);
+  }
+  *row_sum = _mm512_reduce_add_ps(sum);
 }
 
 // acc[r] += sum over the source's keys of P[r][key] * V[key] (P: S with row stride ss, column 0 = chunk first).
@@ -228,7 +227,8 @@ void run(const at::Tensor& q, const at::Tensor& kt, const at::Tensor& v, const a
               if (r >= rows) return 0;
               return mask_bits(gmp + (i0 + r) * g, chunk * kChunk, g);
             });
-      softmax_numerators(S, ss, nb_chunks + (g ? g_chunks : 0), row_max, row_sum);
+      for (int r = 0; r < kRows; ++r)
+        row_softmax(S + r * ss, nb_chunks + (g ? g_chunks : 0), &row_max[r], &row_sum[r]);
       for (int r0 = 0; r0 < kRows; r0 += R) {
         __m512 acc[R * V];
         for (int x = 0; x < R * V; ++x) acc[x] = _mm512_setzero_ps();
@@ -294,33 +294,21 @@ void run_rows(const at::Tensor& qg, const at::Tensor& kt, const at::Tensor& v, c
       const float* q = qp + h * qsH + j * qsG;
       const float* kh = ktp + h * chunks * D * kChunk;
       const bool* row = mp + j * n;
-      __m512 vmax = _mm512_set1_ps(kNegInf);
-      __mmask16 nan = 0;
       for (int64_t ch = 0; ch < chunks; ++ch) {
         __m512 acc = _mm512_setzero_ps();
         for (int d = 0; d < D; ++d)
           acc = _mm512_fmadd_ps(_mm512_set1_ps(q[d] * scale), _mm512_loadu_ps(kh + (ch * D + d) * kChunk), acc);
         const __m512 x = _mm512_mask_mov_ps(_mm512_set1_ps(kNegInf), mask_bits(row, ch * kChunk, n), acc);
         _mm512_storeu_ps(s.data() + ch * kChunk, x);
-        vmax = _mm512_max_ps(vmax, x);
-        nan |= _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
       }
-      const float m = nan ? std::numeric_limits<float>::quiet_NaN() : _mm512_reduce_max_ps(vmax);
+      float m, total;
+      row_softmax(s.data(), chunks, &m, &total);
       float* o = op + h * osH + j * osG;
       if (m == kNegInf) {
         for (int d = 0; d < D; ++d) o[d] = 0.f;
         lp[h * lsH + j * lsG] = kNegInf;
         continue;
       }
-      const __m512 mv = _mm512_set1_ps(m), neg_inf = _mm512_set1_ps(kNegInf);
-      __m512 sum = _mm512_setzero_ps();
-      for (int64_t x = 0; x < chunks * kChunk; x += kChunk) {
-        const __m512 v = _mm512_loadu_ps(s.data() + x);
-        const __m512 p = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(v, neg_inf, _CMP_NEQ_UQ), exp512(_mm512_sub_ps(v, mv)));
-        sum = _mm512_add_ps(sum, p);
-        _mm512_storeu_ps(s.data() + x, p);
-      }
-      const float total = _mm512_reduce_add_ps(sum);
       __m512 acc[V];
       for (int t = 0; t < V; ++t) acc[t] = _mm512_setzero_ps();
       const float* vh = vp + h * vsH;
