@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import pytest
 import torch
@@ -296,6 +297,21 @@ def test_native_kernel_block_and_head_sizes_and_threads(block, dim, threads):
         torch.set_num_threads(before)
     assert native.usable(q)
     assert (out - reference_attention(q, k, v, spec, scale)).abs().max() < 1e-5
+
+
+@pytest.mark.skipif(
+    native.unavailable_reason() is not None or not torch._C.has_openmp,
+    reason="the native kernel cannot run here, or torch has no OpenMP",
+)
+def test_native_kernel_runs_on_torchs_openmp_threads():
+    """at::parallel_for is header code: compiled without OpenMP the kernel ran on one thread whatever
+    torch.set_num_threads said. It must call into OpenMP, and the process must hold one OpenMP runtime (torch's)."""
+    assert native.ops() is not None
+    assert b"GOMP_parallel" in Path(native._STATE["library"]).read_bytes()
+    maps = Path("/proc/self/maps")
+    if maps.exists():
+        runtimes = {line.split()[-1] for line in maps.read_text().splitlines() if "libgomp" in line}
+        assert len(runtimes) == 1, runtimes
 
 
 @pytest.mark.skipif(native.unavailable_reason() is not None, reason="the native kernel cannot run here")

@@ -34,6 +34,9 @@ logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("band_attention.cpp")
 FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma")
+# at::parallel_for is header code: with torch's OpenMP backend it runs on one thread unless compiled with OpenMP
+# (the link then names libgomp.so.1, which resolves to the copy torch has already loaded)
+PARALLEL_FLAGS = ("-fopenmp",) if torch._C.has_openmp else ()
 HEAD_SIZES = (16, 32, 64, 128)
 ENV_SWITCH = "SPARSE_NLP_NATIVE"
 ENV_CACHE = "SPARSE_NLP_CACHE"
@@ -54,7 +57,7 @@ def cache_dir() -> Path:
     base = (
         Path(root) if root else Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "sparse_nlp"
     )
-    key = [SOURCE.read_bytes(), " ".join(FLAGS), torch.__version__, sys.version, _compiler()]
+    key = [SOURCE.read_bytes(), " ".join(FLAGS + PARALLEL_FLAGS), torch.__version__, sys.version, _compiler()]
     digest = hashlib.sha256(b"\0".join(x if isinstance(x, bytes) else x.encode() for x in key))
     return base / "kernels" / f"band_attention-{digest.hexdigest()[:16]}"
 
@@ -95,6 +98,7 @@ def _build():
         folder.mkdir(parents=True, exist_ok=True)
     name = f"sparse_nlp_band_{folder.name.rsplit('-', 1)[1]}"
     built = folder / f"{name}.so"
+    _STATE["library"] = built
     if built.exists():  # built before: load it directly (no build lock to wait on)
         torch.ops.load_library(str(built))
         return torch.ops.sparse_nlp
@@ -107,7 +111,8 @@ def _build():
     load(
         name=name,
         sources=[str(SOURCE)],
-        extra_cflags=list(FLAGS),
+        extra_cflags=list(FLAGS + PARALLEL_FLAGS),
+        extra_ldflags=list(PARALLEL_FLAGS),
         build_directory=str(folder),
         is_python_module=False,
         verbose=False,
