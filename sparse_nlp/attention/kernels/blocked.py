@@ -167,6 +167,7 @@ def _concat_mask(plan: _Plan) -> None:
 
 
 @ATTENTION_KERNELS.register("blocked")
+@torch.compiler.disable  # eager under torch.compile: its plans and in-place native ops are not traceable
 def blocked_attention(
     query: torch.Tensor,
     key: torch.Tensor,
