@@ -100,7 +100,9 @@ def test_torch_compile_runs_the_blocked_kernel_eagerly(family, head_size):
             {"pattern": "global_tokens", "options": {"positions": [0]}},
         ]}}
     )  # fmt: skip
-    apply_attention(model, AttentionSparsity(pattern["pattern"], pattern["options"], kernel="blocked", block_size=4))
+    apply_attention(
+        model, AttentionSparsity(pattern["pattern"], pattern["options"], kernel="blocked", block_size=4)
+    )
     x = tiny_inputs(batch=2, length=40)
 
     def step(run):
