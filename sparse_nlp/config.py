@@ -149,6 +149,14 @@ class AttentionSparsity:
     block_size: int = field(
         default=0, metadata={"help": "Query block of the blocked kernel (0: 32 forward, 128 backward)."}
     )
+    max_positions: int = field(
+        default=0,
+        metadata={
+            "help": "Extend learned absolute position embeddings to this many positions by tiling the pretrained "
+            "rows (the Longformer recipe: bert, roberta, distilbert, gpt2) before the pattern applies; 0 keeps "
+            "the model's."
+        },
+    )
 
     def validate(self, path: str = "attention") -> None:
         from .attention.kernels import KERNEL_CHOICES
@@ -165,6 +173,14 @@ class AttentionSparsity:
         if isinstance(self.block_size, bool) or not isinstance(self.block_size, int) or self.block_size < 0:
             raise ConfigError(
                 f"{path}.block_size must be an integer >= 0 (0: default), got {self.block_size!r}."
+            )
+        if (
+            isinstance(self.max_positions, bool)
+            or not isinstance(self.max_positions, int)
+            or self.max_positions < 0
+        ):
+            raise ConfigError(
+                f"{path}.max_positions must be an integer >= 0 (0: keep the model's), got {self.max_positions!r}."
             )
 
 

@@ -12,9 +12,16 @@ import torch
 import transformers
 
 import sparse_nlp
-from sparse_nlp.attention import ATTN_NAME, AttentionPatternError, apply_attention, remove_attention
+from sparse_nlp.attention import (
+    ATTN_NAME,
+    AttentionPatternError,
+    apply_attention,
+    long_context,
+    remove_attention,
+)
 from sparse_nlp.attention.cache import SinkWindowCache
 from sparse_nlp.config import AttentionSparsity, SparsityConfig
+from sparse_nlp.errors import ConfigError
 
 from .conftest import DECODERS, tiny_inputs, tiny_model
 
@@ -117,6 +124,57 @@ def test_torch_compile_runs_the_blocked_kernel_eagerly(family, head_size):
     assert (out - eager_out).abs().max() < 1e-5
     assert len(grads) == len(eager_grads)
     assert max((a - b).abs().max().item() for a, b in zip(grads, eager_grads)) < 1e-5
+
+
+@pytest.mark.parametrize("family", ["bert", "roberta", "gpt2"])
+def test_max_positions_extends_the_table_and_round_trips(tmp_path, family):
+    """`AttentionSparsity.max_positions` tiles the learned position rows (after RoBERTa's two padding rows) before
+    the pattern applies; the checkpoint restores the longer table, and applying the saved config again (as a load
+    does) leaves it alone."""
+    model = tiny_model(family)
+    model.eval()
+    table = model.base_model.get_submodule(long_context.POSITION_TABLES[family])
+    old = table.weight.detach().clone()  # 128 rows
+    offset = 2 if family == "roberta" else 0
+    window = window_for(family, 8, max_positions=300)
+    sparse_nlp.sparsify(model, SparsityConfig(attention=window), progress=False)
+    new = model.base_model.get_submodule(long_context.POSITION_TABLES[family]).weight.detach()
+    assert new.shape == (300, old.shape[1]) and long_context.token_positions(model) == 300 - offset
+    assert torch.equal(new[:offset], old[:offset])
+    rows = torch.arange(300 - offset) % (128 - offset) + offset
+    assert torch.equal(new[offset:], old[rows])
+    assert (model.config.n_positions if family == "gpt2" else model.config.max_position_embeddings) == 300
+    x = tiny_inputs(batch=2, length=250)  # beyond the 128 positions the model started with
+    before = logits(model, x)
+    sparse_nlp.save_pretrained(model, tmp_path / "long")
+    loaded = sparse_nlp.from_pretrained(tmp_path / "long")
+    assert loaded.config.sparse_attention["max_positions"] == 300
+    assert (logits(loaded, x) - before).abs().max() < 1e-5
+    table = loaded.base_model.get_submodule(long_context.POSITION_TABLES[family])
+    apply_attention(loaded, window)  # the same size again: nothing to extend
+    assert loaded.base_model.get_submodule(long_context.POSITION_TABLES[family]) is table
+
+
+@pytest.mark.parametrize(
+    ("family", "max_positions", "message"),
+    [
+        ("llama", 300, "attention.max_positions: llama has no learned absolute position table"),
+        ("bert", 64, "attention.max_positions is 64, below the 128 positions bert already holds"),
+        ("bert", -1, "max_positions must be an integer >= 0"),
+    ],
+)
+def test_max_positions_errors_name_the_field_and_change_nothing(family, max_positions, message):
+    model = tiny_model(family)
+    x = tiny_inputs(batch=1, length=12)
+    before = logits(model, x)
+    with pytest.raises(ConfigError, match=message):
+        sparse_nlp.sparsify(
+            model,
+            SparsityConfig(attention=window_for(family, 8, max_positions=max_positions)),
+            progress=False,
+        )
+    assert "sparse_attention" not in model.config.to_dict()
+    assert torch.equal(logits(model, x), before)
 
 
 def test_global_tokens_by_id():

@@ -62,3 +62,27 @@ def test_minilm_long_context_blocked_equals_reference_and_round_trips(minilm_pat
     assert loaded.config.max_position_embeddings == 4096
     with torch.no_grad():
         assert torch.equal(loaded(**x).last_hidden_state, blocked)
+
+
+@pytest.mark.real
+def test_minilm_long_context_from_the_command_line(minilm_path, tmp_path, capsys):
+    """`sparse-nlp sparsify --config` with attention.max_positions: the checkpoint holds 4,096 positions, the
+    pattern, and a tokenizer that truncates at 4,096 tokens instead of the pretrained length."""
+    import json
+
+    from transformers import AutoTokenizer
+
+    from sparse_nlp.cli import main
+
+    config = tmp_path / "long.json"
+    config.write_text(
+        json.dumps({"attention": {"pattern": "union", "options": LONGFORMER, "max_positions": 4096}})
+    )
+    out = tmp_path / "minilm-4096"
+    assert main(["sparsify", minilm_path, "--config", str(config), "--out", str(out), "--no-progress"]) == 0
+    assert str(out) in capsys.readouterr().out
+    assert AutoTokenizer.from_pretrained(out).model_max_length == 4096
+    loaded = sparse_nlp.from_pretrained(out)
+    assert loaded.config.max_position_embeddings == 4096
+    assert loaded.config.sparse_attention["max_positions"] == 4096
+    assert loaded.embeddings.position_embeddings.weight.shape[0] == 4096

@@ -12,6 +12,7 @@ from ..config import AttentionSparsity
 from ..targets import model_targets
 from . import registration
 from .kernels import KERNEL_CHOICES
+from .long_context import extend_positions, position_table
 from .patterns import AttentionPatternError, Pattern, build_pattern
 
 logger = logging.getLogger(__name__)
@@ -36,6 +37,14 @@ def check_pattern(model: nn.Module, attention: AttentionSparsity) -> Pattern:
     limit = getattr(model.config, "max_position_embeddings", None) or getattr(
         model.config, "n_positions", None
     )
+    if attention.max_positions:
+        current = position_table(model, "attention.max_positions").num_embeddings
+        if attention.max_positions < current:
+            raise AttentionPatternError(
+                f"attention.max_positions is {attention.max_positions}, below the {current} positions {model_type} "
+                "already holds; positions are only extended (0 keeps them)."
+            )
+        limit = attention.max_positions
     top = pattern.max_position()
     if top is not None and limit is not None and top >= limit:
         raise AttentionPatternError(
@@ -65,19 +74,24 @@ def apply_attention(model: nn.Module, attention: AttentionSparsity | dict[str, A
 
     Args:
         model: A transformers model of a family in `sparse_nlp.targets.TARGETS`.
-        attention: The pattern, options and kernel (or their dict form).
+        attention: The pattern, options and kernel (or their dict form). With ``max_positions`` the learned
+            position table is first extended to that many positions (`extend_positions`); a model that already
+            has them is left as it is, so applying a saved config again changes nothing.
 
     Returns:
         The same model.
 
     Raises:
         AttentionPatternError: bad options, a bidirectional pattern on a causal decoder, a position beyond
-            the model's positions, or a kernel that cannot run the pattern.
+            the model's positions, a kernel that cannot run the pattern, or ``max_positions`` on a family
+            without learned positions or below the model's own.
         UnsupportedModelError: a model family outside the targets table.
     """
     if isinstance(attention, dict):
         attention = AttentionSparsity(**attention)
     pattern = check_pattern(model, attention)
+    if attention.max_positions and attention.max_positions > position_table(model).num_embeddings:
+        extend_positions(model, attention.max_positions)  # checked by check_pattern; equal: already extended
     registration.register()
     remove_attention(model, restore="keep")
     model.config.sparse_attention = dataclasses.asdict(attention)

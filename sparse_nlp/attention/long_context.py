@@ -34,6 +34,29 @@ def _offset(model: nn.Module) -> int:
     return 0
 
 
+def token_positions(model: nn.Module) -> int:
+    """How many tokens `model`'s learned position table holds (its rows less RoBERTa's padding offset)."""
+    return position_table(model).num_embeddings - _offset(model)
+
+
+def position_table(model: nn.Module, field: str = "max_positions") -> nn.Embedding:
+    """The learned absolute position table of `model`; raises `AttentionPatternError` (naming `field`) where the
+    family has none (rotary positions) or uses fixed sinusoidal rows."""
+    model_targets(model)  # unsupported families fail with the usual message
+    model_type = model.config.model_type
+    if model_type not in POSITION_TABLES:
+        raise AttentionPatternError(
+            f"{field}: {model_type} has no learned absolute position table (it uses rotary positions); extend its "
+            "context through its rope settings instead."
+        )
+    if getattr(model.config, "sinusoidal_pos_embds", False):
+        raise AttentionPatternError(
+            f"{field}: this DistilBERT uses fixed sinusoidal positions; tiling learned rows does not apply."
+        )
+    base = getattr(model, "base_model", model)
+    return base.get_submodule(POSITION_TABLES[model_type])
+
+
 def extend_positions(model: nn.Module, max_positions: int) -> nn.Module:
     """Extend the absolute position embeddings of `model` to `max_positions` by tiling the pretrained ones, in place.
 
@@ -47,19 +70,9 @@ def extend_positions(model: nn.Module, max_positions: int) -> nn.Module:
     Raises:
         AttentionPatternError: the family has rotary / no learned positions, or `max_positions` is not larger.
     """
-    model_targets(model)  # unsupported families fail with the usual message
+    old = position_table(model)
     model_type = model.config.model_type
-    if model_type not in POSITION_TABLES:
-        raise AttentionPatternError(
-            f"{model_type} has no learned absolute position table (it uses rotary positions); extend its context "
-            "through its rope settings instead of extend_positions."
-        )
     base = getattr(model, "base_model", model)
-    old: nn.Embedding = base.get_submodule(POSITION_TABLES[model_type])
-    if getattr(model.config, "sinusoidal_pos_embds", False):
-        raise AttentionPatternError(
-            "this DistilBERT uses fixed sinusoidal positions; tiling learned rows does not apply."
-        )
     offset = _offset(model)
     current = old.num_embeddings
     if isinstance(max_positions, bool) or not isinstance(max_positions, int) or max_positions <= current:

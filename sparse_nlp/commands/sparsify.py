@@ -119,6 +119,11 @@ def run(args: argparse.Namespace) -> int:
         seq_len=args.seq_len,
     )
     seconds = time.perf_counter() - start
+    if config.attention is not None and config.attention.max_positions and tokenizer is not None:
+        from ..attention.long_context import token_positions
+
+        # the saved tokenizer truncates to the extended length, not the pretrained one
+        tokenizer.model_max_length = token_positions(model)
     out = save_pretrained(model, args.out, tokenizer=tokenizer, compact=args.compact)
     result = report(model)
     print(result)
