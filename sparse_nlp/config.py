@@ -154,7 +154,7 @@ class AttentionSparsity:
         metadata={
             "help": "Extend learned absolute position embeddings to this many positions by tiling the pretrained "
             "rows (the Longformer recipe: bert, roberta, distilbert, gpt2) before the pattern applies; 0 keeps "
-            "the model's."
+            "the model's. Counted like max_position_embeddings: RoBERTa's include its 2 padding rows."
         },
     )
 

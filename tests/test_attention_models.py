@@ -20,7 +20,7 @@ from sparse_nlp.attention import (
     remove_attention,
 )
 from sparse_nlp.attention.cache import SinkWindowCache
-from sparse_nlp.config import AttentionSparsity, SparsityConfig
+from sparse_nlp.config import AttentionSparsity, SparsityConfig, WeightSparsity
 from sparse_nlp.errors import ConfigError
 
 from .conftest import DECODERS, tiny_inputs, tiny_model
@@ -126,7 +126,7 @@ def test_torch_compile_runs_the_blocked_kernel_eagerly(family, head_size):
     assert max((a - b).abs().max().item() for a, b in zip(grads, eager_grads)) < 1e-5
 
 
-@pytest.mark.parametrize("family", ["bert", "roberta", "gpt2"])
+@pytest.mark.parametrize("family", ["bert", "roberta", "distilbert", "gpt2"])
 def test_max_positions_extends_the_table_and_round_trips(tmp_path, family):
     """`AttentionSparsity.max_positions` tiles the learned position rows (after RoBERTa's two padding rows) before
     the pattern applies; the checkpoint restores the longer table, and applying the saved config again (as a load
@@ -155,6 +155,21 @@ def test_max_positions_extends_the_table_and_round_trips(tmp_path, family):
     assert loaded.base_model.get_submodule(long_context.POSITION_TABLES[family]) is table
 
 
+def test_max_positions_before_calibration_keeps_frozen_table_frozen():
+    """Positions are extended before calibration runs (its batches may be longer than the old table), and a frozen
+    position table stays frozen."""
+    model = tiny_model("bert")
+    model.bert.embeddings.position_embeddings.weight.requires_grad_(False)
+    ids = torch.randint(3, 100, (4, 200), generator=torch.Generator().manual_seed(0))  # 200 > 128 positions
+    config = SparsityConfig(
+        weights=[WeightSparsity(method="wanda", sparsity=0.5, targets=["ffn"])],
+        attention=window_for("bert", 8, max_positions=256),
+    )
+    sparse_nlp.sparsify(model, config, data=[{"input_ids": ids}], seq_len=200, progress=False)
+    table = model.bert.embeddings.position_embeddings.weight
+    assert table.shape[0] == 256 and not table.requires_grad
+
+
 @pytest.mark.parametrize(
     ("family", "max_positions", "message"),
     [
@@ -174,6 +189,11 @@ def test_max_positions_errors_name_the_field_and_change_nothing(family, max_posi
             progress=False,
         )
     assert "sparse_attention" not in model.config.to_dict()
+    assert torch.equal(logits(model, x), before)
+    with pytest.raises(AttentionPatternError, match="max_positions must be an integer >= 0"):
+        apply_attention(
+            model, window_for(family, 8, max_positions=300.0)
+        )  # straight in, not through validate
     assert torch.equal(logits(model, x), before)
 
 

@@ -38,6 +38,11 @@ def check_pattern(model: nn.Module, attention: AttentionSparsity) -> Pattern:
         model.config, "n_positions", None
     )
     if attention.max_positions:
+        wanted = attention.max_positions
+        if isinstance(wanted, bool) or not isinstance(wanted, int) or wanted < 0:
+            raise AttentionPatternError(
+                f"attention.max_positions must be an integer >= 0 (0: keep the model's), got {wanted!r}."
+            )
         current = position_table(model, "attention.max_positions").num_embeddings
         if attention.max_positions < current:
             raise AttentionPatternError(
@@ -59,6 +64,13 @@ def check_pattern(model: nn.Module, attention: AttentionSparsity) -> Pattern:
     if pattern.uses_token_ids() and model.get_input_embeddings() is None:
         raise AttentionPatternError("global tokens by id need the model's input embeddings to see the ids.")
     return pattern
+
+
+def extend_for(model: nn.Module, attention: AttentionSparsity) -> None:
+    """Extend `model`'s learned positions to ``attention.max_positions`` (after `check_pattern`); a model that
+    already holds that many is left as it is."""
+    if attention.max_positions and attention.max_positions > position_table(model).num_embeddings:
+        extend_positions(model, attention.max_positions)
 
 
 def _remember_ids(module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -90,8 +102,7 @@ def apply_attention(model: nn.Module, attention: AttentionSparsity | dict[str, A
     if isinstance(attention, dict):
         attention = AttentionSparsity(**attention)
     pattern = check_pattern(model, attention)
-    if attention.max_positions and attention.max_positions > position_table(model).num_embeddings:
-        extend_positions(model, attention.max_positions)  # checked by check_pattern; equal: already extended
+    extend_for(model, attention)
     registration.register()
     remove_attention(model, restore="keep")
     model.config.sparse_attention = dataclasses.asdict(attention)

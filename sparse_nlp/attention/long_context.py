@@ -88,6 +88,7 @@ def extend_positions(model: nn.Module, max_positions: int) -> nn.Module:
         device=learned.device,
         dtype=learned.dtype,
     )
+    new.weight.requires_grad_(old.weight.requires_grad)  # a frozen table stays frozen
     with torch.no_grad():
         new.weight[:offset] = old.weight[:offset]
         new.weight[offset:] = learned[rows]

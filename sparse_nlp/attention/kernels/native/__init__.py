@@ -17,11 +17,13 @@ with why.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import logging
 import os
 import platform
 import shutil
+import subprocess
 import sys
 import tempfile
 import threading
@@ -34,9 +36,7 @@ logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("band_attention.cpp")
 FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma")
-# at::parallel_for is header code: with torch's OpenMP backend it runs on one thread unless compiled with OpenMP
-# (the link then names libgomp.so.1, which resolves to the copy torch has already loaded)
-PARALLEL_FLAGS = ("-fopenmp",) if torch._C.has_openmp else ()
+OPENMP_RUNTIMES = ("libgomp", "libiomp", "libomp")  # GNU, Intel, LLVM
 HEAD_SIZES = (16, 32, 64, 128)
 ENV_SWITCH = "SPARSE_NLP_NATIVE"
 ENV_CACHE = "SPARSE_NLP_CACHE"
@@ -51,13 +51,49 @@ def _compiler() -> str:
     return os.environ.get("CXX", "c++")
 
 
+def _compiler_is_gcc() -> bool:
+    """Whether $CXX is GCC (whose -fopenmp code calls GNU libgomp; clang's calls LLVM's libomp)."""
+    try:
+        macros = subprocess.run(
+            [_compiler(), "-dM", "-E", "-x", "c++", os.devnull], capture_output=True, text=True, timeout=60
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return "__GNUC__" in macros and "__clang__" not in macros
+
+
+def openmp_runtimes() -> list[Path]:
+    """The OpenMP runtime libraries mapped into this process (Linux; empty where /proc is absent)."""
+    maps = Path("/proc/self/maps")
+    if not maps.exists():
+        return []
+    paths = {line.split()[-1] for line in maps.read_text().splitlines() if line.count(" ") >= 5}
+    return sorted(Path(p) for p in paths if Path(p).name.startswith(OPENMP_RUNTIMES))
+
+
+@functools.cache
+def _openmp() -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """Compile and link flags that run the kernel's at::parallel_for on torch's own OpenMP threads.
+
+    at::parallel_for is header code: with torch's OpenMP backend it runs on one thread unless the kernel is
+    compiled with OpenMP. The link names the exact file torch loaded (some wheels ship libgomp under a hashed
+    name), so no second runtime is loaded. Without a GNU libgomp in torch or a GCC compiler: no flags (one thread).
+    """
+    runtimes = openmp_runtimes() if torch._C.has_openmp else []
+    gomp = [p for p in runtimes if p.name.startswith("libgomp")]
+    if not gomp or not _compiler_is_gcc():
+        return (), ()
+    return ("-fopenmp",), (f"-L{gomp[0].parent}", f"-l:{gomp[0].name}")
+
+
 def cache_dir() -> Path:
     """Folder of the compiled kernel for this source, these flags, this torch, this Python and this compiler name."""
     root = os.environ.get(ENV_CACHE)
     base = (
         Path(root) if root else Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "sparse_nlp"
     )
-    key = [SOURCE.read_bytes(), " ".join(FLAGS + PARALLEL_FLAGS), torch.__version__, sys.version, _compiler()]
+    flags = " ".join(FLAGS + _openmp()[0] + _openmp()[1])
+    key = [SOURCE.read_bytes(), flags, torch.__version__, sys.version, _compiler()]
     digest = hashlib.sha256(b"\0".join(x if isinstance(x, bytes) else x.encode() for x in key))
     return base / "kernels" / f"band_attention-{digest.hexdigest()[:16]}"
 
@@ -108,11 +144,13 @@ def _build():
         logger.warning("sparse_nlp: removing a stale build lock %s", lock)
         lock.unlink(missing_ok=True)
     logger.info("sparse_nlp: compiling the native band-attention kernel into %s (once, about 20 s)", folder)
+    if torch._C.has_openmp and not _openmp()[0]:
+        logger.info("sparse_nlp: building it without OpenMP (no GNU libgomp in torch or no GCC): one thread")
     load(
         name=name,
         sources=[str(SOURCE)],
-        extra_cflags=list(FLAGS + PARALLEL_FLAGS),
-        extra_ldflags=list(PARALLEL_FLAGS),
+        extra_cflags=list(FLAGS + _openmp()[0]),
+        extra_ldflags=list(_openmp()[1]),
         build_directory=str(folder),
         is_python_module=False,
         verbose=False,
