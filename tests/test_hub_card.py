@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from huggingface_hub import ModelCard
 
-from sparse_nlp import SparsityConfig, WeightSparsity, report, sparsify
+from sparse_nlp import AttentionSparsity, SparsityConfig, WeightSparsity, report, sparsify
 from sparse_nlp.hub import eval_results, render_model_card, speed_ratios
 
 from .conftest import tiny_model
@@ -84,3 +84,17 @@ def test_card_reports_measured_sparsity_not_the_target(tmp_path):
         assert f"| {name} | {t.numel:,} | {t.nonzeros:,} | {t.sparsity:.2%} |" in text
     assert "- 1.10x (tiny)" in text
     assert "AutoModel.from_pretrained" in text  # dense checkpoint: plain transformers loads it too
+
+
+def test_card_says_positions_were_extended_by_tiling():
+    model = tiny_model("bert")
+    attention = AttentionSparsity("sliding_window", {"window": 8}, max_positions=300)
+    sparsify(model, SparsityConfig(attention=attention), progress=False)
+    text = str(render_model_card(model, "org/tiny-long"))
+    assert "sparse pattern `sliding_window`" in text
+    assert "extended to 300 positions by tiling the pretrained rows" in text
+    plain = tiny_model("bert")
+    sparsify(
+        plain, SparsityConfig(attention=AttentionSparsity("sliding_window", {"window": 8})), progress=False
+    )
+    assert "tiling" not in str(render_model_card(plain, "org/tiny-window"))
