@@ -316,8 +316,10 @@ def test_native_kernel_runs_on_torchs_openmp_threads():
         assert len(native.openmp_runtimes()) == 1, native.openmp_runtimes()
 
 
-def test_native_openmp_flags_follow_torchs_runtime(monkeypatch):
+def test_native_openmp_flags_follow_torchs_runtime(monkeypatch, request):
     """The link names the file torch loaded (a hashed libgomp on some wheels); no GNU runtime or no GCC: no OpenMP."""
+    # the next call sees the real runtime again, even after a failure here
+    request.addfinalizer(native._openmp.cache_clear)
     monkeypatch.setattr(native.torch._C, "has_openmp", True)
     monkeypatch.setattr(native, "_compiler_is_gcc", lambda: True)
     hashed = Path("/site/torch/lib/libgomp-a34b3233.so.1")
@@ -330,12 +332,10 @@ def test_native_openmp_flags_follow_torchs_runtime(monkeypatch):
         native._openmp.cache_clear()
         assert native._openmp() == expected
     monkeypatch.setattr(native, "openmp_runtimes", lambda: [hashed])
-    monkeypatch.setattr(
-        native, "_compiler_is_gcc", lambda: False
-    )  # clang's -fopenmp would call LLVM's libomp
+    # clang's -fopenmp would call LLVM's libomp
+    monkeypatch.setattr(native, "_compiler_is_gcc", lambda: False)
     native._openmp.cache_clear()
     assert native._openmp() == ((), ())
-    native._openmp.cache_clear()
 
 
 @pytest.mark.skipif(native.unavailable_reason() is not None, reason="the native kernel cannot run here")
