@@ -158,6 +158,14 @@ class AttentionSparsity:
         },
     )
 
+    def to_dict(self) -> dict[str, Any]:
+        """Plain fields; `max_positions` only when set, so checkpoints without an extension stay readable by
+        releases that predate the field."""
+        out = dataclasses.asdict(self)
+        if not out["max_positions"]:
+            del out["max_positions"]
+        return out
+
     def validate(self, path: str = "attention") -> None:
         from .attention.kernels import KERNEL_CHOICES
         from .attention.patterns import AttentionPatternError, build_pattern
@@ -285,7 +293,7 @@ class SparsityConfig:
         for name in ("attention", "structured", "activation"):
             part = getattr(self, name)
             if part is not None:
-                out[name] = dataclasses.asdict(part)
+                out[name] = part.to_dict() if isinstance(part, AttentionSparsity) else dataclasses.asdict(part)
         return out
 
     @classmethod

@@ -155,6 +155,23 @@ def test_max_positions_extends_the_table_and_round_trips(tmp_path, family):
     assert loaded.base_model.get_submodule(long_context.POSITION_TABLES[family]) is table
 
 
+def test_max_positions_is_written_only_when_set(tmp_path):
+    """Without an extension the saved config has no max_positions key: the format older releases read."""
+    model = tiny_model("bert")
+    sparse_nlp.sparsify(model, SparsityConfig(attention=window_for("bert", 8)), progress=False)
+    assert "max_positions" not in model.config.sparse_attention
+    assert "max_positions" not in SparsityConfig(attention=window_for("bert", 8)).to_dict()["attention"]
+    sparse_nlp.save_pretrained(model, tmp_path / "plain")
+    for name in ("config.json", "sparsity_config.json"):
+        assert "max_positions" not in (tmp_path / "plain" / name).read_text()
+    assert (
+        sparse_nlp.from_pretrained(tmp_path / "plain").config.sparse_attention
+        == model.config.sparse_attention
+    )
+    extended = SparsityConfig(attention=window_for("bert", 8, max_positions=200))
+    assert SparsityConfig.from_dict(extended.to_dict()).attention.max_positions == 200
+
+
 def test_max_positions_before_calibration_keeps_frozen_table_frozen():
     """Positions are extended before calibration runs (its batches may be longer than the old table), and a frozen
     position table stays frozen."""

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from typing import Any
 
@@ -105,7 +104,7 @@ def apply_attention(model: nn.Module, attention: AttentionSparsity | dict[str, A
     extend_for(model, attention)
     registration.register()
     remove_attention(model, restore="keep")
-    model.config.sparse_attention = dataclasses.asdict(attention)
+    model.config.sparse_attention = attention.to_dict()
     model.set_attn_implementation(registration.ATTN_NAME)
     model.config.attn_implementation = registration.ATTN_NAME  # written to config.json, honoured on load
     if pattern.uses_token_ids():
