@@ -293,7 +293,9 @@ class SparsityConfig:
         for name in ("attention", "structured", "activation"):
             part = getattr(self, name)
             if part is not None:
-                out[name] = part.to_dict() if isinstance(part, AttentionSparsity) else dataclasses.asdict(part)
+                out[name] = (
+                    part.to_dict() if isinstance(part, AttentionSparsity) else dataclasses.asdict(part)
+                )
         return out
 
     @classmethod
