@@ -142,11 +142,9 @@ def sparsify(
 
         check_calibration_plans(plans)
     if config.attention is not None:
-        from .attention.apply import check_pattern
+        from .attention.apply import check_pattern, extend_for
 
         check_pattern(model, config.attention)  # a pattern the family cannot use fails before any change
-        from .attention.apply import extend_for
-
         extend_for(model, config.attention)  # before calibration, which may run past the old positions
     if config.structured is not None:
         from .structured import apply_structured  # noqa: PLC0415  (optional part, imported when used)

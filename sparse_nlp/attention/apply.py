@@ -7,10 +7,9 @@ from typing import Any
 
 from torch import nn
 
-from ..config import AttentionSparsity
+from ..config import AttentionSparsity, ConfigError
 from ..targets import model_targets
 from . import registration
-from .kernels import KERNEL_CHOICES
 from .long_context import extend_positions, position_table
 from .patterns import AttentionPatternError, Pattern, build_pattern
 
@@ -22,11 +21,11 @@ _HOOK_ATTR = "_sparse_nlp_ids_hook"
 def check_pattern(model: nn.Module, attention: AttentionSparsity) -> Pattern:
     """Build the pattern and check that it fits the model; raises `AttentionPatternError` naming the problem."""
     entry = model_targets(model)
+    try:  # the fields on their own (options, kernel, block size, max_positions): AttentionSparsity's own checks
+        attention.validate()
+    except ConfigError as err:
+        raise AttentionPatternError(str(err)) from None
     pattern = build_pattern(attention.pattern, attention.options)
-    if attention.kernel not in KERNEL_CHOICES:
-        raise AttentionPatternError(
-            f"attention.kernel must be one of {', '.join(KERNEL_CHOICES)}, got {attention.kernel!r}."
-        )
     model_type = model.config.model_type
     if entry.causal and not pattern.causal:
         raise AttentionPatternError(
@@ -37,11 +36,6 @@ def check_pattern(model: nn.Module, attention: AttentionSparsity) -> Pattern:
         model.config, "n_positions", None
     )
     if attention.max_positions:
-        wanted = attention.max_positions
-        if isinstance(wanted, bool) or not isinstance(wanted, int) or wanted < 0:
-            raise AttentionPatternError(
-                f"attention.max_positions must be an integer >= 0 (0: keep the model's), got {wanted!r}."
-            )
         current = position_table(model, "attention.max_positions").num_embeddings
         if attention.max_positions < current:
             raise AttentionPatternError(

@@ -92,7 +92,8 @@ def cache_dir() -> Path:
     base = (
         Path(root) if root else Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "sparse_nlp"
     )
-    flags = " ".join(FLAGS + _openmp()[0] + _openmp()[1])
+    cflags, ldflags = _openmp()
+    flags = " ".join(FLAGS + cflags + ldflags)
     key = [SOURCE.read_bytes(), flags, torch.__version__, sys.version, _compiler()]
     digest = hashlib.sha256(b"\0".join(x if isinstance(x, bytes) else x.encode() for x in key))
     return base / "kernels" / f"band_attention-{digest.hexdigest()[:16]}"
@@ -144,13 +145,14 @@ def _build():
         logger.warning("sparse_nlp: removing a stale build lock %s", lock)
         lock.unlink(missing_ok=True)
     logger.info("sparse_nlp: compiling the native band-attention kernel into %s (once, about 20 s)", folder)
-    if torch._C.has_openmp and not _openmp()[0]:
+    cflags, ldflags = _openmp()
+    if torch._C.has_openmp and not cflags:
         logger.info("sparse_nlp: building it without OpenMP (no GNU libgomp in torch or no GCC): one thread")
     load(
         name=name,
         sources=[str(SOURCE)],
-        extra_cflags=list(FLAGS + _openmp()[0]),
-        extra_ldflags=list(_openmp()[1]),
+        extra_cflags=list(FLAGS + cflags),
+        extra_ldflags=list(ldflags),
         build_directory=str(folder),
         is_python_module=False,
         verbose=False,
