@@ -22,11 +22,14 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
+from packaging.version import Version  # noqa: E402
 
 FAMILIES = ("bert", "roberta", "distilbert", "gpt2", "llama", "mistral", "qwen2")
 ENCODERS = ("bert", "roberta", "distilbert")
 DECODERS = ("gpt2", "llama", "mistral", "qwen2")
 VOCAB = 128
+GENERATE_CACHE = "cache" if Version(transformers.__version__) >= Version("5.24") else "past_key_values"
+"""generate()'s argument for a Cache object: `cache` from transformers 5.24, `past_key_values` before."""
 
 
 def tiny_config(family: str, **overrides):

@@ -194,6 +194,29 @@ def test_blocked_equals_reference_values_and_gradients(pattern, pad, dim):
         assert (a - b).abs().max() < 1e-5
 
 
+@pytest.mark.parametrize("pad", ["none", "right", "left"])
+@pytest.mark.parametrize("pattern", BAND_PATTERNS, ids=lambda p: p.key())
+def test_blocked_masked_sdpa_path_equals_reference(pattern, pad, monkeypatch):
+    """The path a GPU takes (the flash op is CPU-only), here forced on the CPU: values and gradients."""
+    import sparse_nlp.attention.kernels.blocked as blocked_module
+
+    monkeypatch.setattr(blocked_module, "_FLASH_LSE", False)
+    calls = []
+    concat = blocked_module._concat_attention
+    monkeypatch.setattr(blocked_module, "_concat_attention", lambda *a: calls.append(1) or concat(*a))
+    q, k, v, real = _inputs(pad)
+    spec = _spec(pattern, real, pad)
+    ref = reference_attention(q, k, v, spec, 0.3)
+    out = blocked_attention(q, k, v, spec, 0.3)
+    assert calls == [1]
+    assert (out - ref).abs().max() < 1e-5
+    weight = torch.randn(ref.shape, generator=torch.Generator().manual_seed(GRAD_WEIGHT_SEED))
+    g_ref = torch.autograd.grad((ref * weight).sum(), (q, k, v))
+    g_out = torch.autograd.grad((out * weight).sum(), (q, k, v))
+    for a, b in zip(g_ref, g_out, strict=True):
+        assert (a - b).abs().max() < 1e-5
+
+
 @pytest.mark.parametrize("dim", [8, 32])
 @pytest.mark.parametrize("n", [150, 160])  # 160: a multiple of the forward block (no padded query rows)
 @pytest.mark.parametrize("pad, batch", [("none", 1), ("left", 3)])

@@ -23,7 +23,7 @@ from sparse_nlp.attention.cache import SinkWindowCache
 from sparse_nlp.config import AttentionSparsity, SparsityConfig, WeightSparsity
 from sparse_nlp.errors import ConfigError
 
-from .conftest import DECODERS, tiny_inputs, tiny_model
+from .conftest import DECODERS, GENERATE_CACHE, tiny_inputs, tiny_model
 
 
 def window_for(family: str, window: int, **kw) -> AttentionSparsity:
@@ -323,7 +323,7 @@ def test_generate_with_cache_equals_without_and_sink_cache_is_bounded(family):
     full = model.generate(**x, use_cache=False, **kw)
     cached = model.generate(**x, **kw)
     cache = SinkWindowCache(model, x["attention_mask"])
-    bounded = model.generate(**x, cache=cache, **kw)
+    bounded = model.generate(**x, **{GENERATE_CACHE: cache}, **kw)
     for run in (cached, bounded):
         assert torch.equal(run.sequences, full.sequences)
         for a, b in zip(run.logits, full.logits, strict=True):

@@ -78,7 +78,8 @@ class SinkWindowLayer(DynamicLayer):
 
 
 class SinkWindowCache(Cache):
-    """KV cache for a model with the ``sink_window`` attention pattern; pass it to ``generate(past_key_values=...)``.
+    """KV cache for a model with the ``sink_window`` attention pattern; pass it to ``generate(cache=...)``
+    (transformers 5.24 and later; ``generate(past_key_values=...)`` before 5.24).
 
     Args:
         model: A decoder prepared by `apply_attention` with the ``sink_window`` pattern.

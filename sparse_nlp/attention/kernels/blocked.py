@@ -8,8 +8,9 @@ grow as N * (c + left + right + globals) instead of N * N, and every operation h
 Without attention dropout the band runs through torch's CPU flash-attention op, which also returns each
 row's log-sum-exp: the band (key windows are overlapping *views* of one zero-padded copy of the keys) and the global
 key columns are computed apart and merged by their log-sum-exps, and the backward pass calls the op's own
-backward with the merged output and log-sum-exp (`_BandAttention`). With dropout the global columns are
-concatenated to every window and one SDPA call does both (`_concat_attention`).
+backward with the merged output and log-sum-exp (`_BandAttention`). With dropout, and on devices other than the
+CPU (the op is CPU-only), the global columns are concatenated to every window and one SDPA call does both
+(`_concat_attention`).
 """
 
 from __future__ import annotations
@@ -197,7 +198,9 @@ def blocked_attention(
     groups = query.shape[1] // key.shape[1]
     key, value = repeat_kv(key, groups), repeat_kv(value, groups)
     n = query.shape[2]
-    if dropout or not _FLASH_LSE:  # autograd runs through masked SDPA: the backward's block size suits it
+    # The flash op is CPU-only: with dropout, without the op, or on another device (a GPU), the blocks run through
+    # masked SDPA under autograd, whose backward's block size suits it
+    if dropout or not _FLASH_LSE or query.device.type != "cpu":
         plan = _plan(spec, band, n, query.device, query.dtype, DEFAULT_BACKWARD_BLOCK)
         return _concat_attention(query, key, value, plan, band, scaling, dropout)
     plan = _plan(spec, band, n, query.device, query.dtype, DEFAULT_BLOCK)
@@ -291,7 +294,9 @@ def _concat_attention(query, key, value, plan: _Plan, band: BandStructure, scali
             k_b = torch.cat([k_b, k_g[b].unsqueeze(1).expand(heads, nb, plan.g, dim)], dim=2)
             v_b = torch.cat([v_b, v_g[b].unsqueeze(1).expand(heads, nb, plan.g, dim)], dim=2)
         a_b = alive if alive is True else alive[b]
-        rows.append(masked_sdpa(q_b, k_b, v_b, mask[b], scaling, dropout, alive=a_b).view(heads, n_pad, dim))
+        rows.append(
+            masked_sdpa(q_b, k_b, v_b, mask[b], scaling, dropout, alive=a_b).reshape(heads, n_pad, dim)
+        )
     out = torch.stack(rows) if bsz > 1 else rows[0].unsqueeze(0)  # (B, H, Np, D)
     if n_pad != n:
         out = out[:, :, :n]
