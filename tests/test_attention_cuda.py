@@ -100,6 +100,22 @@ def test_flex_compiled_equals_reference_on_cuda(pattern):
         assert _close(out, ref)
 
 
+def test_flex_trains_on_cuda():
+    """On a GPU flex_attention has a backward: the flex kernel takes gradients there (the CPU refuses them)."""
+    pattern = BigBird(block_size=16, random_blocks=1, random_span=64)
+    q, k, v, real = _cuda_inputs("right", n=300, batch=2, dim=32)
+    spec = _cuda_spec(pattern, real, "right", kernel="flex")
+    assert choose_kernel(spec, needs_grad=True) == "flex"
+    ref = reference_attention(q, k, v, spec, 0.2)
+    out = flex_attention_kernel(q, k, v, spec, 0.2)
+    assert _close(out, ref)
+    weight = torch.randn(ref.shape, generator=torch.Generator().manual_seed(GRAD_WEIGHT_SEED)).to(CUDA)
+    g_ref = torch.autograd.grad((ref * weight).sum(), (q, k, v))
+    g_out = torch.autograd.grad((out * weight).sum(), (q, k, v))
+    for a, b in zip(g_ref, g_out, strict=True):
+        assert _close(b, a)
+
+
 def test_auto_kernel_runs_long_inputs_on_cuda_with_gradients():
     q, k, v, real = _cuda_inputs("right", n=600, batch=2, dim=32)
     spec = _cuda_spec(SlidingWindow(128) | GlobalTokens((0,)), real, "right", block=0)

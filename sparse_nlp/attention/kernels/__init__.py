@@ -2,8 +2,9 @@
 
 - ``reference``: SDPA with the dense boolean mask; exact for every pattern, no speed-up.
 - ``blocked``: band + global tokens from dense batched operations; fast, linear memory, trains.
-- ``flex``: compiled flex_attention with a cached BlockMask; any pattern, inference only.
-- ``auto``: blocked when the pattern has a band form, else flex for long inference inputs, else reference.
+- ``flex``: compiled flex_attention with a cached BlockMask; any pattern, inference only on the CPU.
+- ``auto``: blocked when the pattern has a band form, else flex for long inputs (on the CPU in inference only),
+  else reference.
 """
 
 from __future__ import annotations
