@@ -3,7 +3,7 @@
 The runs themselves are recipes (``recipes/minilm-*.yaml``) executed with ``sparse-nlp run``; this script
 reads their ``results.json`` files (several folders of one recipe are merged in order, e.g. a run that was
 continued with ``--start-from``), prints one table with the dense result and each sparse result side by
-side (ratio to dense), and writes ``training_sparsity.json`` and ``training_sparsity.png`` into --out.
+side (ratio to dense), and writes ``training_sparsity.json`` and ``training_sparsity.png`` into --out (``--name`` changes the file names).
 
     sparse-nlp run recipes/minilm-sst2-gmp.yaml --data-dir ../shared/data --out runs/minilm-sst2-gmp
     sparse-nlp run recipes/minilm-stsb-gmp80.yaml --data-dir ../shared/data --out runs/minilm-stsb-gmp80
@@ -152,6 +152,7 @@ def main() -> None:
         help="TASK=FOLDER[,FOLDER...] (results.json of sparse-nlp run)",
     )
     p.add_argument("--out", default="benchmarks/results")
+    p.add_argument("--name", default="training_sparsity", help="file name of the .json and .png under --out")
     args = p.parse_args()
     rows = []
     for group, item in enumerate(args.run):
@@ -162,8 +163,8 @@ def main() -> None:
         r["ratio_to_dense"] = round(r["value"] / dense, 4) if dense else None
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "training_sparsity.json").write_text(json.dumps(rows, indent=2) + "\n")
-    plot(rows, out / "training_sparsity.png")
+    (out / f"{args.name}.json").write_text(json.dumps(rows, indent=2) + "\n")
+    plot(rows, out / f"{args.name}.png")
     header = f"{'task':<5} {'run':<22} {'stage':<10} {'method':<26} {'sparsity':>8} {'metric':<9} {'value':>6} {'vs dense':>8} {'steps':>5} {'batch':>5} {'train s':>8} device"
     print(header)
     for r in rows:
