@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sparse_nlp.attention.kernels import choose_kernel, native
+from sparse_nlp.attention.kernels import choose_kernel, native, run_kernel
 from sparse_nlp.attention.kernels.blocked import blocked_attention
 from sparse_nlp.attention.kernels.flex import flex_attention_kernel
 from sparse_nlp.attention.kernels.reference import reference_attention
@@ -502,6 +502,19 @@ def test_flex_refuses_autograd_and_auto_falls_back():
     assert choose_kernel(_spec(SlidingWindow(8), real, "none", kernel="flex"), needs_grad=True) == "blocked"
     assert choose_kernel(_spec(SlidingWindow(8), real, "none"), needs_grad=True) == "blocked"
     assert choose_kernel(_spec(SlidingWindow(8), real[:, :10], "none"), needs_grad=False) == "reference"
+
+
+def test_kernel_choice_never_gives_flex_attention_dropout():
+    """In train mode under no_grad (dropout on, no gradients) a long non-band pattern went to flex, which has no
+    dropout and raised; the choice now sees the dropout and takes the reference kernel."""
+    q, k, v, real = _inputs("none", n=1100, batch=1)
+    spec = _spec(BigBird(block_size=4), real, "none")
+    assert choose_kernel(spec, needs_grad=False) == "flex"
+    assert choose_kernel(spec, needs_grad=False, dropout=0.1) == "reference"
+    assert choose_kernel(_spec(BigBird(block_size=4), real, "none", kernel="flex"), False, 0.1) == "reference"
+    with torch.no_grad():
+        out = run_kernel(q, k, v, spec, 0.3, dropout=0.1)
+    assert out.shape == q.shape and torch.isfinite(out).all()
 
 
 @pytest.mark.slow

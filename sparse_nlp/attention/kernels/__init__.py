@@ -2,9 +2,8 @@
 
 - ``reference``: SDPA with the dense boolean mask; exact for every pattern, no speed-up.
 - ``blocked``: band + global tokens from dense batched operations; fast, linear memory, trains.
-- ``flex``: compiled flex_attention with a cached BlockMask; any pattern, inference only on the CPU.
-- ``auto``: blocked when the pattern has a band form, else flex for long inputs (on the CPU in inference only),
-  else reference.
+- ``flex``: compiled flex_attention with a cached BlockMask; any pattern, inference only.
+- ``auto``: blocked when the pattern has a band form, else flex for long inference inputs, else reference.
 """
 
 from __future__ import annotations
@@ -25,11 +24,11 @@ AUTO_MIN_LENGTH = 256
 FLEX_MIN_LENGTH = 1024
 
 
-def choose_kernel(spec: MaskSpec, needs_grad: bool) -> str:
+def choose_kernel(spec: MaskSpec, needs_grad: bool, dropout: float = 0.0) -> str:
     """The kernel that runs `spec`: the requested one when it can, else the best that can."""
     name = spec.kernel
     can_block = blocked.supports(spec) is not None
-    can_flex = flex.supports(spec, needs_grad)
+    can_flex = flex.supports(spec, needs_grad, dropout)
     if name == "reference":
         return "reference"
     if name == "blocked":
@@ -57,7 +56,7 @@ def run_kernel(
 ) -> torch.Tensor:
     """Attention under `spec` with the kernel `choose_kernel` picks. Shapes as `reference_attention`."""
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
-    name = choose_kernel(spec, needs_grad)
+    name = choose_kernel(spec, needs_grad, dropout)
     return ATTENTION_KERNELS.get(name)(query, key, value, spec, scaling, dropout)
 
 

@@ -1,11 +1,14 @@
-"""The flex kernel: compiled `flex_attention` with a cached BlockMask (inference only on CPU, training on a GPU).
+"""The flex kernel: compiled `flex_attention` with a cached BlockMask (inference only on CPU).
 
 torch's flex_attention skips whole 128 x 128 blocks that the BlockMask marks empty. On CPU it has a
-compiled forward but no backward (on a CUDA GPU it has both), and every new shape costs a compile (4-14 s) with
-a silent fall back to eager after 8 recompiles. So lengths are rounded up to a multiple of `BUCKET` (one compile and one
+compiled forward but no backward, and every new shape costs a compile (4-14 s) with a silent fall back to
+eager after 8 recompiles. So lengths are rounded up to a multiple of `BUCKET` (one compile and one
 BlockMask per bucket, reused across batches), padding enters through a score modifier rather than the
 BlockMask (so the cached BlockMask does not depend on the batch), batch rows run one at a time (so the
-batch size never triggers a recompile), and autograd calls are refused on the CPU.
+batch size never triggers a recompile), and autograd calls are refused: also on a GPU, where flex_attention has a
+backward, because rows with no allowed key (padding rows, the rows added to fill a bucket) have not been checked to
+give finite gradients there (torch issue 153799 reports NaN gradients with a score modifier at lengths that are
+not a multiple of 128).
 """
 
 from __future__ import annotations
@@ -29,13 +32,14 @@ _block_masks: OrderedDict[tuple, object] = OrderedDict()
 
 
 class FlexUnsupported(ValueError):
-    """flex_attention cannot run this call (autograd on the CPU, a cache, left padding, token ids)."""
+    """flex_attention cannot run this call (autograd, a cache, left padding, token ids)."""
 
 
-def supports(spec: MaskSpec, needs_grad: bool) -> bool:
-    """Whether flex can run `spec`: plain self-attention, and gradients only on a GPU (flex has no CPU backward)."""
+def supports(spec: MaskSpec, needs_grad: bool, dropout: float = 0.0) -> bool:
+    """Whether flex can run `spec`: inference (no gradients, no attention dropout) of plain self-attention."""
     return (
-        (not needs_grad or spec.q_positions.device.type == "cuda")
+        not needs_grad
+        and not dropout
         and spec.extra is None
         and spec.shift is None
         and not spec.pattern.uses_token_ids()
@@ -81,7 +85,7 @@ def flex_attention_kernel(
     *,
     compile: bool = True,
 ) -> torch.Tensor:
-    """Attention under `spec` with flex_attention and a cached BlockMask (forward only on the CPU).
+    """Attention under `spec` with flex_attention and a cached BlockMask (forward only).
 
     Args:
         query: (B, H, N, D).
@@ -95,20 +99,19 @@ def flex_attention_kernel(
         (B, H, N, D).
 
     Raises:
-        FlexUnsupported: gradients are needed on the CPU, or the call is not plain self-attention.
+        FlexUnsupported: gradients are needed, or the call is not plain self-attention.
     """
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
     if not supports(spec, needs_grad):
         raise FlexUnsupported(
-            "the flex kernel runs only self-attention without left padding or token-id globals, and on the CPU "
-            "only inference (flex_attention has no backward on CPU); use kernel 'blocked' or 'reference'."
+            "the flex kernel runs only inference self-attention without left padding or token-id globals "
+            "(flex_attention has no backward on CPU); use kernel 'blocked' or 'reference'."
         )
     if dropout:
         raise FlexUnsupported(
             "the flex kernel has no attention dropout; call model.eval() or use kernel 'blocked'."
         )
-    if not needs_grad:  # flex on the CPU refuses inputs that require grad, even under no_grad
-        query, key, value = query.detach(), key.detach(), value.detach()
+    query, key, value = query.detach(), key.detach(), value.detach()  # no autograd here (checked above)
     bsz, heads, n, _ = query.shape
     length = -(-n // BUCKET) * BUCKET
     pad = length - n
