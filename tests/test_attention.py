@@ -504,6 +504,36 @@ def test_flex_refuses_autograd_and_auto_falls_back():
     assert choose_kernel(_spec(SlidingWindow(8), real[:, :10], "none"), needs_grad=False) == "reference"
 
 
+def _sliding_extra(window: int):
+    """A model's own causal sliding window as transformers hands it over: a function of index tensors."""
+    return lambda b, h, q, kv: (kv <= q) & (q - kv < window)
+
+
+@pytest.mark.parametrize(
+    ("pattern", "n", "model_window", "redundant"),
+    [
+        (SlidingWindow(5, causal=True), 40, 5, True),  # the same window: removes nothing
+        (SlidingWindow(5, causal=True), 40, 4, False),  # narrower: it cuts the band
+        (SinkWindow(window=5, sinks=2), 8, 8, True),  # the sinks lie inside the model's window at this length
+        (SinkWindow(window=5, sinks=2), 40, 8, False),  # far queries lose their sinks
+        (GlobalTokens((1,), causal=True) | SlidingWindow(4, causal=True), 9, 9, True),
+        (GlobalTokens((1,), causal=True) | SlidingWindow(4, causal=True), 12, 9, False),
+    ],
+)
+@pytest.mark.parametrize("pad", ["none", "left"])
+def test_model_mask_is_dropped_only_when_it_removes_nothing(pattern, n, model_window, redundant, pad):
+    q, k, v, real = _inputs(pad, n=n)
+    spec = _spec(pattern, real, pad)
+    spec.extra = _sliding_extra(model_window)
+    with torch.no_grad():
+        with_extra = reference_attention(q, k, v, spec, 0.3)
+    assert spec.extra_is_redundant() == redundant
+    if redundant:  # dropping it changes nothing, and the band kernel may run
+        spec.extra = None
+        with torch.no_grad():
+            assert (blocked_attention(q, k, v, spec, 0.3) - with_extra).abs().max() < 1e-5
+
+
 def test_kernel_choice_never_gives_flex_attention_dropout():
     """In train mode under no_grad (dropout on, no gradients) a long non-band pattern went to flex, which has no
     dropout and raised; the choice now sees the dropout and takes the reference kernel."""

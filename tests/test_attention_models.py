@@ -56,6 +56,32 @@ def test_every_family_pattern_padding_and_kernels(family):
     assert (logits(model, x) - dense).abs().max() < 1e-6
 
 
+@pytest.mark.parametrize(("model_window", "kernel_ran"), [(4096, "blocked"), (3, "reference")])
+def test_model_sliding_window_lets_the_blocked_kernel_run_when_wider(
+    model_window, kernel_ran, monkeypatch, caplog
+):
+    """A Mistral config's own sliding_window (4,096 by default) removes nothing from a window-4 pattern, so the
+    blocked kernel runs; a narrower one (3) must apply, so the reference kernel runs and says so once."""
+    from sparse_nlp.attention import kernels
+
+    monkeypatch.setattr(kernels, "_warned_extra", False)
+    choose, chosen = kernels.choose_kernel, []
+    monkeypatch.setattr(
+        kernels, "choose_kernel", lambda *a, **k: chosen.append(choose(*a, **k)) or chosen[-1]
+    )
+    model = tiny_model("mistral", sliding_window=model_window)
+    x = tiny_inputs(batch=2, length=12)
+    outs = []
+    for kernel in ("reference", "blocked"):
+        apply_attention(model, window_for("mistral", 4, kernel=kernel, block_size=4))
+        with caplog.at_level("WARNING", logger="sparse_nlp.attention.kernels"):
+            outs.append(logits(model, x))
+    assert (outs[0] - outs[1]).abs().max() < 1e-5
+    assert chosen[-1] == kernel_ran
+    warned = [r for r in caplog.records if "model's own attention mask" in r.getMessage()]
+    assert len(warned) == (kernel_ran == "reference")
+
+
 def test_left_padding_keeps_global_position_on_first_real_token():
     model = tiny_model("llama")
     apply_attention(model, AttentionSparsity("union", {"patterns": [

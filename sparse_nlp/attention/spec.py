@@ -66,6 +66,46 @@ class MaskSpec:
             and int(self.kv_positions[-1]) == n - 1
         )
 
+    def extra_is_redundant(self) -> bool:
+        """Whether `extra` allows every (query, key) pair that the pattern allows, so it removes nothing.
+
+        Checked on the pairs a band pattern can allow - each query's band and the global rows and columns, by
+        evaluating `extra` on those index pairs (a few times N x band width) - for self-attention only. True lets
+        the band kernels run without `extra`: e.g. a Mistral checkpoint's own ``sliding_window`` of 4,096 around
+        a pattern with a window of 256 and no global tokens. Patterns without a band form, or with global tokens
+        by id, answer False (the reference kernel then applies `extra`).
+        """
+        band = self.pattern.band()
+        if (
+            self.extra is None
+            or band is None
+            or band.token_ids
+            or band.left < 0
+            or not self.is_self_attention()
+        ):
+            return False
+        n, device = self.q_length, self.q_positions.device
+        b = torch.arange(self.batch, device=device).view(-1, 1, 1)
+        h = torch.zeros((), dtype=torch.long, device=device)
+        q = torch.arange(n, device=device).view(1, -1, 1)
+        k = q + torch.arange(-band.left, band.right + 1, device=device).view(1, 1, -1)
+        outside = (k < 0) | (k >= n)
+        if not bool((self.extra(b, h, q, k.clamp(0, n - 1)) | outside).all()):
+            return False
+        if not band.positions:
+            return True
+        shift = self.shift.view(-1, 1, 1) if self.shift is not None else torch.zeros_like(b)
+        g = torch.tensor(band.positions, device=device).view(1, 1, -1) + shift  # (B, 1, g) raw indices
+        g_outside = g >= n
+        g = g.clamp(max=n - 1)
+        cols = self.extra(b, h, q, g) | g_outside  # (B, N, g): every query sees the global keys
+        g_q, keys = g.transpose(1, 2), q.transpose(1, 2)  # (B, g, 1) global queries, (1, 1, N) keys
+        rows = self.extra(b, h, g_q, keys) | g_outside.transpose(1, 2)  # (B, g, N): they see every key
+        if band.causal:  # only the pairs with the key at or before the query
+            cols |= g > q
+            rows |= keys > g_q
+        return bool(cols.all()) and bool(rows.all())
+
     def dense(self) -> torch.Tensor:
         """The full (B, 1, Lq, Lk) bool mask: pattern, padding and transformers' extra mask together."""
         mask = dense_mask(

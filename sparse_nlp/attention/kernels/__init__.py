@@ -24,10 +24,36 @@ AUTO_MIN_LENGTH = 256
 FLEX_MIN_LENGTH = 1024
 
 
+_warned_extra = False
+
+
+def _warn_extra_mask_once(spec: MaskSpec) -> None:
+    """Say once per process that the model's own mask keeps the band kernels out (a silent slow-down otherwise)."""
+    global _warned_extra
+    if _warned_extra:
+        return
+    _warned_extra = True
+    logger.warning(
+        "attention pattern %r: the model's own attention mask (e.g. a sliding_window in its config narrower than "
+        "the pattern, or packed sequences) removes pairs the pattern allows, so the blocked kernel cannot run and "
+        "the reference kernel does (correct, but no faster than dense attention). A pattern inside the model's "
+        "window, or the model's window removed (config.sliding_window = None), lets it run.",
+        spec.pattern.name,
+    )
+
+
 def choose_kernel(spec: MaskSpec, needs_grad: bool, dropout: float = 0.0) -> str:
     """The kernel that runs `spec`: the requested one when it can, else the best that can."""
     name = spec.kernel
     can_block = blocked.supports(spec) is not None
+    if (
+        not can_block
+        and spec.extra is not None
+        and (name == "blocked" or (name == "auto" and spec.q_length >= AUTO_MIN_LENGTH))
+        and spec.pattern.band() is not None
+        and spec.is_self_attention()
+    ):
+        _warn_extra_mask_once(spec)
     can_flex = flex.supports(spec, needs_grad, dropout)
     if name == "reference":
         return "reference"
