@@ -7,6 +7,8 @@ path instead. These tests are the only ones that see that choice, so they run wh
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -194,3 +196,34 @@ def test_sink_window_blocked_kernel_on_cuda_matches_cpu(chosen):
             outs.append(model(**{n: t.to(device) for n, t in x.items()}).logits.cpu())
     assert _close(outs[1], outs[0], tol=1e-4)
     assert set(chosen) == {"blocked"}
+
+
+def test_gpu_speed_benchmark_runs_and_checks_its_kernels(tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "speed.json"
+    args = [
+        "--lengths",
+        "512",
+        "1024",
+        "--train-length",
+        "512",
+        "--window",
+        "64",
+        "--repeats",
+        "3",
+        "--out",
+        str(out),
+    ]
+    done = subprocess.run(
+        [sys.executable, "benchmarks/attention_speed_gpu.py", *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["N"] for r in rows] == [512, 1024]
+    assert all(r["blocked_max_error"] < 1e-5 and r["flex_max_error"] < 1e-5 for r in rows)
+    assert "train_blocked_speedup" in rows[0]

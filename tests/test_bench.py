@@ -151,3 +151,20 @@ def test_bench_command_bad_input(two_models, capsys):
         main(["bench", str(two_models / "pruned"), "--vs", str(two_models / "dense"), "--seq", "4096"]) == 2
     )
     assert "max_position_embeddings" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(
+    torch.cuda.is_available(), reason="this machine has a GPU (tests/test_attention_cuda.py runs it)"
+)
+def test_gpu_attention_benchmark_says_it_needs_a_gpu():
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "benchmarks/attention_speed_gpu.py", "--lengths", "256"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 2
+    assert "needs a CUDA GPU" in done.stdout
