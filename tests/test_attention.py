@@ -197,7 +197,9 @@ def test_blocked_equals_reference_values_and_gradients(pattern, pad, dim):
 @pytest.mark.parametrize("pad", ["none", "right", "left"])
 @pytest.mark.parametrize("pattern", BAND_PATTERNS, ids=lambda p: p.key())
 def test_blocked_masked_sdpa_path_equals_reference(pattern, pad, monkeypatch):
-    """The path a GPU takes (the flash op is CPU-only), here forced on the CPU: values and gradients."""
+    """The masked-SDPA path, which a GPU takes (the flash op is CPU-only), forced on the CPU: its values and
+    gradients without dropout. The device dispatch itself and CUDA's non-contiguous SDPA outputs are checked only
+    by tests/test_attention_cuda.py."""
     import sparse_nlp.attention.kernels.blocked as blocked_module
 
     monkeypatch.setattr(blocked_module, "_FLASH_LSE", False)
