@@ -99,6 +99,22 @@ def tiny_inputs(batch: int = 2, length: int = 12, seed: int = 1, pad: bool = Tru
     return {"input_ids": ids, "attention_mask": mask}
 
 
+@pytest.fixture
+def chosen(monkeypatch) -> list[str]:
+    """The kernel names `run_kernel` picks during the test, in call order."""
+    from sparse_nlp.attention import kernels
+
+    names: list[str] = []
+    choose = kernels.choose_kernel
+
+    def recording(*args, **kwargs):
+        names.append(choose(*args, **kwargs))
+        return names[-1]
+
+    monkeypatch.setattr(kernels, "choose_kernel", recording)
+    return names
+
+
 @pytest.fixture(params=FAMILIES)
 def family(request) -> str:
     return request.param

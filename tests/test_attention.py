@@ -147,24 +147,27 @@ BAND_PATTERNS = [
 ]
 
 
-def _inputs(pad: str, n: int = 37, batch: int = 3, seed: int = 0, dtype=torch.float32, dim: int = 8):
+def _inputs(
+    pad: str, n: int = 37, batch: int = 3, seed: int = 0, dtype=torch.float32, dim: int = 8, device="cpu"
+):
+    """Random q (4 heads), k and v (GQA: 2 KV heads), drawn on the CPU and moved to `device`, and the (B, N)
+    real-token mask: with padding, rows 1 and the last one (row 2 at batch 3) are padded."""
     g = torch.Generator().manual_seed(seed)
-    q = torch.randn(batch, 4, n, dim, generator=g, dtype=dtype, requires_grad=True)
-    k = torch.randn(batch, 2, n, dim, generator=g, dtype=dtype, requires_grad=True)  # GQA: 2 KV heads
-    v = torch.randn(batch, 2, n, dim, generator=g, dtype=dtype, requires_grad=True)
+    q, k, v = (torch.randn(batch, h, n, dim, generator=g, dtype=dtype) for h in (4, 2, 2))
+    q, k, v = (t.to(device).requires_grad_() for t in (q, k, v))
     real = torch.ones(batch, n, dtype=torch.bool)
     if pad == "right":
         real[1, n - 7 :] = False
-        real[2, 5:] = False
+        real[batch - 1, 5:] = False
     elif pad == "left":
         real[1, :7] = False
-        real[2, :1] = False
-    return q, k, v, real
+        real[batch - 1, :1] = False
+    return q, k, v, real.to(device)
 
 
 def _spec(pattern, real, pad, block=16, kernel="auto"):
     n = real.shape[1]
-    pos = torch.arange(n)
+    pos = torch.arange(n, device=real.device)
     return MaskSpec(
         pattern,
         kernel,
@@ -177,21 +180,28 @@ def _spec(pattern, real, pad, block=16, kernel="auto"):
     )
 
 
+def check_blocked_against_reference(q, k, v, spec, close=None) -> torch.Tensor:
+    """The blocked kernel's output and its gradients for q, k, v equal the reference kernel's (`close(out, ref)`,
+    by default within 1e-5); returns the blocked output."""
+    close = close or (lambda out, ref: (out - ref).abs().max() < 1e-5)
+    ref = reference_attention(q, k, v, spec, 0.3)
+    out = blocked_attention(q, k, v, spec, 0.3)
+    assert close(out, ref)
+    weight = torch.randn(ref.shape, generator=torch.Generator().manual_seed(GRAD_WEIGHT_SEED)).to(ref.device)
+    g_ref = torch.autograd.grad((ref * weight).sum(), (q, k, v))
+    g_out = torch.autograd.grad((out * weight).sum(), (q, k, v))
+    for a, b in zip(g_ref, g_out, strict=True):
+        assert close(b, a)
+    return out
+
+
 # head size 8: the flash-op path; 16: the native kernel where it runs (test_native_kernel_builds_here says where)
 @pytest.mark.parametrize("dim", [8, 16])
 @pytest.mark.parametrize("pad", ["none", "right", "left"])
 @pytest.mark.parametrize("pattern", BAND_PATTERNS, ids=lambda p: p.key())
 def test_blocked_equals_reference_values_and_gradients(pattern, pad, dim):
     q, k, v, real = _inputs(pad, dim=dim)  # 37 tokens: not a multiple of the block of 16
-    spec = _spec(pattern, real, pad)
-    ref = reference_attention(q, k, v, spec, 0.3)
-    out = blocked_attention(q, k, v, spec, 0.3)
-    assert (out - ref).abs().max() < 1e-5
-    weight = torch.randn(ref.shape, generator=torch.Generator().manual_seed(GRAD_WEIGHT_SEED))
-    g_ref = torch.autograd.grad((ref * weight).sum(), (q, k, v))
-    g_out = torch.autograd.grad((out * weight).sum(), (q, k, v))
-    for a, b in zip(g_ref, g_out, strict=True):
-        assert (a - b).abs().max() < 1e-5
+    check_blocked_against_reference(q, k, v, _spec(pattern, real, pad))
 
 
 @pytest.mark.parametrize("pad", ["none", "right", "left"])
@@ -207,16 +217,8 @@ def test_blocked_masked_sdpa_path_equals_reference(pattern, pad, monkeypatch):
     concat = blocked_module._concat_attention
     monkeypatch.setattr(blocked_module, "_concat_attention", lambda *a: calls.append(1) or concat(*a))
     q, k, v, real = _inputs(pad)
-    spec = _spec(pattern, real, pad)
-    ref = reference_attention(q, k, v, spec, 0.3)
-    out = blocked_attention(q, k, v, spec, 0.3)
+    check_blocked_against_reference(q, k, v, _spec(pattern, real, pad))
     assert calls == [1]
-    assert (out - ref).abs().max() < 1e-5
-    weight = torch.randn(ref.shape, generator=torch.Generator().manual_seed(GRAD_WEIGHT_SEED))
-    g_ref = torch.autograd.grad((ref * weight).sum(), (q, k, v))
-    g_out = torch.autograd.grad((out * weight).sum(), (q, k, v))
-    for a, b in zip(g_ref, g_out, strict=True):
-        assert (a - b).abs().max() < 1e-5
 
 
 @pytest.mark.parametrize("dim", [8, 32])

@@ -15,15 +15,13 @@ import torch
 from sparse_nlp.attention import apply_attention
 from sparse_nlp.attention import kernels as kernels_module
 from sparse_nlp.attention.cache import SinkWindowCache
-from sparse_nlp.attention.kernels.blocked import blocked_attention
 from sparse_nlp.attention.kernels.flex import flex_attention_kernel
 from sparse_nlp.attention.kernels.reference import reference_attention
 from sparse_nlp.attention.patterns import BigBird, GlobalTokens, SlidingWindow
-from sparse_nlp.attention.spec import MaskSpec, left_shift
 from sparse_nlp.config import AttentionSparsity
 
 from .conftest import DECODERS, FAMILIES, GENERATE_CACHE, tiny_inputs, tiny_model
-from .test_attention import BAND_PATTERNS, GRAD_WEIGHT_SEED
+from .test_attention import BAND_PATTERNS, _inputs, _spec, check_blocked_against_reference
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -39,48 +37,6 @@ def _full_fp32_matmuls():
     torch.backends.cuda.matmul.allow_tf32 = before
 
 
-@pytest.fixture
-def chosen(monkeypatch):
-    """The kernel names `run_kernel` picks during the test, in call order."""
-    names = []
-    choose = kernels_module.choose_kernel
-
-    def recording(*args, **kwargs):
-        names.append(choose(*args, **kwargs))
-        return names[-1]
-
-    monkeypatch.setattr(kernels_module, "choose_kernel", recording)
-    return names
-
-
-def _cuda_inputs(pad: str, n: int, batch: int = 3, dim: int = 16, seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    q, k, v = (torch.randn(batch, h, n, dim, generator=g) for h in (4, 2, 2))  # GQA: 2 KV heads
-    q, k, v = (t.to(CUDA).requires_grad_() for t in (q, k, v))
-    real = torch.ones(batch, n, dtype=torch.bool)
-    if pad == "right":
-        real[1, n - 7 :] = False
-        real[batch - 1, 5:] = False  # batch 2: the second row is padded all but its first 5
-    elif pad == "left":
-        real[1, :7] = False
-        real[batch - 1, :1] = False
-    return q, k, v, real.to(CUDA)
-
-
-def _cuda_spec(pattern, real, pad, block=16, kernel="auto"):
-    pos = torch.arange(real.shape[1], device=CUDA)
-    return MaskSpec(
-        pattern,
-        kernel,
-        real.shape[0],
-        pos,
-        pos,
-        padding=None if pad == "none" else real,
-        shift=left_shift(real),
-        block_size=block,
-    )
-
-
 def _close(out, ref, tol=1e-5):
     return (out - ref).abs().max().item() <= tol + 2e-6 * ref.abs().max().item()
 
@@ -89,17 +45,9 @@ def _close(out, ref, tol=1e-5):
 @pytest.mark.parametrize("pad", ["none", "right", "left"])
 @pytest.mark.parametrize("pattern", BAND_PATTERNS, ids=lambda p: p.key())
 def test_blocked_equals_reference_on_cuda(pattern, pad, block):
-    q, k, v, real = _cuda_inputs(pad, n=150)  # not a multiple of any block
-    spec = _cuda_spec(pattern, real, pad, block=block)
-    ref = reference_attention(q, k, v, spec, 0.3)
-    out = blocked_attention(q, k, v, spec, 0.3)
+    q, k, v, real = _inputs(pad, n=150, dim=16, device=CUDA)  # not a multiple of any block
+    out = check_blocked_against_reference(q, k, v, _spec(pattern, real, pad, block=block), close=_close)
     assert out.device.type == "cuda"
-    assert _close(out, ref)
-    weight = torch.randn(ref.shape, generator=torch.Generator().manual_seed(GRAD_WEIGHT_SEED)).to(CUDA)
-    g_ref = torch.autograd.grad((ref * weight).sum(), (q, k, v))
-    g_out = torch.autograd.grad((out * weight).sum(), (q, k, v))
-    for a, b in zip(g_ref, g_out, strict=True):
-        assert _close(b, a)
 
 
 @pytest.mark.parametrize(
@@ -108,8 +56,8 @@ def test_blocked_equals_reference_on_cuda(pattern, pad, block):
 )
 def test_flex_compiled_equals_reference_on_cuda(pattern):
     for pad, n in (("right", 300), ("none", 256)):
-        q, k, v, real = _cuda_inputs(pad, n=n, batch=2, dim=32)
-        spec = _cuda_spec(pattern, real, pad)
+        q, k, v, real = _inputs(pad, n=n, batch=2, dim=32, device=CUDA)
+        spec = _spec(pattern, real, pad)
         with torch.no_grad():
             ref = reference_attention(q, k, v, spec, 0.2)
             out = flex_attention_kernel(q, k, v, spec, 0.2)
@@ -117,8 +65,8 @@ def test_flex_compiled_equals_reference_on_cuda(pattern):
 
 
 def test_auto_kernel_runs_long_inputs_on_cuda_with_gradients(chosen):
-    q, k, v, real = _cuda_inputs("right", n=600, batch=2, dim=32)
-    spec = _cuda_spec(SlidingWindow(128) | GlobalTokens((0,)), real, "right", block=0)
+    q, k, v, real = _inputs("right", n=600, batch=2, dim=32, device=CUDA)
+    spec = _spec(SlidingWindow(128) | GlobalTokens((0,)), real, "right", block=0)
     out = kernels_module.run_kernel(q, k, v, spec, 0.2)
     assert chosen == ["blocked"]
     ref = reference_attention(q, k, v, spec, 0.2)

@@ -58,17 +58,13 @@ def test_every_family_pattern_padding_and_kernels(family):
 
 @pytest.mark.parametrize(("model_window", "kernel_ran"), [(4096, "blocked"), (3, "reference")])
 def test_model_sliding_window_lets_the_blocked_kernel_run_when_wider(
-    model_window, kernel_ran, monkeypatch, caplog
+    model_window, kernel_ran, monkeypatch, caplog, chosen
 ):
     """A Mistral config's own sliding_window (4,096 by default) removes nothing from a window-4 pattern, so the
     blocked kernel runs; a narrower one (3) must apply, so the reference kernel runs and says so once."""
     from sparse_nlp.attention import kernels
 
     monkeypatch.setattr(kernels, "_warned_extra", False)
-    choose, chosen = kernels.choose_kernel, []
-    monkeypatch.setattr(
-        kernels, "choose_kernel", lambda *a, **k: chosen.append(choose(*a, **k)) or chosen[-1]
-    )
     model = tiny_model("mistral", sliding_window=model_window)
     x = tiny_inputs(batch=2, length=12)
     outs = []

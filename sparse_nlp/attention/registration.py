@@ -127,10 +127,8 @@ def sparse_mask(
         block_size=int(chosen.get("block_size", 0) or 0),
     )
     spec.check_positions()
-    if spec.extra is not None and spec.extra_is_redundant():
-        spec.extra = (
-            None  # e.g. the model's own sliding window, wider than the pattern: the band kernels can run
-        )
+    if spec.extra_is_redundant():  # e.g. the model's own sliding window, wider than the pattern
+        spec.extra = None  # the band kernels can run
     return spec
 
 
