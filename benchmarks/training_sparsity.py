@@ -1,11 +1,11 @@
 """Training-aware sparsity on MiniLM: table and plot of task quality against sparsity, from recipe runs.
 
-The runs themselves are recipes (``recipes/minilm-*.yaml``) executed with ``sparse-nlp run``; this script
+The runs themselves are recipes (``recipes/*.yaml``, ``benchmarks/experiments/*.yaml``) executed with ``sparse-nlp run``; this script
 reads their ``results.json`` files (several folders of one recipe are merged in order, e.g. a run that was
 continued with ``--start-from``), prints one table with the dense result and each sparse result side by
 side (ratio to dense), and writes ``training_sparsity.json`` and ``training_sparsity.png`` into --out (``--name`` changes the file names).
 
-    sparse-nlp run recipes/minilm-sst2-gmp.yaml --data-dir ../shared/data --out runs/minilm-sst2-gmp
+    sparse-nlp run benchmarks/experiments/minilm-sst2-gmp.yaml --data-dir ../shared/data --out runs/minilm-sst2-gmp
     sparse-nlp run recipes/minilm-stsb-gmp80.yaml --data-dir ../shared/data --out runs/minilm-stsb-gmp80
     python benchmarks/training_sparsity.py --run sst2=runs/minilm-sst2-gmp --run stsb=runs/minilm-stsb-gmp80 \
         --out benchmarks/results

@@ -243,8 +243,87 @@ def _yaml_loader():
     return Loader
 
 
+EXTENDS_KEY = "extends"
+
+
+def resolve_extends(data: Any, path: str | os.PathLike, _chain: tuple[Path, ...] = ()) -> Any:
+    """Apply a recipe's ``extends: BASE.yaml`` key: load BASE (relative to the file that names it, itself
+    resolved the same way) and merge this file's keys over it.
+
+    Merge rules (JSON Merge Patch, RFC 7396, plus one rule for named lists): a mapping merges key by key,
+    recursively; ``null`` deletes the key (so a setting falls back to its default); any other value, a list
+    included, replaces the base value. When the base value is a list of mappings that all have a ``name``
+    (``stages``) and the override is a mapping, each key of the override names one item, which is merged
+    the same way (``null`` removes the item); a name the base does not have is an error.
+
+    Raises:
+        ConfigError: The base file is missing or not valid YAML, a chain of ``extends`` returns to a file
+            already in it, or an override names a stage the base does not have.
+    """
+    import yaml
+
+    path = Path(path).resolve()
+    chain = (*_chain, path)
+    if not isinstance(data, dict) or EXTENDS_KEY not in data:
+        return data
+    data = dict(data)
+    ref = data.pop(EXTENDS_KEY)
+    if not isinstance(ref, str) or not ref:
+        raise ConfigError(f"{path}: extends must be the path of a base recipe, got {ref!r}.")
+    base_path = (path.parent / ref).resolve()
+    if base_path in chain:
+        cycle = " -> ".join(str(p) for p in (*chain, base_path))
+        raise ConfigError(f"{path}: extends makes a cycle ({cycle}); a recipe cannot extend itself.")
+    if not base_path.is_file():
+        raise ConfigError(
+            f"{path}: extends names {ref!r}, but {base_path} does not exist (the path is relative to the "
+            "recipe that names it)."
+        )
+    try:
+        base = yaml.load(base_path.read_text(), Loader=_yaml_loader())  # noqa: S506  (a SafeLoader subclass)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{base_path}: not valid YAML: {err}") from None
+    if not isinstance(base, dict):
+        raise ConfigError(f"{base_path}: a base recipe must be a mapping of keys, got {type(base).__name__}.")
+    base = resolve_extends(base, base_path, chain)
+
+    def merge(old: Any, new: Any, where: str) -> Any:
+        if (
+            isinstance(new, dict)
+            and isinstance(old, list)
+            and old
+            and all(isinstance(item, dict) and "name" in item for item in old)
+        ):
+            names = [item["name"] for item in old]
+            unknown = [name for name in new if name not in names]
+            if unknown:
+                raise ConfigError(
+                    f"{path}: {where} names {unknown[0]!r}, which {base_path.name} does not have "
+                    f"(it has {', '.join(map(str, names))}).{suggest(str(unknown[0]), [str(n) for n in names])}"
+                )
+            return [
+                merge(item, new[item["name"]], f"{where}.{item['name']}") if item["name"] in new else item
+                for item in old
+                if not (item["name"] in new and new[item["name"]] is None)
+            ]
+        if not isinstance(new, dict):
+            return copy.deepcopy(new)
+        out = copy.deepcopy(old) if isinstance(old, dict) else {}
+        for key, value in new.items():
+            if value is None:
+                out.pop(key, None)
+            else:
+                out[key] = merge(out.get(key), value, f"{where}.{key}" if where else str(key))
+        return out
+
+    return merge(base, data, "")
+
+
 def load_recipe(path: str | os.PathLike) -> Recipe:
-    """Parse and validate a YAML recipe; errors name the file and the bad key."""
+    """Parse and validate a YAML recipe; errors name the file and the bad key.
+
+    A recipe may name a base recipe with ``extends:`` (see `resolve_extends`); the result is the merged recipe.
+    """
     import yaml
 
     path = Path(path)
@@ -254,6 +333,7 @@ def load_recipe(path: str | os.PathLike) -> Recipe:
         data = yaml.load(path.read_text(), Loader=_yaml_loader())  # noqa: S506  (a SafeLoader subclass)
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    data = resolve_extends(data, path)
     try:
         return Recipe.from_dict(data)
     except ConfigError as err:

@@ -14,12 +14,14 @@ from sparse_nlp.cli import main
 from sparse_nlp.config import ConfigError
 from sparse_nlp.evaluation.data import DataError
 from sparse_nlp.pruning.masking import masked_modules
-from sparse_nlp.recipes import Recipe, load_recipe, run_recipe
+from sparse_nlp.recipes import Recipe, load_recipe, resolve_extends, run_recipe
 from sparse_nlp.training.distillation import Distiller
 
 from .tiny_glue import tiny_bert_folder, tiny_glue_dir
 
-RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = ROOT / "recipes"
+EXPERIMENTS = ROOT / "benchmarks" / "experiments"
 
 TINY = """
 model: {model}
@@ -47,12 +49,106 @@ def _write(tmp_path: Path, text: str) -> Path:
     return path
 
 
-@pytest.mark.parametrize("path", sorted(RECIPES.glob("*.yaml")), ids=lambda p: p.name)
+@pytest.mark.parametrize(
+    "path",
+    sorted(RECIPES.glob("*.yaml")) + sorted(EXPERIMENTS.glob("*.yaml")),
+    ids=lambda p: f"{p.parent.name}/{p.name}",
+)
 def test_shipped_recipes_parse_and_round_trip(path, tmp_path):
     recipe = load_recipe(path)
     assert recipe.stages and {s.type for s in recipe.stages} <= {"finetune", "prune", "evaluate"}
     recipe.save(tmp_path / "again.yaml")
     assert load_recipe(tmp_path / "again.yaml") == recipe
+
+
+def test_experiments_extend_a_recipe():
+    """Every experiment is an override of a shipped recipe (directly or through another experiment)."""
+    experiments = sorted(EXPERIMENTS.glob("*.yaml"))
+    assert experiments
+    for path in experiments:
+        assert path.read_text().count("\nextends: ") == 1, f"{path.name} has no extends: key"
+
+
+def test_extends_merges_mappings_replaces_lists_and_null_deletes(tmp_path):
+    (tmp_path / "base").mkdir()
+    (tmp_path / "base" / "base.yaml").write_text(TINY.format(model="m"))
+    override = tmp_path / "override.yaml"
+    override.write_text(
+        "extends: base/base.yaml\n"
+        "max_length: 48\n"
+        "stages:\n"
+        "  gmp:\n"
+        "    schedule: {end_step: 4}\n"  # one key of a stage's mapping: the others stay
+        "    distillation: null\n"  # null deletes the key
+        "    training: {learning_rate: 2e-3, max_steps: null}\n"
+        "    sparsity: {weights: [{method: magnitude, sparsity: 0.5}]}\n"  # a list replaces the base list
+    )
+    base, recipe = load_recipe(tmp_path / "base" / "base.yaml"), load_recipe(override)
+    assert recipe.max_length == 48 and recipe.model == base.model and recipe.task == base.task
+    assert [s.name for s in recipe.stages] == ["dense", "gmp", "eval"]
+    assert recipe.stages[0] == base.stages[0] and recipe.stages[2] == base.stages[2]
+    gmp = recipe.stages[1]
+    assert gmp.schedule.end_step == 4 and gmp.schedule.update_every == 2 and gmp.schedule.start_step == 0
+    assert gmp.distillation is None and gmp.teacher == "dense"
+    assert gmp.training.learning_rate == pytest.approx(2e-3) and gmp.training.batch_size == 8
+    assert gmp.training.max_steps == -1  # back to its default
+    assert gmp.sparsity.weights[0].sparsity == 0.5 and gmp.sparsity.weights[0].targets == ["all-linear"]
+
+
+def test_extends_removes_a_named_stage_and_replaces_the_list(tmp_path):
+    (tmp_path / "base.yaml").write_text(TINY.format(model="m"))
+    removed = tmp_path / "removed.yaml"
+    removed.write_text("extends: base.yaml\nstages:\n  eval: null\n")
+    assert [s.name for s in load_recipe(removed).stages] == ["dense", "gmp"]
+    replaced = tmp_path / "replaced.yaml"
+    replaced.write_text("extends: base.yaml\nstages:\n  - {name: only, type: evaluate}\n")
+    assert [s.name for s in load_recipe(replaced).stages] == ["only"]
+
+
+def test_extends_chains_relative_to_each_file(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "base.yaml").write_text(TINY.format(model="m"))
+    (tmp_path / "middle.yaml").write_text("extends: a/base.yaml\nseed: 7\n")
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "top.yaml").write_text("extends: ../middle.yaml\nmax_length: 16\n")
+    recipe = load_recipe(tmp_path / "b" / "top.yaml")
+    assert (recipe.seed, recipe.max_length, len(recipe.stages)) == (7, 16, 3)
+    # the merged recipe is saved whole: it loads without its bases
+    recipe.save(tmp_path / "saved.yaml")
+    assert "extends" not in (tmp_path / "saved.yaml").read_text()
+    assert load_recipe(tmp_path / "saved.yaml") == recipe
+
+
+def test_extends_missing_base_names_the_file(tmp_path):
+    override = tmp_path / "override.yaml"
+    override.write_text("extends: nowhere/base.yaml\nseed: 1\n")
+    with pytest.raises(
+        ConfigError, match=r"override\.yaml: extends names 'nowhere/base\.yaml'.*base\.yaml does not exist"
+    ):
+        load_recipe(override)
+
+
+def test_extends_refuses_cycles(tmp_path):
+    (tmp_path / "a.yaml").write_text("extends: b.yaml\nseed: 1\n")
+    (tmp_path / "b.yaml").write_text("extends: a.yaml\nseed: 2\n")
+    with pytest.raises(ConfigError, match=r"cycle.*a\.yaml -> .*b\.yaml -> .*a\.yaml"):
+        load_recipe(tmp_path / "a.yaml")
+    (tmp_path / "self.yaml").write_text("extends: self.yaml\n")
+    with pytest.raises(ConfigError, match="cycle"):
+        load_recipe(tmp_path / "self.yaml")
+
+
+def test_extends_unknown_stage_name_is_an_error(tmp_path):
+    (tmp_path / "base.yaml").write_text(TINY.format(model="m"))
+    override = tmp_path / "override.yaml"
+    override.write_text("extends: base.yaml\nstages:\n  gnp: {teacher: dense}\n")
+    with pytest.raises(ConfigError, match=r"stages names 'gnp'.*dense, gmp, eval.*Did you mean 'gmp'"):
+        load_recipe(override)
+
+
+def test_resolve_extends_leaves_plain_data_alone(tmp_path):
+    data = {"model": "m", "stages": [{"name": "e", "type": "evaluate"}]}
+    assert resolve_extends(data, tmp_path / "x.yaml") is data
 
 
 def test_yaml_floats_without_dot_are_numbers(tmp_path):

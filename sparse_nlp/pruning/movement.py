@@ -39,7 +39,7 @@ class MovementOptions:
             step whatever the gradient's size, so it sets how far scores drift from their start. From a
             pretrained model (as in the paper) 1e-2 is usual; from an already fine-tuned model that is also its
             own teacher the signal is mostly batch noise, and 1e-2 collapsed MiniLM on SST-2
-            (``recipes/minilm-sst2-movement90-5ep.yaml``): use 1e-4 to 1e-3 there.
+            (``docs/results/training-aware.md``): use 1e-4 to 1e-3 there.
         threshold: Soft variant: keep where ``sigmoid(S) > threshold``.
         l1: Weight of the L1 penalty on ``sigmoid(S)`` (0 turns it off); drives the soft variant's sparsity.
         init: Initial scores: ``magnitude`` (``|W|`` over its layer mean, so training starts from magnitude
