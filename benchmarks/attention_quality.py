@@ -8,7 +8,7 @@ absent) is evaluated on the held-out last 10% of Tiny Shakespeare in non-overlap
 3. the same pattern after a short fine-tune with the pattern switched on (the blocked kernel trains);
 4. control: the dense model fine-tuned for the same steps (so the gain of 3 is not just more training).
 
-    HF_HUB_OFFLINE=1 python benchmarks/attention_quality.py --data-dir ../shared/data --out /work/runs/attn/quality.json
+    HF_HUB_OFFLINE=1 python benchmarks/attention_quality.py --data-dir ../shared/data --out runs/attn/quality.json
 """
 
 from __future__ import annotations

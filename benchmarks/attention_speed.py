@@ -1,6 +1,6 @@
 """Sparse attention speed and memory against dense SDPA, measured side by side in one run.
 
-Setting (issue 6): fp32, batch 1, 12 heads x 64, window 256 (128 on each side) + 1 global token (position 0).
+Setting: fp32, batch 1, 12 heads x 64, window 256 (128 on each side) + 1 global token (position 0).
 
 - forward at N = 1024 / 2048 / 4096 / 8192: dense SDPA, the blocked kernel, and (with --flex) compiled flex;
 - forward + backward at N = 4096: dense SDPA vs the blocked kernel;
@@ -10,7 +10,7 @@ Setting (issue 6): fp32, batch 1, 12 heads x 64, window 256 (128 on each side) +
 
 Timings alternate dense and sparse call by call and report medians, because the machine is shared.
 
-    HF_HUB_OFFLINE=1 python benchmarks/attention_speed.py --out /work/runs/attn/speed.json
+    HF_HUB_OFFLINE=1 python benchmarks/attention_speed.py --out runs/attn/speed.json
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Sparse attention kernels against dense SDPA on a CUDA GPU, measured side by side in one run.
 
-Same setting as `attention_speed.py` (issue 6): fp32, batch 1, 12 heads x 64, window 256 + 1 global token.
+Same setting as `attention_speed.py`: fp32, batch 1, 12 heads x 64, window 256 + 1 global token.
 On a GPU the blocked kernel runs its masked-SDPA path (torch's flash op for the band is CPU-only), dense SDPA
 runs a fused GPU kernel, and the flex kernel is compiled `flex_attention` (inference only). This script answers
 which of them `auto` should pick there:

@@ -4,7 +4,7 @@ For each setting it prints the dense weight file size, the compact weight file s
 pruned Linear weights alone and for the whole weight file, the whole checkpoint folder sizes, and save / load
 times, and checks that the compact checkpoint loads bit-exact (logits and every tensor).
 
-    HF_HUB_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 python benchmarks/checkpoint_size.py --out /work/runs/ckpt/size.json
+    HF_HUB_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 python benchmarks/checkpoint_size.py --out runs/ckpt/size.json
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ of the sparse model against the dense one (alternating, same process). Saves the
 the card exactly as ``push_to_hub`` would.
 
     HF_HUB_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 python benchmarks/minilm_card.py --pattern 2:4 --sparsity 0.5 \
-        --compact --out /work/runs/ckpt/minilm-magnitude-2of4 --repo-id sparse-nlp/all-MiniLM-L6-v2-magnitude-2of4 \
+        --compact --out runs/ckpt/minilm-magnitude-2of4 --repo-id sparse-nlp/all-MiniLM-L6-v2-magnitude-2of4 \
         --card model_cards/all-MiniLM-L6-v2-magnitude-2of4.md --data-dir ../shared/data
 """
 

@@ -1,6 +1,6 @@
 """One-shot pruning quality: method x pattern x sparsity on MiniLM (STS-B) and the tiny GPT-2 (perplexity).
 
-    python benchmarks/oneshot_quality.py --data-dir ../shared/data --json /work/runs/oneshot/quality.json
+    python benchmarks/oneshot_quality.py --data-dir ../shared/data --json runs/oneshot/quality.json
 
 Every row prunes a fresh copy of each model with `sparse_nlp.sparsify` (all encoder/decoder Linear layers of
 the blocks, per-layer budgets; Wanda compares within rows) and reports MiniLM STS-B dev Spearman x100 (mean

@@ -4,13 +4,13 @@ with distillation from the dense teacher; SST-2 dev accuracy against measured CP
 Two sub-commands:
 
     # one budget: gradual removal + recovery, then dev accuracy; saves the pruned checkpoint and results.json
-    python benchmarks/structured_minilm_sst2.py run --teacher /work/runs/minilm-sst2-dense \
-        --data-dir ../shared/data --heads 0.5 --ffn 0.5 --out /work/runs/structured/h50-f50
+    python benchmarks/structured_minilm_sst2.py run --teacher runs/minilm-sst2-dense \
+        --data-dir ../shared/data --heads 0.5 --ffn 0.5 --out runs/structured/h50-f50
 
     # every run against the dense teacher: reload each checkpoint with sparse_nlp.from_pretrained, re-check
     # its accuracy, time all models side by side in one process (batch 32, seq 128), write table + plot
-    python benchmarks/structured_minilm_sst2.py summarize --teacher /work/runs/minilm-sst2-dense \
-        --data-dir ../shared/data --runs /work/runs/structured/* --out benchmarks/results
+    python benchmarks/structured_minilm_sst2.py summarize --teacher runs/minilm-sst2-dense \
+        --data-dir ../shared/data --runs runs/structured/* --out benchmarks/results
 """
 
 from __future__ import annotations
@@ -216,7 +216,10 @@ def cmd_summarize(args):
     (out / "structured_minilm_sst2.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        raise SystemExit("the plot needs matplotlib: pip install sparse-nlp[bench]") from None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

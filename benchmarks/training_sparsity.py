@@ -103,7 +103,10 @@ def rows_for(task: str, folders: list[Path]) -> list[dict]:
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        raise SystemExit("the plot needs matplotlib: pip install sparse-nlp[bench]") from None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

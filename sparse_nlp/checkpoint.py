@@ -1,6 +1,6 @@
 """Save and load sparse models so that `from_pretrained` gives back exactly the same model.
 
-A sparse checkpoint is a normal transformers checkpoint (DESIGN.md, decision 4):
+A sparse checkpoint is a normal transformers checkpoint:
 
 - ``model.safetensors`` (dense, pruned entries exactly 0.0) and ``config.json`` with our metadata under
   the ``sparse_nlp`` key, which plain ``AutoModel.from_pretrained`` loads as an ordinary model;

@@ -19,7 +19,7 @@ recomputed, so decoding is bit-exact, and the masks come back exactly (kept zero
 encoded weights are not stored twice in ``sparse_masks.safetensors``.
 
 Plain transformers cannot read this file, and it must not silently build a model with random weights
-instead (DESIGN.md, decision 4; it only warns about missing tensors). Two guards make it fail loudly:
+instead (it only warns about missing tensors). Two guards make it fail loudly:
 
 - config.json carries ``"attn_implementation": "sparse_nlp_compact__load_with_sparse_nlp.from_pretrained"``:
   every transformers model class refuses that value when it builds the model, before it reads any weight,

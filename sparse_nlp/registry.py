@@ -1,7 +1,7 @@
 """Name -> class tables for sparsity methods, attention patterns and kernels.
 
 Everything a config or recipe names is looked up here and nowhere else: a name in a config.json can
-only select something that our package registered, never cause an import (DESIGN.md, decision 7).
+only select something that our package registered, never cause an import.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """A small Hugging Face Hub-compatible HTTP server on 127.0.0.1 for push/pull tests.
 
-It answers the endpoints huggingface_hub 2.x and transformers 5.x use for a model repository (see
-``shared/reference/hub-api.md``): create repo, repo info, YAML validation, preupload, commit, tree,
+It answers the endpoints huggingface_hub 2.x and transformers 5.x use for a model repository (as their
+clients call them): create repo, repo info, YAML validation, preupload, commit, tree,
 paths-info, whoami and ``resolve`` (HEAD/GET). By default every file is uploaded in the "regular" mode
 (base64 inside the commit), so neither LFS nor Xet is involved. With ``HubServer(lfs=(".safetensors",))``
 files with those endings are answered "lfs", as the real Hub does, and travel through the LFS batch API

@@ -7,7 +7,7 @@ A pruned layer carries its keep-mask as a non-persistent buffer named ``weight_m
 Zeros are kept exactly by one process-wide optimizer step post-hook (installed the first time a mask is
 attached, never at import): after any ``torch.optim`` optimizer steps, every parameter that has a mask is
 multiplied by it. This covers weight decay, Adam's momentum and any optimizer, in the Trainer, in
-accelerate loops and in hand-written loops alike (DESIGN.md, decision 6). Gradients of pruned entries are
+accelerate loops and in hand-written loops alike. Gradients of pruned entries are
 masked too, so the optimizer state of a pruned weight stays zero.
 
 A model copied with ``copy.deepcopy`` keeps its mask buffers but is not tracked; call `track_masks` on the

@@ -1,7 +1,7 @@
 """The per-layer shape record of a structurally pruned model, and the loader that rebuilds it.
 
 transformers 5 can express only a uniform FFN width (``intermediate_size``); per-layer widths and removed
-heads live in our metadata (DESIGN.md, decision 5), under ``config.sparse_nlp["structured"]``::
+heads live in our metadata, under ``config.sparse_nlp["structured"]``::
 
     {"version": 1, "layers": [{"heads": 8, "kv_heads": 8, "head_dim": 32, "ffn": 700}, ...]}
 
