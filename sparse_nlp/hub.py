@@ -332,7 +332,11 @@ def push_to_hub(
         evaluation: Evaluation JSON (path/dict/list); default: ``evaluation.json``, ``eval_results.json`` or
             ``results.json`` in the folder. Gives the card's model-index results.
         benchmark: Benchmark result JSON (path/dict); default ``benchmark.json`` or ``speed.json`` in the folder.
-        commit_message, private, token, revision, create_pr: As in huggingface_hub.
+        commit_message: Commit message, as in huggingface_hub.
+        private: Create the repository as private, as in huggingface_hub.
+        token: Hub token, as in huggingface_hub.
+        revision: Branch to commit to, as in huggingface_hub.
+        create_pr: Open a pull request instead of committing, as in huggingface_hub.
         card: Upload a generated ``README.md`` (False: upload the folder's own README.md, if any).
 
     Returns:
