@@ -20,7 +20,16 @@ from .pruning.masking import attach_mask, detach_mask, masked_modules
 from .pruning.masks import global_masks
 from .pruning.methods import PruningMethod, get_method
 from .pruning.patterns import Pattern
-from .targets import base_relative_name, is_transposed, linear_weight, model_targets, select_modules
+from .targets import (
+    ModelTargets,
+    base_relative_name,
+    is_transposed,
+    linear_weight,
+    model_targets,
+    require,
+    select_modules,
+    use_targets,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -94,6 +103,7 @@ def sparsify(
     num_samples: int = 128,
     seq_len: int = 128,
     progress: bool = True,
+    targets: ModelTargets | dict[str, Any] | str | None = None,
 ) -> nn.Module:
     """Make `model` sparse as `config` says, in place, and record the config on ``model.config``.
 
@@ -106,6 +116,8 @@ def sparsify(
         num_samples: Calibration samples used (the first `num_samples` of `data`).
         seq_len: Calibration sequence length in tokens (longer texts are truncated).
         progress: Show progress bars.
+        targets: The model's layout (a `ModelTargets`, its dict form or a JSON file), for a family outside
+            the targets table or to override its entry (see `sparse_nlp.targets.use_targets`).
 
     Returns:
         The same model, for chaining.
@@ -118,6 +130,8 @@ def sparsify(
     if isinstance(config, dict):
         config = SparsityConfig.from_dict(config)
     config.validate()
+    if targets is not None:
+        use_targets(model, targets)
     model_targets(model)  # unsupported families fail before anything changes
     previous = read_metadata(model.config)
     plans = plan_weight_rules(model, config.weights)
@@ -140,6 +154,7 @@ def sparsify(
     if needs_data:
         from .pruning.calibration import check_calibration_plans
 
+        require(model, "calibration")
         check_calibration_plans(plans)
     if config.attention is not None:
         from .attention.apply import check_pattern, extend_for

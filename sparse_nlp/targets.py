@@ -3,18 +3,33 @@
 Library code never spells ``model.bert.encoder.layer`` or ``model.model.layers``; it asks this table.
 Paths are relative to the model's *base model* (``model.base_model``), so the same entry serves
 ``BertModel`` and ``BertForSequenceClassification``.
+
+A model outside the table gets an entry inferred from its modules (`sparse_nlp.targets_infer`), good for
+weight sparsity only; a user can give an exact entry for their own model with `use_targets` (one model) or
+`register_targets` (a ``model_type``). Each entry says which features it supports and, where not, why.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import re
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .config import TARGET_GROUPS
+
+logger = logging.getLogger(__name__)
+
+FEATURES = ("weights", "calibration", "structured", "attention")
+"""Feature names of `ModelTargets.refusal` and of the support table: weight sparsity without data
+(magnitude, any pattern), one-shot calibrated pruning (Wanda, SparseGPT, the OWL profile), structured
+removal of heads and FFN neurons, and sparse attention patterns."""
 
 
 class UnsupportedModelError(ValueError):
@@ -39,12 +54,19 @@ class ModelTargets:
         attention: The attention module of a block (holds the head count at run time).
         causal: Whether the family is a causal decoder.
         gated: Whether the FFN is gated (``down(act(gate(x)) * up(x))``).
+        experts: Fused 3-D expert parameters of a mixture-of-experts block, relative to a block
+            (``mlp.experts.gate_up_proj`` of shape (E, 2F, H), ``mlp.experts.down_proj`` (E, H, F)); each
+            expert's slice is pruned and masked on its own. The router stays dense.
+        no_structured: Why structured removal does not apply to the family ("" when it does).
+        no_attention: Why sparse attention patterns do not apply to the family ("" when they do).
+        no_calibration: Why calibrated one-shot pruning does not apply ("" when it does).
+        inferred: The entry was inferred from module names, not written for the family.
     """
 
     layers: str
     o: str
     ffn_in: tuple[str, ...]
-    ffn_out: str
+    ffn_out: str | None
     attention: str
     q: str | None = None
     k: str | None = None
@@ -52,6 +74,11 @@ class ModelTargets:
     qkv: str | None = None
     causal: bool = False
     gated: bool = False
+    experts: tuple[str, ...] = ()
+    no_structured: str = ""
+    no_attention: str = ""
+    no_calibration: str = ""
+    inferred: bool = False
 
     @property
     def attention_linears(self) -> tuple[str, ...]:
@@ -59,7 +86,55 @@ class ModelTargets:
 
     @property
     def ffn_linears(self) -> tuple[str, ...]:
-        return (*self.ffn_in, self.ffn_out)
+        return tuple(p for p in (*self.ffn_in, self.ffn_out) if p)
+
+    def refusal(self, feature: str) -> str:
+        """Why `feature` (one of `FEATURES`) does not apply to this entry; ``""`` when it does."""
+        if feature == "structured":
+            return self.no_structured
+        if feature == "attention":
+            return self.no_attention
+        if feature == "calibration":
+            return self.no_calibration
+        if feature == "weights":
+            return ""
+        raise KeyError(f"unknown feature {feature!r}; known: {', '.join(FEATURES)}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON form read by `ModelTargets.from_dict` (and ``--targets-file``)."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "targets") -> ModelTargets:
+        """Build an entry from its JSON form; unknown or missing fields are named."""
+        if not isinstance(data, dict):
+            raise TargetError(f"{source}: expected a JSON object with the ModelTargets fields.")
+        known = {f.name: f for f in fields(cls)}
+        unknown = sorted(set(data) - set(known))
+        if unknown:
+            raise TargetError(f"{source}: unknown field(s) {unknown}; known: {', '.join(known)}.")
+        missing = [n for n in ("layers", "o", "ffn_in", "ffn_out", "attention") if n not in data]
+        if missing:
+            raise TargetError(f"{source}: missing field(s) {missing}.")
+        values = dict(data)
+        for name in ("ffn_in", "experts"):
+            if name in values:
+                if isinstance(values[name], str) or not isinstance(values[name], list | tuple):
+                    raise TargetError(f"{source}: {name} must be a list of module paths.")
+                values[name] = tuple(values[name])
+        return cls(**values)
+
+    @classmethod
+    def load(cls, path: str | Path) -> ModelTargets:
+        """Read an entry from a JSON file (`to_dict`'s form)."""
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise TargetError(f"targets file {path} does not exist.") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise TargetError(f"targets file {path} is not valid JSON: {err}") from None
+        return cls.from_dict(data, source=str(path))
 
     def group(self, name: str) -> tuple[str, ...]:
         if name == "attention":
@@ -94,9 +169,78 @@ _LLAMA = ModelTargets(
     gated=True,
 )
 
+_PHI3 = ModelTargets(
+    layers="layers",
+    qkv="self_attn.qkv_proj",
+    o="self_attn.o_proj",
+    ffn_in=("mlp.gate_up_proj",),
+    ffn_out="mlp.down_proj",
+    attention="self_attn",
+    causal=True,
+    gated=True,
+    no_structured=(
+        "Phi-3 fuses q, k and v in qkv_proj (query and key/value parts of different sizes under GQA) and gate "
+        "and up in gate_up_proj; head and neuron removal slices separate projections only"
+    ),
+)
+_DEBERTA_V2 = ModelTargets(
+    layers="encoder.layer",
+    q="attention.self.query_proj",
+    k="attention.self.key_proj",
+    v="attention.self.value_proj",
+    o="attention.output.dense",
+    ffn_in=("intermediate.dense",),
+    ffn_out="output.dense",
+    attention="attention.self",
+    no_structured=(
+        "DeBERTa's disentangled attention projects relative positions with per-head weights shared across "
+        "layers (pos_key_proj / pos_query_proj or the shared key/query); removing heads would have to slice them too"
+    ),
+    no_attention=(
+        "DeBERTa computes its relative-position attention in its own module, not through transformers' "
+        "attention functions, so a sparse pattern would not be applied"
+    ),
+)
+_MODERNBERT = ModelTargets(
+    layers="layers",
+    qkv="attn.Wqkv",
+    o="attn.Wo",
+    ffn_in=("mlp.Wi",),
+    ffn_out="mlp.Wo",
+    attention="attn",
+    gated=True,
+    no_structured=(
+        "ModernBERT fuses q, k and v in Wqkv and input and gate in Wi; head and neuron removal slices separate "
+        "projections only"
+    ),
+    no_attention=(
+        "ModernBERT alternates local (sliding-window) and global attention layers with its own per-layer "
+        "masks; one sparse pattern for every layer would silently replace that design"
+    ),
+)
+
+
+def _moe(shared_expert: bool) -> ModelTargets:
+    """A Mixtral / Qwen-MoE block: Llama attention, fused 3-D experts, a dense router (``mlp.gate``)."""
+    prefix = "mlp.shared_expert."
+    why_experts = "experts are fused 3-D parameters (mlp.experts.gate_up_proj, mlp.experts.down_proj), not Linear layers"
+    return replace(
+        _LLAMA,
+        ffn_in=(prefix + "gate_proj", prefix + "up_proj") if shared_expert else (),
+        ffn_out=prefix + "down_proj" if shared_expert else None,
+        experts=("mlp.experts.gate_up_proj", "mlp.experts.down_proj"),
+        no_structured=f"{why_experts}; per-expert neuron removal is not implemented",
+        no_calibration=(
+            f"{why_experts}; the calibrated methods need each expert's own routed inputs, which the block pass "
+            "does not collect (use magnitude)"
+        ),
+    )
+
+
 TARGETS: dict[str, ModelTargets] = {
     "bert": _BERT,
     "roberta": _BERT,
+    "electra": _BERT,
     "distilbert": ModelTargets(
         layers="transformer.layer",
         q="attention.q_lin",
@@ -107,6 +251,8 @@ TARGETS: dict[str, ModelTargets] = {
         ffn_out="ffn.lin2",
         attention="attention",
     ),
+    "deberta-v2": _DEBERTA_V2,
+    "modernbert": _MODERNBERT,
     "gpt2": ModelTargets(
         layers="h",
         qkv="attn.c_attn",
@@ -119,27 +265,109 @@ TARGETS: dict[str, ModelTargets] = {
     "llama": _LLAMA,
     "mistral": _LLAMA,
     "qwen2": _LLAMA,
+    "qwen3": _LLAMA,
+    "olmo2": replace(
+        _LLAMA,
+        no_structured=(
+            "OLMo 2 normalises the whole query and key projections (q_norm / k_norm over all heads at once), "
+            "so removing a head changes the normalisation of the others"
+        ),
+    ),
+    "gemma2": replace(
+        _LLAMA,
+        no_attention=(
+            "Gemma 2 soft-caps the attention logits (attn_logit_softcapping), which the sparse attention kernels "
+            "do not apply"
+        ),
+    ),
+    "gemma3_text": _LLAMA,
+    "phi3": _PHI3,
+    "mixtral": _moe(shared_expert=False),
+    "qwen2_moe": _moe(shared_expert=True),
+    "qwen3_moe": _moe(shared_expert=False),
 }
+"""The built-in entries by ``config.model_type`` (see `register_targets` to add one)."""
+
+_MODEL_ATTR = "_sparse_nlp_targets"
+
+
+def register_targets(model_type: str, entry: ModelTargets) -> None:
+    """Add (or replace) the table entry of a ``model_type``, for every model of that type."""
+    if not isinstance(entry, ModelTargets):
+        raise TargetError(f"register_targets needs a ModelTargets, got {type(entry).__name__}.")
+    TARGETS[model_type] = entry
+
+
+def use_targets(model: nn.Module, entry: ModelTargets | dict[str, Any] | str | Path) -> ModelTargets:
+    """Give one model its own entry (a `ModelTargets`, its dict form, or a JSON file); it wins over the table."""
+    if isinstance(entry, str | Path):
+        entry = ModelTargets.load(entry)
+    elif isinstance(entry, dict):
+        entry = ModelTargets.from_dict(entry)
+    elif not isinstance(entry, ModelTargets):
+        raise TargetError(
+            f"targets must be a ModelTargets, a dict or a JSON file, got {type(entry).__name__}."
+        )
+    try:
+        getattr(model, "base_model", model).get_submodule(entry.layers)
+    except AttributeError:
+        raise TargetError(
+            f"targets.layers {entry.layers!r} is not a module of {type(model).__name__}'s base model."
+        ) from None
+    model.__dict__[_MODEL_ATTR] = entry
+    return entry
 
 
 def model_targets(model_or_type: nn.Module | str) -> ModelTargets:
-    """The targets-table entry of a model (or of a ``model_type`` string)."""
+    """The entry of a model: its own (`use_targets`), the table's, or one inferred from its modules.
+
+    A ``model_type`` string gets the table's entry only. An inferred entry is logged once per model with a
+    one-line notice; it serves weight sparsity, and refuses structured removal and attention patterns.
+    """
     if isinstance(model_or_type, str):
         model_type = model_or_type
     else:
+        own = model_or_type.__dict__.get(_MODEL_ATTR)
+        if own is not None:
+            return own
         config = getattr(model_or_type, "config", None)
         model_type = getattr(config, "model_type", None)
         if model_type is None:
             raise UnsupportedModelError(
                 f"{type(model_or_type).__name__} has no config.model_type; sparse_nlp works on transformers models."
             )
-    try:
+    if model_type in TARGETS:
         return TARGETS[model_type]
-    except KeyError:
+    if isinstance(model_or_type, str):
         raise UnsupportedModelError(
-            f"model_type {model_type!r} is not supported; supported: {', '.join(sorted(TARGETS))}. "
-            "Use explicit 're:<regex>' targets only on a supported family, or add an entry to sparse_nlp.targets.TARGETS."
-        ) from None
+            f"model_type {model_type!r} is not in the targets table; in the table: {', '.join(sorted(TARGETS))}. "
+            "Pass a model to infer its layout, or give one with sparse_nlp.targets.register_targets."
+        )
+    from .targets_infer import infer_targets  # noqa: PLC0415  (it imports this module)
+
+    entry = infer_targets(model_or_type)  # raises UnsupportedModelError with the reason when it cannot
+    model_or_type.__dict__[_MODEL_ATTR] = entry
+    logger.warning(
+        "model_type %r is not in the targets table; using a layout inferred from its module names "
+        "(blocks %r; weight sparsity only).",
+        model_type,
+        entry.layers,
+    )
+    return entry
+
+
+def require(model: nn.Module, feature: str) -> ModelTargets:
+    """The model's entry, or `UnsupportedModelError` saying why `feature` does not apply to its family."""
+    entry = model_targets(model)
+    reason = entry.refusal(feature)
+    if reason:
+        what = {
+            "structured": "structured removal",
+            "attention": "sparse attention",
+            "calibration": "calibrated one-shot pruning",
+        }.get(feature, feature)
+        raise UnsupportedModelError(f"{what} is not available for {model.config.model_type}: {reason}.")
+    return entry
 
 
 def is_prunable(module: nn.Module) -> bool:

@@ -8,7 +8,7 @@ from typing import Any
 from torch import nn
 
 from ..config import AttentionSparsity, ConfigError
-from ..targets import model_targets
+from ..targets import require
 from . import registration
 from .long_context import extend_positions, position_table
 from .patterns import AttentionPatternError, Pattern, build_pattern
@@ -20,7 +20,7 @@ _HOOK_ATTR = "_sparse_nlp_ids_hook"
 
 def check_pattern(model: nn.Module, attention: AttentionSparsity) -> Pattern:
     """Build the pattern and check that it fits the model; raises `AttentionPatternError` naming the problem."""
-    entry = model_targets(model)
+    entry = require(model, "attention")  # families whose attention a pattern cannot drive are refused here
     try:  # the fields on their own (options, kernel, block size, max_positions): AttentionSparsity's own checks
         attention.validate()
     except ConfigError as err:

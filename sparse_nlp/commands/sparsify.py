@@ -44,6 +44,10 @@ def add_parser(subparsers) -> None:
     )
     p.add_argument("--config", help="a SparsityConfig JSON file (replaces the options above)")
     p.add_argument(
+        "--targets-file",
+        help="a ModelTargets JSON file giving the model's layout (for a family outside the targets table)",
+    )
+    p.add_argument(
         "--calibration",
         help="calibration texts: a GLUE task (sst2, ...), wikitext2, tinyshakespeare, or a .txt file",
     )
@@ -102,6 +106,11 @@ def run(args: argparse.Namespace) -> int:
     from ..sparsify import sparsify
 
     config = build_config(args)  # all argument errors surface before anything is loaded or written
+    targets = None
+    if args.targets_file:
+        from ..targets import ModelTargets
+
+        targets = ModelTargets.load(args.targets_file)
     data = None
     if args.calibration:
         from ..evaluation.data import calibration_texts
@@ -117,6 +126,7 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         num_samples=args.num_samples,
         seq_len=args.seq_len,
+        targets=targets,
     )
     seconds = time.perf_counter() - start
     if config.attention is not None and config.attention.max_positions and tokenizer is not None:

@@ -219,7 +219,7 @@ class _StatsHooks:
         self.stats = {name: LayerStats() for name in modules}
         self.token_mask: torch.Tensor | None = None
         self.recording = False
-        self._dense: dict[str, torch.Tensor] = {}
+        self._dense: dict[str, list[torch.Tensor]] = {}  # per layer, its dense inputs in call order
         self._handles = [
             module.register_forward_hook(self._hook(name, name in hessian_for, name in cross_for))
             for name, module in modules.items()
@@ -228,15 +228,14 @@ class _StatsHooks:
     def _hook(self, name: str, hessian: bool, cross: bool) -> Callable:
         def hook(module: nn.Module, inputs: tuple, output: Any) -> None:
             x = inputs[0].detach()
-            x = (
-                x[self.token_mask]
-                if self.token_mask is not None and x.dim() == 3
-                else x.reshape(-1, x.shape[-1])
-            )
+            # a second input of another shape (DeBERTa's relative-position embeddings through the shared
+            # query / key projections) has no padding: all its rows count
+            tokens = self.token_mask is not None and x.dim() == 3 and x.shape[:2] == self.token_mask.shape
+            x = x[self.token_mask] if tokens else x.reshape(-1, x.shape[-1])
             x = x.float()  # (n, in)
             if self.recording:
                 if cross:
-                    self._dense[name] = x
+                    self._dense.setdefault(name, []).append(x)
                 return
             st = self.stats[name]
             sq = (x * x).sum(0)  # (in,)
@@ -244,7 +243,7 @@ class _StatsHooks:
             if hessian:
                 st.hessian = x.t() @ x if st.hessian is None else st.hessian.addmm_(x.t(), x)  # (in, in)
             if cross:
-                xd = self._dense.pop(name)  # (n, in) the same tokens in the dense model
+                xd = self._dense[name].pop(0)  # (n, in) the same call's input in the dense model
                 st.cross = xd.t() @ x if st.cross is None else st.cross.addmm_(xd.t(), x)  # (in, in)
             st.count += x.shape[0]
 

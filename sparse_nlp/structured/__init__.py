@@ -75,6 +75,9 @@ def apply_structured(
     Returns:
         The new layout of every block.
     """
+    from ..targets import require
+
+    require(model, "structured")  # families with fused or shared projections are refused with the reason
     unknown = sorted(set(cfg.options) - set(OPTION_DEFAULTS))
     if unknown:
         from ..config import ConfigError

@@ -1,0 +1,128 @@
+"""The family support page (``docs/families.md``), rendered from the targets table.
+
+``python -m sparse_nlp.targets_docs docs/families.md`` rewrites the page; a test checks that the committed
+page equals `render_families_page()`, so the table can only say what the code does.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from .targets import FEATURES, TARGETS, ModelTargets
+
+_FEATURE_TITLES = {
+    "weights": "Weights (magnitude)",
+    "calibration": "One-shot calibration",
+    "structured": "Structured removal",
+    "attention": "Attention patterns",
+}
+
+_INFERRED = ModelTargets(
+    layers="(inferred)",
+    o="",
+    ffn_in=(),
+    ffn_out=None,
+    attention="",
+    no_structured="needs an exact entry (use_targets / --targets-file)",
+    no_attention="needs an exact entry (use_targets / --targets-file)",
+    inferred=True,
+)
+
+_INTRO = """# Model families
+
+sparse_nlp finds the layers of a model through a table keyed by `config.model_type`
+(`sparse_nlp.targets.TARGETS`). This page is generated from that table by
+`python -m sparse_nlp.targets_docs docs/families.md`; a test keeps it equal to the code.
+
+**yes**: the feature applies. **no**: `sparsify` refuses it with the reason given.
+Save and load (`sparse_nlp.save_pretrained` / `from_pretrained`, and plain transformers for checkpoints
+without sparse attention), `to_dense` and `report` work on every family that `sparsify` accepts.
+
+"""
+
+_OUTRO = """
+## Families outside the table
+
+A model whose `model_type` is not in the table gets a layout inferred from its modules, with a one-line
+notice: the blocks are the largest `ModuleList` of identical blocks, and inside a block the Linear layers
+are sorted by their common names (`q_proj` / `k_proj` / `v_proj` / `o_proj`, `query` / `key` / `value`,
+fused `qkv_proj` / `Wqkv` / `c_attn` / `query_key_value`, `gate_proj` / `up_proj` / `down_proj`,
+`fc1` / `fc2`, `dense` under an attention or intermediate module). The query projection must hold the
+config's `num_attention_heads` x head size, else the inference is refused. An inferred layout serves weight
+sparsity with every method and pattern; structured removal and attention patterns need an exact entry.
+
+Give an exact entry for your own model in Python:
+
+```python
+from sparse_nlp.targets import ModelTargets
+
+entry = ModelTargets(layers="layers", q="attn.q", k="attn.k", v="attn.v", o="attn.out",
+                     ffn_in=("mlp.up",), ffn_out="mlp.down", attention="attn", causal=True)
+sparse_nlp.sparsify(model, config, targets=entry)  # or targets="my_targets.json"
+```
+
+or as JSON (`ModelTargets.to_dict()`'s form) on the command line:
+`sparse-nlp sparsify MODEL --targets-file my_targets.json --out DIR`. Paths are relative to the base
+model (`layers`) and to one block (everything else).
+
+## Mixture of experts
+
+Mixtral, Qwen2-MoE and Qwen3-MoE keep their experts as fused 3-D parameters
+(`mlp.experts.gate_up_proj` of shape (experts, 2 x FFN, hidden) and `mlp.experts.down_proj`
+(experts, hidden, FFN)). The router (`mlp.gate`) always stays dense.
+"""
+
+
+def _cell(entry: ModelTargets, feature: str) -> str:
+    reason = entry.refusal(feature)
+    if reason:
+        return f"no: {reason}"
+    if feature == "weights" and entry.inferred:
+        return "yes (layout inferred, with a notice)"
+    if feature == "weights" and entry.experts:
+        return "yes: attention and shared-expert Linear layers (the fused experts are not pruned)"
+    return "yes"
+
+
+def support_rows() -> list[tuple[str, str, dict[str, str]]]:
+    """(model_type, kind, feature -> cell) for every table entry, then the inferred fallback."""
+    rows = []
+    for model_type in sorted(TARGETS):
+        entry = TARGETS[model_type]
+        kind = "decoder" if entry.causal else "encoder"
+        if entry.experts:
+            kind = "decoder, experts"
+        rows.append((model_type, kind, {f: _cell(entry, f) for f in FEATURES}))
+    rows.append(("any other", "inferred", {f: _cell(_INFERRED, f) for f in FEATURES}))
+    return rows
+
+
+def render_support_table() -> str:
+    """The family x feature table as Markdown."""
+    header = "| model_type | kind | " + " | ".join(_FEATURE_TITLES[f] for f in FEATURES) + " |"
+    lines = [header, "|" + "---|" * (len(FEATURES) + 2)]
+    for model_type, kind, cells in support_rows():
+        text = " | ".join(cells[f].replace("|", "/") for f in FEATURES)
+        lines.append(f"| `{model_type}` | {kind} | {text} |")
+    return "\n".join(lines) + "\n"
+
+
+def render_families_page() -> str:
+    """The whole ``docs/families.md`` page."""
+    return _INTRO + render_support_table() + _OUTRO
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Write the page to the path given (default: print it)."""
+    argv = sys.argv[1:] if argv is None else argv
+    page = render_families_page()
+    if argv:
+        Path(argv[0]).write_text(page, encoding="utf-8")
+    else:
+        print(page, end="")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
