@@ -49,6 +49,7 @@ from .compact import (
     unpack_bits,
 )
 from .metadata import METADATA_KEY, MetadataError, raw_metadata, read_metadata, write_metadata
+from .pruning.experts import attach_expert_mask, masked_experts
 from .pruning.masking import attach_mask, masked_modules
 from .targets import base_relative_name, resolve_module
 
@@ -82,6 +83,7 @@ def save_masks(model: nn.Module, path: Path) -> int:
         base_relative_name(model, name): module._buffers["weight_mask"]
         for name, module in masked_modules(model)
     }
+    masks.update((base_relative_name(model, name), mask) for name, _, _, mask in masked_experts(model))
     return write_masks(masks, path)
 
 
@@ -478,28 +480,45 @@ def restore_masks(
     for rel in names:
         try:
             module = resolve_module(model, rel)
+            param_name = None
         except KeyError:
+            module, param_name = _expert_owner(model, rel)
+        if module is None:
             raise CheckpointError(
                 f"{path_or_id}/config.json lists masked module {rel!r}, which {type(model).__name__} does not have."
             ) from None
+        weight = module.weight if param_name is None else module._parameters[param_name]
         if masks is None:
-            mask = module.weight.detach() != 0
+            mask = weight.detach() != 0
         elif rel not in masks:
             raise CheckpointError(f"{mask_path}: no mask for {rel!r}, which config.json lists as masked.")
         else:
             mask = masks[rel]
-        if tuple(mask.shape) != tuple(module.weight.shape):
+        if tuple(mask.shape) != tuple(weight.shape):
             raise CheckpointError(
                 f"{mask_path or path_or_id}: mask of {rel!r} has shape {tuple(mask.shape)} but the weight has "
-                f"{tuple(module.weight.shape)}; the checkpoint files disagree."
+                f"{tuple(weight.shape)}; the checkpoint files disagree."
             )
-        stray = int(nonzero_entries(module.weight)[~mask.cpu().numpy()].sum())
+        stray = int(nonzero_entries(weight)[~mask.cpu().numpy()].sum())
         if stray:
             raise CheckpointError(
                 f"{path_or_id}: {rel!r} has {stray} nonzero weights where its mask says pruned; "
                 "the weights and the mask file come from different saves."
             )
-        attach_mask(module, mask)
+        if param_name is None:
+            attach_mask(module, mask)
+        else:
+            attach_expert_mask(module, param_name, mask)
+
+
+def _expert_owner(model: nn.Module, rel: str) -> tuple[nn.Module | None, str | None]:
+    """(module, parameter name) of a masked fused-expert parameter name, or (None, None)."""
+    owner, _, param_name = rel.rpartition(".")
+    try:
+        module = resolve_module(model, owner)
+    except KeyError:
+        return None, None
+    return (module, param_name) if param_name in module._parameters else (None, None)
 
 
 __all__ = [

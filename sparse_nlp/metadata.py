@@ -18,6 +18,7 @@ from typing import Any
 from torch import nn
 
 from .config import FORMAT_VERSION, ConfigError, SparsityConfig
+from .pruning.experts import expert_names
 from .pruning.masking import masked_modules
 from .targets import base_relative_name
 
@@ -77,7 +78,8 @@ def write_metadata(model: nn.Module, config: SparsityConfig, **extra: Any) -> di
         format_version=FORMAT_VERSION,
         library_version=__version__,
         config=config.to_dict(),
-        masked_modules=[base_relative_name(model, n) for n, _ in masked_modules(model)],
+        # Linear modules by name, then fused expert parameters by parameter name (mixture-of-experts)
+        masked_modules=[base_relative_name(model, n) for n, _ in masked_modules(model)] + expert_names(model),
     )
     meta.update(extra)
     setattr(model.config, METADATA_KEY, meta)

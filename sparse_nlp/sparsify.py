@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 
 from .config import ConfigError, SparsityConfig, WeightSparsity
 from .metadata import METADATA_KEY, read_metadata, write_metadata
+from .pruning.experts import detach_expert_masks, masked_experts, prune_experts, select_experts
 from .pruning.masking import attach_mask, detach_mask, masked_modules
 from .pruning.masks import global_masks
 from .pruning.methods import PruningMethod, get_method
@@ -136,6 +137,7 @@ def sparsify(
     previous = read_metadata(model.config)
     plans = plan_weight_rules(model, config.weights)
     already = {base_relative_name(model, n) for n, _ in masked_modules(model)}
+    already.update(base_relative_name(model, n) for n, *_ in masked_experts(model))
     for plan in plans:
         if base_relative_name(model, plan.name) in already:
             raise ConfigError(
@@ -151,10 +153,10 @@ def sparsify(
             f"{what} needs calibration data: pass data=[texts...] "
             "(and tokenizer=...) to sparsify, or --calibration on the command line."
         )
+    experts = _plan_experts(model, config.weights, already)
     if needs_data:
         from .pruning.calibration import check_calibration_plans
 
-        require(model, "calibration")
         check_calibration_plans(plans)
     if config.attention is not None:
         from .attention.apply import check_pattern, extend_for
@@ -180,6 +182,10 @@ def sparsify(
         )
     elif plans:
         _prune_without_data(plans, progress)
+    for i, chosen in experts.items():
+        rule = config.weights[i]
+        method = get_method(rule.method, rule.options)
+        prune_experts(chosen, method, rule.sparsity, rule.parsed_pattern(f"weights[{i}]"), rule.scope)
     if config.attention is not None:
         from .attention.apply import apply_attention
 
@@ -189,6 +195,33 @@ def sparsify(
     write_metadata(model, merged)
     logger.info("sparsified %d layers of %s", len(plans), type(model).__name__)
     return model
+
+
+def _plan_experts(model: nn.Module, rules: list[WeightSparsity], already: set[str]) -> dict[int, dict]:
+    """Each rule's fused expert parameters (mixture-of-experts families), checked before any change."""
+    out: dict[int, dict] = {}
+    owner: dict[str, int] = {}
+    for i, rule in enumerate(rules):
+        chosen = select_experts(model, rule.targets, rule.exclude)
+        if not chosen:
+            continue
+        for name in chosen:
+            if name in owner:
+                raise ConfigError(
+                    f"weights[{i}] selects {name!r}, which weights[{owner[name]}] already prunes."
+                )
+            if base_relative_name(model, name) in already:
+                raise ConfigError(f"{name!r} is already pruned; call sparse_nlp.to_dense(model) first.")
+            owner[name] = i
+        if get_method(rule.method, rule.options).needs_calibration or rule.profile == "owl":
+            require(model, "calibration")
+        if rule.scope == "global":
+            raise ConfigError(
+                f"weights[{i}].scope 'global' is not available on mixture-of-experts weights (each expert is pruned "
+                "on its own); use per-layer or per-row, or exclude the experts (exclude: ['experts'])."
+            )
+        out[i] = chosen
+    return out
 
 
 def _merge(previous: SparsityConfig, new: SparsityConfig) -> SparsityConfig:
@@ -207,6 +240,8 @@ def to_dense(model: nn.Module) -> nn.Module:
     """
     for _, module in list(masked_modules(model)):
         detach_mask(module)
+    for _, module, _, _ in list(masked_experts(model)):
+        detach_expert_masks(module)
     if hasattr(model.config, METADATA_KEY):
         meta = getattr(model.config, METADATA_KEY)
         delattr(model.config, METADATA_KEY)

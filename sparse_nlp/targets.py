@@ -231,8 +231,9 @@ def _moe(shared_expert: bool) -> ModelTargets:
         experts=("mlp.experts.gate_up_proj", "mlp.experts.down_proj"),
         no_structured=f"{why_experts}; per-expert neuron removal is not implemented",
         no_calibration=(
-            f"{why_experts}; the calibrated methods need each expert's own routed inputs, which the block pass "
-            "does not collect (use magnitude)"
+            "not on the experts: Wanda and SparseGPT need each expert's own routed inputs, which the "
+            "block-by-block pass does not collect; prune the experts with magnitude (the attention and "
+            "shared-expert layers take every method)"
         ),
     )
 
@@ -424,6 +425,19 @@ def module_group(model: nn.Module, name: str) -> str:
     return "other"
 
 
+def _reaches_experts(model: nn.Module, entry: ModelTargets, target: str) -> bool:
+    if not entry.experts:
+        return False
+    if not target.startswith("re:"):
+        return target in ("ffn", "all-linear")
+    layer_re = re.compile(rf"^{re.escape(entry.layers)}\.\d+\.(.+)$")
+    for name, _ in model.named_parameters():
+        m = layer_re.match(base_relative_name(model, name))
+        if m and m.group(1) in entry.experts and re.search(target[3:], name):
+            return True
+    return False
+
+
 def select_modules(
     model: nn.Module, targets: list[str] | str, exclude: list[str] | tuple[str, ...] = ()
 ) -> dict[str, nn.Module]:
@@ -462,6 +476,8 @@ def select_modules(
                 m = layer_re.match(base_relative_name(model, n))
                 if m and m.group(1) in suffixes:
                     hits.append(n)
+        if not hits and _reaches_experts(model, entry, target):
+            continue  # the fused experts of a mixture-of-experts block (sparse_nlp.pruning.experts)
         if not hits:
             raise TargetError(
                 f"target {target!r} matches no Linear layer of this {model.config.model_type} model "

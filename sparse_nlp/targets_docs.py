@@ -70,7 +70,12 @@ model (`layers`) and to one block (everything else).
 
 Mixtral, Qwen2-MoE and Qwen3-MoE keep their experts as fused 3-D parameters
 (`mlp.experts.gate_up_proj` of shape (experts, 2 x FFN, hidden) and `mlp.experts.down_proj`
-(experts, hidden, FFN)). The router (`mlp.gate`) always stays dense.
+(experts, hidden, FFN)). The groups `ffn` and `all-linear` (and `re:` targets naming them) include them:
+each expert's (out, in) slice is pruned on its own with the rule's method and pattern (scope `per-layer`
+or `per-row`; `global` is refused), its mask is kept through training and saved with the checkpoint like
+any other. Magnitude prunes the experts; Wanda and SparseGPT are refused on them (each expert would need
+its own routed inputs) but run on the attention and shared-expert layers (`targets: ["attention"]`).
+The router (`mlp.gate`) always stays dense.
 """
 
 
@@ -81,7 +86,10 @@ def _cell(entry: ModelTargets, feature: str) -> str:
     if feature == "weights" and entry.inferred:
         return "yes (layout inferred, with a notice)"
     if feature == "weights" and entry.experts:
-        return "yes: attention and shared-expert Linear layers (the fused experts are not pruned)"
+        return (
+            "yes: attention, shared-expert layers and each expert's slice of the fused experts (groups `ffn` "
+            "and `all-linear` include them); the router stays dense"
+        )
     return "yes"
 
 

@@ -415,3 +415,117 @@ def test_docs_page_equals_its_rendering():
     )
     for family in NEW_FAMILIES:
         assert f"| `{family}` |" in page.read_text(encoding="utf-8")
+
+
+# ---- mixture-of-experts: fused 3-D experts ----------------------------------------------------------------
+
+MOE = ("mixtral", "qwen2_moe", "qwen3_moe")
+
+
+def moe_model(family: str, seed: int = 0):
+    torch.manual_seed(seed)
+    if family == "mixtral":
+        config = transformers.MixtralConfig(**_DECODER, num_local_experts=4, num_experts_per_tok=2)
+    elif family == "qwen2_moe":
+        config = transformers.Qwen2MoeConfig(
+            **_DECODER,
+            num_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=32,
+            shared_expert_intermediate_size=64,
+        )
+    else:
+        config = transformers.Qwen3MoeConfig(
+            **_DECODER, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32
+        )
+    return transformers.AutoModelForCausalLM.from_config(config).eval()
+
+
+def expert_masks(model) -> dict[str, torch.Tensor]:
+    from sparse_nlp.pruning.experts import masked_experts
+
+    return {name: mask.clone() for name, _, _, mask in masked_experts(model)}
+
+
+@pytest.mark.parametrize("family", MOE)
+@pytest.mark.parametrize("pattern", ["unstructured", "2:4"])
+def test_every_expert_slice_reaches_the_target_and_the_router_stays_dense(family, pattern):
+    model = moe_model(family)
+    router = {n: p.detach().clone() for n, p in model.named_parameters() if n.endswith("mlp.gate.weight")}
+    rule = WeightSparsity(method="magnitude", sparsity=0.5, pattern=pattern)
+    sparse_nlp.sparsify(model, SparsityConfig(weights=[rule]), progress=False)
+    masks = expert_masks(model)
+    assert sorted(n.split("layers.")[1] for n in masks) == [
+        f"{i}.mlp.experts.{p}" for i in range(2) for p in ("down_proj", "gate_up_proj")
+    ]
+    params = dict(model.named_parameters())
+    for name, mask in masks.items():
+        assert torch.all(params[name][~mask] == 0), name
+        for e in range(mask.shape[0]):  # every expert on its own
+            if pattern == "2:4":
+                assert torch.all(mask[e].reshape(mask.shape[1], -1, 4).sum(-1) == 2), name
+            else:
+                assert int((~mask[e]).sum()) == num_pruned(0.5, mask[e].numel()), name
+    assert all(torch.equal(params[n], w) for n, w in router.items()) and router
+    linear = {n.rsplit(".", 1)[-1] for n, _ in masked_modules(model)}
+    assert {"q_proj", "o_proj"} <= linear and ("down_proj" in linear) == (family == "qwen2_moe")
+    assert torch.isfinite(logits(model, tiny_inputs())).all()
+
+
+@pytest.mark.parametrize("family", MOE)
+def test_experts_save_load_generate_and_train(family, tmp_path):
+    model = moe_model(family)
+    sparse_nlp.sparsify(model, SparsityConfig.magnitude(0.5, targets="ffn"), progress=False)
+    inputs = tiny_inputs()
+    expected = logits(model, inputs)
+    sparse_nlp.save_pretrained(model, tmp_path / "ckpt")
+    loaded = sparse_nlp.from_pretrained(tmp_path / "ckpt")
+    assert torch.equal(logits(loaded, inputs), expected)
+    before, after = expert_masks(model), expert_masks(loaded)
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    plain = type(model).from_pretrained(tmp_path / "ckpt").eval()
+    assert torch.equal(logits(plain, inputs), expected) and not expert_masks(plain)
+    prompt = tiny_inputs(batch=1, length=6)
+    kwargs = dict(max_new_tokens=6, do_sample=False, use_cache=True)
+    assert torch.equal(loaded.generate(**prompt, **kwargs), model.generate(**prompt, **kwargs))
+
+    loaded.train()
+    params = dict(loaded.named_parameters())
+    start = {n: params[n].detach().clone() for n in after}
+    optimizer = torch.optim.AdamW(loaded.parameters(), lr=1e-2, weight_decay=0.01)
+    batch = tiny_inputs(batch=4, length=10, pad=False)
+    for _ in range(3):
+        loaded(**batch, labels=batch["input_ids"]).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    for name, mask in after.items():
+        assert torch.all(params[name][~mask] == 0), name
+        assert torch.all(optimizer.state[params[name]]["exp_avg"][~mask] == 0), name
+        assert not torch.equal(params[name], start[name]), name
+
+    sparse_nlp.to_dense(loaded)
+    assert not expert_masks(loaded) and list(masked_modules(loaded)) == []
+
+
+def test_experts_refuse_calibration_structured_and_global_with_reasons():
+    model = moe_model("mixtral")
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    wanda = SparsityConfig(weights=[WeightSparsity(method="wanda", sparsity=0.5)])
+    with pytest.raises(
+        UnsupportedModelError,
+        match="calibrated one-shot pruning is not available for mixtral: not on the experts",
+    ):
+        sparse_nlp.sparsify(model, wanda, data=id_batches(), progress=False)
+    with pytest.raises(
+        UnsupportedModelError, match="structured removal is not available for mixtral: experts are fused"
+    ):
+        sparse_nlp.sparsify(model, SparsityConfig(structured=StructuredSparsity(ffn=0.25)), progress=False)
+    with pytest.raises(sparse_nlp.ConfigError, match="scope 'global' is not available on mixture-of-experts"):
+        sparse_nlp.sparsify(model, SparsityConfig.magnitude(0.5, scope="global"), progress=False)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())  # nothing changed
+    # the attention layers still take the calibrated methods
+    attention_only = SparsityConfig(
+        weights=[WeightSparsity(method="wanda", sparsity=0.5, targets=["attention"])]
+    )
+    sparse_nlp.sparsify(model, attention_only, data=id_batches(), progress=False)
+    assert len(list(masked_modules(model))) == 8 and not expert_masks(model)
