@@ -23,11 +23,11 @@ from .pruning.methods import PruningMethod, get_method
 from .pruning.patterns import Pattern
 from .targets import (
     ModelTargets,
+    UnsupportedModelError,
     base_relative_name,
     is_transposed,
     linear_weight,
     model_targets,
-    require,
     select_modules,
     use_targets,
 )
@@ -214,7 +214,10 @@ def _plan_experts(model: nn.Module, rules: list[WeightSparsity], already: set[st
                 raise ConfigError(f"{name!r} is already pruned; call sparse_nlp.to_dense(model) first.")
             owner[name] = i
         if get_method(rule.method, rule.options).needs_calibration or rule.profile == "owl":
-            require(model, "calibration")
+            raise UnsupportedModelError(
+                f"weights[{i}]: calibrated pruning ({rule.method}, profile {rule.profile}) is not available on the "
+                f"experts of {model.config.model_type}: {model_targets(model).refusal('calibration')}."
+            )
         if rule.scope == "global":
             raise ConfigError(
                 f"weights[{i}].scope 'global' is not available on mixture-of-experts weights (each expert is pruned "

@@ -231,9 +231,9 @@ def _moe(shared_expert: bool) -> ModelTargets:
         experts=("mlp.experts.gate_up_proj", "mlp.experts.down_proj"),
         no_structured=f"{why_experts}; per-expert neuron removal is not implemented",
         no_calibration=(
-            "not on the experts: Wanda and SparseGPT need each expert's own routed inputs, which the "
-            "block-by-block pass does not collect; prune the experts with magnitude (the attention and "
-            "shared-expert layers take every method)"
+            "Wanda, SparseGPT and the OWL profile would need each expert's own routed inputs, which the "
+            "block-by-block pass does not collect; prune the experts with magnitude and give the calibrated rule "
+            "targets: ['attention'] (or the shared-expert layers)"
         ),
     )
 

@@ -81,6 +81,8 @@ The router (`mlp.gate`) always stays dense.
 
 def _cell(entry: ModelTargets, feature: str) -> str:
     reason = entry.refusal(feature)
+    if reason and feature == "calibration" and entry.experts:
+        return f"attention and shared-expert layers: yes; experts: no, {reason}"
     if reason:
         return f"no: {reason}"
     if feature == "weights" and entry.inferred:

@@ -513,7 +513,7 @@ def test_experts_refuse_calibration_structured_and_global_with_reasons():
     wanda = SparsityConfig(weights=[WeightSparsity(method="wanda", sparsity=0.5)])
     with pytest.raises(
         UnsupportedModelError,
-        match="calibrated one-shot pruning is not available for mixtral: not on the experts",
+        match=r"weights\[0\]: calibrated pruning \(wanda, profile uniform\) is not available on the experts of mixtral",
     ):
         sparse_nlp.sparsify(model, wanda, data=id_batches(), progress=False)
     with pytest.raises(
@@ -529,3 +529,13 @@ def test_experts_refuse_calibration_structured_and_global_with_reasons():
     )
     sparse_nlp.sparsify(model, attention_only, data=id_batches(), progress=False)
     assert len(list(masked_modules(model))) == 8 and not expert_masks(model)
+
+
+def test_experts_family_takes_attention_patterns():
+    model = moe_model("qwen3_moe")
+    x = tiny_inputs(batch=2, length=12)
+    dense = logits(model, x)
+    apply_attention(model, AttentionSparsity("sliding_window", {"window": 1000, "causal": True}))
+    assert (logits(model, x) - dense).abs().max() < 1e-5
+    apply_attention(model, AttentionSparsity("sliding_window", {"window": 2, "causal": True}))
+    assert (logits(model, x) - dense).abs().max() > 1e-6
