@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 from torch import nn
 
 from .pruning.masking import get_mask
-from .targets import is_prunable, model_targets, module_group
+from .targets import UnsupportedModelError, is_prunable, model_targets, module_group
 
 
 @dataclass
@@ -76,6 +76,30 @@ class SparsityReport:
         return "\n".join(lines)
 
 
+def _expert_rows(model: nn.Module) -> list[ModuleRow]:
+    """One row per fused expert parameter (E, out, in) of a mixture-of-experts family; none for others."""
+    from .pruning.experts import SUFFIX, select_experts
+
+    try:
+        experts = select_experts(model, ["all-linear"])
+    except UnsupportedModelError:
+        return []
+    rows = []
+    for name, (module, param_name) in experts.items():
+        w = module._parameters[param_name].detach()
+        rows.append(
+            ModuleRow(
+                name=name,
+                group="ffn",
+                shape=tuple(w.shape),
+                numel=w.numel(),
+                nonzeros=int((w != 0).sum()),
+                masked=module._buffers.get(param_name + SUFFIX) is not None,
+            )
+        )
+    return rows
+
+
 def report(model: nn.Module) -> SparsityReport:
     """Measure the sparsity of every Linear layer of a transformers model and total it per group."""
     model_targets(model)  # fail early, with the supported list, on unknown families
@@ -95,6 +119,11 @@ def report(model: nn.Module) -> SparsityReport:
         )
         out.rows.append(row)
         for g in (row.group, "linear"):
+            totals[g].numel += row.numel
+            totals[g].nonzeros += row.nonzeros
+    for row in _expert_rows(model):  # fused 3-D experts of mixture-of-experts blocks count as FFN weights
+        out.rows.append(row)
+        for g in ("ffn", "linear"):
             totals[g].numel += row.numel
             totals[g].nonzeros += row.nonzeros
     seen = set()

@@ -470,6 +470,10 @@ def test_every_expert_slice_reaches_the_target_and_the_router_stays_dense(family
     linear = {n.rsplit(".", 1)[-1] for n, _ in masked_modules(model)}
     assert {"q_proj", "o_proj"} <= linear and ("down_proj" in linear) == (family == "qwen2_moe")
     assert torch.isfinite(logits(model, tiny_inputs())).all()
+    result = sparse_nlp.report(model)
+    experts = [r for r in result.rows if ".experts." in r.name]
+    assert len(experts) == 4 and all(r.masked and r.group == "ffn" and len(r.shape) == 3 for r in experts)
+    assert result.groups["ffn"].sparsity == pytest.approx(0.5)  # experts (and shared expert) at the target
 
 
 @pytest.mark.parametrize("family", MOE)
