@@ -117,6 +117,11 @@ class ModelTargets:
         if missing:
             raise TargetError(f"{source}: missing field(s) {missing}.")
         values = dict(data)
+        for f in fields(cls):
+            value = values.get(f.name)
+            wanted = bool if f.name in ("causal", "gated", "inferred") else str
+            if f.name not in ("ffn_in", "experts") and value is not None and not isinstance(value, wanted):
+                raise TargetError(f"{source}: {f.name} must be a {wanted.__name__}, got {value!r:.60}.")
         for name in ("ffn_in", "experts"):
             if name in values:
                 if isinstance(values[name], str) or not isinstance(values[name], list | tuple):

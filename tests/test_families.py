@@ -543,3 +543,35 @@ def test_experts_family_takes_attention_patterns():
     assert (logits(model, x) - dense).abs().max() < 1e-5
     apply_attention(model, AttentionSparsity("sliding_window", {"window": 2, "causal": True}))
     assert (logits(model, x) - dense).abs().max() > 1e-6
+
+
+def test_gradual_pruning_refuses_experts_and_takes_the_rest():
+    from sparse_nlp.pruning.schedules import CubicSchedule
+    from sparse_nlp.training.pruner import GradualPruner
+
+    model = moe_model("mixtral")
+    with pytest.raises(UnsupportedModelError, match=r"weights\[0\] selects the fused experts of mixtral"):
+        GradualPruner(model, SparsityConfig.magnitude(0.5), CubicSchedule(start_step=0, end_step=10))
+    rule = WeightSparsity(method="magnitude", sparsity=0.5, exclude=["experts"])
+    assert (
+        len(
+            GradualPruner(
+                model, SparsityConfig(weights=[rule]), CubicSchedule(start_step=0, end_step=10)
+            ).plans
+        )
+        == 8
+    )
+
+
+def test_targets_json_with_a_wrong_type_is_named(tmp_path):
+    path = tmp_path / "t.json"
+    path.write_text(
+        json.dumps({"layers": 3, "o": "o", "ffn_in": ["up"], "ffn_out": "down", "attention": "a"})
+    )
+    with pytest.raises(TargetError, match="t.json: layers must be a str, got 3"):
+        ModelTargets.load(path)
+    path.write_text(
+        json.dumps({"layers": "l", "o": "o", "ffn_in": "up", "ffn_out": "down", "attention": "a"})
+    )
+    with pytest.raises(TargetError, match="ffn_in must be a list of module paths"):
+        ModelTargets.load(path)

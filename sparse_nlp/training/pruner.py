@@ -28,6 +28,7 @@ from torch import nn
 
 from ..config import ConfigError, SparsityConfig, WeightSparsity
 from ..metadata import read_metadata, write_metadata
+from ..pruning.experts import select_experts
 from ..pruning.masking import attach_mask, detach_mask, get_mask
 from ..pruning.masks import global_masks, select_mask
 from ..pruning.movement import (
@@ -40,7 +41,7 @@ from ..pruning.movement import (
 )
 from ..pruning.schedules import CubicSchedule
 from ..sparsify import LayerPlan, plan_weight_rules
-from ..targets import is_transposed, linear_weight
+from ..targets import UnsupportedModelError, is_transposed, linear_weight
 
 logger = logging.getLogger(__name__)
 
@@ -95,6 +96,12 @@ class GradualPruner:
         self.config = config
         self.schedule = schedule
         self.plans: list[LayerPlan] = plan_weight_rules(model, config.weights)
+        for i, rule in enumerate(config.weights):  # fused 3-D experts are one-shot targets only
+            if select_experts(model, rule.targets, rule.exclude):
+                raise UnsupportedModelError(
+                    f"weights[{i}] selects the fused experts of {model.config.model_type}, which gradual pruning "
+                    "does not handle; prune them one-shot with sparsify (magnitude) or add exclude: ['experts']."
+                )
         self.applied_step: int | None = None
         self.scores: dict[str, torch.Tensor] = {}
         self._score_grads: dict[str, torch.Tensor] = {}
