@@ -19,6 +19,16 @@ A recipe (see ``recipes/`` for complete ones)::
       - name: eval
         type: evaluate
 
+A ``structured`` stage removes attention heads and FFN neurons in stages while it trains (see
+`sparse_nlp.training.StructuredPruner`)::
+
+      - name: h50-f50
+        type: structured
+        structured: {heads: 0.5, ffn: 0.5, score: taylor}
+        removal: {stages: 3, steps_per_stage: 100, score_batches: 8}
+        distillation: {temperature: 2.0, alpha: 0.9}
+        training: {max_steps: 600, learning_rate: 1.0e-4, batch_size: 32}
+
 Parsing reuses the config machinery of `sparse_nlp.config`: an unknown or mistyped key fails with its
 path (``stages[1].shedule``) and a suggestion. Recipes name registered methods only; nothing in a recipe
 imports or executes code. The recipe is saved next to every checkpoint a run writes (``recipe.yaml``).
@@ -36,15 +46,17 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError, SparsityConfig, _build
+from .config import ConfigError, SparsityConfig, StructuredSparsity, _build
 from .pruning import movement as _movement  # noqa: F401  (registers the training-time method 'movement')
 from .pruning.schedules import CubicSchedule
 from .registry import suggest
+from .structured import OPTION_DEFAULTS
 from .training.distillation import DistillationConfig
+from .training.structured import StructuredSchedule
 
 logger = logging.getLogger(__name__)
 
-STAGE_TYPES = ("finetune", "prune", "evaluate")
+STAGE_TYPES = ("finetune", "prune", "structured", "evaluate")
 RECIPE_FILE = "recipe.yaml"
 RESULTS_FILE = "results.json"
 
@@ -93,12 +105,16 @@ class Stage:
 
     Attributes:
         name: Folder name of the stage's output under ``--out``.
-        type: ``finetune`` (dense training), ``prune`` (gradual pruning, optionally distilled) or ``evaluate``.
-        training: Optimisation settings (finetune, prune).
+        type: ``finetune`` (dense training), ``prune`` (gradual weight pruning, optionally distilled),
+            ``structured`` (gradual removal of heads and FFN neurons, optionally distilled) or ``evaluate``.
+        training: Optimisation settings (finetune, prune, structured).
         sparsity: Weight rules with their final sparsity (prune); methods ``magnitude`` or ``movement``.
         schedule: When the masks change (prune).
-        distillation: Distil from a teacher (prune; omit for no teacher).
-        teacher: Name of an earlier finetune/prune stage whose model is the teacher, or a model folder (any
+        structured: Final head / FFN budgets, score and scope (structured).
+        removal: When units are removed: ``stages``, ``steps_per_stage``, ``start_step``, ``score_batches``
+            (structured).
+        distillation: Distil from a teacher (prune, structured; omit for no teacher).
+        teacher: Name of an earlier training stage whose model is the teacher, or a model folder (any
             value with a ``/``, e.g. ``runs/minilm-sst2-dense-epoch/dense``; relative to the working directory);
             default: the model as it was before this stage.
         split: Split to evaluate (evaluate).
@@ -109,6 +125,8 @@ class Stage:
     training: TrainingSettings | None = None
     sparsity: SparsityConfig | None = None
     schedule: CubicSchedule | None = None
+    structured: StructuredSparsity | None = None
+    removal: StructuredSchedule | None = None
     distillation: DistillationConfig | None = None
     teacher: str | None = None
     split: str = "dev"
@@ -122,16 +140,28 @@ class Stage:
             raise ConfigError(
                 f"{path}.name must be a plain folder name (letters, digits, _ . -), got {self.name!r}."
             )
-        needs = {"finetune": ("training",), "prune": ("training", "sparsity", "schedule"), "evaluate": ()}[
-            self.type
-        ]
+        needs = {
+            "finetune": ("training",),
+            "prune": ("training", "sparsity", "schedule"),
+            "structured": ("training", "structured", "removal"),
+            "evaluate": (),
+        }[self.type]
         for key in needs:
             if getattr(self, key) is None:
                 raise ConfigError(f"{path}.{key} is required for a {self.type} stage.")
         unused = {
-            "finetune": ("sparsity", "schedule", "distillation", "teacher"),
-            "prune": (),
-            "evaluate": ("training", "sparsity", "schedule", "distillation", "teacher"),
+            "finetune": ("sparsity", "schedule", "structured", "removal", "distillation", "teacher"),
+            "prune": ("structured", "removal"),
+            "structured": ("sparsity", "schedule"),
+            "evaluate": (
+                "training",
+                "sparsity",
+                "schedule",
+                "structured",
+                "removal",
+                "distillation",
+                "teacher",
+            ),
         }[self.type]
         for key in unused:
             if getattr(self, key) is not None:
@@ -156,8 +186,32 @@ class Stage:
                     f"{path}.schedule.end_step ({self.schedule.end_step}) is after the last step "
                     f"({path}.training.max_steps = {self.training.max_steps}); the final sparsity would never be reached."
                 )
+        if self.structured is not None:
+            self._validate_structured(path)
         if self.split not in ("dev", "train", "validation"):
             raise ConfigError(f"{path}.split must be dev or train, got {self.split!r}.")
+
+    def _validate_structured(self, path: str) -> None:
+        self.structured.validate(f"{path}.structured")
+        unknown = sorted(set(self.structured.options) - set(OPTION_DEFAULTS))
+        if unknown:
+            raise ConfigError(
+                f"{path}.structured.options: unknown option(s) {unknown}; known: {', '.join(OPTION_DEFAULTS)}."
+            )
+        if self.removal is None or self.training is None:
+            return
+        self.removal.validate(f"{path}.removal")
+        if self.training.max_steps > 0 and self.removal.last_step >= self.training.max_steps:
+            raise ConfigError(
+                f"{path}.removal: the last removal (step {self.removal.last_step} = start_step + (stages - 1) * "
+                f"steps_per_stage) is not before the last step ({path}.training.max_steps = "
+                f"{self.training.max_steps}); the model would not train after it."
+            )
+        if self.training.save_steps:
+            raise ConfigError(
+                f"{path}.training.save_steps must be 0 in a structured stage: the layers change shape during "
+                "the stage, so it cannot resume from an intermediate checkpoint (the final model is saved)."
+            )
 
 
 def is_teacher_folder(teacher: str) -> bool:
@@ -445,9 +499,10 @@ def run_recipe(
     from .checkpoint import save_pretrained
     from .evaluation.data import resolve_data_dir
     from .evaluation.tasks import encode_glue, evaluate_glue, load_for_task, task_info
-    from .training.callback import SparsityCallback
+    from .training.callback import SparsityCallback, StructuredCallback
     from .training.distillation import Distiller
     from .training.pruner import GradualPruner
+    from .training.structured import StructuredPruner
 
     recipe.validate()
     device = resolve_device(device)
@@ -523,19 +578,20 @@ def run_recipe(
             stage_dir = out / stage.name
             settings = stage.training
             args = _training_args(settings, stage_dir / "trainer", recipe.seed, progress, device)
-            callbacks, loss_func, pruner = [], None, None
+            callbacks, loss_func, pruner, structured = [], None, None, None
+            if stage.distillation is not None:
+                teacher = (
+                    load_for_task(stage_models.get(stage.teacher, stage.teacher), recipe.task)[0]
+                    if stage.teacher
+                    else copy.deepcopy(model)
+                ).to(device)
+                loss_func = Distiller(model, teacher, stage.distillation)
             if stage.type == "prune":
-                teacher = None
-                if stage.distillation is not None:
-                    teacher = (
-                        load_for_task(stage_models.get(stage.teacher, stage.teacher), recipe.task)[0]
-                        if stage.teacher
-                        else copy.deepcopy(model)
-                    ).to(device)
                 pruner = GradualPruner(model, stage.sparsity, stage.schedule)
                 callbacks.append(SparsityCallback(pruner))
-                if teacher is not None:
-                    loss_func = Distiller(model, teacher, stage.distillation)
+            elif stage.type == "structured":
+                structured = StructuredPruner(model, stage.structured, stage.removal)
+                callbacks.append(StructuredCallback(structured))
             trainer = Trainer(
                 model=model,
                 args=args,
@@ -555,6 +611,8 @@ def run_recipe(
             record.update(steps=trainer.state.global_step, train_loss=round(float(output.training_loss), 4))
             if pruner is not None:
                 record.update(sparsity=round(pruner.sparsity(), 4), mask_frozen_after=stage.schedule.end_step)
+            if structured is not None:
+                record.update(structured.summary())
             save_pretrained(model, stage_dir, tokenizer=tokenizer)
             recipe.save(stage_dir / RECIPE_FILE)
             stage_models[stage.name] = str(stage_dir)

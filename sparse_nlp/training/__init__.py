@@ -1,9 +1,11 @@
-"""Training-aware sparsity: gradual magnitude / movement pruning, distillation, Trainer callback, accelerate loop."""
+"""Training-aware sparsity: gradual magnitude / movement pruning, gradual structured removal, distillation,
+Trainer callbacks, accelerate loop."""
 
 from .accelerate_loop import LoopConfig, train_loop
-from .callback import SparsityCallback
+from .callback import SparsityCallback, StructuredCallback
 from .distillation import DistillationConfig, Distiller, distillation_loss
 from .pruner import GradualPruner
+from .structured import StructuredPruner, StructuredSchedule
 
 __all__ = [
     "DistillationConfig",
@@ -11,6 +13,9 @@ __all__ = [
     "GradualPruner",
     "LoopConfig",
     "SparsityCallback",
+    "StructuredCallback",
+    "StructuredPruner",
+    "StructuredSchedule",
     "distillation_loss",
     "train_loop",
 ]

@@ -1,5 +1,10 @@
 """A plain accelerate training loop that runs the same `GradualPruner` (and `Distiller`) as the Trainer callback.
 
+It serves multi-process weight pruning without the ``transformers.Trainer`` (``accelerate launch`` of a
+hand-written script); everything else (recipes, structured removal) runs through the Trainer and its
+callbacks. After every optimizer step it calls `GradualPruner.after_optimizer_step`, the same pruning step
+`SparsityCallback` runs, so the two paths cannot drift apart.
+
 The same script runs on one process or under ``accelerate launch --num_processes N`` (CPU with gloo, or
 GPUs) without changes. ``batch_size`` is the global batch: each of N processes gets ``batch_size / N``
 consecutive examples of it, so N processes see exactly the batches one process sees. The data order is a
@@ -179,8 +184,7 @@ def train_loop(
             optimizer.zero_grad(set_to_none=True)
             step += 1
             if pruner is not None:
-                pruner.score_step()
-                pruner.step(step)
+                pruner.after_optimizer_step(step)
             last_loss = float(loss.detach())
             bar.update(1)
             if config.log_every and step % config.log_every == 0:

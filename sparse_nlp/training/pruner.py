@@ -198,6 +198,16 @@ class GradualPruner:
         self._score_optimizer.zero_grad(set_to_none=True)
 
     # ---- masks -------------------------------------------------------------------------------------------
+    def after_optimizer_step(self, global_step: int) -> bool:
+        """The pruning step every training loop runs after an optimizer step: move the movement scores, then
+        bring the masks to the schedule at `global_step` (`SparsityCallback` and `train_loop` both call it).
+
+        Returns:
+            True when the masks changed.
+        """
+        self.score_step()
+        return self.step(global_step)
+
     def step(self, global_step: int) -> bool:
         """Bring the masks to the schedule at `global_step`; returns True when they changed.
 
