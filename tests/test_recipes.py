@@ -4,6 +4,7 @@ the CLI (fine-tune -> prune with distillation -> evaluate) with the recipe saved
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -47,6 +48,28 @@ def _write(tmp_path: Path, text: str) -> Path:
     path = tmp_path / "recipe.yaml"
     path.write_text(text)
     return path
+
+
+@dataclass
+class TinyRun:
+    """The TINY recipe run once through the CLI with its own seed; tests read its outputs (and write only new
+    files beside them)."""
+
+    model_dir: Path
+    data_dir: Path
+    recipe: Path
+    out: Path
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory) -> TinyRun:
+    root = tmp_path_factory.mktemp("tiny-run")
+    model_dir = tiny_bert_folder(root / "model")
+    data_dir = tiny_glue_dir(root / "data")
+    recipe = _write(root, TINY.format(model=model_dir))
+    out = root / "out"
+    assert main(["run", str(recipe), "--data-dir", str(data_dir), "--out", str(out), "--no-progress"]) == 0
+    return TinyRun(model_dir, data_dir, recipe, out)
 
 
 @pytest.mark.parametrize(
@@ -193,17 +216,16 @@ def test_prune_stage_needs_schedule():
         Recipe.from_dict(data)
 
 
-def test_cli_seed_overrides_the_recipe(tmp_path):
+def test_cli_seed_overrides_the_recipe(tmp_path, tiny_run):
     """`--seed` repeats a run with another seed: it is recorded in results.json and the saved recipe, and it
     changes the training (the Trainer shuffles with it)."""
-    model_dir = tiny_bert_folder(tmp_path / "model")
-    data_dir = tiny_glue_dir(tmp_path / "data")
-    recipe = _write(tmp_path, TINY.format(model=model_dir))
+    recipe, data_dir = tiny_run.recipe, tiny_run.data_dir
     losses = {}
     for seed in (None, 7):
-        out = tmp_path / f"out-{seed}"
-        argv = ["run", str(recipe), "--data-dir", str(data_dir), "--out", str(out), "--no-progress"]
-        assert main(argv + (["--seed", str(seed)] if seed is not None else [])) == 0
+        out = tiny_run.out if seed is None else tmp_path / f"out-{seed}"  # None: the recipe's own seed
+        if seed is not None:
+            argv = ["run", str(recipe), "--data-dir", str(data_dir), "--out", str(out), "--no-progress"]
+            assert main(argv + ["--seed", str(seed)]) == 0
         results = json.loads((out / "results.json").read_text())
         assert results["seed"] == (42 if seed is None else seed)
         assert load_recipe(out / "recipe.yaml").seed == results["seed"]
@@ -211,12 +233,8 @@ def test_cli_seed_overrides_the_recipe(tmp_path):
     assert losses[None] != losses[7]
 
 
-def test_cli_run_end_to_end_tiny(tmp_path, capsys):
-    model_dir = tiny_bert_folder(tmp_path / "model")
-    data_dir = tiny_glue_dir(tmp_path / "data")
-    recipe = _write(tmp_path, TINY.format(model=model_dir))
-    out = tmp_path / "out"
-    assert main(["run", str(recipe), "--data-dir", str(data_dir), "--out", str(out), "--no-progress"]) == 0
+def test_cli_run_end_to_end_tiny(tmp_path, capsys, tiny_run):
+    data_dir, recipe, out = tiny_run.data_dir, tiny_run.recipe, tiny_run.out  # `sparse-nlp run` exited 0
     results = json.loads((out / "results.json").read_text())
     stages = {s["name"]: s for s in results["stages"]}
     assert stages["gmp"]["sparsity"] == pytest.approx(0.8, abs=1e-3)
@@ -344,15 +362,10 @@ stages:
 """
 
 
-def test_teacher_folder_and_a_recovery_stage_keep_the_mask(tmp_path, monkeypatch):
+def test_teacher_folder_and_a_recovery_stage_keep_the_mask(tmp_path, monkeypatch, tiny_run):
     """A stage can name a model folder as its teacher (a value with '/'), e.g. to train a pruned model on at
     its sparsity with the dense model as the teacher; the pruned weights stay exactly the same ones."""
-    model_dir = tiny_bert_folder(tmp_path / "model")
-    data_dir = tiny_glue_dir(tmp_path / "data")
-    first = tmp_path / "first"
-    run_recipe(
-        load_recipe(_write(tmp_path, TINY.format(model=model_dir))), first, data_dir=data_dir, progress=False
-    )
+    data_dir, first = tiny_run.data_dir, tiny_run.out  # the TINY recipe's dense and gmp models
     recipe = load_recipe(_write(tmp_path, RECOVER.format(model="m", teacher=first / "dense")))
     assert recipe.stages[0].teacher == str(first / "dense")
     teachers = []

@@ -44,37 +44,44 @@ def _launch(out: Path, processes: int, *extra: str) -> dict:
     return json.loads((out / "result.json").read_text())
 
 
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory) -> tuple[Path, dict]:
+    """An uninterrupted one-process run, launched once for both tests: (its folder, its result)."""
+    out = tmp_path_factory.mktemp("accelerate") / "one"
+    return out, _launch(out, 1)
+
+
 def _masks(out: Path) -> dict[str, torch.Tensor]:
     return load_file(str(out / "masks.safetensors"))
 
 
 @pytest.mark.slow
-def test_two_processes_and_one_process_end_with_same_masks(tmp_path):
-    one = _launch(tmp_path / "one", 1)
+def test_two_processes_and_one_process_end_with_same_masks(tmp_path, one_process):
+    one_dir, one = one_process
     two = _launch(tmp_path / "two", 2)
     assert one["num_processes"] == 1 and two["num_processes"] == 2
     assert one["steps"] == two["steps"] == 8 and one["applied_step"] == two["applied_step"] == 6
-    a, b = _masks(tmp_path / "one"), _masks(tmp_path / "two")
+    a, b = _masks(one_dir), _masks(tmp_path / "two")
     assert a.keys() == b.keys() and len(a) == 12
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert all((1 - a[k].float().mean()).item() == pytest.approx(0.75, abs=0.01) for k in a)
     wa, wb = (
-        load_file(str(tmp_path / "one" / "weights.safetensors")),
+        load_file(str(one_dir / "weights.safetensors")),
         load_file(str(tmp_path / "two" / "weights.safetensors")),
     )
     assert all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
 
 
 @pytest.mark.slow
-def test_accelerate_resume_matches_uninterrupted_run(tmp_path):
-    full = _launch(tmp_path / "full", 1)
+def test_accelerate_resume_matches_uninterrupted_run(tmp_path, one_process):
+    full_dir, full = one_process
     _launch(tmp_path / "part", 1, "--stop-after", "4", "--save-every", "4")
     resumed = _launch(tmp_path / "part", 1, "--resume")
     assert resumed["steps"] == full["steps"] and resumed["applied_step"] == full["applied_step"]
-    a, b = _masks(tmp_path / "full"), _masks(tmp_path / "part")
+    a, b = _masks(full_dir), _masks(tmp_path / "part")
     assert all(torch.equal(a[k], b[k]) for k in a)
     wa, wb = (
-        load_file(str(tmp_path / "full" / "weights.safetensors")),
+        load_file(str(full_dir / "weights.safetensors")),
         load_file(str(tmp_path / "part" / "weights.safetensors")),
     )
     assert all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)

@@ -28,13 +28,17 @@ def embed(
     max_length: int = 128,
     progress: bool = False,
 ) -> torch.Tensor:
-    """Mean-pooled (over non-padding tokens) last hidden states, shape (len(sentences), hidden)."""
+    """Mean-pooled (over non-padding tokens) last hidden states, shape (len(sentences), hidden).
+
+    Sentences are batched in order of length (less padding to compute), and returned in the input order.
+    """
     model.eval()
     base = getattr(model, "base_model", model)
+    order = sorted(range(len(sentences)), key=lambda i: len(sentences[i]))
     out = []
     for start in tqdm(range(0, len(sentences), batch_size), desc="embedding", disable=not progress):
         batch = tokenizer(
-            sentences[start : start + batch_size],
+            [sentences[i] for i in order[start : start + batch_size]],
             padding=True,
             truncation=True,
             max_length=max_length,
@@ -43,8 +47,13 @@ def embed(
         batch = {k: v.to(next(model.parameters()).device) for k, v in batch.items()}
         hidden = base(**batch).last_hidden_state  # (B, T, H)
         mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
-        out.append((hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9))
-    return torch.cat(out)
+        out.append((hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9))  # (B, H)
+    if not out:
+        return torch.zeros(0, 0)
+    pooled = torch.cat(out)  # (N, H), sorted order
+    result = torch.empty_like(pooled)
+    result[torch.tensor(order, device=pooled.device)] = pooled
+    return result
 
 
 def stsb_scores(
