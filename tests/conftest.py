@@ -29,7 +29,8 @@ ENCODERS = ("bert", "roberta", "distilbert")
 DECODERS = ("gpt2", "llama", "mistral", "qwen2")
 VOCAB = 128
 DEFAULT_THREADS = torch.get_num_threads()
-"""torch's own thread count here: the real-model tests use it when the machine has the cores free."""
+"""torch's own thread count here: the real-model tests use it, as a user would (their large matrix products
+gain from every core, also on a busy machine)."""
 UNIT_THREADS = 1
 """Tiny-model tests run on one thread: their tensors are too small to gain from more, and on a busy machine
 (load above the core count) OpenMP barriers between threads made them many times slower."""
@@ -106,17 +107,10 @@ def tiny_inputs(batch: int = 2, length: int = 12, seed: int = 1, pad: bool = Tru
     return {"input_ids": ids, "attention_mask": mask}
 
 
-def _real_threads() -> int:
-    """torch's default thread count for a real-model test, or one thread while the machine is overloaded
-    (1-minute load average at or above the core count), where more threads only wait on each other."""
-    busy = hasattr(os, "getloadavg") and os.getloadavg()[0] >= (os.cpu_count() or 1)
-    return UNIT_THREADS if busy else DEFAULT_THREADS
-
-
 @pytest.fixture(autouse=True)
 def _torch_threads(request):
-    """One thread for tiny-model tests, `_real_threads()` for tests marked ``real``; reset after each test."""
-    torch.set_num_threads(_real_threads() if request.node.get_closest_marker("real") else UNIT_THREADS)
+    """One thread for tiny-model tests, torch's default for tests marked ``real``; reset after each test."""
+    torch.set_num_threads(DEFAULT_THREADS if request.node.get_closest_marker("real") else UNIT_THREADS)
     yield
     torch.set_num_threads(UNIT_THREADS)
 
