@@ -1,0 +1,163 @@
+"""Per-layer choice of the fastest product (dense, torch CSR, native kernel), timed on the layer's own shape.
+
+For each token bucket the candidates run on a random input of that many tokens, interleaved (one call of each per
+round, so a load change hits all of them), and the median wins; a sparse method must beat dense by `margin` to be
+chosen, so a layer that is not sparse enough stays dense. Decisions are cached on disk in
+``$SPARSE_NLP_CACHE/runtime_autotune.json`` (default ``~/.cache/sparse_nlp``), keyed by CPU model, ISA, torch
+version, threads, shape, density (2 decimals), bias and bucket.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from . import kernels
+from .formats import CSRWeight
+
+CACHE_FILE = "runtime_autotune.json"
+_MEMO: dict[str, str] = {}
+
+
+@functools.cache
+def cpu_model() -> str:
+    """The CPU's model name (from /proc/cpuinfo on Linux), else platform.processor()."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def cache_path() -> Path:
+    root = os.environ.get("SPARSE_NLP_CACHE")
+    base = (
+        Path(root) if root else Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "sparse_nlp"
+    )
+    return base / CACHE_FILE
+
+
+def _read_cache() -> dict[str, str]:
+    try:
+        data = json.loads(cache_path().read_text())
+    except (OSError, ValueError):
+        return {}
+    return (
+        {k: v for k, v in data.items() if isinstance(k, str) and isinstance(v, str)}
+        if isinstance(data, dict)
+        else {}
+    )
+
+
+def _write_cache(entries: dict[str, str]) -> None:
+    """Merge `entries` into the cache file (atomic replace; a failure only costs a re-tune later)."""
+    path = cache_path()
+    with contextlib.suppress(OSError):
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        data = _read_cache()
+        data.update(entries)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".autotune-", suffix=".json")
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=0, sort_keys=True)
+        os.replace(tmp, path)
+
+
+def key(csr: CSRWeight, has_bias: bool, bucket: int, threads: int, isa: str, methods: Sequence[str]) -> str:
+    out_f, in_f = csr.shape
+    return (
+        f"{cpu_model()}|{isa}|torch {torch.__version__}|threads {threads}|{out_f}x{in_f}|density "
+        f"{csr.density:.2f}|bias {int(has_bias)}|tokens {bucket}|{','.join(methods)}"
+    )
+
+
+def _runners(csr: CSRWeight, bias: torch.Tensor | None, methods: Sequence[str]) -> dict[str, Callable]:
+    runners: dict[str, Callable] = {}
+    if "dense" in methods:
+        dense = csr.to_dense()
+        runners["dense"] = lambda x: F.linear(x, dense, bias)
+    if "torch_csr" in methods:
+        sparse = csr.to_torch_csr()
+        runners["torch_csr"] = lambda x: (sparse @ x.t()).t() + (bias if bias is not None else 0)
+    if "native" in methods and kernels.ops() is not None:
+        op, isa = kernels.ops(), kernels.best_isa()
+        runners["native"] = lambda x: op.sparse_linear(
+            x, csr.rowptr, csr.cols, csr.vals, bias, csr.shape[1], isa
+        )
+    return runners
+
+
+def time_methods(
+    runners: dict[str, Callable], x: torch.Tensor, rounds: int = 5, warmup: int = 2
+) -> dict[str, float]:
+    """Median seconds per call of each runner on `x`, the runners interleaved in every round."""
+    times: dict[str, list[float]] = {name: [] for name in runners}
+    with torch.inference_mode():
+        for _ in range(warmup):
+            for run in runners.values():
+                run(x)
+        for _ in range(rounds):
+            for name, run in runners.items():
+                start = time.perf_counter()
+                run(x)
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def choose(
+    csr: CSRWeight,
+    bias: torch.Tensor | None,
+    buckets: Sequence[int],
+    methods: Sequence[str] = ("dense", "torch_csr", "native"),
+    *,
+    margin: float = 1.1,
+    use_cache: bool = True,
+) -> dict[int, str]:
+    """The fastest of `methods` for each token bucket (dense unless another is `margin` times faster)."""
+    threads = torch.get_num_threads()
+    isa = kernels.isa_name(kernels.best_isa()) if kernels.ops() is not None else "none"
+    methods = tuple(m for m in methods if m != "native" or kernels.ops() is not None)
+    keys = {b: key(csr, bias is not None, b, threads, isa, methods) for b in buckets}
+    stored = _read_cache() if use_cache else {}
+    plan: dict[int, str] = {}
+    fresh: dict[str, str] = {}
+    runners: dict[str, Callable] | None = None
+    for bucket in buckets:
+        k = keys[bucket]
+        known = (_MEMO.get(k) or stored.get(k)) if use_cache else None
+        if known in methods:
+            plan[bucket] = known
+            continue
+        if runners is None:
+            runners = _runners(csr, bias, methods)
+        x = torch.randn(bucket, csr.shape[1])  # (T, K)
+        rounds = 3 if bucket * csr.nnz > 50_000_000 else 7
+        times = time_methods(runners, x, rounds=rounds)
+        best = min(times, key=times.get)
+        if "dense" in times and times[best] * margin > times["dense"]:
+            best = "dense"
+        plan[bucket] = best
+        fresh[k] = best
+    if fresh:
+        _MEMO.update(fresh)
+        if use_cache:
+            _write_cache(fresh)
+    return plan
+
+
+def clear_memory_cache() -> None:
+    """Forget the decisions made in this process (the disk cache stays)."""
+    _MEMO.clear()
+
+
+__all__ = ["CACHE_FILE", "cache_path", "choose", "clear_memory_cache", "cpu_model", "key", "time_methods"]

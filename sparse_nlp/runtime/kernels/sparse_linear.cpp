@@ -1,0 +1,413 @@
+// Sparse-weight linear layers for CPUs: y = x W^T + b with W in compressed rows (CSR), fp32.
+//
+// One source, three code paths chosen at run time: AVX-512F, AVX2+FMA (x86-64, via target attributes and
+// __builtin_cpu_supports) and portable C++ (any CPU; the compiler vectorizes it for its baseline ISA).
+//
+// Many tokens (SpMM): the tokens are packed into panels of TB = nv vectors (8 floats for AVX2 and the portable
+// path, 16 for AVX-512): panel p holds x[p*TB:(p+1)*TB, :]^T as a (K, TB) block, so each nonzero weight w[n, k]
+// updates TB tokens of output row n from one contiguous run of TB floats (`acc += w * panel[k, :]`), the
+// accumulators stay in registers for the whole row, and a panel (K * TB * 4 bytes) stays in L2 while every output
+// row of the thread passes over it. Threads take output rows in ranges of equal nonzero counts.
+// One token (GEMV, batch-1 decoding): each row is a dot product of its values with the gathered inputs; the speed
+// is set by the bytes of values and (narrow) column indices read.
+// Column indices are uint16 when in_features <= 65535, else int32; row offsets are int32.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define SPARSE_NLP_X86 1
+#include <immintrin.h>
+#endif
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+enum Isa : int64_t { kPortable = 0, kAvx2 = 1, kAvx512 = 2 };
+
+int64_t best_isa() {
+#ifdef SPARSE_NLP_X86
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f")) return kAvx512;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return kAvx2;
+#endif
+  return kPortable;
+}
+
+int64_t vector_width(int64_t isa) { return isa == kAvx512 ? 16 : 8; }
+
+// ---- one output row over one token panel: out[0:NV*W] = bias + sum_j v[j] * panel[c[j], 0:NV*W] --------------
+
+template <int NV, typename I>
+void row_portable(int32_t begin, int32_t end, const I* cols, const float* vals, const float* panel, float bias,
+                  float* out) {
+  constexpr int TB = NV * 8;
+  float acc[TB];
+  for (int i = 0; i < TB; ++i) acc[i] = bias;
+  for (int32_t j = begin; j < end; ++j) {
+    const float w = vals[j];
+    const float* x = panel + static_cast<int64_t>(cols[j]) * TB;
+    for (int i = 0; i < TB; ++i) acc[i] += w * x[i];
+  }
+  std::memcpy(out, acc, sizeof(acc));
+}
+
+#ifdef SPARSE_NLP_X86
+template <int NV, typename I>
+__attribute__((target("avx2,fma"))) void row_avx2(int32_t begin, int32_t end, const I* cols, const float* vals,
+                                                   const float* panel, float bias, float* out) {
+  constexpr int TB = NV * 8;
+  // two accumulator sets over even and odd nonzeros when NV <= 4: at least 8 independent FMA chains
+  constexpr int SETS = NV <= 4 ? 2 : 1;
+  __m256 acc[SETS][NV];
+  for (int i = 0; i < NV; ++i) {
+    acc[0][i] = _mm256_set1_ps(bias);
+    if (SETS == 2) acc[SETS - 1][i] = _mm256_setzero_ps();
+  }
+  int32_t j = begin;
+  if (SETS == 2) {
+    for (; j + 1 < end; j += 2) {
+      const __m256 w0 = _mm256_broadcast_ss(vals + j);
+      const __m256 w1 = _mm256_broadcast_ss(vals + j + 1);
+      const float* x0 = panel + static_cast<int64_t>(cols[j]) * TB;
+      const float* x1 = panel + static_cast<int64_t>(cols[j + 1]) * TB;
+      for (int i = 0; i < NV; ++i) {
+        acc[0][i] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x0 + 8 * i), acc[0][i]);
+        acc[SETS - 1][i] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x1 + 8 * i), acc[SETS - 1][i]);
+      }
+    }
+  }
+  for (; j < end; ++j) {
+    const __m256 w = _mm256_broadcast_ss(vals + j);
+    const float* x = panel + static_cast<int64_t>(cols[j]) * TB;
+    for (int i = 0; i < NV; ++i) acc[0][i] = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + 8 * i), acc[0][i]);
+  }
+  for (int i = 0; i < NV; ++i) {
+    const __m256 sum = SETS == 2 ? _mm256_add_ps(acc[0][i], acc[SETS - 1][i]) : acc[0][i];
+    _mm256_storeu_ps(out + 8 * i, sum);
+  }
+}
+
+template <int NV, typename I>
+__attribute__((target("avx512f"))) void row_avx512(int32_t begin, int32_t end, const I* cols, const float* vals,
+                                                    const float* panel, float bias, float* out) {
+  constexpr int TB = NV * 16;
+  constexpr int SETS = NV <= 2 ? 2 : 1;
+  __m512 acc[SETS][NV];
+  for (int i = 0; i < NV; ++i) {
+    acc[0][i] = _mm512_set1_ps(bias);
+    if (SETS == 2) acc[SETS - 1][i] = _mm512_setzero_ps();
+  }
+  int32_t j = begin;
+  if (SETS == 2) {
+    for (; j + 1 < end; j += 2) {
+      const __m512 w0 = _mm512_set1_ps(vals[j]);
+      const __m512 w1 = _mm512_set1_ps(vals[j + 1]);
+      const float* x0 = panel + static_cast<int64_t>(cols[j]) * TB;
+      const float* x1 = panel + static_cast<int64_t>(cols[j + 1]) * TB;
+      for (int i = 0; i < NV; ++i) {
+        acc[0][i] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x0 + 16 * i), acc[0][i]);
+        acc[SETS - 1][i] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(x1 + 16 * i), acc[SETS - 1][i]);
+      }
+    }
+  }
+  for (; j < end; ++j) {
+    const __m512 w = _mm512_set1_ps(vals[j]);
+    const float* x = panel + static_cast<int64_t>(cols[j]) * TB;
+    for (int i = 0; i < NV; ++i) acc[0][i] = _mm512_fmadd_ps(w, _mm512_loadu_ps(x + 16 * i), acc[0][i]);
+  }
+  for (int i = 0; i < NV; ++i) {
+    const __m512 sum = SETS == 2 ? _mm512_add_ps(acc[0][i], acc[SETS - 1][i]) : acc[0][i];
+    _mm512_storeu_ps(out + 16 * i, sum);
+  }
+}
+#endif
+
+template <typename I>
+using RowFn = void (*)(int32_t, int32_t, const I*, const float*, const float*, float, float*);
+
+template <typename I, template <int, typename> class Pick>
+RowFn<I> pick_nv(int nv) {
+  switch (nv) {
+    case 1: return Pick<1, I>::fn;
+    case 2: return Pick<2, I>::fn;
+    case 3: return Pick<3, I>::fn;
+    case 4: return Pick<4, I>::fn;
+    case 5: return Pick<5, I>::fn;
+    case 6: return Pick<6, I>::fn;
+    case 7: return Pick<7, I>::fn;
+    default: return Pick<8, I>::fn;
+  }
+}
+
+template <int NV, typename I>
+struct PickPortable {
+  static constexpr RowFn<I> fn = &row_portable<NV, I>;
+};
+#ifdef SPARSE_NLP_X86
+template <int NV, typename I>
+struct PickAvx2 {
+  static constexpr RowFn<I> fn = &row_avx2<NV, I>;
+};
+template <int NV, typename I>
+struct PickAvx512 {
+  static constexpr RowFn<I> fn = &row_avx512<NV, I>;
+};
+#endif
+
+template <typename I>
+RowFn<I> row_kernel(int64_t isa, int nv) {
+#ifdef SPARSE_NLP_X86
+  if (isa == kAvx512) return pick_nv<I, PickAvx512>(nv);
+  if (isa == kAvx2) return pick_nv<I, PickAvx2>(nv);
+#endif
+  return pick_nv<I, PickPortable>(nv);
+}
+
+// ---- one token: y[n] = bias[n] + sum_j v[j] * x[c[j]] -----------------------------------------------------------
+
+template <typename I>
+float dot_portable(int32_t begin, int32_t end, const I* cols, const float* vals, const float* x) {
+  float a0 = 0.f, a1 = 0.f, a2 = 0.f, a3 = 0.f;
+  int32_t j = begin;
+  for (; j + 3 < end; j += 4) {
+    a0 += vals[j] * x[cols[j]];
+    a1 += vals[j + 1] * x[cols[j + 1]];
+    a2 += vals[j + 2] * x[cols[j + 2]];
+    a3 += vals[j + 3] * x[cols[j + 3]];
+  }
+  for (; j < end; ++j) a0 += vals[j] * x[cols[j]];
+  return (a0 + a1) + (a2 + a3);
+}
+
+#ifdef SPARSE_NLP_X86
+// AMD's vgatherdps is slow (Zen 2/3): eight scalar loads into one vector, then one FMA, is faster there and no
+// slower on Intel.
+template <typename I>
+__attribute__((target("avx2,fma"))) float dot_avx2(int32_t begin, int32_t end, const I* cols, const float* vals,
+                                                   const float* x) {
+  __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+  int32_t j = begin;
+  for (; j + 15 < end; j += 16) {
+    const I* c = cols + j;
+    const __m256 x0 = _mm256_set_ps(x[c[7]], x[c[6]], x[c[5]], x[c[4]], x[c[3]], x[c[2]], x[c[1]], x[c[0]]);
+    const __m256 x1 = _mm256_set_ps(x[c[15]], x[c[14]], x[c[13]], x[c[12]], x[c[11]], x[c[10]], x[c[9]], x[c[8]]);
+    a0 = _mm256_fmadd_ps(_mm256_loadu_ps(vals + j), x0, a0);
+    a1 = _mm256_fmadd_ps(_mm256_loadu_ps(vals + j + 8), x1, a1);
+  }
+  a0 = _mm256_add_ps(a0, a1);
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(a0), _mm256_extractf128_ps(a0, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+  float tail = _mm_cvtss_f32(s);
+  for (; j < end; ++j) tail = std::fma(vals[j], x[cols[j]], tail);
+  return tail;
+}
+
+__attribute__((target("avx512f"))) inline __m512i load_index16(const uint16_t* c) {
+  return _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(c)));
+}
+__attribute__((target("avx512f"))) inline __m512i load_index16(const int32_t* c) {
+  return _mm512_loadu_si512(c);
+}
+
+template <typename I>
+__attribute__((target("avx512f"))) float dot_avx512(int32_t begin, int32_t end, const I* cols, const float* vals,
+                                                    const float* x) {
+  __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+  int32_t j = begin;
+  for (; j + 31 < end; j += 32) {
+    a0 = _mm512_fmadd_ps(_mm512_loadu_ps(vals + j), _mm512_i32gather_ps(load_index16(cols + j), x, 4), a0);
+    a1 = _mm512_fmadd_ps(_mm512_loadu_ps(vals + j + 16), _mm512_i32gather_ps(load_index16(cols + j + 16), x, 4),
+                         a1);
+  }
+  for (; j + 15 < end; j += 16)
+    a0 = _mm512_fmadd_ps(_mm512_loadu_ps(vals + j), _mm512_i32gather_ps(load_index16(cols + j), x, 4), a0);
+  float tail = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
+  for (; j < end; ++j) tail += vals[j] * x[cols[j]];
+  return tail;
+}
+#endif
+
+template <typename I>
+using DotFn = float (*)(int32_t, int32_t, const I*, const float*, const float*);
+
+template <typename I>
+DotFn<I> dot_kernel(int64_t isa) {
+#ifdef SPARSE_NLP_X86
+  if (isa == kAvx512) return &dot_avx512<I>;
+  if (isa == kAvx2) return &dot_avx2<I>;
+#endif
+  return &dot_portable<I>;
+}
+
+// ---- drivers -----------------------------------------------------------------------------------------------------
+
+// Row ranges of about equal nonzero counts: bounds[c] .. bounds[c + 1] for c < chunks.
+std::vector<int64_t> balanced_rows(const int32_t* rowptr, int64_t rows, int64_t chunks) {
+  std::vector<int64_t> bounds(chunks + 1, rows);
+  bounds[0] = 0;
+  const int64_t nnz = rowptr[rows];
+  for (int64_t c = 1; c < chunks; ++c) {
+    const int64_t target = nnz * c / chunks;
+    bounds[c] = std::lower_bound(rowptr, rowptr + rows + 1, target) - rowptr;
+    bounds[c] = std::max(bounds[c], bounds[c - 1]);
+  }
+  return bounds;
+}
+
+template <typename I>
+void gemv(const float* x, const int32_t* rowptr, const I* cols, const float* vals, const float* bias, float* y,
+          int64_t rows, int64_t tokens, int64_t K, int64_t isa) {
+  const DotFn<I> dot = dot_kernel<I>(isa);
+  const int64_t nnz = rowptr[rows];
+  // below ~16k multiply-adds per token the threads cost more than they save
+  const int64_t chunks = nnz * tokens < 16384 ? 1 : std::min<int64_t>(at::get_num_threads() * 2, rows);
+  const auto bounds = balanced_rows(rowptr, rows, std::max<int64_t>(chunks, 1));
+  at::parallel_for(0, static_cast<int64_t>(bounds.size()) - 1, 1, [&](int64_t cb, int64_t ce) {
+    for (int64_t t = 0; t < tokens; ++t) {
+      const float* xt = x + t * K;
+      float* yt = y + t * rows;
+      for (int64_t n = bounds[cb]; n < bounds[ce]; ++n)
+        yt[n] = dot(rowptr[n], rowptr[n + 1], cols, vals, xt) + (bias ? bias[n] : 0.f);
+    }
+  });
+}
+
+template <typename I>
+void spmm(const float* panels, const int32_t* rowptr, const I* cols, const float* vals, const float* bias, float* yT,
+          int64_t rows, int64_t n_panels, int64_t panel_tokens, int64_t last_tokens, int64_t K, int64_t W,
+          int64_t isa) {
+  const int64_t nv = panel_tokens / W;
+  const RowFn<I> full = row_kernel<I>(isa, static_cast<int>(nv));
+  const int64_t last_nv = (last_tokens + W - 1) / W;
+  const RowFn<I> last = row_kernel<I>(isa, static_cast<int>(last_nv));
+  const int64_t padded = (n_panels - 1) * panel_tokens + last_nv * W;  // yT row stride
+  const int64_t chunks = std::min<int64_t>(at::get_num_threads() * 4, rows);
+  const auto bounds = balanced_rows(rowptr, rows, std::max<int64_t>(chunks, 1));
+  at::parallel_for(0, static_cast<int64_t>(bounds.size()) - 1, 1, [&](int64_t cb, int64_t ce) {
+    for (int64_t p = 0; p < n_panels; ++p) {
+      const bool is_last = p == n_panels - 1;
+      const float* panel = panels + p * K * panel_tokens;  // last panel: (K, last_nv * W)
+      const RowFn<I> fn = is_last ? last : full;
+      for (int64_t n = bounds[cb]; n < bounds[ce]; ++n)
+        fn(rowptr[n], rowptr[n + 1], cols, vals, panel, bias ? bias[n] : 0.f, yT + n * padded + p * panel_tokens);
+    }
+  });
+}
+
+// Tokens per panel: as many vectors (up to 8 of 8 floats, 4 of 16) as keep a panel within ~192 KiB of L2.
+int64_t panel_vectors(int64_t K, int64_t tokens, int64_t W, int64_t isa) {
+  // portable: 16 floats of accumulators, which fit the 16 registers of SSE2 / NEON
+  const int64_t max_nv = isa == kAvx512 ? 4 : (isa == kAvx2 ? 8 : 2);
+  int64_t nv = max_nv;
+  while (nv > 2 && K * nv * W * 4 > 192 * 1024) nv /= 2;
+  return std::max<int64_t>(1, std::min(nv, (tokens + W - 1) / W));
+}
+
+at::Tensor sparse_linear(const at::Tensor& x, const at::Tensor& rowptr, const at::Tensor& cols,
+                         const at::Tensor& vals, const c10::optional<at::Tensor>& bias, int64_t in_features,
+                         int64_t isa) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.device().is_cpu(),
+              "sparse_linear: x must be a 2-D fp32 CPU tensor");
+  TORCH_CHECK(x.size(1) == in_features, "sparse_linear: x has ", x.size(1), " features, the weight ", in_features);
+  TORCH_CHECK(rowptr.scalar_type() == at::kInt && vals.scalar_type() == at::kFloat, "sparse_linear: bad CSR dtypes");
+  TORCH_CHECK(cols.scalar_type() == at::kUInt16 || cols.scalar_type() == at::kInt, "sparse_linear: bad index dtype");
+  TORCH_CHECK(rowptr.is_contiguous() && cols.is_contiguous() && vals.is_contiguous(), "sparse_linear: CSR not contiguous");
+  if (isa < 0 || isa > best_isa()) isa = best_isa();
+  const int64_t rows = rowptr.size(0) - 1, tokens = x.size(0), K = in_features;
+  const float* b = nullptr;
+  at::Tensor bias_c;
+  if (bias.has_value() && bias->defined()) {
+    bias_c = bias->contiguous();
+    TORCH_CHECK(bias_c.numel() == rows && bias_c.scalar_type() == at::kFloat, "sparse_linear: bad bias");
+    b = bias_c.data_ptr<float>();
+  }
+  const at::Tensor xc = x.contiguous();
+  const int32_t* rp = rowptr.data_ptr<int32_t>();
+  const float* v = vals.data_ptr<float>();
+  const bool narrow = cols.scalar_type() == at::kUInt16;
+  const void* c = cols.data_ptr();
+  if (tokens == 0) return at::empty({0, rows}, x.options());
+  if (tokens == 1) {
+    at::Tensor y = at::empty({1, rows}, x.options());
+    if (narrow)
+      gemv(xc.data_ptr<float>(), rp, static_cast<const uint16_t*>(c), v, b, y.data_ptr<float>(), rows, 1, K, isa);
+    else
+      gemv(xc.data_ptr<float>(), rp, static_cast<const int32_t*>(c), v, b, y.data_ptr<float>(), rows, 1, K, isa);
+    return y;
+  }
+  const int64_t W = vector_width(isa);
+  const int64_t nv = panel_vectors(K, tokens, W, isa);
+  const int64_t TB = nv * W;
+  const int64_t n_panels = (tokens + TB - 1) / TB;
+  const int64_t last_tokens = tokens - (n_panels - 1) * TB;
+  const int64_t padded = (n_panels - 1) * TB + (last_tokens + W - 1) / W * W;
+  // panels: x padded with zero tokens to `padded`, then each panel of TB tokens transposed to (K, TB)
+  at::Tensor panels = at::empty({padded * K}, x.options());
+  {
+    float* dst = panels.data_ptr<float>();
+    const float* src = xc.data_ptr<float>();
+    at::parallel_for(0, n_panels, 1, [&](int64_t pb, int64_t pe) {
+      for (int64_t p = pb; p < pe; ++p) {
+        const int64_t t0 = p * TB;
+        const int64_t width = std::min(TB, padded - t0);
+        const int64_t real = std::min(TB, tokens - t0);
+        float* out = dst + t0 * K;  // (K, width)
+        for (int64_t k0 = 0; k0 < K; k0 += 64) {
+          const int64_t k1 = std::min(K, k0 + 64);
+          for (int64_t t = 0; t < width; ++t) {
+            if (t < real) {
+              const float* row = src + (t0 + t) * K;
+              for (int64_t k = k0; k < k1; ++k) out[k * width + t] = row[k];
+            } else {
+              for (int64_t k = k0; k < k1; ++k) out[k * width + t] = 0.f;
+            }
+          }
+        }
+      }
+    });
+  }
+  at::Tensor yT = at::empty({rows, padded}, x.options());
+  if (narrow)
+    spmm(panels.data_ptr<float>(), rp, static_cast<const uint16_t*>(c), v, b, yT.data_ptr<float>(), rows, n_panels,
+         TB, last_tokens, K, W, isa);
+  else
+    spmm(panels.data_ptr<float>(), rp, static_cast<const int32_t*>(c), v, b, yT.data_ptr<float>(), rows, n_panels,
+         TB, last_tokens, K, W, isa);
+  // (rows, padded) -> (tokens, rows), blocked so both sides stay in cache
+  at::Tensor y = at::empty({tokens, rows}, x.options());
+  {
+    const float* src = yT.data_ptr<float>();
+    float* dst = y.data_ptr<float>();
+    constexpr int64_t B = 32;
+    const int64_t row_blocks = (rows + B - 1) / B;
+    at::parallel_for(0, row_blocks, 1, [&](int64_t rb, int64_t re) {
+      for (int64_t r0 = rb * B; r0 < std::min(rows, re * B); r0 += B) {
+        const int64_t r1 = std::min(rows, r0 + B);
+        for (int64_t t0 = 0; t0 < tokens; t0 += B) {
+          const int64_t t1 = std::min(tokens, t0 + B);
+          for (int64_t t = t0; t < t1; ++t)
+            for (int64_t r = r0; r < r1; ++r) dst[t * rows + r] = src[r * padded + t];
+        }
+      }
+    });
+  }
+  return y;
+}
+
+int64_t cpu_isa() { return best_isa(); }
+
+}  // namespace
+
+TORCH_LIBRARY(sparse_nlp_runtime, m) {
+  m.def("sparse_linear(Tensor x, Tensor rowptr, Tensor cols, Tensor vals, Tensor? bias, int in_features, int isa) -> Tensor");
+  m.def("cpu_isa() -> int", &cpu_isa);
+}
+
+TORCH_LIBRARY_IMPL(sparse_nlp_runtime, CPU, m) { m.impl("sparse_linear", &sparse_linear); }
