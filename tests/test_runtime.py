@@ -332,12 +332,12 @@ def test_build_cache_is_private_and_checked(tmp_path, monkeypatch):
     shared.mkdir()
     shared.chmod(0o777)
     with pytest.raises(NativeBuildError, match="writable by other users"):
-        build._check_owned(shared)
+        build.check_owned(shared)
     lib = root / "x.so"
     lib.write_bytes(b"")
     lib.chmod(0o666)
     with pytest.raises(NativeBuildError, match="writable by other users"):
-        build._check_owned(lib)
+        build.check_owned(lib)
 
 
 def test_bench_command_with_sparse_runtime(tmp_path, capsys, monkeypatch):
@@ -361,3 +361,22 @@ def test_bench_command_with_sparse_runtime(tmp_path, capsys, monkeypatch):
     data = json.loads(out.read_text())
     assert data["runtime"] == "sparse" and len(data["speedup"]) == 2
     assert json.loads((tmp_path / "tune.json").read_text())  # the layers were timed at bench's token counts
+
+
+@pytest.mark.skipif(not hasattr(os, "getuid"), reason="POSIX owners and modes")
+def test_band_attention_build_refuses_a_folder_others_can_write(tmp_path, monkeypatch):
+    from sparse_nlp.attention.kernels import native as band
+
+    monkeypatch.setenv(band.ENV_CACHE, str(tmp_path))
+    folder = band.cache_dir()
+    folder.mkdir(parents=True)
+    folder.chmod(0o777)
+    with pytest.raises(NativeBuildError, match="writable by other users"):
+        band._build()
+    folder.chmod(0o755)  # ours and not writable by others: made private, then used
+    built = folder / f"sparse_nlp_band_{folder.name.rsplit('-', 1)[1]}.so"
+    built.touch()
+    built.chmod(0o666)
+    with pytest.raises(NativeBuildError, match="writable by other users"):
+        band._build()
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o700

@@ -14,10 +14,12 @@ from .build import (
     NativeBuildError,
     build_library,
     cache_root,
+    check_owned,
     compiler_missing_reason,
     native_disabled_reason,
     openmp_flags,
     openmp_runtimes,
+    private_dir,
 )
 
 __all__ = [
@@ -26,8 +28,10 @@ __all__ = [
     "NativeBuildError",
     "build_library",
     "cache_root",
+    "check_owned",
     "compiler_missing_reason",
     "native_disabled_reason",
     "openmp_flags",
     "openmp_runtimes",
+    "private_dir",
 ]

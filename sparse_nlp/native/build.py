@@ -98,17 +98,17 @@ def openmp_flags() -> tuple[tuple[str, ...], tuple[str, ...]]:
     return ("-fopenmp",), (f"-L{gomp[0].parent}", f"-l:{gomp[0].name}")
 
 
-def _private_dir(path: Path) -> Path:
+def private_dir(path: Path) -> Path:
     """Create `path` (and parents) with mode 0700 where missing; refuse it unless this user owns it and only they
     can write it."""
     path.mkdir(mode=0o700, parents=True, exist_ok=True)
-    _check_owned(path)
+    check_owned(path)
     if hasattr(os, "getuid") and stat.S_IMODE(path.stat().st_mode) & 0o077:
         path.chmod(0o700)  # ours, made by an older version or by hand: keep what it holds private
     return path
 
 
-def _check_owned(path: Path) -> None:
+def check_owned(path: Path) -> None:
     if not hasattr(os, "getuid"):  # no POSIX owners (Windows): the user profile folder is private already
         return
     info = path.stat()
@@ -133,11 +133,11 @@ def cache_root() -> Path:
     )
     try:
         base.mkdir(mode=0o700, parents=True, exist_ok=True)
-        return _private_dir(base / "kernels")
+        return private_dir(base / "kernels")
     except OSError:  # a read-only home
         user = str(os.getuid()) if hasattr(os, "getuid") else "user"
         fallback = Path(tempfile.gettempdir()) / f"sparse_nlp-{user}"
-        return _private_dir(_private_dir(fallback) / "kernels")
+        return private_dir(private_dir(fallback) / "kernels")
 
 
 def library_folder(name: str, source: Path, flags: Sequence[str]) -> Path:
@@ -165,11 +165,11 @@ def build_library(name: str, source: Path, extra_cflags: Sequence[str] = ("-O3",
 
     cflags, ldflags = openmp_flags()
     flags = list(extra_cflags) + list(cflags)
-    folder = _private_dir(library_folder(name, source, flags + list(ldflags)))
+    folder = private_dir(library_folder(name, source, flags + list(ldflags)))
     lib_name = f"sparse_nlp_{name}_{folder.name.rsplit('-', 1)[1]}"
     built = folder / f"{lib_name}.so"
     if built.exists():  # built before: load it directly (no build lock to wait on), if it is ours
-        _check_owned(built)
+        check_owned(built)
         torch.ops.load_library(str(built))
         return built
     lock = folder / "lock"
@@ -192,7 +192,7 @@ def build_library(name: str, source: Path, extra_cflags: Sequence[str] = ("-O3",
         )
     except Exception as err:  # a compiler or linker error
         raise NativeBuildError(f"build failed: {first_error(str(err)) or type(err).__name__}") from err
-    _check_owned(built)
+    check_owned(built)
     return built
 
 
