@@ -189,7 +189,7 @@ def minilm(args) -> list[dict]:
             torch.set_num_threads(threads)
             fast = copy.deepcopy(dense)
             start = time.perf_counter()
-            convert(fast)
+            convert(fast, tokens=[b * args.seq for b in _ints(args.batch)])
             convert_s = time.perf_counter() - start
             plans = [layer.plan for layer in converted_layers(fast).values()]
             print(

@@ -1,7 +1,7 @@
 """Per-layer choice of the fastest product (dense, torch CSR, native kernel), timed on the layer's own shape.
 
 For each token bucket the candidates run on a random input of that many tokens, interleaved (one call of each per
-round, so a load change hits all of them), and the median wins; a sparse method must beat dense by `margin` to be
+round, so a load change hits all of them), and the fastest call of each is compared; a sparse method must beat dense by `margin` to be
 chosen, so a layer that is not sparse enough stays dense. Decisions are cached on disk in
 ``$SPARSE_NLP_CACHE/runtime_autotune.json`` (default ``~/.cache/sparse_nlp``), keyed by CPU model, ISA, torch
 version, threads, shape, density (2 decimals), bias and bucket.
@@ -14,7 +14,6 @@ import functools
 import json
 import os
 import platform
-import statistics
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -100,7 +99,10 @@ def _runners(csr: CSRWeight, bias: torch.Tensor | None, methods: Sequence[str]) 
 def time_methods(
     runners: dict[str, Callable], x: torch.Tensor, rounds: int = 5, warmup: int = 2
 ) -> dict[str, float]:
-    """Median seconds per call of each runner on `x`, the runners interleaved in every round."""
+    """Fastest seconds per call of each runner on `x`, the runners interleaved in every round.
+
+    The minimum, not the median: on a shared machine a call can wait for other processes, and that wait says
+    nothing about which product is faster."""
     times: dict[str, list[float]] = {name: [] for name in runners}
     with torch.inference_mode():
         for _ in range(warmup):
@@ -111,7 +113,7 @@ def time_methods(
                 start = time.perf_counter()
                 run(x)
                 times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(ts) for name, ts in times.items()}
+    return {name: min(ts) for name, ts in times.items()}
 
 
 def choose(

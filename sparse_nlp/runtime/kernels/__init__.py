@@ -37,6 +37,8 @@ def _build() -> None:
 def ops():
     """``torch.ops.sparse_nlp_runtime`` (built on first call), or None where it cannot be built (`status` says why;
     one warning is logged)."""
+    if "op" in _STATE:  # the per-call fast path: no lock once built (or failed)
+        return _STATE["op"]
     with _LOCK:
         if "op" not in _STATE:
             op, reason = None, None
@@ -51,8 +53,9 @@ def ops():
                     "dense product",
                     reason,
                 )
-            _STATE["op"], _STATE["reason"] = op, reason
+            _STATE["reason"] = reason
             _STATE["seconds"] = time.perf_counter() - start
+            _STATE["op"] = op  # last: the lock-free path reads it
         return _STATE["op"]
 
 
@@ -72,7 +75,9 @@ def best_isa() -> int:
     op = ops()
     if op is None:
         return 0
-    isa = int(op.cpu_isa())
+    if "cpu_isa" not in _STATE:
+        _STATE["cpu_isa"] = int(op.cpu_isa())
+    isa = _STATE["cpu_isa"]
     forced = os.environ.get(ENV_ISA, "").strip().lower()
     if forced:
         if forced not in ISAS:
