@@ -228,7 +228,27 @@ def minilm(args) -> list[dict]:
                     flush=True,
                 )
             print(f"\nload average after: {', '.join(f'{v:.2f}' for v in os.getloadavg())}")
+            if args.profile:
+                profile_models(dense, fast, args.seq)
     return rows
+
+
+def profile_models(dense, fast, seq: int, calls: int = 5) -> None:
+    """Share of CPU time per op (torch.profiler) of the dense and the converted model at batch 1 x `seq`."""
+    ids = torch.randint(1000, 20000, (1, seq), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    for label, model in (("dense", dense), ("converted", fast)):
+        with torch.inference_mode():
+            model(input_ids=ids, attention_mask=mask)
+            with torch.profiler.profile() as prof:
+                for _ in range(calls):
+                    model(input_ids=ids, attention_mask=mask)
+        events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+        total = sum(e.self_cpu_time_total for e in events)
+        shares = ", ".join(f"{e.key} {100 * e.self_cpu_time_total / total:.0f}%" for e in events[:6])
+        print(
+            f"profile, {label}, batch 1 x {seq} ({total / calls / 1e3:.1f} ms per call under the profiler): {shares}"
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -243,6 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--models", default="90,80,2:4", help="MiniLM sparsities in percent, and/or 2:4")
     p.add_argument("--batch", default="1,32")
     p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--profile", action="store_true", help="also print each MiniLM model's op time shares")
     p.add_argument("--json", dest="json_path")
     args = p.parse_args(argv)
     start = time.perf_counter()
