@@ -380,3 +380,25 @@ def test_band_attention_build_refuses_a_folder_others_can_write(tmp_path, monkey
     with pytest.raises(NativeBuildError, match="writable by other users"):
         band._build()
     assert stat.S_IMODE(folder.stat().st_mode) == 0o700
+
+
+def test_converts_a_model_with_structured_removal_and_sparse_attention():
+    import sparse_nlp
+    from sparse_nlp.config import AttentionSparsity, SparsityConfig
+    from sparse_nlp.structured import StructuredSparsity, apply_structured
+
+    _ops()
+    model = tiny_model("bert")
+    apply_structured(model, StructuredSparsity(heads=0.5, ffn=0.5, score="weight-norm"), progress=False)
+    config = SparsityConfig.magnitude(0.8)
+    config.attention = AttentionSparsity(pattern="sliding_window", options={"window": 4})
+    sparse_nlp.sparsify(model, config, progress=False)
+    inputs = tiny_inputs(length=16)
+    with torch.no_grad():
+        ref = model(**inputs).logits
+    runtime.convert(model, methods=("native",))
+    layers = runtime.converted_layers(model)
+    assert len(layers) == 12  # heads and FFN neurons removed: q/k/v 16 x 32, FFN 32 wide instead of 64
+    assert min(min(layer.in_features, layer.out_features) for layer in layers.values()) == 16
+    with torch.no_grad():
+        torch.testing.assert_close(model(**inputs).logits, ref, rtol=0, atol=1e-5)
