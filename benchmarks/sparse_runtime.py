@@ -251,9 +251,85 @@ def profile_models(dense, fast, seq: int, calls: int = 5) -> None:
         )
 
 
+def decode(args) -> list[dict]:
+    """A random llama of SmolLM2-135M's shape, magnitude-pruned per layer: batch-1 greedy decoding and a prefill."""
+    import copy
+
+    import transformers
+
+    from sparse_nlp import sparsify
+    from sparse_nlp.config import SparsityConfig
+    from sparse_nlp.runtime import convert, converted_layers
+
+    config = transformers.LlamaConfig(
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        vocab_size=49152,
+        max_position_embeddings=2048,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(0)
+    base = transformers.AutoModelForCausalLM.from_config(config).eval()
+    rows = []
+    threads = _ints(args.threads)[0]
+    torch.set_num_threads(threads)
+    for name in args.models.split(","):
+        if name == "2:4":
+            cfg = SparsityConfig.magnitude(0.5, pattern="2:4", scope="per-layer")
+        else:
+            cfg = SparsityConfig.magnitude(float(name) / 100, scope="per-layer")
+        dense = copy.deepcopy(base)
+        sparsify(dense, cfg, progress=False)
+        fast = copy.deepcopy(dense)
+        convert(fast, tokens=[1, args.prefill])
+        packed = len(converted_layers(fast))
+        print(
+            f"\n## random llama (SmolLM2-135M shape) {name}, {threads} thread(s): {packed} of 210 Linear layers packed"
+        )
+        print(header(threads) + "\n")
+        print("| model | what | dense | converted | speed-up | same tokens |")
+        print("|---|---|---|---|---|---|")
+        prompt = torch.randint(0, 49152, (1, 8), generator=torch.Generator().manual_seed(1))
+        gen = dict(max_new_tokens=args.new_tokens, do_sample=False, min_new_tokens=args.new_tokens)
+        with torch.inference_mode():
+            same = bool(torch.equal(dense.generate(prompt, **gen), fast.generate(prompt, **gen)))
+            t = time_interleaved(_generate_runners(dense, fast, prompt, gen), rounds=3, warmup=0)
+            long = torch.randint(0, 49152, (1, args.prefill), generator=torch.Generator().manual_seed(2))
+            p = time_interleaved(_model_runners_ids(dense, fast, long), rounds=3, warmup=1)
+        dense_tps, fast_tps = args.new_tokens / t["dense"], args.new_tokens / t["fast"]
+        print(
+            f"| {name} | decode, tokens/s ({args.new_tokens} new) | {dense_tps:.1f} | {fast_tps:.1f} | {fast_tps / dense_tps:.2f} | {same} |"
+        )
+        print(
+            f"| {name} | prefill {args.prefill} tokens, ms | {p['dense'] * 1e3:.0f} | {p['fast'] * 1e3:.0f} | {p['dense'] / p['fast']:.2f} | |"
+        )
+        print(f"\nload average after: {', '.join(f'{v:.2f}' for v in os.getloadavg())}")
+        rows.append(
+            {
+                "model": name,
+                "threads": threads,
+                "decode_tokens_per_s": [dense_tps, fast_tps],
+                "prefill_s": [p["dense"], p["fast"]],
+                "same_tokens": same,
+            }
+        )
+    return rows
+
+
+def _generate_runners(dense, fast, prompt, gen: dict) -> dict:
+    return {"dense": lambda: dense.generate(prompt, **gen), "fast": lambda: fast.generate(prompt, **gen)}
+
+
+def _model_runners_ids(dense, fast, ids) -> dict:
+    return {"dense": lambda: dense(input_ids=ids), "fast": lambda: fast(input_ids=ids)}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--part", choices=("layers", "minilm", "all"), default="all")
+    p.add_argument("--part", choices=("layers", "minilm", "decode", "all"), default="all")
     p.add_argument("--threads", default="1,2")
     p.add_argument("--patterns", default="unstructured,2:4,block4x4")
     p.add_argument("--shapes", default="all", help="'all' or e.g. '384x1536;384x384'")
@@ -263,6 +339,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--models", default="90,80,2:4", help="MiniLM sparsities in percent, and/or 2:4")
     p.add_argument("--batch", default="1,32")
     p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--new-tokens", type=int, default=32, help="decode: greedy tokens generated per call")
+    p.add_argument("--prefill", type=int, default=512, help="decode: prompt length of the prefill timing")
     p.add_argument("--profile", action="store_true", help="also print each MiniLM model's op time shares")
     p.add_argument("--json", dest="json_path")
     args = p.parse_args(argv)
@@ -274,6 +352,8 @@ def main(argv: list[str] | None = None) -> int:
         results["layers"] = layer_grid(args)
     if args.part in ("minilm", "all"):
         results["minilm"] = minilm(args)
+    if args.part == "decode":
+        results["decode"] = decode(args)
     results["loadavg_after"] = os.getloadavg()
     print(f"\ntotal {time.perf_counter() - start:.0f} s")
     if args.json_path:
