@@ -373,6 +373,7 @@ def download(repo_id: str, **hub_kwargs: Any) -> Path:
 def from_pretrained(
     path_or_id: str | os.PathLike,
     model_class: type | None = None,
+    runtime: str | None = None,
     **kwargs: Any,
 ) -> PreTrainedModel:
     """Load a checkpoint written by `save_pretrained` (local folder or Hub id) with its masks and settings.
@@ -383,6 +384,8 @@ def from_pretrained(
     Args:
         path_or_id: Local folder or Hub repository id (``"org/name"``).
         model_class: A transformers class or Auto class; default: the class in ``config.architectures``.
+        runtime: ``"sparse"`` packs the sparse Linear layers for fast CPU inference after loading
+            (`sparse_nlp.runtime.convert`); None (default) keeps the dense layers.
         **kwargs: Passed to the class's ``from_pretrained`` (``dtype``, ...); ``revision``, ``cache_dir``,
             ``token``, ``local_files_only`` and ``force_download`` go to the Hub download.
 
@@ -391,6 +394,8 @@ def from_pretrained(
         CheckpointError / MetadataError: damaged files or metadata, naming the file.
     """
     name = str(path_or_id)
+    if runtime not in (None, "dense", "sparse"):
+        raise CheckpointError(f"runtime must be 'sparse' or 'dense' (or None), got {runtime!r}.")
     if not _is_local(path_or_id) and not _looks_like_hub_id(name):
         raise FileNotFoundError(
             f"checkpoint folder {name!r} does not exist (and it is not a Hub repository id)."
@@ -412,6 +417,10 @@ def from_pretrained(
         for key in ("files", "tokenizer_files", "compact"):
             meta.pop(key, None)
     model.config._name_or_path = name
+    if runtime == "sparse":
+        from .runtime import convert
+
+        convert(model)
     return model
 
 

@@ -12,6 +12,7 @@ from .metadata import MetadataError
 from .pruning.masks import MaskShapeError
 from .pruning.patterns import PatternError
 from .registry import RegistryError
+from .runtime.layer import SparseRuntimeError
 from .structured.removal import StructuredError
 from .targets import TargetError, UnsupportedModelError
 
@@ -27,6 +28,7 @@ USER_ERRORS: tuple[type[Exception], ...] = (
     MetadataError,
     PatternError,
     RegistryError,
+    SparseRuntimeError,
     StructuredError,
     TargetError,
     UnsupportedModelError,

@@ -39,6 +39,13 @@ def add_parser(subparsers) -> None:
     p.add_argument(
         "--threads", type=int, default=None, help="torch intra-op threads (default: torch's setting)"
     )
+    p.add_argument(
+        "--runtime",
+        choices=("dense", "sparse"),
+        default="dense",
+        help="'sparse': pack MODEL's sparse Linear layers for CPU inference first (sparse_nlp.runtime.convert, "
+        "autotuned on these batch x seq token counts); OTHER runs dense (default: dense)",
+    )
     p.add_argument("--json", dest="json_path", help="also write the results as JSON to this file")
     p.set_defaults(func=run)
 
@@ -70,6 +77,16 @@ def run(args: argparse.Namespace) -> int:
             raise BenchError(
                 f"--seq {max(seqs)} is longer than {label} accepts (max_position_embeddings {limit})."
             )
+    if args.runtime == "sparse":
+        from ..runtime import convert, converted_layers, kernels
+
+        if args.threads is not None:
+            torch.set_num_threads(args.threads)
+        convert(model, tokens=sorted({b * s for b in batches for s in seqs}))
+        print(
+            f"runtime sparse: {len(converted_layers(model))} Linear layers of {args.model} packed "
+            f"(native kernel: {kernels.status()})"
+        )
     load_before = os.getloadavg()
     rows = compare_speed(
         {labels["other"]: other, labels["model"]: model},
@@ -92,6 +109,7 @@ def run(args: argparse.Namespace) -> int:
             "model": args.model,
             "vs": args.other,
             "threads": threads,
+            "runtime": args.runtime,
             "warmup": args.warmup,
             "repeats": args.repeats,
             "loadavg_before": list(load_before),

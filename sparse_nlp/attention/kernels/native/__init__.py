@@ -8,10 +8,11 @@ even at MiniLM's 12 x 32 (`benchmarks/attention_speed.py`). The backward pass is
 
 The first use compiles `band_attention.cpp` with `torch.utils.cpp_extension` (ninja and the system C++ compiler;
 about 20 s) into a cache folder keyed by the source, the compiler flags, the torch and Python versions and the
-compiler name: ``$SPARSE_NLP_CACHE/kernels`` (default ``~/.cache/sparse_nlp/kernels``). Later processes load it at
-once. `SPARSE_NLP_NATIVE=0` turns it off. Where it cannot run (another CPU, no compiler, a failed build) the
-blocked kernel keeps its flash-op path, which gives the same values; a failed build is logged as a warning once,
-with why.
+compiler name: ``$SPARSE_NLP_CACHE/kernels`` (default ``~/.cache/sparse_nlp/kernels``), created with mode 0700; a
+built library is loaded only if the current user owns it and its folder and neither is writable by others
+(`sparse_nlp.native.build`). Later processes load it at once. `SPARSE_NLP_NATIVE=0` turns it off. Where it cannot
+run (another CPU, no compiler, a failed build, a cache folder others can write) the blocked kernel keeps its flash-op
+path, which gives the same values; a failed build is logged as a warning once, with why.
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from ....native import check_owned, private_dir
 
 logger = logging.getLogger(__name__)
 
@@ -127,16 +130,17 @@ def _build():
     from torch.utils.cpp_extension import load
 
     folder = cache_dir()
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
+    try:  # a folder only this user can write (mode 0700), or NativeBuildError: nothing foreign is ever loaded
+        private_dir(folder)
     except OSError:  # a read-only home: build in a per-user temp folder instead (rebuilt after a reboot)
         user = str(os.getuid()) if hasattr(os, "getuid") else "user"
-        folder = Path(tempfile.gettempdir()) / f"sparse_nlp-{user}" / folder.relative_to(folder.parents[1])
-        folder.mkdir(parents=True, exist_ok=True)
+        base = private_dir(Path(tempfile.gettempdir()) / f"sparse_nlp-{user}")
+        folder = private_dir(base / folder.relative_to(folder.parents[1]))
     name = f"sparse_nlp_band_{folder.name.rsplit('-', 1)[1]}"
     built = folder / f"{name}.so"
     _STATE["library"] = built
-    if built.exists():  # built before: load it directly (no build lock to wait on)
+    if built.exists():  # built before: load it directly (no build lock to wait on), if this user owns it
+        check_owned(built)
         torch.ops.load_library(str(built))
         return torch.ops.sparse_nlp
     lock = folder / "lock"

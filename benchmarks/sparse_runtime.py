@@ -1,0 +1,365 @@
+"""Sparse-weight Linear layers on the CPU against dense fp32 torch, measured side by side in one run.
+
+Part ``layers``: y = x W^T + b for MiniLM (384x1536, 1536x384, 384x384) and SmolLM2-135M (576x1536, 1536x576)
+shapes (out x in), sparsity 50-95%, 1 / 16 / 128 / 512 tokens, unstructured, 2:4 and block 4x4 masks; columns:
+dense F.linear ms, and the speed-up (dense time / time) of the native kernel (`sparse_nlp.runtime`), torch's CSR
+matmul and torch's BSR (4x4 blocks) matmul, at 1 and 2 threads.
+
+Part ``minilm``: the real all-MiniLM-L6-v2, every encoder Linear magnitude-pruned (90%, 80%, 2:4), converted with
+`sparse_nlp.runtime.convert` (autotuned) against the same masked model run dense, at batch 1 x 128 and 32 x 128;
+with the largest relative difference of the outputs.
+
+Every call is timed with the candidates interleaved (one call of each per round) and the median is reported,
+because the machine may be shared; the CPU model, ISA, threads and load average are printed with every table.
+
+    HF_HUB_OFFLINE=1 python benchmarks/sparse_runtime.py --part layers --threads 1,2
+    HF_HUB_OFFLINE=1 python benchmarks/sparse_runtime.py --part minilm --threads 1,2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from sparse_nlp.runtime import CSRWeight, autotune, kernels
+
+SHAPES = ((384, 1536), (1536, 384), (384, 384), (576, 1536), (1536, 576))
+
+
+def _ints(text: str) -> list[int]:
+    return [int(v) for v in text.split(",") if v.strip()]
+
+
+def _floats(text: str) -> list[float]:
+    return [float(v) for v in text.split(",") if v.strip()]
+
+
+def header(threads: int) -> str:
+    isa = (
+        kernels.isa_name(kernels.best_isa())
+        if kernels.ops() is not None
+        else "none (" + kernels.status() + ")"
+    )
+    load = ", ".join(f"{v:.2f}" for v in os.getloadavg())
+    return f"CPU: {autotune.cpu_model()} | kernel ISA: {isa} | torch ISA: {torch.backends.cpu.get_cpu_capability()} | threads: {threads} | load average: {load}"
+
+
+def mask_for(pattern: str, shape: tuple[int, int], sparsity: float, g: torch.Generator) -> torch.Tensor:
+    out_f, in_f = shape
+    if pattern == "unstructured":
+        return torch.rand(shape, generator=g) >= sparsity
+    if pattern == "2:4":  # keep 2 of every 4 consecutive inputs (50%)
+        scores = torch.rand(out_f, in_f // 4, 4, generator=g)
+        keep = torch.zeros_like(scores, dtype=torch.bool)
+        keep.scatter_(2, scores.topk(2, dim=2).indices, True)
+        return keep.reshape(out_f, in_f)
+    if pattern == "block4x4":
+        blocks = torch.rand(out_f // 4, in_f // 4, generator=g) >= sparsity
+        return blocks.repeat_interleave(4, 0).repeat_interleave(4, 1)
+    raise SystemExit(f"unknown pattern {pattern!r}")
+
+
+def time_interleaved(
+    runners: dict, rounds: int, warmup: int = 2, best: dict | None = None
+) -> dict[str, float]:
+    """Median seconds per call of each runner (interleaved rounds); `best`, when given, receives the minimum."""
+    times: dict[str, list[float]] = {k: [] for k in runners}
+    for _ in range(warmup):
+        for run in runners.values():
+            run()
+    for _ in range(rounds):
+        for name, run in runners.items():
+            start = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - start)
+    if best is not None:
+        best.update({k: min(v) for k, v in times.items()})
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def _layer_runners(x, weight, bias, csr, tcsr, bsr, op, isa) -> dict:
+    xt = x.t().contiguous()  # (K, T): torch's BSR matmul takes the dense operand on the right
+    runners = {
+        "dense": lambda: F.linear(x, weight, bias),
+        "csr": lambda: (tcsr @ x.t()).t() + bias,
+        "bsr": lambda: (bsr @ xt).t() + bias,
+    }
+    if op is not None:
+        runners["native"] = lambda: op.sparse_linear(
+            x, csr.rowptr, csr.cols, csr.vals, bias, csr.shape[1], isa
+        )
+    return runners
+
+
+def _model_runners(dense, fast, ids, mask) -> dict:
+    return {
+        "dense": lambda: dense(input_ids=ids, attention_mask=mask),
+        "fast": lambda: fast(input_ids=ids, attention_mask=mask),
+    }
+
+
+def layer_grid(args) -> list[dict]:
+    op = kernels.ops()
+    isa = kernels.best_isa()
+    rows = []
+    for threads in _ints(args.threads):
+        torch.set_num_threads(threads)
+        print(f"\n## layers, {threads} thread(s)\n{header(threads)}\n")
+        print(
+            "| pattern | shape (out x in) | sparsity | tokens | dense ms | native x | torch CSR x | torch BSR x "
+            "| native ms | native x (best of rounds) |"
+        )
+        print("|---|---|---|---|---|---|---|---|---|---|")
+        for pattern in args.patterns.split(","):
+            sparsities = [0.5] if pattern == "2:4" else _floats(args.sparsity)
+            for shape in (
+                SHAPES
+                if args.shapes == "all"
+                else [tuple(_ints(s.replace("x", ","))) for s in args.shapes.split(";")]
+            ):
+                for sparsity in sparsities:
+                    g = torch.Generator().manual_seed(0)
+                    mask = mask_for(pattern, shape, sparsity, g)
+                    weight = torch.randn(shape, generator=g) * mask
+                    bias = torch.randn(shape[0], generator=g)
+                    csr = CSRWeight.from_dense(weight, mask)
+                    tcsr = csr.to_torch_csr()
+                    bsr = weight.to_sparse_bsr((4, 4))
+                    for tokens in _ints(args.tokens):
+                        x = torch.randn(tokens, shape[1], generator=g)
+                        runners = _layer_runners(x, weight, bias, csr, tcsr, bsr, op, isa)
+                        budget = tokens * shape[0] * shape[1]
+                        rounds = args.rounds if budget < 50_000_000 else max(3, args.rounds // 2)
+                        fastest: dict[str, float] = {}
+                        with torch.inference_mode():
+                            t = time_interleaved(runners, rounds, best=fastest)
+                        row = {
+                            "pattern": pattern,
+                            "shape": f"{shape[0]}x{shape[1]}",
+                            "sparsity": round(1 - csr.density, 3),
+                            "tokens": tokens,
+                            "threads": threads,
+                            "dense_ms": t["dense"] * 1e3,
+                            "native_x": t["dense"] / t["native"] if "native" in t else None,
+                            "csr_x": t["dense"] / t["csr"],
+                            "bsr_x": t["dense"] / t["bsr"],
+                            "native_x_best": fastest["dense"] / fastest["native"] if "native" in t else None,
+                        }
+                        rows.append(row)
+                        nat = f"{row['native_x']:.2f}" if row["native_x"] else "-"
+                        nat_ms = f"{t['native'] * 1e3:.3f}" if "native" in t else "-"
+                        nat_best = f"{row['native_x_best']:.2f}" if row["native_x_best"] else "-"
+                        print(
+                            f"| {pattern} | {row['shape']} | {row['sparsity']:.2f} | {tokens} | {row['dense_ms']:.3f} | "
+                            f"{nat} | {row['csr_x']:.2f} | {row['bsr_x']:.2f} | {nat_ms} | {nat_best} |",
+                            flush=True,
+                        )
+        print(f"\nload average after: {', '.join(f'{v:.2f}' for v in os.getloadavg())}")
+    return rows
+
+
+def minilm(args) -> list[dict]:
+    import copy
+
+    import transformers
+
+    from sparse_nlp import sparsify
+    from sparse_nlp.config import SparsityConfig
+    from sparse_nlp.models import resolve_model
+    from sparse_nlp.runtime import convert, converted_layers
+
+    base = transformers.AutoModel.from_pretrained(resolve_model("minilm"), dtype=torch.float32).eval()
+    rows = []
+    for name in args.models.split(","):
+        if name == "2:4":
+            config = SparsityConfig.magnitude(0.5, pattern="2:4", scope="per-layer")
+        else:
+            config = SparsityConfig.magnitude(float(name) / 100, scope="per-layer")
+        dense = copy.deepcopy(base)
+        sparsify(dense, config, progress=False)
+        for threads in _ints(args.threads):
+            torch.set_num_threads(threads)
+            fast = copy.deepcopy(dense)
+            start = time.perf_counter()
+            convert(fast, tokens=[b * args.seq for b in _ints(args.batch)])
+            convert_s = time.perf_counter() - start
+            plans = [layer.plan for layer in converted_layers(fast).values()]
+            print(
+                f"\n## MiniLM {name}, {threads} thread(s): {len(plans)} of 36 Linear layers packed ({convert_s:.1f} s to convert, autotune cache included)\n{header(threads)}\n"
+            )
+            print("| model | batch x seq | dense ms | converted ms | speed-up | max rel. diff |")
+            print("|---|---|---|---|---|---|")
+            for batch in _ints(args.batch):
+                g = torch.Generator().manual_seed(0)
+                ids = torch.randint(1000, 20000, (batch, args.seq), generator=g)
+                mask = torch.ones_like(ids)
+                with torch.inference_mode():
+                    ref = dense(input_ids=ids, attention_mask=mask).last_hidden_state
+                    out = fast(input_ids=ids, attention_mask=mask).last_hidden_state
+                    diff = float((out - ref).abs().max() / ref.abs().max())
+                    t = time_interleaved(
+                        _model_runners(dense, fast, ids, mask),
+                        rounds=args.rounds if batch == 1 else max(3, args.rounds // 3),
+                        warmup=1,
+                    )
+                row = {
+                    "model": name,
+                    "batch": batch,
+                    "seq": args.seq,
+                    "threads": threads,
+                    "dense_ms": t["dense"] * 1e3,
+                    "converted_ms": t["fast"] * 1e3,
+                    "speedup": t["dense"] / t["fast"],
+                    "max_rel_diff": diff,
+                    "methods": sorted({m for p in plans for m in p.values()}),
+                }
+                rows.append(row)
+                print(
+                    f"| {name} | {batch} x {args.seq} | {row['dense_ms']:.1f} | {row['converted_ms']:.1f} | "
+                    f"{row['speedup']:.2f} | {diff:.1e} |",
+                    flush=True,
+                )
+            print(f"\nload average after: {', '.join(f'{v:.2f}' for v in os.getloadavg())}")
+            if args.profile:
+                profile_models(dense, fast, args.seq)
+    return rows
+
+
+def profile_models(dense, fast, seq: int, calls: int = 5) -> None:
+    """Share of CPU time per op (torch.profiler) of the dense and the converted model at batch 1 x `seq`."""
+    ids = torch.randint(1000, 20000, (1, seq), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    for label, model in (("dense", dense), ("converted", fast)):
+        with torch.inference_mode():
+            model(input_ids=ids, attention_mask=mask)
+            with torch.profiler.profile() as prof:
+                for _ in range(calls):
+                    model(input_ids=ids, attention_mask=mask)
+        events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+        total = sum(e.self_cpu_time_total for e in events)
+        shares = ", ".join(f"{e.key} {100 * e.self_cpu_time_total / total:.0f}%" for e in events[:6])
+        print(
+            f"profile, {label}, batch 1 x {seq} ({total / calls / 1e3:.1f} ms per call under the profiler): {shares}"
+        )
+
+
+def decode(args) -> list[dict]:
+    """A random llama of SmolLM2-135M's shape, magnitude-pruned per layer: batch-1 greedy decoding and a prefill."""
+    import copy
+
+    import transformers
+
+    from sparse_nlp import sparsify
+    from sparse_nlp.config import SparsityConfig
+    from sparse_nlp.runtime import convert, converted_layers
+
+    config = transformers.LlamaConfig(
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        vocab_size=49152,
+        max_position_embeddings=2048,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(0)
+    base = transformers.AutoModelForCausalLM.from_config(config).eval()
+    rows = []
+    threads = _ints(args.threads)[0]
+    torch.set_num_threads(threads)
+    for name in args.models.split(","):
+        if name == "2:4":
+            cfg = SparsityConfig.magnitude(0.5, pattern="2:4", scope="per-layer")
+        else:
+            cfg = SparsityConfig.magnitude(float(name) / 100, scope="per-layer")
+        dense = copy.deepcopy(base)
+        sparsify(dense, cfg, progress=False)
+        fast = copy.deepcopy(dense)
+        convert(fast, tokens=[1, args.prefill])
+        packed = len(converted_layers(fast))
+        print(
+            f"\n## random llama (SmolLM2-135M shape) {name}, {threads} thread(s): {packed} of 210 Linear layers packed"
+        )
+        print(header(threads) + "\n")
+        print("| model | what | dense | converted | speed-up | same tokens |")
+        print("|---|---|---|---|---|---|")
+        prompt = torch.randint(0, 49152, (1, 8), generator=torch.Generator().manual_seed(1))
+        gen = dict(max_new_tokens=args.new_tokens, do_sample=False, min_new_tokens=args.new_tokens)
+        with torch.inference_mode():
+            same = bool(torch.equal(dense.generate(prompt, **gen), fast.generate(prompt, **gen)))
+            t = time_interleaved(_generate_runners(dense, fast, prompt, gen), rounds=3, warmup=0)
+            long = torch.randint(0, 49152, (1, args.prefill), generator=torch.Generator().manual_seed(2))
+            p = time_interleaved(_model_runners_ids(dense, fast, long), rounds=3, warmup=1)
+        dense_tps, fast_tps = args.new_tokens / t["dense"], args.new_tokens / t["fast"]
+        print(
+            f"| {name} | decode, tokens/s ({args.new_tokens} new) | {dense_tps:.1f} | {fast_tps:.1f} | {fast_tps / dense_tps:.2f} | {same} |"
+        )
+        print(
+            f"| {name} | prefill {args.prefill} tokens, ms | {p['dense'] * 1e3:.0f} | {p['fast'] * 1e3:.0f} | {p['dense'] / p['fast']:.2f} | |"
+        )
+        print(f"\nload average after: {', '.join(f'{v:.2f}' for v in os.getloadavg())}")
+        rows.append(
+            {
+                "model": name,
+                "threads": threads,
+                "decode_tokens_per_s": [dense_tps, fast_tps],
+                "prefill_s": [p["dense"], p["fast"]],
+                "same_tokens": same,
+            }
+        )
+    return rows
+
+
+def _generate_runners(dense, fast, prompt, gen: dict) -> dict:
+    return {"dense": lambda: dense.generate(prompt, **gen), "fast": lambda: fast.generate(prompt, **gen)}
+
+
+def _model_runners_ids(dense, fast, ids) -> dict:
+    return {"dense": lambda: dense(input_ids=ids), "fast": lambda: fast(input_ids=ids)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--part", choices=("layers", "minilm", "decode", "all"), default="all")
+    p.add_argument("--threads", default="1,2")
+    p.add_argument("--patterns", default="unstructured,2:4,block4x4")
+    p.add_argument("--shapes", default="all", help="'all' or e.g. '384x1536;384x384'")
+    p.add_argument("--sparsity", default="0.5,0.7,0.8,0.9,0.95")
+    p.add_argument("--tokens", default="1,16,128,512")
+    p.add_argument("--rounds", type=int, default=7, help="timed rounds per cell (interleaved)")
+    p.add_argument("--models", default="90,80,2:4", help="MiniLM sparsities in percent, and/or 2:4")
+    p.add_argument("--batch", default="1,32")
+    p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--new-tokens", type=int, default=32, help="decode: greedy tokens generated per call")
+    p.add_argument("--prefill", type=int, default=512, help="decode: prompt length of the prefill timing")
+    p.add_argument("--profile", action="store_true", help="also print each MiniLM model's op time shares")
+    p.add_argument("--json", dest="json_path")
+    args = p.parse_args(argv)
+    start = time.perf_counter()
+    kernels.ops()
+    print(f"native kernel: {kernels.status()} (first use in this process: {kernels.load_seconds():.1f} s)")
+    results: dict = {"cpu": autotune.cpu_model(), "argv": sys.argv[1:], "loadavg_before": os.getloadavg()}
+    if args.part in ("layers", "all"):
+        results["layers"] = layer_grid(args)
+    if args.part in ("minilm", "all"):
+        results["minilm"] = minilm(args)
+    if args.part == "decode":
+        results["decode"] = decode(args)
+    results["loadavg_after"] = os.getloadavg()
+    print(f"\ntotal {time.perf_counter() - start:.0f} s")
+    if args.json_path:
+        Path(args.json_path).write_text(json.dumps(results, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,27 @@
+"""Sparse execution on the CPU: pruned Linear layers packed into compressed rows and run by a native kernel.
+
+``sparse_nlp.runtime.convert(model)`` replaces the sparse Linear layers of a model (in place) by `SparseLinear`
+layers that pick, per layer and token count, the fastest of a native C++ kernel (AVX-512 / AVX2+FMA / portable,
+chosen at run time), torch's sparse CSR matmul and the dense product, by timing them at conversion (cached on
+disk). The converted model is for inference (forward, ``generate``); it still saves a normal checkpoint.
+"""
+
+from __future__ import annotations
+
+from .convert import MAX_DENSITY, convert, converted_layers, pack, revert
+from .formats import CSRWeight
+from .layer import BUCKETS, METHODS, SparseLinear, SparseRuntimeError, bucket_of
+
+__all__ = [
+    "BUCKETS",
+    "MAX_DENSITY",
+    "METHODS",
+    "CSRWeight",
+    "SparseLinear",
+    "SparseRuntimeError",
+    "bucket_of",
+    "convert",
+    "converted_layers",
+    "pack",
+    "revert",
+]

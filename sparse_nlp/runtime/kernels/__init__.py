@@ -1,0 +1,99 @@
+"""The native sparse-linear kernel (`sparse_linear.cpp`): compiled on first use, ISA chosen at run time.
+
+The first call of `ops` compiles the source once per machine and user (about 30-40 s with GCC; later processes
+load the cached library in well under a second; see `sparse_nlp.native.build`). The library holds three code paths
+(AVX-512F, AVX2+FMA, portable C++) and picks the best one the CPU supports; ``SPARSE_NLP_RUNTIME_ISA=portable``
+(or ``avx2``, ``avx512``) caps it, e.g. for tests. Without a compiler, or when the build fails, `ops` returns None
+after one warning, and converted layers run the dense product instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+from ...native import NativeBuildError, build_library
+
+logger = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("sparse_linear.cpp")
+FLAGS = ("-O3",)
+ISAS = ("portable", "avx2", "avx512")
+ENV_ISA = "SPARSE_NLP_RUNTIME_ISA"
+
+_LOCK = threading.Lock()
+_STATE: dict[str, object] = {}
+
+
+def _build() -> None:
+    build_library("sparse_linear", SOURCE, FLAGS)
+
+
+def ops():
+    """``torch.ops.sparse_nlp_runtime`` (built on first call), or None where it cannot be built (`status` says why;
+    one warning is logged)."""
+    if "op" in _STATE:  # the per-call fast path: no lock once built (or failed)
+        return _STATE["op"]
+    with _LOCK:
+        if "op" not in _STATE:
+            op, reason = None, None
+            start = time.perf_counter()
+            try:
+                _build()
+                op = torch.ops.sparse_nlp_runtime
+            except NativeBuildError as err:
+                reason = str(err)
+                logger.warning(
+                    "sparse_nlp: the native sparse-linear kernel is unavailable (%s); converted layers run the "
+                    "dense product",
+                    reason,
+                )
+            _STATE["reason"] = reason
+            _STATE["seconds"] = time.perf_counter() - start
+            _STATE["op"] = op  # last: the lock-free path reads it
+        return _STATE["op"]
+
+
+def status() -> str:
+    """'ready (<isa>)' once built, else why the native kernel is not used."""
+    return f"ready ({isa_name(best_isa())})" if ops() is not None else str(_STATE["reason"])
+
+
+def load_seconds() -> float | None:
+    """Seconds the first `ops` call took (the compile, or loading the cached library); None before it."""
+    return _STATE.get("seconds")  # type: ignore[return-value]
+
+
+def best_isa() -> int:
+    """The code path the kernel runs: the CPU's best (0 portable, 1 AVX2+FMA, 2 AVX-512F), capped by
+    ``$SPARSE_NLP_RUNTIME_ISA``."""
+    op = ops()
+    if op is None:
+        return 0
+    if "cpu_isa" not in _STATE:
+        _STATE["cpu_isa"] = int(op.cpu_isa())
+    isa = _STATE["cpu_isa"]
+    forced = os.environ.get(ENV_ISA, "").strip().lower()
+    if forced:
+        if forced not in ISAS:
+            raise ValueError(f"{ENV_ISA}={forced!r} is not one of {', '.join(ISAS)}.")
+        isa = min(isa, ISAS.index(forced))
+    return isa
+
+
+def isa_name(isa: int) -> str:
+    return ISAS[isa]
+
+
+def _reset() -> None:
+    """Forget the build result (tests)."""
+    with _LOCK:
+        _STATE.clear()
+
+
+__all__ = ["ENV_ISA", "ISAS", "best_isa", "isa_name", "load_seconds", "ops", "status"]

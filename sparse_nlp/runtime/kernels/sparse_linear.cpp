@@ -1,0 +1,390 @@
+// Sparse-weight linear layers for CPUs: y = x W^T + b with W in compressed rows (CSR), fp32.
+//
+// One source, three code paths chosen at run time: AVX-512F, AVX2+FMA (x86-64, via target attributes and
+// __builtin_cpu_supports) and portable C++ (any CPU; the compiler vectorizes it for its baseline ISA).
+//
+// Many tokens (SpMM): the tokens are packed into panels of TB = nv vectors (8 floats for AVX2 and the portable
+// path, 16 for AVX-512): panel p holds x[p*TB:(p+1)*TB, :]^T as a (K, TB) block, so each nonzero weight w[n, k]
+// updates TB tokens of output row n from one contiguous run of TB floats (`acc += w * panel[k, :]`), the
+// accumulators stay in registers for the whole row, and a panel (K * TB * 4 bytes) stays in L2 while every output
+// row of the thread passes over it. Threads take output rows in ranges of equal nonzero counts.
+// One token (GEMV, batch-1 decoding): each row is a dot product of its values with the gathered inputs; the speed
+// is set by the bytes of values and (narrow) column indices read.
+// Column indices are uint16 when in_features <= 65535, else int32; row offsets are int32.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define SPARSE_NLP_X86 1
+#include <immintrin.h>
+#endif
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <cstdlib>
+#include <vector>
+
+namespace {
+
+enum Isa : int64_t { kPortable = 0, kAvx2 = 1, kAvx512 = 2 };
+
+int64_t best_isa() {
+#ifdef SPARSE_NLP_X86
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f")) return kAvx512;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return kAvx2;
+#endif
+  return kPortable;
+}
+
+int64_t vector_width(int64_t isa) { return isa == kAvx512 ? 16 : 8; }
+
+// ---- one output row over one token panel: out[0:NV*W] = bias + sum_j v[j] * panel[c[j], 0:NV*W] --------------
+
+template <int NV, typename I>
+void row_portable(int32_t begin, int32_t end, const I* cols, const float* vals, const float* panel, float bias,
+                  float* out) {
+  constexpr int TB = NV * 8;
+  float acc[TB];
+  for (int i = 0; i < TB; ++i) acc[i] = bias;
+  for (int32_t j = begin; j < end; ++j) {
+    const float w = vals[j];
+    const float* x = panel + static_cast<int64_t>(cols[j]) * TB;
+    for (int i = 0; i < TB; ++i) acc[i] += w * x[i];
+  }
+  std::memcpy(out, acc, sizeof(acc));
+}
+
+#ifdef SPARSE_NLP_X86
+template <int NV, typename I>
+__attribute__((target("avx2,fma"))) void row_avx2(int32_t begin, int32_t end, const I* cols, const float* vals,
+                                                   const float* panel, float bias, float* out) {
+  constexpr int TB = NV * 8;
+  // S accumulator sets over consecutive nonzeros: at least 8 independent FMA chains (FMA latency x 2 ports)
+  constexpr int S = NV >= 8 ? 1 : (NV >= 4 ? 2 : 4);
+  __m256 acc[S][NV];
+  for (int s = 0; s < S; ++s)
+    for (int i = 0; i < NV; ++i) acc[s][i] = s == 0 ? _mm256_set1_ps(bias) : _mm256_setzero_ps();
+  int32_t j = begin;
+  for (; j + S - 1 < end; j += S) {
+    for (int s = 0; s < S; ++s) {
+      const __m256 w = _mm256_broadcast_ss(vals + j + s);
+      const float* x = panel + static_cast<int64_t>(cols[j + s]) * TB;
+      for (int i = 0; i < NV; ++i) acc[s][i] = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + 8 * i), acc[s][i]);
+    }
+  }
+  for (; j < end; ++j) {
+    const __m256 w = _mm256_broadcast_ss(vals + j);
+    const float* x = panel + static_cast<int64_t>(cols[j]) * TB;
+    for (int i = 0; i < NV; ++i) acc[0][i] = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + 8 * i), acc[0][i]);
+  }
+  for (int i = 0; i < NV; ++i) {
+    __m256 sum = acc[0][i];
+    for (int s = 1; s < S; ++s) sum = _mm256_add_ps(sum, acc[s][i]);
+    _mm256_storeu_ps(out + 8 * i, sum);
+  }
+}
+
+template <int NV, typename I>
+__attribute__((target("avx512f"))) void row_avx512(int32_t begin, int32_t end, const I* cols, const float* vals,
+                                                    const float* panel, float bias, float* out) {
+  constexpr int TB = NV * 16;
+  constexpr int S = NV >= 8 ? 1 : (NV >= 4 ? 2 : (NV >= 2 ? 4 : 8));
+  __m512 acc[S][NV];
+  for (int s = 0; s < S; ++s)
+    for (int i = 0; i < NV; ++i) acc[s][i] = s == 0 ? _mm512_set1_ps(bias) : _mm512_setzero_ps();
+  int32_t j = begin;
+  for (; j + S - 1 < end; j += S) {
+    for (int s = 0; s < S; ++s) {
+      const __m512 w = _mm512_set1_ps(vals[j + s]);
+      const float* x = panel + static_cast<int64_t>(cols[j + s]) * TB;
+      for (int i = 0; i < NV; ++i) acc[s][i] = _mm512_fmadd_ps(w, _mm512_loadu_ps(x + 16 * i), acc[s][i]);
+    }
+  }
+  for (; j < end; ++j) {
+    const __m512 w = _mm512_set1_ps(vals[j]);
+    const float* x = panel + static_cast<int64_t>(cols[j]) * TB;
+    for (int i = 0; i < NV; ++i) acc[0][i] = _mm512_fmadd_ps(w, _mm512_loadu_ps(x + 16 * i), acc[0][i]);
+  }
+  for (int i = 0; i < NV; ++i) {
+    __m512 sum = acc[0][i];
+    for (int s = 1; s < S; ++s) sum = _mm512_add_ps(sum, acc[s][i]);
+    _mm512_storeu_ps(out + 16 * i, sum);
+  }
+}
+#endif
+
+template <typename I>
+using RowFn = void (*)(int32_t, int32_t, const I*, const float*, const float*, float, float*);
+
+template <typename I, template <int, typename> class Pick>
+RowFn<I> pick_nv(int nv) {
+  switch (nv) {
+    case 1: return Pick<1, I>::fn;
+    case 2: return Pick<2, I>::fn;
+    case 3: return Pick<3, I>::fn;
+    case 4: return Pick<4, I>::fn;
+    case 5: return Pick<5, I>::fn;
+    case 6: return Pick<6, I>::fn;
+    case 7: return Pick<7, I>::fn;
+    default: return Pick<8, I>::fn;
+  }
+}
+
+template <int NV, typename I>
+struct PickPortable {
+  static constexpr RowFn<I> fn = &row_portable<NV, I>;
+};
+#ifdef SPARSE_NLP_X86
+template <int NV, typename I>
+struct PickAvx2 {
+  static constexpr RowFn<I> fn = &row_avx2<NV, I>;
+};
+template <int NV, typename I>
+struct PickAvx512 {
+  static constexpr RowFn<I> fn = &row_avx512<NV, I>;
+};
+#endif
+
+template <typename I>
+RowFn<I> row_kernel(int64_t isa, int nv) {
+#ifdef SPARSE_NLP_X86
+  if (isa == kAvx512) return pick_nv<I, PickAvx512>(nv);
+  if (isa == kAvx2) return pick_nv<I, PickAvx2>(nv);
+#endif
+  return pick_nv<I, PickPortable>(nv);
+}
+
+// ---- one token: y[n] = bias[n] + sum_j v[j] * x[c[j]] -----------------------------------------------------------
+
+template <typename I>
+float dot_portable(int32_t begin, int32_t end, const I* cols, const float* vals, const float* x) {
+  float a0 = 0.f, a1 = 0.f, a2 = 0.f, a3 = 0.f;
+  int32_t j = begin;
+  for (; j + 3 < end; j += 4) {
+    a0 += vals[j] * x[cols[j]];
+    a1 += vals[j + 1] * x[cols[j + 1]];
+    a2 += vals[j + 2] * x[cols[j + 2]];
+    a3 += vals[j + 3] * x[cols[j + 3]];
+  }
+  for (; j < end; ++j) a0 += vals[j] * x[cols[j]];
+  return (a0 + a1) + (a2 + a3);
+}
+
+#ifdef SPARSE_NLP_X86
+// AMD's vgatherdps is slow (Zen 2/3): eight scalar loads into one vector, then one FMA, is faster there and no
+// slower on Intel.
+template <typename I>
+__attribute__((target("avx2,fma"))) float dot_avx2(int32_t begin, int32_t end, const I* cols, const float* vals,
+                                                   const float* x) {
+  __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+  int32_t j = begin;
+  for (; j + 15 < end; j += 16) {
+    const I* c = cols + j;
+    const __m256 x0 = _mm256_set_ps(x[c[7]], x[c[6]], x[c[5]], x[c[4]], x[c[3]], x[c[2]], x[c[1]], x[c[0]]);
+    const __m256 x1 = _mm256_set_ps(x[c[15]], x[c[14]], x[c[13]], x[c[12]], x[c[11]], x[c[10]], x[c[9]], x[c[8]]);
+    a0 = _mm256_fmadd_ps(_mm256_loadu_ps(vals + j), x0, a0);
+    a1 = _mm256_fmadd_ps(_mm256_loadu_ps(vals + j + 8), x1, a1);
+  }
+  a0 = _mm256_add_ps(a0, a1);
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(a0), _mm256_extractf128_ps(a0, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+  float tail = _mm_cvtss_f32(s);
+  for (; j < end; ++j) tail = std::fma(vals[j], x[cols[j]], tail);
+  return tail;
+}
+
+__attribute__((target("avx512f"))) inline __m512i load_index16(const uint16_t* c) {
+  return _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(c)));
+}
+__attribute__((target("avx512f"))) inline __m512i load_index16(const int32_t* c) {
+  return _mm512_loadu_si512(c);
+}
+
+template <typename I>
+__attribute__((target("avx512f"))) float dot_avx512(int32_t begin, int32_t end, const I* cols, const float* vals,
+                                                    const float* x) {
+  __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+  int32_t j = begin;
+  for (; j + 31 < end; j += 32) {
+    a0 = _mm512_fmadd_ps(_mm512_loadu_ps(vals + j), _mm512_i32gather_ps(load_index16(cols + j), x, 4), a0);
+    a1 = _mm512_fmadd_ps(_mm512_loadu_ps(vals + j + 16), _mm512_i32gather_ps(load_index16(cols + j + 16), x, 4),
+                         a1);
+  }
+  for (; j + 15 < end; j += 16)
+    a0 = _mm512_fmadd_ps(_mm512_loadu_ps(vals + j), _mm512_i32gather_ps(load_index16(cols + j), x, 4), a0);
+  float tail = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
+  for (; j < end; ++j) tail += vals[j] * x[cols[j]];
+  return tail;
+}
+#endif
+
+template <typename I>
+using DotFn = float (*)(int32_t, int32_t, const I*, const float*, const float*);
+
+template <typename I>
+DotFn<I> dot_kernel(int64_t isa) {
+#ifdef SPARSE_NLP_X86
+  if (isa == kAvx512) return &dot_avx512<I>;
+  if (isa == kAvx2) return &dot_avx2<I>;
+#endif
+  return &dot_portable<I>;
+}
+
+// ---- drivers -----------------------------------------------------------------------------------------------------
+
+// Row ranges of about equal nonzero counts: bounds[c] .. bounds[c + 1] for c < chunks.
+std::vector<int64_t> balanced_rows(const int32_t* rowptr, int64_t rows, int64_t chunks) {
+  std::vector<int64_t> bounds(chunks + 1, rows);
+  bounds[0] = 0;
+  const int64_t nnz = rowptr[rows];
+  for (int64_t c = 1; c < chunks; ++c) {
+    const int64_t target = nnz * c / chunks;
+    bounds[c] = std::lower_bound(rowptr, rowptr + rows + 1, target) - rowptr;
+    bounds[c] = std::max(bounds[c], bounds[c - 1]);
+  }
+  return bounds;
+}
+
+template <typename I>
+void gemv(const float* x, const int32_t* rowptr, const I* cols, const float* vals, const float* bias, float* y,
+          int64_t rows, int64_t tokens, int64_t K, int64_t isa) {
+  const DotFn<I> dot = dot_kernel<I>(isa);
+  const int64_t nnz = rowptr[rows];
+  // below ~16k multiply-adds per token the threads cost more than they save
+  const int64_t chunks = nnz * tokens < 16384 ? 1 : std::min<int64_t>(at::get_num_threads() * 2, rows);
+  const auto bounds = balanced_rows(rowptr, rows, std::max<int64_t>(chunks, 1));
+  at::parallel_for(0, static_cast<int64_t>(bounds.size()) - 1, 1, [&](int64_t cb, int64_t ce) {
+    for (int64_t t = 0; t < tokens; ++t) {
+      const float* xt = x + t * K;
+      float* yt = y + t * rows;
+      for (int64_t n = bounds[cb]; n < bounds[ce]; ++n)
+        yt[n] = dot(rowptr[n], rowptr[n + 1], cols, vals, xt) + (bias ? bias[n] : 0.f);
+    }
+  });
+}
+
+// Each thread packs a token panel itself, right before it runs its output rows over it, so the panel is in L1/L2
+// when the rows' random column accesses hit it (packing all panels up front left them in DRAM at 4,096 tokens,
+// 4x slower per panel). Output rows are computed 16 at a time into a small tile (16 rows x panel tokens), then
+// written to y (tokens, rows) as 16 contiguous floats per token: no (rows, tokens) intermediate, no transpose pass.
+template <typename I>
+void spmm(const float* x, const int32_t* rowptr, const I* cols, const float* vals, const float* bias, float* y,
+          int64_t rows, int64_t tokens, int64_t K, int64_t panel_tokens, int64_t W, int64_t isa) {
+  constexpr int64_t RB = 16;
+  const int64_t n_panels = (tokens + panel_tokens - 1) / panel_tokens;
+  const int64_t last_tokens = tokens - (n_panels - 1) * panel_tokens;
+  const int64_t last_nv = (last_tokens + W - 1) / W;
+  const RowFn<I> full = row_kernel<I>(isa, static_cast<int>(panel_tokens / W));
+  const RowFn<I> last = row_kernel<I>(isa, static_cast<int>(last_nv));
+  // threads split the token panels when there are enough of them (each thread then packs only its own panels),
+  // else the output rows, in ranges of equal nonzero counts
+  const int64_t threads = at::get_num_threads();
+  const bool by_panels = n_panels >= 4 * threads;
+  const int64_t chunks = by_panels ? 1 : std::min<int64_t>(threads, (rows + RB - 1) / RB);
+  const auto bounds = balanced_rows(rowptr, rows, std::max<int64_t>(chunks, 1));
+  auto work = [&](int64_t pb, int64_t pe, int64_t row_begin, int64_t row_end) {
+    std::vector<float> tile(RB * panel_tokens);
+    std::vector<float> panel(K * panel_tokens);
+    for (int64_t p = pb; p < pe; ++p) {
+      const bool is_last = p == n_panels - 1;
+      const RowFn<I> fn = is_last ? last : full;
+      const int64_t width = is_last ? last_nv * W : panel_tokens;  // tokens in this panel, padded to vectors
+      const int64_t real = is_last ? last_tokens : panel_tokens;
+      const float* src = x + p * panel_tokens * K;  // (real, K)
+      for (int64_t k0 = 0; k0 < K; k0 += 64) {  // (real, K) -> (K, width), zero tokens past `real`
+        const int64_t k1 = std::min(K, k0 + 64);
+        for (int64_t k = k0; k < k1; ++k)
+          for (int64_t t = real; t < width; ++t) panel[k * width + t] = 0.f;
+        for (int64_t t = 0; t < real; ++t)
+          for (int64_t k = k0; k < k1; ++k) panel[k * width + t] = src[t * K + k];
+      }
+      for (int64_t n0 = row_begin; n0 < row_end; n0 += RB) {
+        const int64_t count = std::min(RB, row_end - n0);
+        for (int64_t r = 0; r < count; ++r) {
+          const int64_t n = n0 + r;
+          fn(rowptr[n], rowptr[n + 1], cols, vals, panel.data(), bias ? bias[n] : 0.f, tile.data() + r * width);
+        }
+        float* out = y + p * panel_tokens * rows + n0;
+        for (int64_t t = 0; t < real; ++t)
+          for (int64_t r = 0; r < count; ++r) out[t * rows + r] = tile[r * width + t];
+      }
+    }
+  };
+  if (by_panels)
+    at::parallel_for(0, n_panels, 1, [&](int64_t pb, int64_t pe) { work(pb, pe, 0, rows); });
+  else
+    at::parallel_for(0, static_cast<int64_t>(bounds.size()) - 1, 1,
+                     [&](int64_t cb, int64_t ce) { work(0, n_panels, bounds[cb], bounds[ce]); });
+}
+
+// Tokens per panel: 16 for AVX2 and the portable path, 32 for AVX-512 (2 vectors). A panel of (K, 16) floats stays
+// in L1 up to K = 512 and in L2 far beyond; measured on an AVX2 EPYC at 90% sparsity, 16 tokens per panel ran as
+// fast as 32 or 64 at 128 tokens, and wider panels only helped when the panel stayed in L1. More tokens per nonzero
+// would amortize the index load, but the load of the panel row is the bound. SPARSE_NLP_RUNTIME_NV overrides the
+// vector count (1-8), for tuning on other CPUs.
+int64_t panel_vectors(int64_t tokens, int64_t W) {
+  int64_t nv = 2;
+  if (const char* e = std::getenv("SPARSE_NLP_RUNTIME_NV")) nv = std::max(1, std::min(8, std::atoi(e)));
+  return std::max<int64_t>(1, std::min(nv, (tokens + W - 1) / W));
+}
+
+at::Tensor sparse_linear(const at::Tensor& x, const at::Tensor& rowptr, const at::Tensor& cols,
+                         const at::Tensor& vals, const c10::optional<at::Tensor>& bias, int64_t in_features,
+                         int64_t isa) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.device().is_cpu(),
+              "sparse_linear: x must be a 2-D fp32 CPU tensor");
+  TORCH_CHECK(x.size(1) == in_features, "sparse_linear: x has ", x.size(1), " features, the weight ", in_features);
+  TORCH_CHECK(rowptr.scalar_type() == at::kInt && vals.scalar_type() == at::kFloat, "sparse_linear: bad CSR dtypes");
+  TORCH_CHECK(cols.scalar_type() == at::kUInt16 || cols.scalar_type() == at::kInt, "sparse_linear: bad index dtype");
+  TORCH_CHECK(rowptr.is_contiguous() && cols.is_contiguous() && vals.is_contiguous(), "sparse_linear: CSR not contiguous");
+  if (isa < 0 || isa > best_isa()) isa = best_isa();
+  const int64_t rows = rowptr.size(0) - 1, tokens = x.size(0), K = in_features;
+  const float* b = nullptr;
+  at::Tensor bias_c;
+  if (bias.has_value() && bias->defined()) {
+    bias_c = bias->contiguous();
+    TORCH_CHECK(bias_c.numel() == rows && bias_c.scalar_type() == at::kFloat, "sparse_linear: bad bias");
+    b = bias_c.data_ptr<float>();
+  }
+  const at::Tensor xc = x.contiguous();
+  const int32_t* rp = rowptr.data_ptr<int32_t>();
+  const float* v = vals.data_ptr<float>();
+  const bool narrow = cols.scalar_type() == at::kUInt16;
+  const void* c = cols.data_ptr();
+  if (tokens == 0) return at::empty({0, rows}, x.options());
+  if (tokens == 1) {
+    at::Tensor y = at::empty({1, rows}, x.options());
+    if (narrow)
+      gemv(xc.data_ptr<float>(), rp, static_cast<const uint16_t*>(c), v, b, y.data_ptr<float>(), rows, 1, K, isa);
+    else
+      gemv(xc.data_ptr<float>(), rp, static_cast<const int32_t*>(c), v, b, y.data_ptr<float>(), rows, 1, K, isa);
+    return y;
+  }
+  const int64_t W = vector_width(isa);
+  const int64_t nv = panel_vectors(tokens, W);
+  const int64_t TB = nv * W;
+  at::Tensor y = at::empty({tokens, rows}, x.options());
+  if (narrow)
+    spmm(xc.data_ptr<float>(), rp, static_cast<const uint16_t*>(c), v, b, y.data_ptr<float>(), rows, tokens, K, TB, W,
+         isa);
+  else
+    spmm(xc.data_ptr<float>(), rp, static_cast<const int32_t*>(c), v, b, y.data_ptr<float>(), rows, tokens, K, TB, W,
+         isa);
+  return y;
+}
+
+int64_t cpu_isa() { return best_isa(); }
+
+}  // namespace
+
+TORCH_LIBRARY(sparse_nlp_runtime, m) {
+  m.def("sparse_linear(Tensor x, Tensor rowptr, Tensor cols, Tensor vals, Tensor? bias, int in_features, int isa) -> Tensor");
+  m.def("cpu_isa() -> int", &cpu_isa);
+}
+
+TORCH_LIBRARY_IMPL(sparse_nlp_runtime, CPU, m) { m.impl("sparse_linear", &sparse_linear); }

@@ -1,0 +1,180 @@
+"""`SparseLinear`: a packed drop-in for ``nn.Linear`` (and transformers' ``Conv1D``) for CPU inference.
+
+The layer holds the weight packed (`CSRWeight`), its bias, and a plan: which product to run for each token-count
+bucket (``native``: this package's kernel, ``torch_csr``: torch's sparse CSR matmul, ``dense``: ``F.linear`` on
+the masked dense weight, kept only when the plan uses it). ``weight`` reads as the masked dense weight (built on
+access), and ``state_dict`` writes it under the usual key, so a converted model saves a normal checkpoint.
+Forward only: a backward through the layer raises `SparseRuntimeError`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..pruning.masking import MASK_BUFFER
+from . import kernels
+from .formats import CSRWeight
+
+METHODS = ("native", "torch_csr", "dense")
+BUCKETS = (1, 16, 128, 512)
+"""Token counts the plan is made for; a call with T tokens uses the bucket nearest to T on a log scale."""
+
+
+class SparseRuntimeError(ValueError):
+    """A converted (inference-only) layer was used in a way it does not support: backward, a dtype or device."""
+
+
+def bucket_of(tokens: int, buckets: tuple[int, ...] = BUCKETS) -> int:
+    """The bucket nearest to `tokens` on a log scale (geometric midpoints between buckets)."""
+    for low, high in zip(buckets, buckets[1:]):
+        if tokens * tokens <= low * high:
+            return low
+    return buckets[-1]
+
+
+class _NoBackward(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, bias: torch.Tensor | None, layer: SparseLinear) -> torch.Tensor:
+        return layer._product(x.detach(), None if bias is None else bias.detach())
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise SparseRuntimeError(
+            "a layer packed by sparse_nlp.runtime.convert is inference-only and has no backward; train the masked "
+            "dense model (sparse_nlp.runtime.revert(model) undoes the conversion) and convert it afterwards."
+        )
+
+
+class SparseLinear(nn.Module):
+    """y = x W^T + b with W packed as compressed rows; `transposed` mirrors transformers' Conv1D weight layout."""
+
+    def __init__(
+        self,
+        csr: CSRWeight,
+        bias: torch.Tensor | None,
+        plan: dict[int, str],
+        *,
+        transposed: bool = False,
+        mask: torch.Tensor | None = None,
+    ) -> None:
+        super().__init__()
+        bad = sorted(set(plan.values()) - set(METHODS))
+        if bad:
+            raise ValueError(f"unknown methods {bad}; choose from {METHODS}")
+        self.out_features, self.in_features = csr.shape
+        self.transposed = transposed
+        self.plan = {int(k): v for k, v in sorted(plan.items())}
+        self.buckets = tuple(self.plan)
+        self._set_csr(csr)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().to(torch.float32).clone())
+        if mask is not None:  # kept so that the checkpoint writer saves the mask (save_pretrained)
+            self.register_buffer(MASK_BUFFER, mask.detach().to(torch.bool).clone(), persistent=False)
+
+    def _set_csr(self, csr: CSRWeight) -> None:
+        self.csr = csr
+        self.register_buffer("rowptr", csr.rowptr, persistent=False)
+        self.register_buffer("cols", csr.cols, persistent=False)
+        self.register_buffer("vals", csr.vals, persistent=False)
+        methods = set(self.plan.values())
+        dense = csr.to_dense() if "dense" in methods else None
+        self.register_buffer("dense_weight", dense, persistent=False)
+        self._torch_csr = csr.to_torch_csr() if "torch_csr" in methods else None
+
+    # ---- the dense view: what state_dict, save_pretrained and user code read ----------------------------------
+    @property
+    def weight(self) -> torch.Tensor:
+        """The masked dense weight, built on access ((out, in); (in, out) for a converted Conv1D)."""
+        dense = self.csr.to_dense()
+        return dense.t().contiguous() if self.transposed else dense
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        destination[prefix + "weight"] = self.weight
+        if self.bias is not None:
+            destination[prefix + "bias"] = self.bias if keep_vars else self.bias.detach()
+
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
+        key = prefix + "weight"
+        if key not in state_dict:
+            missing_keys.append(key)
+        else:
+            weight = state_dict[key].to(torch.float32)
+            weight = weight.t() if self.transposed else weight
+            if tuple(weight.shape) != self.csr.shape:
+                error_msgs.append(f"{key}: shape {tuple(weight.shape)} does not match {self.csr.shape}")
+            else:
+                mask = self._buffers.get(MASK_BUFFER)
+                self._set_csr(CSRWeight.from_dense(weight, mask))
+        if self.bias is not None:
+            if prefix + "bias" in state_dict:
+                with torch.no_grad():
+                    self.bias.copy_(state_dict[prefix + "bias"])
+            else:
+                missing_keys.append(prefix + "bias")
+        known = {key, prefix + "bias"}
+        if strict:
+            for name in state_dict:
+                if name.startswith(prefix) and name not in known and "." not in name[len(prefix) :]:
+                    unexpected_keys.append(name)
+
+    # ---- forward ------------------------------------------------------------------------------------------------
+    def method_for(self, tokens: int) -> str:
+        """The product the plan runs for a call with `tokens` tokens (dense when the native kernel is missing)."""
+        method = self.plan[bucket_of(tokens, self.buckets)]
+        if method == "native" and kernels.ops() is None:
+            return "dense"
+        return method
+
+    def _product(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        shape = x.shape
+        x2d = x.reshape(-1, self.in_features)  # (T, K)
+        method = self.method_for(x2d.shape[0])
+        if method == "native":
+            y = kernels.ops().sparse_linear(
+                x2d, self.rowptr, self.cols, self.vals, bias, self.in_features, kernels.best_isa()
+            )
+        elif method == "torch_csr":
+            y = (self._torch_csr @ x2d.t()).t()  # (T, N)
+            y = y + bias if bias is not None else y.contiguous()
+        else:
+            weight = self.dense_weight if self.dense_weight is not None else self.csr.to_dense()
+            y = F.linear(x2d, weight, bias)
+        return y.reshape(*shape[:-1], self.out_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.vals.dtype != torch.float32:
+            raise SparseRuntimeError(
+                f"a layer packed by sparse_nlp.runtime.convert holds fp32 weights but was cast to {self.vals.dtype}; "
+                "cast the model before converting it, or keep it in float32."
+            )
+        if x.dtype != torch.float32:
+            raise SparseRuntimeError(
+                f"a layer packed by sparse_nlp.runtime.convert runs fp32 inputs only, got {x.dtype}; "
+                "run the model in float32 (model.float()) or do not convert it."
+            )
+        if x.device.type != "cpu":
+            raise SparseRuntimeError(
+                f"a layer packed by sparse_nlp.runtime.convert runs on the CPU only, got an input on {x.device}."
+            )
+        if x.shape[-1] != self.in_features:
+            raise SparseRuntimeError(
+                f"input has {x.shape[-1]} features, the layer expects {self.in_features}."
+            )
+        if torch.is_grad_enabled() and (
+            x.requires_grad or (self.bias is not None and self.bias.requires_grad)
+        ):
+            return _NoBackward.apply(x, self.bias, self)
+        return self._product(x, self.bias)
+
+    def extra_repr(self) -> str:
+        plan = ", ".join(f"{k}:{v}" for k, v in self.plan.items())
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"density={self.csr.density:.3f}, plan={{{plan}}}"
+        )
+
+
+__all__ = ["BUCKETS", "METHODS", "SparseLinear", "SparseRuntimeError", "bucket_of"]

@@ -1,0 +1,404 @@
+"""sparse_nlp.runtime: packed formats, the native sparse-linear kernel on every ISA path, convert() on every family."""
+
+from __future__ import annotations
+
+import logging
+import os
+import stat
+
+import pytest
+import torch
+from torch import nn
+
+from sparse_nlp import runtime
+from sparse_nlp.native import NativeBuildError, build
+from sparse_nlp.pruning.masking import attach_mask, get_mask
+from sparse_nlp.runtime import CSRWeight, SparseLinear, SparseRuntimeError, autotune, kernels
+from tests.conftest import GENERATE_CACHE, tiny_inputs, tiny_model
+
+
+def _ops():
+    op = kernels.ops()
+    if op is None:
+        pytest.skip(f"native kernel unavailable: {kernels.status()}")
+    return op
+
+
+def _isas() -> list[int]:
+    op = kernels.ops()
+    return [0] if op is None else list(range(int(op.cpu_isa()) + 1))
+
+
+def _weight(out_f: int, in_f: int, sparsity: float, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """A masked weight with one empty row and one fully dense row (when out_f >= 3)."""
+    g = torch.Generator().manual_seed(seed)
+    weight = torch.randn(out_f, in_f, generator=g)
+    mask = torch.rand(out_f, in_f, generator=g) >= sparsity
+    if out_f >= 3:
+        mask[1] = False
+        mask[2] = True
+    return weight * mask, mask
+
+
+# ---- format ---------------------------------------------------------------------------------------------------
+
+
+def test_csr_round_trip_keeps_mask_and_values():
+    weight, mask = _weight(7, 19, 0.6)
+    weight[mask.nonzero()[0].tolist()] = 0.0  # a kept exact zero stays an entry
+    csr = CSRWeight.from_dense(weight, mask)
+    assert csr.cols.dtype == torch.uint16 and csr.rowptr.dtype == torch.int32
+    assert csr.nnz == int(mask.sum())
+    assert torch.equal(csr.to_dense(), weight)
+    assert torch.equal(csr.mask_dense(), mask)
+    wide = CSRWeight.from_dense(torch.zeros(2, 70_000).index_fill_(1, torch.tensor([3, 69_999]), 1.0))
+    assert wide.cols.dtype == torch.int32 and wide.cols.tolist() == [3, 69_999, 3, 69_999]
+
+
+# ---- kernels ---------------------------------------------------------------------------------------------------
+
+SHAPES = [(1, 1), (5, 3), (37, 53), (3, 200), (130, 29)]
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.99])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_kernel_matches_dense_on_every_isa(shape, sparsity, threads):
+    op = _ops()
+    out_f, in_f = shape
+    torch.manual_seed(out_f * 1000 + in_f)
+    weight, mask = _weight(out_f, in_f, sparsity, seed=out_f * 1000 + in_f)
+    csr = CSRWeight.from_dense(weight, mask)
+    bias = torch.randn(out_f)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for tokens in (1, 2, 7, 9, 64, 150):
+            x = torch.randn(tokens, in_f)
+            ref = (x.double() @ weight.double().t() + bias.double()).float()
+            for isa in _isas():
+                y = op.sparse_linear(x, csr.rowptr, csr.cols, csr.vals, bias, in_f, isa)
+                scale = max(1.0, float(ref.abs().max()))
+                torch.testing.assert_close(
+                    y, ref, rtol=0, atol=1e-5 * scale, msg=f"isa {isa}, tokens {tokens}"
+                )
+                y0 = op.sparse_linear(x, csr.rowptr, csr.cols, csr.vals, None, in_f, isa)
+                torch.testing.assert_close(y0, ref - bias, rtol=0, atol=1e-5 * scale)
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_kernel_wide_input_uses_int32_indices():
+    op = _ops()
+    torch.manual_seed(0)
+    weight, mask = _weight(2, 70_000, 0.995, seed=3)  # no forced dense row: 70,000-term sums drift past 1e-5
+    csr = CSRWeight.from_dense(weight, mask)
+    assert csr.cols.dtype == torch.int32
+    for tokens in (1, 5, 20):
+        x = torch.randn(tokens, 70_000)
+        ref = (x.double() @ weight.double().t()).float()
+        for isa in _isas():
+            y = op.sparse_linear(x, csr.rowptr, csr.cols, csr.vals, None, 70_000, isa)
+            torch.testing.assert_close(y, ref, rtol=0, atol=1e-5 * max(1.0, float(ref.abs().max())))
+
+
+def test_forced_portable_path(monkeypatch):
+    op = _ops()
+    monkeypatch.setenv(kernels.ENV_ISA, "portable")
+    assert kernels.best_isa() == 0
+    monkeypatch.setenv(kernels.ENV_ISA, "avx2")
+    assert kernels.best_isa() == min(1, int(op.cpu_isa()))
+    monkeypatch.setenv(kernels.ENV_ISA, "sse9")
+    with pytest.raises(ValueError, match="SPARSE_NLP_RUNTIME_ISA"):
+        kernels.best_isa()
+
+
+def test_layer_uses_forced_portable_path(monkeypatch):
+    _ops()
+    layer = nn.Linear(45, 21)
+    attach_mask(layer, torch.rand(21, 45) > 0.8)
+    packed = runtime.pack(layer, {1: "native", 16: "native"}, get_mask(layer))
+    x = torch.randn(3, 11, 45)
+    monkeypatch.setenv(kernels.ENV_ISA, "portable")
+    with torch.no_grad():
+        torch.testing.assert_close(packed(x), layer(x), rtol=0, atol=1e-5)
+
+
+# ---- the layer -------------------------------------------------------------------------------------------------
+
+
+def _masked_linear(in_f=40, out_f=24, sparsity=0.8, bias=True) -> nn.Linear:
+    torch.manual_seed(0)
+    layer = nn.Linear(in_f, out_f, bias=bias)
+    attach_mask(layer, torch.rand(out_f, in_f) >= sparsity)
+    return layer
+
+
+@pytest.mark.parametrize("method", runtime.METHODS)
+def test_every_method_matches_the_masked_layer(method):
+    if method == "native":
+        _ops()
+    layer = _masked_linear()
+    packed = runtime.pack(layer, dict.fromkeys(runtime.BUCKETS, method), get_mask(layer))
+    for shape in ((1, 40), (2, 5, 40), (600, 40)):
+        x = torch.randn(shape)
+        with torch.no_grad():
+            torch.testing.assert_close(packed(x), layer(x), rtol=0, atol=1e-5)
+    assert torch.equal(packed.weight, layer.weight.detach())
+    assert set(packed.state_dict()) == {"weight", "bias"}
+
+
+def test_backward_raises_a_clear_error():
+    layer = _masked_linear()
+    packed = runtime.pack(layer, dict.fromkeys(runtime.BUCKETS, "dense"), get_mask(layer))
+    x = torch.randn(3, 40, requires_grad=True)
+    with pytest.raises(SparseRuntimeError, match=r"runtime\.convert"):
+        packed(x).sum().backward()
+
+
+def test_unsupported_dtype_raises_a_clear_error():
+    layer = _masked_linear()
+    packed = runtime.pack(layer, dict.fromkeys(runtime.BUCKETS, "dense"), get_mask(layer))
+    with pytest.raises(SparseRuntimeError, match="fp32"):
+        packed(torch.randn(3, 40, dtype=torch.bfloat16))
+    with pytest.raises(SparseRuntimeError, match=r"bfloat16"):
+        runtime.convert(nn.Sequential(_masked_linear().to(torch.bfloat16)))
+
+
+def test_bucket_of():
+    assert [runtime.bucket_of(t) for t in (1, 3, 5, 16, 45, 46, 128, 255, 257, 10_000)] == [
+        1,
+        1,
+        16,
+        16,
+        16,
+        128,
+        128,
+        128,
+        512,
+        512,
+    ]
+
+
+def test_not_sparse_enough_stays_dense():
+    model = nn.Sequential(_masked_linear(sparsity=0.2), _masked_linear(in_f=24, out_f=24, sparsity=0.9))
+    runtime.convert(model, methods=("dense", "torch_csr"), use_cache=False)
+    assert type(model[0]) is nn.Linear
+
+
+def test_autotune_cache_is_reused(tmp_path, monkeypatch):
+    monkeypatch.setattr(autotune, "cache_path", lambda: tmp_path / "tune.json")
+    autotune.clear_memory_cache()
+    weight, mask = _weight(64, 96, 0.9)
+    csr = CSRWeight.from_dense(weight, mask)
+    plan = autotune.choose(csr, None, (1, 16), ("dense", "torch_csr"))
+    assert set(plan) == {1, 16} and set(plan.values()) <= {"dense", "torch_csr"}
+    assert (tmp_path / "tune.json").exists()
+    autotune.clear_memory_cache()
+
+    def no_timing(*args, **kwargs):
+        raise AssertionError("timed again although the decision is cached")
+
+    monkeypatch.setattr(autotune, "time_methods", no_timing)
+    assert autotune.choose(csr, None, (1, 16), ("dense", "torch_csr")) == plan
+
+
+# ---- whole models ----------------------------------------------------------------------------------------------
+
+
+def _prune_all_linear(model: nn.Module, sparsity: float = 0.8, seed: int = 0) -> int:
+    from transformers.pytorch_utils import Conv1D
+
+    g = torch.Generator().manual_seed(seed)
+    count = 0
+    for name, module in model.named_modules():
+        if isinstance(module, (nn.Linear, Conv1D)) and "lm_head" not in name:
+            attach_mask(module, torch.rand(module.weight.shape, generator=g) >= sparsity)
+            count += 1
+    return count
+
+
+@pytest.mark.parametrize("family", ["bert", "gpt2", "llama"])
+def test_family_converts_with_same_logits_and_generate(family):
+    _ops()
+    model = tiny_model(family)
+    pruned = _prune_all_linear(model)
+    inputs = tiny_inputs()
+    with torch.no_grad():
+        ref = model(**inputs).logits
+    runtime.convert(model, methods=("native",))
+    assert len(runtime.converted_layers(model)) == pruned
+    with torch.no_grad():
+        out = model(**inputs).logits
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
+    if family in ("gpt2", "llama"):
+        from transformers import DynamicCache
+
+        ids = inputs["input_ids"][:1]
+        dense = tiny_model(family)
+        _prune_all_linear(dense)
+        kwargs = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
+        expected = dense.generate(ids, **kwargs, **{GENERATE_CACHE: DynamicCache(config=dense.config)})
+        got = model.generate(ids, **kwargs, **{GENERATE_CACHE: DynamicCache(config=model.config)})
+        assert torch.equal(got, expected)
+
+
+def test_autotuned_conversion_matches(tmp_path, monkeypatch):
+    monkeypatch.setattr(autotune, "cache_path", lambda: tmp_path / "tune.json")
+    model = tiny_model("bert")
+    _prune_all_linear(model, sparsity=0.9)
+    inputs = tiny_inputs()
+    with torch.no_grad():
+        ref = model(**inputs).logits
+    runtime.convert(model, tokens=(1, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(model(**inputs).logits, ref, rtol=0, atol=1e-5)
+
+
+def test_save_load_round_trip_of_a_converted_model(tmp_path):
+    import sparse_nlp
+    from sparse_nlp.config import SparsityConfig
+
+    _ops()
+    model = tiny_model("llama")
+    sparse_nlp.sparsify(model, SparsityConfig.magnitude(0.8, targets="all-linear"), progress=False)
+    runtime.convert(model, methods=("native",))
+    assert runtime.converted_layers(model)
+    inputs = tiny_inputs()
+    with torch.no_grad():
+        ref = model(**inputs).logits
+    sparse_nlp.save_pretrained(model, tmp_path / "m")
+    loaded = sparse_nlp.from_pretrained(tmp_path / "m")
+    assert not runtime.converted_layers(loaded)
+    layers = runtime.converted_layers(model)
+    for name, layer in layers.items():
+        dense = loaded.get_submodule(name)
+        assert torch.equal(get_mask(dense), get_mask(layer)), name
+        assert torch.equal(dense.weight, layer.weight), name
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**inputs).logits, ref, rtol=0, atol=1e-5)
+    fast = sparse_nlp.from_pretrained(tmp_path / "m", runtime="sparse")
+    assert runtime.converted_layers(fast)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(**inputs).logits, ref, rtol=0, atol=1e-5)
+    runtime.revert(model)
+    assert not runtime.converted_layers(model)
+    with torch.no_grad():
+        torch.testing.assert_close(model(**inputs).logits, ref, rtol=0, atol=1e-5)
+
+
+def test_no_compiler_warns_once_and_runs_dense(monkeypatch, caplog):
+    def fail():
+        raise NativeBuildError("no C++ compiler: 'c++' is not on PATH (install g++ or set CXX)")
+
+    monkeypatch.setattr(kernels, "_build", fail)
+    kernels._reset()
+    try:
+        model = tiny_model("bert")
+        _prune_all_linear(model, sparsity=0.9)
+        inputs = tiny_inputs()
+        with torch.no_grad():
+            ref = model(**inputs).logits
+        with caplog.at_level(logging.WARNING, logger="sparse_nlp"):
+            runtime.convert(model, methods=("native",))
+            with torch.no_grad():
+                out = model(**inputs).logits
+            runtime.convert(tiny_model("bert"), methods=("native",))
+        warnings = [r for r in caplog.records if "sparse-linear kernel is unavailable" in r.getMessage()]
+        assert len(warnings) == 1 and "no C++ compiler" in warnings[0].getMessage()
+        layer = next(iter(runtime.converted_layers(model).values()))
+        assert layer.method_for(1) == "dense" and layer.method_for(512) == "dense"
+        torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
+    finally:
+        kernels._reset()
+
+
+def test_packed_layer_bytes_are_small():
+    layer = _masked_linear(in_f=384, out_f=384, sparsity=0.9)
+    packed = runtime.pack(layer, {1: "native"}, get_mask(layer), keep_mask=False)
+    assert packed.csr.nbytes() <= 0.2 * layer.weight.numel() * 4
+    assert isinstance(packed, SparseLinear) and get_mask(packed) is None
+
+
+# ---- the build cache -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(not hasattr(os, "getuid"), reason="POSIX owners and modes")
+def test_build_cache_is_private_and_checked(tmp_path, monkeypatch):
+    monkeypatch.setenv(build.ENV_CACHE, str(tmp_path / "cache"))
+    root = build.cache_root()
+    assert stat.S_IMODE(root.stat().st_mode) == 0o700
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    with pytest.raises(NativeBuildError, match="writable by other users"):
+        build.check_owned(shared)
+    lib = root / "x.so"
+    lib.write_bytes(b"")
+    lib.chmod(0o666)
+    with pytest.raises(NativeBuildError, match="writable by other users"):
+        build.check_owned(lib)
+
+
+def test_bench_command_with_sparse_runtime(tmp_path, capsys, monkeypatch):
+    import json
+
+    import sparse_nlp
+    from sparse_nlp.cli import main
+    from sparse_nlp.config import SparsityConfig
+
+    monkeypatch.setattr(autotune, "cache_path", lambda: tmp_path / "tune.json")
+    model = tiny_model("bert")
+    sparse_nlp.sparsify(model, SparsityConfig.magnitude(0.9), progress=False)
+    sparse_nlp.save_pretrained(model, tmp_path / "m90")
+    sparse_nlp.save_pretrained(tiny_model("bert"), tmp_path / "dense")
+    out = tmp_path / "bench.json"
+    argv = ["bench", str(tmp_path / "m90"), "--vs", str(tmp_path / "dense"), "--batch", "1,2", "--seq", "8"]
+    argv += ["--warmup", "1", "--repeats", "2", "--threads", "1", "--runtime", "sparse", "--json", str(out)]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "runtime sparse:" in printed and "Linear layers" in printed
+    data = json.loads(out.read_text())
+    assert data["runtime"] == "sparse" and len(data["speedup"]) == 2
+    assert json.loads((tmp_path / "tune.json").read_text())  # the layers were timed at bench's token counts
+
+
+@pytest.mark.skipif(not hasattr(os, "getuid"), reason="POSIX owners and modes")
+def test_band_attention_build_refuses_a_folder_others_can_write(tmp_path, monkeypatch):
+    from sparse_nlp.attention.kernels import native as band
+
+    monkeypatch.setenv(band.ENV_CACHE, str(tmp_path))
+    folder = band.cache_dir()
+    folder.mkdir(parents=True)
+    folder.chmod(0o777)
+    with pytest.raises(NativeBuildError, match="writable by other users"):
+        band._build()
+    folder.chmod(0o755)  # ours and not writable by others: made private, then used
+    built = folder / f"sparse_nlp_band_{folder.name.rsplit('-', 1)[1]}.so"
+    built.touch()
+    built.chmod(0o666)
+    with pytest.raises(NativeBuildError, match="writable by other users"):
+        band._build()
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o700
+
+
+def test_converts_a_model_with_structured_removal_and_sparse_attention():
+    import sparse_nlp
+    from sparse_nlp.config import AttentionSparsity, SparsityConfig
+    from sparse_nlp.structured import StructuredSparsity, apply_structured
+
+    _ops()
+    model = tiny_model("bert")
+    apply_structured(model, StructuredSparsity(heads=0.5, ffn=0.5, score="weight-norm"), progress=False)
+    config = SparsityConfig.magnitude(0.8)
+    config.attention = AttentionSparsity(pattern="sliding_window", options={"window": 4})
+    sparse_nlp.sparsify(model, config, progress=False)
+    inputs = tiny_inputs(length=16)
+    with torch.no_grad():
+        ref = model(**inputs).logits
+    runtime.convert(model, methods=("native",))
+    layers = runtime.converted_layers(model)
+    assert len(layers) == 12  # heads and FFN neurons removed: q/k/v 16 x 32, FFN 32 wide instead of 64
+    assert min(min(layer.in_features, layer.out_features) for layer in layers.values()) == 16
+    with torch.no_grad():
+        torch.testing.assert_close(model(**inputs).logits, ref, rtol=0, atol=1e-5)
