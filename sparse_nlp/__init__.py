@@ -34,6 +34,7 @@ from .config import (
     StructuredSparsity,
     WeightSparsity,
 )
+from .errors import SparseNLPError
 from .evaluation.metrics import load_metric
 from .evaluation.speed import compare_speed
 from .evaluation.tasks import evaluate_glue
@@ -75,6 +76,7 @@ __all__ = [
     "SinkWindowCache",
     "SparsityCallback",
     "SparsityConfig",
+    "SparseNLPError",
     "SparsityReport",
     "StructuredError",
     "StructuredSparsity",

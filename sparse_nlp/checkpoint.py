@@ -40,7 +40,6 @@ from transformers import AutoConfig, PreTrainedModel
 from .compact import (
     ATTN_MARKER,
     COMPACT_FILE,
-    CompactFormatError,
     compact_folder,
     expanded,
     is_compact,
@@ -48,7 +47,8 @@ from .compact import (
     pack_bits,
     unpack_bits,
 )
-from .metadata import METADATA_KEY, MetadataError, raw_metadata, read_metadata, write_metadata
+from .errors import CheckpointError, CompactFormatError, MetadataError
+from .metadata import METADATA_KEY, raw_metadata, read_metadata, write_metadata
 from .pruning.experts import attach_expert_mask, masked_experts
 from .pruning.masking import attach_mask, masked_modules
 from .targets import base_relative_name, resolve_module
@@ -58,10 +58,6 @@ logger = logging.getLogger(__name__)
 MASKS_FILE = "sparse_masks.safetensors"
 CONFIG_FILE = "sparsity_config.json"
 _OUR_FILES = (MASKS_FILE, CONFIG_FILE, COMPACT_FILE, "model.safetensors.index.json")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that is missing, damaged, or disagrees with its own metadata (the message names the file)."""
 
 
 # ---- masks as packed bits ----------------------------------------------------------------------------

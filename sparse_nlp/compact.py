@@ -50,6 +50,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from .errors import CheckpointError, CompactFormatError
+
 logger = logging.getLogger(__name__)
 
 COMPACT_FILE = "sparse_nlp_compact.safetensors"
@@ -60,10 +62,6 @@ ATTN_MARKER = "sparse_nlp_compact__load_with_sparse_nlp.from_pretrained"
 INDEX_FILE = "model.safetensors.index.json"
 # The weight file the stub index points to; it never exists, so loaders that get past config.json fail on it.
 MISSING_SHARD = "REQUIRES_sparse_nlp__compact_checkpoint__load_with_sparse_nlp.from_pretrained.safetensors"
-
-
-class CompactFormatError(ValueError):
-    """A compact weight file that is damaged, inconsistent, or from a newer sparse_nlp (the message names the file)."""
 
 
 # ---- pure encoders / decoders --------------------------------------------------------------------------
@@ -225,8 +223,6 @@ def encode_tensor(
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    from .checkpoint import CheckpointError
-
     try:
         return json.loads(path.read_text())
     except FileNotFoundError:
@@ -250,8 +246,6 @@ def dense_weight_files(folder: Path) -> list[Path]:
 
 
 def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
-    from .checkpoint import CheckpointError
-
     try:
         with safe_open(str(path), framework="pt") as f:
             return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
@@ -291,7 +285,7 @@ def compact_folder(folder: str | os.PathLike) -> dict[str, Any]:
     Args:
         folder: A folder written by `sparse_nlp.save_pretrained` (dense weights, masks file, config.json).
     """
-    from .checkpoint import MASKS_FILE, CheckpointError, load_masks
+    from .checkpoint import MASKS_FILE, load_masks
     from .metadata import METADATA_KEY
 
     folder = Path(folder)
@@ -502,8 +496,6 @@ def expanded(folder: str | os.PathLike) -> Iterator[Path]:
         folder / (info.get("file") or COMPACT_FILE) if isinstance(info, dict) else folder / COMPACT_FILE
     )
     if not compact_path.is_file():
-        from .checkpoint import CheckpointError
-
         raise CheckpointError(
             f"{compact_path}: compact weight file is missing (config.json says the checkpoint is compact)."
         )

@@ -22,8 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .pruning.patterns import NM, PatternError, parse_pattern
-from .registry import RegistryError, suggest
+from .errors import AttentionPatternError, ConfigError, PatternError, RegistryError
+from .pruning.patterns import NM, parse_pattern
+from .registry import suggest
 
 FORMAT_VERSION = 1
 """Version of the config / checkpoint metadata format this release writes and the newest it reads."""
@@ -31,10 +32,6 @@ FORMAT_VERSION = 1
 SCOPES = ("per-layer", "per-row", "global")
 PROFILES = ("uniform", "owl")
 TARGET_GROUPS = ("attention", "ffn", "all-linear")
-
-
-class ConfigError(ValueError):
-    """A config field with a bad value; the message names the field (e.g. ``weights[0].sparsity``)."""
 
 
 def _check_fraction(path: str, value: Any, *, allow_none: bool = False) -> None:
@@ -168,7 +165,7 @@ class AttentionSparsity:
 
     def validate(self, path: str = "attention") -> None:
         from .attention.kernels import KERNEL_CHOICES
-        from .attention.patterns import AttentionPatternError, build_pattern
+        from .attention.patterns import build_pattern
 
         try:
             build_pattern(self.pattern, self.options)

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from .checkpoint import CONFIG_FILE, from_pretrained, save_pretrained, verify_checkpoint
+from .errors import HubError
 from .metadata import METADATA_KEY
 
 logger = logging.getLogger(__name__)
@@ -70,10 +71,6 @@ METRIC_NAMES = (
     "exact_match",
 )
 _SPLITS = {"dev": "validation", "valid": "validation"}
-
-
-class HubError(RuntimeError):
-    """A push that the Hub (or the network) refused; the message says which repository and why."""
 
 
 @dataclass

@@ -17,16 +17,13 @@ from typing import Any
 
 from torch import nn
 
-from .config import FORMAT_VERSION, ConfigError, SparsityConfig
+from .config import FORMAT_VERSION, SparsityConfig
+from .errors import ConfigError, MetadataError
 from .pruning.experts import expert_names
 from .pruning.masking import masked_modules
 from .targets import base_relative_name
 
 METADATA_KEY = "sparse_nlp"
-
-
-class MetadataError(ValueError):
-    """The ``sparse_nlp`` entry of a config.json is malformed or from a newer format."""
 
 
 def raw_metadata(config: Any) -> dict[str, Any] | None:

@@ -36,7 +36,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError, SparsityConfig, _build
+from .config import SparsityConfig, _build
+from .errors import ConfigError
 from .pruning import movement as _movement  # noqa: F401  (registers the training-time method 'movement')
 from .pruning.schedules import CubicSchedule
 from .registry import suggest

@@ -10,14 +10,9 @@ import difflib
 from collections.abc import Callable, Iterator
 from typing import Generic, TypeVar
 
+from .errors import RegistryError
+
 T = TypeVar("T")
-
-
-class RegistryError(KeyError):
-    """Raised for an unknown name or a name registered twice."""
-
-    def __str__(self) -> str:  # KeyError quotes its message; we want it readable
-        return str(self.args[0]) if self.args else ""
 
 
 def suggest(name: str, choices: list[str]) -> str:

@@ -14,7 +14,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .config import ConfigError, SparsityConfig, WeightSparsity
+from .config import SparsityConfig, WeightSparsity
+from .errors import ConfigError
 from .metadata import METADATA_KEY, read_metadata, write_metadata
 from .pruning.experts import detach_expert_masks, masked_experts, prune_experts, select_experts
 from .pruning.masking import attach_mask, detach_mask, masked_modules

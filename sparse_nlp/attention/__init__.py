@@ -3,9 +3,9 @@
 Importing this package registers the ``sparse_nlp`` attention implementation with transformers.
 """
 
+from ..errors import AttentionPatternError
 from .apply import apply_attention, remove_attention
 from .patterns import (
-    AttentionPatternError,
     BigBird,
     DilatedWindow,
     Fixed,

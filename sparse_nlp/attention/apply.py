@@ -7,11 +7,12 @@ from typing import Any
 
 from torch import nn
 
-from ..config import AttentionSparsity, ConfigError
+from ..config import AttentionSparsity
+from ..errors import AttentionPatternError, ConfigError
 from ..targets import require
 from . import registration
 from .long_context import extend_positions, position_table
-from .patterns import AttentionPatternError, Pattern, build_pattern
+from .patterns import Pattern, build_pattern
 
 logger = logging.getLogger(__name__)
 

@@ -29,12 +29,8 @@ from typing import Any, ClassVar
 
 import torch
 
-from ..config import ConfigError
-from ..registry import ATTENTION_PATTERNS, RegistryError
-
-
-class AttentionPatternError(ConfigError):
-    """A pattern option with a bad value, or a pattern that does not fit the model or the input (a `ConfigError`)."""
+from ..errors import AttentionPatternError, RegistryError
+from ..registry import ATTENTION_PATTERNS
 
 
 @dataclass

@@ -13,7 +13,8 @@ from typing import Any
 
 import torch
 
-from .patterns import AttentionPatternError, Pattern, dense_mask
+from ..errors import AttentionPatternError
+from .patterns import Pattern, dense_mask
 
 
 @dataclass

@@ -16,6 +16,8 @@ import csv
 import os
 from pathlib import Path
 
+from ..errors import DataError
+
 DATA_DIR_ENV = "SPARSE_NLP_DATA_DIR"
 
 # task -> (text columns, label column, label dtype); label names map string labels to GLUE ids
@@ -43,10 +45,6 @@ TEXT_CORPORA = {
     "wikitext2": {"valid": "wikitext-2-raw/wiki.valid.raw", "test": "wikitext-2-raw/wiki.test.raw"},
     "tinyshakespeare": {"train": "tinyshakespeare/input.txt"},
 }
-
-
-class DataError(FileNotFoundError):
-    """A data set that cannot be found or read; the message lists what was looked for."""
 
 
 def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> Path | None:

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..config import ConfigError
+from ..errors import ConfigError
 from ..targets import layer_index, linear_weight, model_targets
 from .methods import LayerStats
 from .patterns import NM

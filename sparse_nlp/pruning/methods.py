@@ -14,6 +14,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from ..errors import ConfigError
 from ..registry import PRUNING_METHODS, suggest
 from .masks import select_mask
 from .patterns import Pattern
@@ -59,8 +60,6 @@ class PruningMethod:
         known = [f.name for f in dataclasses.fields(self.Options)]
         for key in options:
             if key not in known:
-                from ..config import ConfigError
-
                 raise ConfigError(
                     f"unknown option {key!r} for pruning method {self.name!r}.{suggest(key, known)} "
                     f"Known options: {', '.join(known) or 'none'}."

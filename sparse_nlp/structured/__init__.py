@@ -13,11 +13,11 @@ from typing import Any
 from torch import nn
 
 from ..config import StructuredSparsity
+from ..errors import ConfigError, StructuredError
 from ..registry import STRUCTURED_SCORES
 from .removal import (
     EmptyAttention,
     LayerLayout,
-    StructuredError,
     keep_ffn,
     keep_heads,
     layer_layout,
@@ -80,8 +80,6 @@ def apply_structured(
     require(model, "structured")  # families with fused or shared projections are refused with the reason
     unknown = sorted(set(cfg.options) - set(OPTION_DEFAULTS))
     if unknown:
-        from ..config import ConfigError
-
         raise ConfigError(
             f"structured.options: unknown option(s) {unknown}; known: {', '.join(OPTION_DEFAULTS)}."
         )

@@ -26,8 +26,9 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from ..errors import CheckpointError, StructuredError
 from ..metadata import METADATA_KEY
-from .removal import StructuredError, keep_ffn, keep_heads, model_layout
+from .removal import keep_ffn, keep_heads, model_layout
 
 RECORD_KEY = "structured"
 RECORD_VERSION = 1
@@ -104,7 +105,7 @@ def rebuild_shapes(model: nn.Module, record: dict[str, Any], where: str = "struc
 
 
 def _read_weights(path_or_id: str | os.PathLike, **hub_kwargs: Any) -> dict[str, torch.Tensor]:
-    from ..checkpoint import CheckpointError, resolve_file
+    from ..checkpoint import resolve_file
 
     single = resolve_file(path_or_id, WEIGHTS_NAME, **hub_kwargs)
     if single is not None:
@@ -136,7 +137,6 @@ def load_structured(cls: Any, path_or_id: str | os.PathLike, config: Any, **kwar
     Raises:
         CheckpointError: a weight missing, unexpected or of the wrong shape for the recorded layout.
     """
-    from ..checkpoint import CheckpointError
 
     hub_kwargs = {
         k: kwargs.pop(k)

@@ -26,7 +26,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..config import ConfigError, SparsityConfig, WeightSparsity
+from ..config import SparsityConfig, WeightSparsity
+from ..errors import ConfigError
 from ..metadata import read_metadata, write_metadata
 from ..pruning.experts import select_experts
 from ..pruning.masking import attach_mask, detach_mask, get_mask

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ...errors import KernelUnsupported
 from ...registry import ATTENTION_KERNELS
 from ..patterns import BandStructure
 from ..spec import MaskSpec
@@ -35,10 +36,6 @@ from .reference import masked_sdpa, repeat_kv, revive_rows
 # blocks of 32 / 64 / 128, forward + backward 712 ms with 32 against 630 ms with 128, both under load).
 DEFAULT_BLOCK = 32
 DEFAULT_BACKWARD_BLOCK = 128
-
-
-class KernelUnsupported(ValueError):
-    """The blocked kernel cannot run this pattern or call (the caller falls back to the reference)."""
 
 
 def supports(spec: MaskSpec) -> BandStructure | None:
