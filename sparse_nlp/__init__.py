@@ -10,8 +10,6 @@ Public API::
     model = sparse_nlp.from_pretrained("out/")
 """
 
-__version__ = "0.1.0"
-
 from . import attention  # noqa: F401  (registers the "sparse_nlp" attention implementation with transformers)
 from .attention.apply import apply_attention, remove_attention
 from .attention.cache import SinkWindowCache
@@ -52,6 +50,7 @@ from .structured.removal import StructuredError, remove_units
 from .structured.scores import MovementTracker
 from .targets import TargetError, UnsupportedModelError
 from .training import DistillationConfig, Distiller, GradualPruner, LoopConfig, SparsityCallback, train_loop
+from .version import __version__
 
 __all__ = [
     "ActivationSparsity",

@@ -6,9 +6,9 @@ import argparse
 import logging
 import sys
 
-from . import __version__
 from .commands import bench, compact, evaluate, push, report, run, sparsify
 from .errors import USER_ERRORS
+from .version import __version__
 
 COMMANDS = [sparsify, report, evaluate, run, bench, compact, push]
 

@@ -19,11 +19,11 @@ from torch import nn
 
 from .config import FORMAT_VERSION, SparsityConfig
 from .errors import ConfigError, MetadataError
+from .formats.manifest import METADATA_KEY
 from .pruning.experts import expert_names
 from .pruning.masking import masked_modules
 from .targets import base_relative_name
-
-METADATA_KEY = "sparse_nlp"
+from .version import __version__
 
 
 def raw_metadata(config: Any) -> dict[str, Any] | None:
@@ -67,8 +67,6 @@ def read_metadata(config: Any) -> SparsityConfig | None:
 
 def write_metadata(model: nn.Module, config: SparsityConfig, **extra: Any) -> dict[str, Any]:
     """Record `config` and the current masks on ``model.config`` (kept keys of other parts survive)."""
-    from . import __version__
-
     old = getattr(model.config, METADATA_KEY, None)
     meta = dict(old) if isinstance(old, dict) else {}
     meta.update(
