@@ -39,6 +39,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoConfig, PreTrainedModel
 
+from .attention.apply import apply_attention
 from .errors import CheckpointError, CompactFormatError, MetadataError
 from .formats import compact as compact_format
 from .formats.compact import ATTN_MARKER, HEADER_KEY, is_compact, nonzero_entries
@@ -57,6 +58,7 @@ from .formats.masks import decode_masks, encode_masks
 from .metadata import raw_metadata, read_metadata, write_metadata
 from .pruning.experts import attach_expert_mask, masked_experts
 from .pruning.masking import attach_mask, masked_modules
+from .structured.shapes import load_structured
 from .targets import base_relative_name, resolve_module
 
 logger = logging.getLogger(__name__)
@@ -442,6 +444,26 @@ def resolve_file(path_or_id: str | os.PathLike, filename: str, **hub_kwargs: Any
         return None
 
 
+def read_weights(path_or_id: str | os.PathLike, **hub_kwargs: Any) -> dict[str, torch.Tensor]:
+    """The weights of a safetensors checkpoint (single file or shards; local folder or Hub id), by key."""
+    single = resolve_file(path_or_id, "model.safetensors", **hub_kwargs)
+    if single is not None:
+        return load_file(str(single))
+    index = resolve_file(path_or_id, INDEX_FILE, **hub_kwargs)
+    if index is None:
+        raise CheckpointError(
+            f"{path_or_id}: no model.safetensors or {INDEX_FILE}; a structured checkpoint needs safetensors."
+        )
+    shards = sorted(set(json.loads(Path(index).read_text())["weight_map"].values()))
+    tensors: dict[str, torch.Tensor] = {}
+    for shard in shards:
+        file = resolve_file(path_or_id, shard, **hub_kwargs)
+        if file is None:
+            raise CheckpointError(f"{path_or_id}: shard {shard} listed in {INDEX_FILE} is missing.")
+        tensors.update(load_file(str(file)))
+    return tensors
+
+
 def _model_class(config: Any) -> type[PreTrainedModel]:
     """The class named in config.architectures, taken only from transformers' own namespace."""
     for arch in getattr(config, "architectures", None) or []:
@@ -562,17 +584,13 @@ def _load_folder(folder: Path, model_class: type | None, name: str, **kwargs: An
     if (
         meta is not None and meta.get("structured") is not None
     ):  # shrunk blocks: rebuilt before the weights are read
-        from .structured.shapes import load_structured
-
-        model = load_structured(cls, path_or_id, config, **kwargs)
+        model = load_structured(cls, path_or_id, config, read_weights, **kwargs)
     else:
         model = cls.from_pretrained(path_or_id, config=config, **kwargs)
     if meta is not None:
         restore_masks(model, path_or_id, meta)
         sparsity = read_metadata(model.config)
         if sparsity is not None and sparsity.attention is not None:
-            from .attention.apply import apply_attention
-
             apply_attention(model, sparsity.attention)
     return model
 

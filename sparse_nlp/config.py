@@ -24,7 +24,7 @@ from typing import Any
 
 from .errors import AttentionPatternError, ConfigError, PatternError, RegistryError
 from .pruning.patterns import NM, parse_pattern
-from .registry import suggest
+from .registry import ATTENTION_KERNELS, ATTENTION_PATTERNS, PRUNING_METHODS, STRUCTURED_SCORES, suggest
 
 FORMAT_VERSION = 1
 """Version of the config / checkpoint metadata format this release writes and the newest it reads."""
@@ -32,6 +32,8 @@ FORMAT_VERSION = 1
 SCOPES = ("per-layer", "per-row", "global")
 PROFILES = ("uniform", "owl")
 TARGET_GROUPS = ("attention", "ffn", "all-linear")
+AUTO_KERNEL = "auto"
+"""The attention kernel setting that lets `sparse_nlp.attention.kernels.choose_kernel` pick a registered kernel."""
 
 
 def _check_fraction(path: str, value: Any, *, allow_none: bool = False) -> None:
@@ -92,10 +94,8 @@ class WeightSparsity:
             raise ConfigError(f"{path}.pattern: {err}") from None
 
     def validate(self, path: str = "weights[0]") -> None:
-        from .pruning.methods import get_method  # the registry is filled by importing the methods
-
         try:
-            get_method(self.method)
+            PRUNING_METHODS.get(self.method)
         except RegistryError as err:
             raise ConfigError(f"{path}.method: {err}") from None
         _check_fraction(f"{path}.sparsity", self.sparsity)
@@ -142,7 +142,10 @@ class AttentionSparsity:
     options: dict[str, Any] = field(
         default_factory=dict, metadata={"help": "Pattern options (window, positions, ...)."}
     )
-    kernel: str = field(default="auto", metadata={"help": "Kernel: auto, reference, blocked, flex."})
+    kernel: str = field(
+        default=AUTO_KERNEL,
+        metadata={"help": "Kernel: auto or a registered name (reference, blocked, flex)."},
+    )
     block_size: int = field(
         default=0, metadata={"help": "Query block of the blocked kernel (0: 32 forward, 128 backward)."}
     )
@@ -164,16 +167,16 @@ class AttentionSparsity:
         return out
 
     def validate(self, path: str = "attention") -> None:
-        from .attention.kernels import KERNEL_CHOICES
-        from .attention.patterns import build_pattern
-
         try:
-            build_pattern(self.pattern, self.options)
+            ATTENTION_PATTERNS.get(self.pattern).from_options(self.options)
+        except RegistryError as err:
+            raise ConfigError(f"{path}.pattern: {err}") from None
         except AttentionPatternError as err:
             raise ConfigError(str(err).replace("attention.", f"{path}.", 1)) from None
-        if self.kernel not in KERNEL_CHOICES:
+        kernels = [AUTO_KERNEL, *ATTENTION_KERNELS.names()]
+        if self.kernel not in kernels:
             raise ConfigError(
-                f"{path}.kernel must be one of {', '.join(KERNEL_CHOICES)}, got {self.kernel!r}.{suggest(str(self.kernel), list(KERNEL_CHOICES))}"
+                f"{path}.kernel must be one of {', '.join(kernels)}, got {self.kernel!r}.{suggest(str(self.kernel), kernels)}"
             )
         if isinstance(self.block_size, bool) or not isinstance(self.block_size, int) or self.block_size < 0:
             raise ConfigError(
@@ -208,9 +211,6 @@ class StructuredSparsity:
         _check_fraction(f"{path}.ffn", self.ffn)
         if self.scope not in ("per-layer", "global"):
             raise ConfigError(f"{path}.scope must be per-layer or global, got {self.scope!r}.")
-        from .registry import STRUCTURED_SCORES
-        from .structured import scores as _scores  # noqa: F401  (fills the structured score registry)
-
         try:
             STRUCTURED_SCORES.get(self.score)
         except RegistryError as err:

@@ -27,7 +27,8 @@ from typing import Any
 
 from .checkpoint import CONFIG_FILE, from_pretrained, save_pretrained, verify_checkpoint
 from .errors import HubError
-from .metadata import METADATA_KEY
+from .metadata import METADATA_KEY, read_metadata
+from .report import report
 
 logger = logging.getLogger(__name__)
 
@@ -227,9 +228,6 @@ def render_model_card(
         template_path: Jinja template; default ``sparse_nlp/templates/model_card.md`` (package data).
     """
     from huggingface_hub import ModelCard, ModelCardData
-
-    from .metadata import read_metadata
-    from .report import report
 
     template = Path(template_path) if template_path else TEMPLATE
     if not template.is_file():

@@ -135,3 +135,15 @@ def report(model: nn.Module) -> SparsityReport:
         totals["model"].nonzeros += int((p.detach() != 0).sum())
     out.groups = {g: t for g, t in totals.items() if t.numel}
     return out
+
+
+def measured_sparsity(model: nn.Module) -> dict[str, float]:
+    """Fractions of zeros measured on the weights: transformer blocks (attention + FFN Linear) and all Linear."""
+    groups = report(model).groups
+    blocks = [groups[g] for g in ("attention", "ffn") if g in groups]
+    numel = sum(g.numel for g in blocks)
+    nonzeros = sum(g.nonzeros for g in blocks)
+    return {
+        "block_sparsity": round(1.0 - nonzeros / numel, 4) if numel else 0.0,
+        "linear_sparsity": round(groups["linear"].sparsity, 4) if "linear" in groups else 0.0,
+    }

@@ -111,6 +111,27 @@ class Pattern:
     def options(self) -> dict[str, Any]:
         return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}  # type: ignore[arg-type]
 
+    @classmethod
+    def from_options(cls, options: dict[str, Any] | None = None) -> Pattern:
+        """Build the pattern from an options dict (lists become tuples), naming an unknown or bad option.
+
+        Raises:
+            AttentionPatternError: an unknown option or a bad option value.
+        """
+        options = dict(options or {})
+        known = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
+        unknown = sorted(set(options) - set(known))
+        if unknown:
+            raise AttentionPatternError(
+                f"attention.options: unknown option(s) {unknown} for pattern {cls.name!r}; known: {', '.join(known)}."
+            )
+        for key, value in list(options.items()):
+            if isinstance(value, list):
+                options[key] = tuple(value)
+            if key == "causal" and not isinstance(value, bool):
+                raise AttentionPatternError(f"attention.options.causal must be true or false, got {value!r}.")
+        return cls(**options)
+
     def to_dict(self) -> dict[str, Any]:
         return {"pattern": self.name, "options": self.options()}
 
@@ -415,6 +436,31 @@ class Union(Pattern):
     parts: tuple[Pattern, ...] = field(default_factory=tuple)
     name: ClassVar[str] = "union"
 
+    @classmethod
+    def from_options(cls, options: dict[str, Any] | None = None) -> Union:
+        """Build a union from ``{"patterns": [{"pattern": name, "options": {...}} or a Pattern, ...]}``."""
+        options = dict(options or {})
+        specs = options.pop("patterns", None)
+        if options:
+            raise AttentionPatternError(
+                f"attention.options: union takes only 'patterns', got {sorted(options)}."
+            )
+        if not isinstance(specs, list | tuple):
+            raise AttentionPatternError(
+                f"attention.options.patterns must be a list of patterns, got {specs!r}."
+            )
+        parts = []
+        for i, spec in enumerate(specs):
+            if isinstance(spec, Pattern):
+                parts.append(spec)
+                continue
+            if not isinstance(spec, dict) or "pattern" not in spec or set(spec) - {"pattern", "options"}:
+                raise AttentionPatternError(
+                    f"attention.options.patterns[{i}] must be {{'pattern': name, 'options': {{...}}}}, got {spec!r}."
+                )
+            parts.append(build_pattern(spec["pattern"], spec.get("options")))
+        return cls(parts=tuple(parts))
+
     def __post_init__(self) -> None:
         if len(self.parts) < 1:
             raise AttentionPatternError("attention.options.patterns: a union needs at least one pattern.")
@@ -459,8 +505,7 @@ def build_pattern(name: str, options: dict[str, Any] | None = None) -> Pattern:
     """Build a registered pattern from its name and options (as an `AttentionSparsity` holds them).
 
     Args:
-        name: Registered pattern name (``sliding_window``, ``global_tokens``, ``sink_window``,
-            ``dilated_window``, ``strided``, ``fixed``, ``bigbird``, ``union``).
+        name: Registered pattern name (see `sparse_nlp.registry.ATTENTION_PATTERNS`).
         options: The pattern's fields; for ``union``, ``{"patterns": [{"pattern": ..., "options": ...}]}``.
 
     Raises:
@@ -470,40 +515,7 @@ def build_pattern(name: str, options: dict[str, Any] | None = None) -> Pattern:
         cls = ATTENTION_PATTERNS.get(name)
     except RegistryError as err:
         raise AttentionPatternError(f"attention.pattern: {err}") from None
-    options = dict(options or {})
-    if cls is Union:
-        specs = options.pop("patterns", None)
-        if options:
-            raise AttentionPatternError(
-                f"attention.options: union takes only 'patterns', got {sorted(options)}."
-            )
-        if not isinstance(specs, list | tuple):
-            raise AttentionPatternError(
-                f"attention.options.patterns must be a list of patterns, got {specs!r}."
-            )
-        parts = []
-        for i, spec in enumerate(specs):
-            if isinstance(spec, Pattern):
-                parts.append(spec)
-                continue
-            if not isinstance(spec, dict) or "pattern" not in spec or set(spec) - {"pattern", "options"}:
-                raise AttentionPatternError(
-                    f"attention.options.patterns[{i}] must be {{'pattern': name, 'options': {{...}}}}, got {spec!r}."
-                )
-            parts.append(build_pattern(spec["pattern"], spec.get("options")))
-        return Union(parts=tuple(parts))
-    known = [f.name for f in dataclasses.fields(cls)]
-    unknown = sorted(set(options) - set(known))
-    if unknown:
-        raise AttentionPatternError(
-            f"attention.options: unknown option(s) {unknown} for pattern {name!r}; known: {', '.join(known)}."
-        )
-    for key, value in list(options.items()):
-        if isinstance(value, list):
-            options[key] = tuple(value)
-        if key == "causal" and not isinstance(value, bool):
-            raise AttentionPatternError(f"attention.options.causal must be true or false, got {value!r}.")
-    return cls(**options)
+    return cls.from_options(options)
 
 
 def dense_mask(

@@ -39,7 +39,8 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from ..evaluation.tasks import evaluate_glue, load_for_task
-    from ..recipes import measured_sparsity, resolve_device
+    from ..models import resolve_device
+    from ..report import measured_sparsity
 
     device = resolve_device(args.device)
     model, tokenizer = load_for_task(args.model, args.task)

@@ -16,7 +16,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..models import load_model, resolve_model
+from ..registry import suggest
 from .data import GLUE_TASKS, load_glue_rows
+from .metrics import load_metric
 
 logger = logging.getLogger(__name__)
 
@@ -41,8 +44,6 @@ TASKS: dict[str, TaskInfo] = {
 
 def task_info(task: str) -> TaskInfo:
     if task not in TASKS:
-        from ..registry import suggest
-
         raise ValueError(f"unknown task {task!r}.{suggest(task, list(TASKS))} Known: {', '.join(TASKS)}.")
     return TASKS[task]
 
@@ -53,8 +54,6 @@ def load_for_task(name: str | os.PathLike, task: str) -> tuple[nn.Module, Any]:
     A model fine-tuned on the task keeps its head; a base model (e.g. ``minilm``) gets a new one.
     """
     from transformers import AutoConfig
-
-    from ..models import load_model, resolve_model
 
     info = task_info(task)
     path = resolve_model(name)
@@ -97,8 +96,6 @@ def encode_glue(
 
 def compute_task_metrics(task: str, predictions, references) -> dict[str, float]:
     """The task's GLUE metrics (from the offline ``glue`` module), in percent."""
-    from .metrics import load_metric
-
     values = load_metric("glue", task).compute(predictions=list(predictions), references=list(references))
     return {k: round(100.0 * float(v), 2) for k, v in values.items()}
 

@@ -46,8 +46,9 @@ class LayerStats:
 class PruningMethod:
     """Base class of weight-pruning methods.
 
-    Subclasses set `name`, `needs_calibration`, optionally `needs_hessian` and an `Options` dataclass, and
-    implement `score`.
+    Subclasses set `name`, `needs_calibration`, optionally `needs_hessian`, `needs_dense_inputs` and an
+    `Options` dataclass, and implement `score`. These class attributes are the method's capabilities: the
+    calibration pass reads them to decide what to collect.
     """
 
     name: ClassVar[str] = ""
@@ -66,6 +67,11 @@ class PruningMethod:
                 )
         self.options = self.Options(**options)
 
+    @property
+    def needs_dense_inputs(self) -> bool:
+        """Whether the calibration pass must also gather the dense model's inputs (``LayerStats.cross``)."""
+        return False
+
     def score(self, weight: torch.Tensor, stats: LayerStats | None) -> torch.Tensor:
         """Importance of each entry of the (out, in) weight; higher is kept."""
         raise NotImplementedError
@@ -78,9 +84,7 @@ class PruningMethod:
 
 
 def get_method(name: str, options: dict[str, Any] | None = None) -> PruningMethod:
-    """Instantiate a registered pruning method by name (fills the registry on first use)."""
-    from . import builtin  # noqa: F401  (registers the built-in methods)
-
+    """Instantiate a registered pruning method by name (the registry imports the built-in ones on first use)."""
     return PRUNING_METHODS.get(name)(options)
 
 

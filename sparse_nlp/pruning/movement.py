@@ -99,7 +99,6 @@ class MovementPruning(PruningMethod):
     """Movement pruning: scores learned during fine-tuning (see module docstring). Training-time only."""
 
     name = "movement"
-    training_only = True
     Options = MovementOptions
 
     def score(self, weight: torch.Tensor, stats: LayerStats | None) -> torch.Tensor:

@@ -86,10 +86,6 @@ def _out_features(module: nn.Module) -> int:
     return module.nf if isinstance(module, Conv1D) else module.out_features
 
 
-def _in_features(module: nn.Module) -> int:
-    return module.nx if isinstance(module, Conv1D) else module.in_features
-
-
 def _head_dim(model: nn.Module, attention: nn.Module) -> int:
     if isinstance(attention, EmptyAttention):
         return attention.head_dim
