@@ -18,6 +18,8 @@ attention implementation is registered with transformers as soon as transformers
 from __future__ import annotations
 
 import importlib
+import sys
+import types
 from typing import Any
 
 from .attention import hook as _hook
@@ -94,6 +96,22 @@ def __getattr__(name: str) -> Any:
     value = getattr(importlib.import_module(module), name)
     globals()[name] = value  # later lookups skip this function
     return value
+
+
+class _Package(types.ModuleType):
+    """This package's module type: a verb stays a verb when its same-named submodule is imported.
+
+    Importing ``sparse_nlp.sparsify`` (the module) sets the attribute ``sparse_nlp.sparsify``; without this the
+    function `sparsify` would be replaced by the module of that name.
+    """
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if isinstance(value, types.ModuleType) and _LAZY.get(name) == value.__name__:
+            value = getattr(value, name)
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
 
 
 def __dir__() -> list[str]:

@@ -297,6 +297,22 @@ def test_plain_transformers_refuses_a_sparse_attention_checkpoint(tmp_path):
     assert 'attn_implementation="sparse_nlp"' in done.stderr and "not supported" in done.stderr
 
 
+def test_plain_transformers_loads_it_after_import_sparse_nlp(tmp_path):
+    """`import sparse_nlp` loads no model code, yet the name is registered before transformers builds a model."""
+    model = tiny_model("bert")
+    sparse_nlp.sparsify(model, SparsityConfig(attention=window_for("bert", 4)), progress=False)
+    sparse_nlp.save_pretrained(model, tmp_path / "m")
+    code = (
+        "import sys, sparse_nlp, transformers\n"
+        "assert 'transformers.modeling_utils' not in sys.modules\n"
+        f"m = transformers.AutoModelForSequenceClassification.from_pretrained({str(tmp_path / 'm')!r})\n"
+        f"assert m.config._attn_implementation == {ATTN_NAME!r}, m.config._attn_implementation\n"
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
 @pytest.mark.parametrize("family", DECODERS)
 def test_bidirectional_pattern_on_decoder_fails(family):
     model = tiny_model(family)

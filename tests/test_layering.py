@@ -206,6 +206,15 @@ def test_public_names_resolve(name):
     assert getattr(sparse_nlp, name) is not None
 
 
+def test_verbs_stay_functions_when_their_module_is_imported():
+    import sparse_nlp
+    import sparse_nlp.report
+    import sparse_nlp.sparsify  # noqa: F401  (sets the package attribute of the same name)
+
+    assert callable(sparse_nlp.sparsify) and sparse_nlp.sparsify.__name__ == "sparsify"
+    assert callable(sparse_nlp.report) and sparse_nlp.report.__name__ == "report"
+
+
 def test_unknown_name_is_an_attribute_error():
     import sparse_nlp
 
