@@ -27,6 +27,7 @@ from typing import Any
 
 from .checkpoint import CONFIG_FILE, from_pretrained, save_pretrained, verify_checkpoint
 from .errors import HubError
+from .evaluation.glue import GLUE, HUB_DATASET
 from .metadata import METADATA_KEY, read_metadata
 from .report import report
 
@@ -37,15 +38,9 @@ EVALUATION_FILES = ("evaluation.json", "eval_results.json", "results.json")
 BENCHMARK_FILES = ("benchmark.json", "speed.json")
 _WEIGHT_SUFFIXES = (".safetensors", ".safetensors.index.json", ".bin")
 
-# GLUE-style task name -> (Hub data set id, config, task type for model-index)
+# task name -> (Hub data set id, config, task type for model-index, title)
 TASKS = {
-    "sst2": ("nyu-mll/glue", "sst2", "text-classification", "GLUE SST-2"),
-    "cola": ("nyu-mll/glue", "cola", "text-classification", "GLUE CoLA"),
-    "rte": ("nyu-mll/glue", "rte", "text-classification", "GLUE RTE"),
-    "mrpc": ("nyu-mll/glue", "mrpc", "text-classification", "GLUE MRPC"),
-    "qnli": ("nyu-mll/glue", "qnli", "text-classification", "GLUE QNLI"),
-    "mnli": ("nyu-mll/glue", "mnli", "text-classification", "GLUE MNLI"),
-    "stsb": ("nyu-mll/glue", "stsb", "sentence-similarity", "GLUE STS-B"),
+    **{name: (HUB_DATASET, name, t.task_type, t.title) for name, t in GLUE.items()},
     "wikitext2": ("Salesforce/wikitext", "wikitext-2-raw-v1", "text-generation", "WikiText-2"),
     "tinyshakespeare": ("karpathy/tiny_shakespeare", None, "text-generation", "Tiny Shakespeare"),
 }

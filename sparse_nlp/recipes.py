@@ -38,6 +38,7 @@ from typing import Any
 
 from .config import SparsityConfig, _build
 from .errors import ConfigError
+from .evaluation.glue import EVALUABLE
 from .models import resolve_device
 from .pruning import movement as _movement  # noqa: F401  (registers the training-time method 'movement')
 from .pruning.schedules import CubicSchedule
@@ -179,11 +180,9 @@ class Recipe:
     seed: int = 42
 
     def validate(self) -> Recipe:
-        from .evaluation.tasks import TASKS
-
-        if self.task not in TASKS:
+        if self.task not in EVALUABLE:
             raise ConfigError(
-                f"task must be one of {', '.join(TASKS)}, got {self.task!r}.{suggest(self.task, list(TASKS))}"
+                f"task must be one of {', '.join(EVALUABLE)}, got {self.task!r}.{suggest(self.task, EVALUABLE)}"
             )
         if self.max_length < 8:
             raise ConfigError(f"max_length must be >= 8, got {self.max_length!r}.")

@@ -17,28 +17,15 @@ import os
 from pathlib import Path
 
 from ..errors import DataError
+from .glue import GLUE
 
 DATA_DIR_ENV = "SPARSE_NLP_DATA_DIR"
 
-# task -> (text columns, label column, label dtype); label names map string labels to GLUE ids
+# task -> how to read it: text columns, label column, regression, num_labels, TSV options (from the GLUE table)
 GLUE_TASKS: dict[str, dict] = {
-    "sst2": {"text": ("sentence",), "label": "label", "regression": False, "num_labels": 2},
-    "cola": {
-        "text": ("sentence",),
-        "label": "label",
-        "regression": False,
-        "num_labels": 2,
-        "header": None,
-        "names": ("source", "label", "original_label", "sentence"),
-    },
-    "rte": {
-        "text": ("sentence1", "sentence2"),
-        "label": "label",
-        "regression": False,
-        "num_labels": 2,
-        "label_ids": {"entailment": 0, "not_entailment": 1},
-    },
-    "stsb": {"text": ("sentence1", "sentence2"), "label": "score", "regression": True, "num_labels": 1},
+    name: {"text": t.text, "label": t.label, "regression": t.regression, "num_labels": t.num_labels, **t.read}
+    for name, t in GLUE.items()
+    if t.evaluable
 }
 SPLITS = {"train": "train", "dev": "dev", "validation": "dev"}
 TEXT_CORPORA = {

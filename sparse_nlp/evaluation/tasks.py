@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from ..models import load_model, resolve_model
 from ..registry import suggest
 from .data import GLUE_TASKS, load_glue_rows
+from .glue import EVALUABLE, GLUE
 from .metrics import load_metric
 
 logger = logging.getLogger(__name__)
@@ -35,10 +36,8 @@ class TaskInfo:
 
 
 TASKS: dict[str, TaskInfo] = {
-    "sst2": TaskInfo("sst2", 2, False, "accuracy"),
-    "cola": TaskInfo("cola", 2, False, "matthews_correlation"),
-    "rte": TaskInfo("rte", 2, False, "accuracy"),
-    "stsb": TaskInfo("stsb", 1, True, "spearmanr"),
+    name: TaskInfo(name, GLUE[name].num_labels, GLUE[name].regression, GLUE[name].main_metric)
+    for name in EVALUABLE
 }
 
 
