@@ -20,7 +20,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from .errors import AttentionPatternError, ConfigError, PatternError, RegistryError
 from .pruning.patterns import NM, parse_pattern
@@ -29,9 +29,19 @@ from .registry import ATTENTION_KERNELS, ATTENTION_PATTERNS, PRUNING_METHODS, ST
 FORMAT_VERSION = 1
 """Version of the config / checkpoint metadata format this release writes and the newest it reads."""
 
-SCOPES = ("per-layer", "per-row", "global")
-PROFILES = ("uniform", "owl")
-TARGET_GROUPS = ("attention", "ffn", "all-linear")
+Scope = Literal["per-layer", "per-row", "global"]
+"""How a weight rule's budget is shared: per layer, per output row, or over all its layers at once."""
+StructuredScope = Literal["per-layer", "global"]
+"""How a structured budget is shared: per layer or over all layers at once."""
+Profile = Literal["uniform", "owl"]
+"""How a weight rule spreads its budget over layers: evenly, or weighted by activation outliers (OWL)."""
+TargetGroup = Literal["attention", "ffn", "all-linear"]
+"""Named groups of Linear layers a rule may target (besides ``re:<regex>``)."""
+
+SCOPES: tuple[str, ...] = typing.get_args(Scope)
+STRUCTURED_SCOPES: tuple[str, ...] = typing.get_args(StructuredScope)
+PROFILES: tuple[str, ...] = typing.get_args(Profile)
+TARGET_GROUPS: tuple[str, ...] = typing.get_args(TargetGroup)
 AUTO_KERNEL = "auto"
 """The attention kernel setting that lets `sparse_nlp.attention.kernels.choose_kernel` pick a registered kernel."""
 
@@ -65,7 +75,7 @@ class WeightSparsity:
         default="unstructured",
         metadata={"help": 'Pattern: "unstructured", "N:M" (e.g. "2:4") or "block:RxC".'},
     )
-    scope: str = field(
+    scope: Scope = field(
         default="per-layer",
         metadata={
             "help": "Where the sparsity budget applies: per-layer, per-row (each output neuron) or global."
@@ -78,7 +88,7 @@ class WeightSparsity:
     exclude: list[str] = field(
         default_factory=list, metadata={"help": "Regexes of module names to leave dense."}
     )
-    profile: str = field(
+    profile: Profile = field(
         default="uniform", metadata={"help": "Per-layer sparsity profile: uniform or owl (outlier-weighted)."}
     )
     options: dict[str, Any] = field(default_factory=dict, metadata={"help": "Method-specific options."})
@@ -203,13 +213,13 @@ class StructuredSparsity:
     score: str = field(
         default="weight-norm", metadata={"help": "Importance score: weight-norm, taylor, movement."}
     )
-    scope: str = field(default="global", metadata={"help": "Budget per-layer or global."})
+    scope: StructuredScope = field(default="global", metadata={"help": "Budget per-layer or global."})
     options: dict[str, Any] = field(default_factory=dict)
 
     def validate(self, path: str = "structured") -> None:
         _check_fraction(f"{path}.heads", self.heads)
         _check_fraction(f"{path}.ffn", self.ffn)
-        if self.scope not in ("per-layer", "global"):
+        if self.scope not in STRUCTURED_SCOPES:
             raise ConfigError(f"{path}.scope must be per-layer or global, got {self.scope!r}.")
         try:
             STRUCTURED_SCORES.get(self.score)
@@ -361,6 +371,10 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
         )
     if dataclasses.is_dataclass(tp):
         return _build(tp, value, path)
+    if (
+        origin is typing.Literal
+    ):  # a string choice: its value is checked by validate(), which suggests the closest
+        tp = str
     if origin is list:
         (item_tp,) = typing.get_args(tp)
         if isinstance(value, str) and item_tp is str:

@@ -53,18 +53,23 @@ class BandStructure:
     """What the blocked kernel needs: a band plus global positions (those patterns only).
 
     Attributes:
-        left: Keys visible before the query (``q - kv <= left``).
-        right: Keys visible after the query (``kv - q <= right``); 0 for causal patterns.
+        left: Keys visible before the query (``q - kv <= left``); None when there is no band (global tokens only).
+        right: Keys visible after the query (``kv - q <= right``); 0 for causal patterns; None with `left`.
         positions: Global logical positions (attend to everything allowed, attended by every query).
         token_ids: Token ids whose positions are global.
         causal: Whether every allowed key lies at or before its query.
     """
 
-    left: int
-    right: int
+    left: int | None
+    right: int | None
     positions: tuple[int, ...] = ()
     token_ids: tuple[int, ...] = ()
     causal: bool = False
+
+    @property
+    def has_band(self) -> bool:
+        """Whether there is a window band (not only global tokens)."""
+        return self.left is not None
 
 
 def _check_int(name: str, value: Any, *, minimum: int) -> int:
@@ -235,7 +240,7 @@ class GlobalTokens(Pattern):
 
     def band(self):
         return BandStructure(
-            left=-1, right=-1, positions=self.positions, token_ids=self.token_ids, causal=self.causal
+            left=None, right=None, positions=self.positions, token_ids=self.token_ids, causal=self.causal
         )
 
     def max_position(self):
@@ -482,10 +487,10 @@ class Union(Pattern):
         causal = self.causal
         if len({b.causal for b in bands}) > 1:
             return None
-        windows = [b for b in bands if b.left >= 0]
+        windows = [b for b in bands if b.has_band]
         if len(windows) > 1:
             return None
-        left, right = (windows[0].left, windows[0].right) if windows else (-1, -1)
+        left, right = (windows[0].left, windows[0].right) if windows else (None, None)
         positions = tuple(sorted({p for b in bands for p in b.positions}))
         token_ids = tuple(sorted({t for b in bands for t in b.token_ids}))
         return BandStructure(left=left, right=right, positions=positions, token_ids=token_ids, causal=causal)

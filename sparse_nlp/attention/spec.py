@@ -81,7 +81,7 @@ class MaskSpec:
             self.extra is None
             or band is None
             or band.token_ids
-            or band.left < 0
+            or not band.has_band
             or not self.is_self_attention()
         ):
             return False

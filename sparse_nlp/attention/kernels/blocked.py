@@ -33,7 +33,7 @@ from .reference import repeat_kv
 def supports(spec: MaskSpec) -> BandStructure | None:
     """The band form of `spec`'s pattern when the blocked kernel can run it, else None."""
     band = spec.pattern.band()
-    if band is None or band.left < 0 or spec.extra is not None or not spec.is_self_attention():
+    if band is None or not band.has_band or spec.extra is not None or not spec.is_self_attention():
         return None
     sinks = getattr(spec.pattern, "sinks", 0)
     if sinks and sinks > getattr(spec.pattern, "window", 0):
