@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field
 
 from torch import nn
 
+from .pruning.experts import SUFFIX, select_experts
 from .pruning.masking import get_mask
 from .targets import UnsupportedModelError, is_prunable, model_targets, module_group
 
@@ -78,8 +79,6 @@ class SparsityReport:
 
 def _expert_rows(model: nn.Module) -> list[ModuleRow]:
     """One row per fused expert parameter (E, out, in) of a mixture-of-experts family; none for others."""
-    from .pruning.experts import SUFFIX, select_experts
-
     try:
         experts = select_experts(model, ["all-linear"])
     except UnsupportedModelError:

@@ -15,6 +15,7 @@ from torch import nn
 from ..config import StructuredSparsity
 from ..errors import ConfigError, StructuredError
 from ..registry import STRUCTURED_SCORES
+from ..targets import require
 from .removal import (
     EmptyAttention,
     LayerLayout,
@@ -75,8 +76,6 @@ def apply_structured(
     Returns:
         The new layout of every block.
     """
-    from ..targets import require
-
     require(model, "structured")  # families with fused or shared projections are refused with the reason
     unknown = sorted(set(cfg.options) - set(OPTION_DEFAULTS))
     if unknown:
