@@ -22,46 +22,47 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-import numpy as np
 import torch
 import transformers
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoConfig, PreTrainedModel
 
-from .compact import (
-    ATTN_MARKER,
+from .attention.apply import apply_attention
+from .errors import CheckpointError, CompactFormatError, MetadataError
+from .formats import compact as compact_format
+from .formats.compact import ATTN_MARKER, HEADER_KEY, is_compact, nonzero_entries
+from .formats.manifest import (
     COMPACT_FILE,
-    CompactFormatError,
-    compact_folder,
-    expanded,
-    is_compact,
-    nonzero_entries,
-    pack_bits,
-    unpack_bits,
+    CONFIG_FILE,
+    INDEX_FILE,
+    MASKS_FILE,
+    METADATA_KEY,
+    OUR_FILES,
+    listed_files,
+    safetensors_problem,
+    with_manifest,
 )
-from .metadata import METADATA_KEY, MetadataError, raw_metadata, read_metadata, write_metadata
+from .formats.masks import decode_masks, encode_masks
+from .metadata import raw_metadata, read_metadata, write_metadata
 from .pruning.experts import attach_expert_mask, masked_experts
 from .pruning.masking import attach_mask, masked_modules
+from .runtime.convert import convert
+from .structured.shapes import load_structured
 from .targets import base_relative_name, resolve_module
 
 logger = logging.getLogger(__name__)
-
-MASKS_FILE = "sparse_masks.safetensors"
-CONFIG_FILE = "sparsity_config.json"
-_OUR_FILES = (MASKS_FILE, CONFIG_FILE, COMPACT_FILE, "model.safetensors.index.json")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that is missing, damaged, or disagrees with its own metadata (the message names the file)."""
 
 
 # ---- masks as packed bits ----------------------------------------------------------------------------
@@ -69,12 +70,9 @@ class CheckpointError(ValueError):
 
 def write_masks(masks: dict[str, torch.Tensor], path: Path) -> int:
     """Write bool masks (by base-relative module name) as packed bits with their shapes in the header."""
-    tensors = {key: pack_bits(mask) for key, mask in masks.items()}
-    shapes = {key: list(mask.shape) for key, mask in masks.items()}
+    tensors, metadata = encode_masks(masks)
     if tensors:
-        save_file(
-            tensors, str(path), metadata={"format": "sparse_nlp.packed_bits", "shapes": json.dumps(shapes)}
-        )
+        save_file(tensors, str(path), metadata=metadata)
     return len(tensors)
 
 
@@ -88,10 +86,9 @@ def save_masks(model: nn.Module, path: Path) -> int:
 
 
 def load_masks(path: Path) -> dict[str, torch.Tensor]:
+    """Read a mask file written by `write_masks`: bool masks by base-relative module name."""
     try:
         packed = load_file(str(path))
-        from safetensors import safe_open
-
         with safe_open(str(path), framework="pt") as f:
             header = f.metadata() or {}
         shapes = json.loads(header["shapes"])
@@ -99,47 +96,30 @@ def load_masks(path: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(
             f"{path}: mask file is damaged or not a sparse_nlp mask file ({err})."
         ) from None
-    missing = sorted(set(packed) ^ set(shapes))
-    if missing:
-        raise CheckpointError(f"{path}: masks and their recorded shapes disagree for {missing}.")
-    out = {}
-    for k, v in packed.items():
-        shape = tuple(shapes[k])
-        if v.numel() != (int(np.prod(shape)) + 7) // 8:
-            raise CheckpointError(
-                f"{path}: mask {k!r} holds {v.numel()} bytes but its recorded shape {shape} needs {(int(np.prod(shape)) + 7) // 8}."
-            )
-        out[k] = unpack_bits(v, shape)
-    return out
+    try:
+        return decode_masks(packed, shapes)
+    except ValueError as err:
+        raise CheckpointError(f"{path}: {err}") from None
 
 
 # ---- damaged files ---------------------------------------------------------------------------------------
-
-_TOKENIZER_HINT = "tokenizer"
 
 
 def check_safetensors(path: Path) -> None:
     """Raise `CheckpointError` naming `path` when its header is unreadable or the file is shorter/longer than it says."""
     size = path.stat().st_size
+    header = None
     try:
         with open(path, "rb") as f:
             head = f.read(8)
-            if len(head) < 8:
-                raise CheckpointError(
-                    f"{path}: truncated ({size} bytes); not even a safetensors header is left."
-                )
-            n = int.from_bytes(head, "little")
-            if n > size - 8:
-                raise CheckpointError(
-                    f"{path}: truncated: the header alone needs {n + 8} bytes but the file has {size}."
-                )
-            header = json.loads(f.read(n))
+            n = int.from_bytes(head, "little") if len(head) == 8 else None
+            if n is not None and n <= size - 8:
+                header = json.loads(f.read(n))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise CheckpointError(f"{path}: damaged safetensors header ({err}).") from None
-    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-    if size != 8 + n + end:
-        what = "truncated" if size < 8 + n + end else "longer than its header says"
-        raise CheckpointError(f"{path}: {what}: expected {8 + n + end} bytes, found {size}.")
+    problem = safetensors_problem(size, n, header)
+    if problem is not None:
+        raise CheckpointError(f"{path}: {problem}")
 
 
 def verify_checkpoint(folder: str | os.PathLike) -> dict[str, Any] | None:
@@ -167,10 +147,8 @@ def verify_checkpoint(folder: str | os.PathLike) -> dict[str, Any] | None:
             raw_metadata(SimpleNamespace(**{METADATA_KEY: meta}))
         except MetadataError as err:
             raise MetadataError(f"{config_path}: {err}") from None
-        tokenizer_files = set(meta.get("tokenizer_files") or [])
-        for name, size in (meta.get("files") or {}).items():
+        for name, size, kind in listed_files(meta):
             path = folder / name
-            kind = "tokenizer file" if name in tokenizer_files else "file"
             if not path.is_file():
                 raise CheckpointError(
                     f"{path}: {kind} is missing; config.json ({METADATA_KEY}.files) lists it as part of this checkpoint."
@@ -243,7 +221,7 @@ def save_pretrained(
 def _publish(tmp: Path, out: Path) -> None:
     """Move a finished checkpoint from `tmp` into `out`, removing weight files of an earlier save there."""
     out.mkdir(exist_ok=True)
-    for stale in [*_OUR_FILES, *(p.name for p in out.glob("model*.safetensors"))]:
+    for stale in [*OUR_FILES, *(p.name for p in out.glob("model*.safetensors"))]:
         if (out / stale).exists() and not (tmp / stale).exists():
             (out / stale).unlink()
     for item in tmp.iterdir():
@@ -290,13 +268,147 @@ def _write_manifest(folder: Path, tokenizer_files: list[str]) -> None:
     """Record every file of the checkpoint and its size in config.json, so damage is named on load."""
     path = folder / "config.json"
     raw = json.loads(path.read_text())
-    meta = dict(raw[METADATA_KEY])
-    meta["files"] = {
+    sizes = {
         p.name: p.stat().st_size for p in sorted(folder.iterdir()) if p.is_file() and p.name != "config.json"
     }
-    meta["tokenizer_files"] = tokenizer_files
-    raw[METADATA_KEY] = meta
-    path.write_text(json.dumps(raw, indent=2, sort_keys=True) + "\n")
+    raw[METADATA_KEY] = with_manifest(raw[METADATA_KEY], sizes, tokenizer_files)
+    _write_json(path, raw)
+
+
+# ---- compact folders (the encoding itself is `sparse_nlp.formats.compact`) --------------------------------
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: file is missing.") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{path}: not valid JSON ({err}).") from None
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def dense_weight_files(folder: Path) -> list[Path]:
+    """The dense safetensors weight files of a checkpoint folder (single file or the shards of its index)."""
+    index = folder / INDEX_FILE
+    if index.is_file():
+        shards = sorted(set(_read_json(index).get("weight_map", {}).values()))
+        return [folder / s for s in shards]
+    single = folder / "model.safetensors"
+    return [single] if single.is_file() else []
+
+
+def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    except (SafetensorError, OSError, RuntimeError) as err:
+        raise CheckpointError(f"{path}: weight file is damaged ({err}).") from None
+
+
+def compact_folder(folder: str | os.PathLike) -> dict[str, Any]:
+    """Rewrite a dense sparse_nlp checkpoint folder IN PLACE into the compact format.
+
+    Used by `save_pretrained(..., compact=True)` on its temporary folder (and by `compact_checkpoint`, on a
+    copy). Returns a summary: bytes per encoding and the dense bytes they replace.
+
+    Args:
+        folder: A folder written by `save_pretrained` (dense weights, masks file, config.json).
+    """
+    folder = Path(folder)
+    config_path = folder / "config.json"
+    config = _read_json(config_path)
+    meta = config.get(METADATA_KEY)
+    if not isinstance(meta, dict):
+        raise CheckpointError(
+            f"{config_path}: no {METADATA_KEY!r} metadata; only sparse_nlp checkpoints can be compacted."
+        )
+    if "compact" in meta:
+        raise CheckpointError(f"{config_path}: the checkpoint is compact already.")
+    files = dense_weight_files(folder)
+    if not files:
+        raise CheckpointError(f"{folder}: no model.safetensors (or index) to compact.")
+    state: dict[str, torch.Tensor] = {}
+    for path in files:
+        state.update(_load_tensors(path))
+    masks = load_masks(folder / MASKS_FILE) if (folder / MASKS_FILE).is_file() else {}
+    tensors, metadata, leftover, summary = compact_format.encode_state(
+        state, masks, compact_format.nm_patterns(meta)
+    )
+    save_file(tensors, str(folder / COMPACT_FILE), metadata=metadata)
+    for path in [*files, folder / INDEX_FILE]:
+        path.unlink(missing_ok=True)
+    _write_json(folder / INDEX_FILE, compact_format.stub_index(list(state)))
+    (folder / MASKS_FILE).unlink(missing_ok=True)
+    if leftover:  # masks of weights stored dense (nothing to gain) still need their own file
+        write_masks(leftover, folder / MASKS_FILE)
+    _write_json(config_path, compact_format.compact_config(config))
+    logger.info(
+        "compacted %s: %d -> %d bytes (masked weights %d -> %d)",
+        folder,
+        summary["dense_bytes"],
+        summary["stored_bytes"],
+        summary["masked_dense_bytes"],
+        summary["masked_stored_bytes"],
+    )
+    return summary
+
+
+def read_compact(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Decode a compact weight file: (dense state dict, masks by base-relative module name).
+
+    Raises:
+        CompactFormatError: damaged file, a newer format version, or tensors that disagree with the header.
+    """
+    path = Path(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            raw = (f.metadata() or {}).get(HEADER_KEY)
+            stored = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    except (SafetensorError, OSError, RuntimeError) as err:
+        raise CompactFormatError(f"{path}: compact weight file is damaged ({err}).") from None
+    return compact_format.decode_state(stored, raw, str(path))
+
+
+def compact_stats(path: str | os.PathLike) -> dict[str, Any]:
+    """Sizes in a compact weight file, from its header (no tensor is read); see `formats.compact.stats`."""
+    with safe_open(str(path), framework="pt") as f:
+        entries = json.loads((f.metadata() or {})[HEADER_KEY])["tensors"]
+        stored = {}
+        for name in f.keys():  # noqa: SIM118
+            sl = f.get_slice(name)
+            stored[name] = compact_format.DTYPE_BYTES[sl.get_dtype()] * math.prod(sl.get_shape())
+    return compact_format.stats(entries, stored)
+
+
+@contextmanager
+def expanded(folder: str | os.PathLike) -> Iterator[Path]:
+    """A temporary dense checkpoint folder equivalent to the compact one in `folder` (deleted on exit)."""
+    folder = Path(folder)
+    config, file = compact_format.dense_config(_read_json(folder / "config.json"))
+    compact_path = folder / file
+    if not compact_path.is_file():
+        raise CheckpointError(
+            f"{compact_path}: compact weight file is missing (config.json says the checkpoint is compact)."
+        )
+    state, masks = read_compact(compact_path)
+    if (folder / MASKS_FILE).is_file():
+        masks.update(load_masks(folder / MASKS_FILE))
+    tmp = Path(tempfile.mkdtemp(prefix="sparse-nlp-expanded-"))
+    try:
+        for item in folder.iterdir():
+            if item.is_file() and not compact_format.is_dense_only(item.name):
+                shutil.copy2(item, tmp / item.name)
+        _write_json(tmp / "config.json", config)
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        if masks:
+            write_masks(masks, tmp / MASKS_FILE)
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 # ---- load ----------------------------------------------------------------------------------------------
@@ -331,6 +443,26 @@ def resolve_file(path_or_id: str | os.PathLike, filename: str, **hub_kwargs: Any
         )
     except (EntryNotFoundError, LocalEntryNotFoundError):
         return None
+
+
+def read_weights(path_or_id: str | os.PathLike, **hub_kwargs: Any) -> dict[str, torch.Tensor]:
+    """The weights of a safetensors checkpoint (single file or shards; local folder or Hub id), by key."""
+    single = resolve_file(path_or_id, "model.safetensors", **hub_kwargs)
+    if single is not None:
+        return load_file(str(single))
+    index = resolve_file(path_or_id, INDEX_FILE, **hub_kwargs)
+    if index is None:
+        raise CheckpointError(
+            f"{path_or_id}: no model.safetensors or {INDEX_FILE}; a structured checkpoint needs safetensors."
+        )
+    shards = sorted(set(json.loads(Path(index).read_text())["weight_map"].values()))
+    tensors: dict[str, torch.Tensor] = {}
+    for shard in shards:
+        file = resolve_file(path_or_id, shard, **hub_kwargs)
+        if file is None:
+            raise CheckpointError(f"{path_or_id}: shard {shard} listed in {INDEX_FILE} is missing.")
+        tensors.update(load_file(str(file)))
+    return tensors
 
 
 def _model_class(config: Any) -> type[PreTrainedModel]:
@@ -418,8 +550,6 @@ def from_pretrained(
             meta.pop(key, None)
     model.config._name_or_path = name
     if runtime == "sparse":
-        from .runtime import convert
-
         convert(model)
     return model
 
@@ -462,17 +592,13 @@ def _load_folder(folder: Path, model_class: type | None, name: str, **kwargs: An
     if (
         meta is not None and meta.get("structured") is not None
     ):  # shrunk blocks: rebuilt before the weights are read
-        from .structured.shapes import load_structured
-
-        model = load_structured(cls, path_or_id, config, **kwargs)
+        model = load_structured(cls, path_or_id, config, read_weights, **kwargs)
     else:
         model = cls.from_pretrained(path_or_id, config=config, **kwargs)
     if meta is not None:
         restore_masks(model, path_or_id, meta)
         sparsity = read_metadata(model.config)
         if sparsity is not None and sparsity.attention is not None:
-            from .attention.apply import apply_attention
-
             apply_attention(model, sparsity.attention)
     return model
 

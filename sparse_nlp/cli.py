@@ -6,8 +6,9 @@ import argparse
 import logging
 import sys
 
-from . import __version__
 from .commands import bench, compact, evaluate, push, report, run, sparsify
+from .errors import USER_ERRORS
+from .version import __version__
 
 COMMANDS = [sparsify, report, evaluate, run, bench, compact, push]
 
@@ -34,8 +35,6 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
-    from .errors import USER_ERRORS
-
     try:
         return int(args.func(args) or 0)
     except USER_ERRORS as err:

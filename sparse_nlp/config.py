@@ -20,21 +20,30 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from .pruning.patterns import NM, PatternError, parse_pattern
-from .registry import RegistryError, suggest
+from .errors import AttentionPatternError, ConfigError, PatternError, RegistryError
+from .pruning.patterns import NM, parse_pattern
+from .registry import ATTENTION_KERNELS, ATTENTION_PATTERNS, PRUNING_METHODS, STRUCTURED_SCORES, suggest
 
 FORMAT_VERSION = 1
 """Version of the config / checkpoint metadata format this release writes and the newest it reads."""
 
-SCOPES = ("per-layer", "per-row", "global")
-PROFILES = ("uniform", "owl")
-TARGET_GROUPS = ("attention", "ffn", "all-linear")
+Scope = Literal["per-layer", "per-row", "global"]
+"""How a weight rule's budget is shared: per layer, per output row, or over all its layers at once."""
+StructuredScope = Literal["per-layer", "global"]
+"""How a structured budget is shared: per layer or over all layers at once."""
+Profile = Literal["uniform", "owl"]
+"""How a weight rule spreads its budget over layers: evenly, or weighted by activation outliers (OWL)."""
+TargetGroup = Literal["attention", "ffn", "all-linear"]
+"""Named groups of Linear layers a rule may target (besides ``re:<regex>``)."""
 
-
-class ConfigError(ValueError):
-    """A config field with a bad value; the message names the field (e.g. ``weights[0].sparsity``)."""
+SCOPES: tuple[str, ...] = typing.get_args(Scope)
+STRUCTURED_SCOPES: tuple[str, ...] = typing.get_args(StructuredScope)
+PROFILES: tuple[str, ...] = typing.get_args(Profile)
+TARGET_GROUPS: tuple[str, ...] = typing.get_args(TargetGroup)
+AUTO_KERNEL = "auto"
+"""The attention kernel setting that lets `sparse_nlp.attention.kernels.choose_kernel` pick a registered kernel."""
 
 
 def _check_fraction(path: str, value: Any, *, allow_none: bool = False) -> None:
@@ -66,7 +75,7 @@ class WeightSparsity:
         default="unstructured",
         metadata={"help": 'Pattern: "unstructured", "N:M" (e.g. "2:4") or "block:RxC".'},
     )
-    scope: str = field(
+    scope: Scope = field(
         default="per-layer",
         metadata={
             "help": "Where the sparsity budget applies: per-layer, per-row (each output neuron) or global."
@@ -79,7 +88,7 @@ class WeightSparsity:
     exclude: list[str] = field(
         default_factory=list, metadata={"help": "Regexes of module names to leave dense."}
     )
-    profile: str = field(
+    profile: Profile = field(
         default="uniform", metadata={"help": "Per-layer sparsity profile: uniform or owl (outlier-weighted)."}
     )
     options: dict[str, Any] = field(default_factory=dict, metadata={"help": "Method-specific options."})
@@ -95,10 +104,8 @@ class WeightSparsity:
             raise ConfigError(f"{path}.pattern: {err}") from None
 
     def validate(self, path: str = "weights[0]") -> None:
-        from .pruning.methods import get_method  # the registry is filled by importing the methods
-
         try:
-            get_method(self.method)
+            PRUNING_METHODS.get(self.method)
         except RegistryError as err:
             raise ConfigError(f"{path}.method: {err}") from None
         _check_fraction(f"{path}.sparsity", self.sparsity)
@@ -145,7 +152,10 @@ class AttentionSparsity:
     options: dict[str, Any] = field(
         default_factory=dict, metadata={"help": "Pattern options (window, positions, ...)."}
     )
-    kernel: str = field(default="auto", metadata={"help": "Kernel: auto, reference, blocked, flex."})
+    kernel: str = field(
+        default=AUTO_KERNEL,
+        metadata={"help": "Kernel: auto or a registered name (reference, blocked, flex)."},
+    )
     block_size: int = field(
         default=0, metadata={"help": "Query block of the blocked kernel (0: 32 forward, 128 backward)."}
     )
@@ -167,16 +177,16 @@ class AttentionSparsity:
         return out
 
     def validate(self, path: str = "attention") -> None:
-        from .attention.kernels import KERNEL_CHOICES
-        from .attention.patterns import AttentionPatternError, build_pattern
-
         try:
-            build_pattern(self.pattern, self.options)
+            ATTENTION_PATTERNS.get(self.pattern).from_options(self.options)
+        except RegistryError as err:
+            raise ConfigError(f"{path}.pattern: {err}") from None
         except AttentionPatternError as err:
             raise ConfigError(str(err).replace("attention.", f"{path}.", 1)) from None
-        if self.kernel not in KERNEL_CHOICES:
+        kernels = [AUTO_KERNEL, *ATTENTION_KERNELS.names()]
+        if self.kernel not in kernels:
             raise ConfigError(
-                f"{path}.kernel must be one of {', '.join(KERNEL_CHOICES)}, got {self.kernel!r}.{suggest(str(self.kernel), list(KERNEL_CHOICES))}"
+                f"{path}.kernel must be one of {', '.join(kernels)}, got {self.kernel!r}.{suggest(str(self.kernel), kernels)}"
             )
         if isinstance(self.block_size, bool) or not isinstance(self.block_size, int) or self.block_size < 0:
             raise ConfigError(
@@ -203,17 +213,14 @@ class StructuredSparsity:
     score: str = field(
         default="weight-norm", metadata={"help": "Importance score: weight-norm, taylor, movement."}
     )
-    scope: str = field(default="global", metadata={"help": "Budget per-layer or global."})
+    scope: StructuredScope = field(default="global", metadata={"help": "Budget per-layer or global."})
     options: dict[str, Any] = field(default_factory=dict)
 
     def validate(self, path: str = "structured") -> None:
         _check_fraction(f"{path}.heads", self.heads)
         _check_fraction(f"{path}.ffn", self.ffn)
-        if self.scope not in ("per-layer", "global"):
+        if self.scope not in STRUCTURED_SCOPES:
             raise ConfigError(f"{path}.scope must be per-layer or global, got {self.scope!r}.")
-        from .registry import STRUCTURED_SCORES
-        from .structured import scores as _scores  # noqa: F401  (fills the structured score registry)
-
         try:
             STRUCTURED_SCORES.get(self.score)
         except RegistryError as err:
@@ -364,6 +371,10 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
         )
     if dataclasses.is_dataclass(tp):
         return _build(tp, value, path)
+    if (
+        origin is typing.Literal
+    ):  # a string choice: its value is checked by validate(), which suggests the closest
+        tp = str
     if origin is list:
         (item_tp,) = typing.get_args(tp)
         if isinstance(value, str) and item_tp is str:

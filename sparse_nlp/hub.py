@@ -26,7 +26,10 @@ from pathlib import Path
 from typing import Any
 
 from .checkpoint import CONFIG_FILE, from_pretrained, save_pretrained, verify_checkpoint
-from .metadata import METADATA_KEY
+from .errors import HubError
+from .evaluation.glue import GLUE, HUB_DATASET
+from .metadata import METADATA_KEY, read_metadata
+from .report import report
 
 logger = logging.getLogger(__name__)
 
@@ -35,15 +38,9 @@ EVALUATION_FILES = ("evaluation.json", "eval_results.json", "results.json")
 BENCHMARK_FILES = ("benchmark.json", "speed.json")
 _WEIGHT_SUFFIXES = (".safetensors", ".safetensors.index.json", ".bin")
 
-# GLUE-style task name -> (Hub data set id, config, task type for model-index)
+# task name -> (Hub data set id, config, task type for model-index, title)
 TASKS = {
-    "sst2": ("nyu-mll/glue", "sst2", "text-classification", "GLUE SST-2"),
-    "cola": ("nyu-mll/glue", "cola", "text-classification", "GLUE CoLA"),
-    "rte": ("nyu-mll/glue", "rte", "text-classification", "GLUE RTE"),
-    "mrpc": ("nyu-mll/glue", "mrpc", "text-classification", "GLUE MRPC"),
-    "qnli": ("nyu-mll/glue", "qnli", "text-classification", "GLUE QNLI"),
-    "mnli": ("nyu-mll/glue", "mnli", "text-classification", "GLUE MNLI"),
-    "stsb": ("nyu-mll/glue", "stsb", "sentence-similarity", "GLUE STS-B"),
+    **{name: (HUB_DATASET, name, t.task_type, t.title) for name, t in GLUE.items()},
     "wikitext2": ("Salesforce/wikitext", "wikitext-2-raw-v1", "text-generation", "WikiText-2"),
     "tinyshakespeare": ("karpathy/tiny_shakespeare", None, "text-generation", "Tiny Shakespeare"),
 }
@@ -70,10 +67,6 @@ METRIC_NAMES = (
     "exact_match",
 )
 _SPLITS = {"dev": "validation", "valid": "validation"}
-
-
-class HubError(RuntimeError):
-    """A push that the Hub (or the network) refused; the message says which repository and why."""
 
 
 @dataclass
@@ -230,9 +223,6 @@ def render_model_card(
         template_path: Jinja template; default ``sparse_nlp/templates/model_card.md`` (package data).
     """
     from huggingface_hub import ModelCard, ModelCardData
-
-    from .metadata import read_metadata
-    from .report import report
 
     template = Path(template_path) if template_path else TEMPLATE
     if not template.is_file():

@@ -17,16 +17,13 @@ from typing import Any
 
 from torch import nn
 
-from .config import FORMAT_VERSION, ConfigError, SparsityConfig
+from .config import FORMAT_VERSION, SparsityConfig
+from .errors import ConfigError, MetadataError
+from .formats.manifest import METADATA_KEY
 from .pruning.experts import expert_names
 from .pruning.masking import masked_modules
 from .targets import base_relative_name
-
-METADATA_KEY = "sparse_nlp"
-
-
-class MetadataError(ValueError):
-    """The ``sparse_nlp`` entry of a config.json is malformed or from a newer format."""
+from .version import __version__
 
 
 def raw_metadata(config: Any) -> dict[str, Any] | None:
@@ -70,8 +67,6 @@ def read_metadata(config: Any) -> SparsityConfig | None:
 
 def write_metadata(model: nn.Module, config: SparsityConfig, **extra: Any) -> dict[str, Any]:
     """Record `config` and the current masks on ``model.config`` (kept keys of other parts survive)."""
-    from . import __version__
-
     old = getattr(model.config, METADATA_KEY, None)
     meta = dict(old) if isinstance(old, dict) else {}
     meta.update(

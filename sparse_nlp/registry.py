@@ -1,23 +1,24 @@
-"""Name -> class tables for sparsity methods, attention patterns and kernels.
+"""Name -> class tables for sparsity methods, attention patterns, kernels and structured scores.
 
 Everything a config or recipe names is looked up here and nowhere else: a name in a config.json can
-only select something that our package registered, never cause an import.
+only select something that our package registered, never cause an import of a module it names. Each table
+is the only list of its names: configs validate against it, so a newly registered entry passes validation.
+
+A table knows the modules of this package that fill it (``filled_by``) and imports them on its first
+lookup, so this module (and `sparse_nlp.config`, which validates names through it) imports no
+implementation, and ``import sparse_nlp`` stays light.
 """
 
 from __future__ import annotations
 
 import difflib
+import importlib
 from collections.abc import Callable, Iterator
 from typing import Generic, TypeVar
 
+from .errors import RegistryError
+
 T = TypeVar("T")
-
-
-class RegistryError(KeyError):
-    """Raised for an unknown name or a name registered twice."""
-
-    def __str__(self) -> str:  # KeyError quotes its message; we want it readable
-        return str(self.args[0]) if self.args else ""
 
 
 def suggest(name: str, choices: list[str]) -> str:
@@ -31,11 +32,21 @@ class Registry(Generic[T]):
 
     Args:
         kind: What the table holds, used in error messages (e.g. "pruning method").
+        filled_by: Modules of this package whose import registers the built-in entries; imported on the
+            first lookup (a deliberate lazy import: they pull in torch).
     """
 
-    def __init__(self, kind: str) -> None:
+    def __init__(self, kind: str, filled_by: tuple[str, ...] = ()) -> None:
         self.kind = kind
+        self.filled_by = filled_by
         self._items: dict[str, T] = {}
+        self._filled = not filled_by
+
+    def _fill(self) -> None:
+        if not self._filled:
+            self._filled = True
+            for module in self.filled_by:
+                importlib.import_module(module)
 
     def register(self, name: str) -> Callable[[T], T]:
         """Decorator that registers an object under `name`; registering a name twice is an error."""
@@ -50,6 +61,7 @@ class Registry(Generic[T]):
 
     def get(self, name: str) -> T:
         """Look up `name`; an unknown name raises with the known names and the closest match."""
+        self._fill()
         try:
             return self._items[name]
         except KeyError:
@@ -59,9 +71,12 @@ class Registry(Generic[T]):
             ) from None
 
     def names(self) -> list[str]:
+        """The registered names, sorted."""
+        self._fill()
         return sorted(self._items)
 
     def __contains__(self, name: object) -> bool:
+        self._fill()
         return name in self._items
 
     def __iter__(self) -> Iterator[str]:
@@ -69,10 +84,12 @@ class Registry(Generic[T]):
 
 
 # Weight (neuron-to-neuron) pruning methods: sparse_nlp.pruning.methods.PruningMethod subclasses.
-PRUNING_METHODS: Registry = Registry("pruning method")
+PRUNING_METHODS: Registry = Registry("pruning method", filled_by=("sparse_nlp.pruning.builtin",))
 # Attention (token-to-token) patterns: mask-function factories.
-ATTENTION_PATTERNS: Registry = Registry("attention pattern")
+ATTENTION_PATTERNS: Registry = Registry("attention pattern", filled_by=("sparse_nlp.attention.patterns",))
 # Attention kernels: functions with transformers' attention-interface signature.
-ATTENTION_KERNELS: Registry = Registry("attention kernel")
+ATTENTION_KERNELS: Registry = Registry("attention kernel", filled_by=("sparse_nlp.attention.kernels",))
 # Structured (whole unit) importance scores.
-STRUCTURED_SCORES: Registry = Registry("structured importance score")
+STRUCTURED_SCORES: Registry = Registry(
+    "structured importance score", filled_by=("sparse_nlp.structured.scores",)
+)

@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field
 
 from torch import nn
 
+from .pruning.experts import SUFFIX, select_experts
 from .pruning.masking import get_mask
 from .targets import UnsupportedModelError, is_prunable, model_targets, module_group
 
@@ -78,8 +79,6 @@ class SparsityReport:
 
 def _expert_rows(model: nn.Module) -> list[ModuleRow]:
     """One row per fused expert parameter (E, out, in) of a mixture-of-experts family; none for others."""
-    from .pruning.experts import SUFFIX, select_experts
-
     try:
         experts = select_experts(model, ["all-linear"])
     except UnsupportedModelError:
@@ -135,3 +134,15 @@ def report(model: nn.Module) -> SparsityReport:
         totals["model"].nonzeros += int((p.detach() != 0).sum())
     out.groups = {g: t for g, t in totals.items() if t.numel}
     return out
+
+
+def measured_sparsity(model: nn.Module) -> dict[str, float]:
+    """Fractions of zeros measured on the weights: transformer blocks (attention + FFN Linear) and all Linear."""
+    groups = report(model).groups
+    blocks = [groups[g] for g in ("attention", "ffn") if g in groups]
+    numel = sum(g.numel for g in blocks)
+    nonzeros = sum(g.nonzeros for g in blocks)
+    return {
+        "block_sparsity": round(1.0 - nonzeros / numel, 4) if numel else 0.0,
+        "linear_sparsity": round(groups["linear"].sparsity, 4) if "linear" in groups else 0.0,
+    }

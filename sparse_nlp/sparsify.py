@@ -7,92 +7,28 @@ selects nothing, or a calibrated method without data raises and leaves the model
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from typing import Any
 
-import torch
 from torch import nn
-from tqdm.auto import tqdm
 
-from .config import ConfigError, SparsityConfig, WeightSparsity
+from .attention.apply import apply_attention, check_pattern, extend_for, remove_attention
+from .config import SparsityConfig, WeightSparsity
+from .errors import ConfigError, UnsupportedModelError
 from .metadata import METADATA_KEY, read_metadata, write_metadata
+from .pruning.calibration import check_calibration_plans, prune_with_calibration
 from .pruning.experts import detach_expert_masks, masked_experts, prune_experts, select_experts
-from .pruning.masking import attach_mask, detach_mask, masked_modules
-from .pruning.masks import global_masks
-from .pruning.methods import PruningMethod, get_method
-from .pruning.patterns import Pattern
+from .pruning.masking import detach_mask, masked_modules
+from .pruning.methods import get_method
+from .pruning.plan import LayerPlan, plan_weight_rules, prune_without_data  # noqa: F401  (LayerPlan: its earlier path)
+from .structured import apply_structured
 from .targets import (
     ModelTargets,
-    UnsupportedModelError,
     base_relative_name,
-    is_transposed,
-    linear_weight,
     model_targets,
-    select_modules,
     use_targets,
 )
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class LayerPlan:
-    """One layer to prune: what the calibration pass and the selection step need to know."""
-
-    name: str
-    module: nn.Module
-    rule: WeightSparsity
-    method: PruningMethod
-    sparsity: float
-    pattern: Pattern
-
-
-def plan_weight_rules(model: nn.Module, rules: list[WeightSparsity]) -> list[LayerPlan]:
-    """Resolve each rule to its layers; a layer chosen by two rules is an error."""
-    plans: list[LayerPlan] = []
-    owner: dict[str, int] = {}
-    for i, rule in enumerate(rules):
-        method = get_method(rule.method, rule.options)
-        pattern = rule.parsed_pattern(f"weights[{i}]")
-        for name, module in select_modules(model, rule.targets, rule.exclude).items():
-            if name in owner:
-                raise ConfigError(
-                    f"weights[{i}] selects {name!r}, which weights[{owner[name]}] already prunes; "
-                    "give each layer to one rule (use 'exclude')."
-                )
-            owner[name] = i
-            plans.append(LayerPlan(name, module, rule, method, rule.sparsity, pattern))
-    return plans
-
-
-def _prune_without_data(plans: list[LayerPlan], progress: bool) -> None:
-    # global budgets are solved per rule, all its layers at once
-    by_rule: dict[int, list[LayerPlan]] = {}
-    for plan in plans:
-        by_rule.setdefault(id(plan.rule), []).append(plan)
-    for group in by_rule.values():
-        rule = group[0].rule
-        if rule.scope == "global":
-            scores = {p.name: p.method.score(linear_weight(p.module), None) for p in group}
-            masks = global_masks(scores, rule.sparsity)
-            for p in group:
-                _attach_oi(p.module, masks[p.name], None)
-            continue
-        for p in tqdm(
-            group, desc=f"{rule.method} pruning", unit="layer", disable=not progress or len(group) < 2
-        ):
-            mask, new_weight = p.method.prune_layer(
-                linear_weight(p.module), p.sparsity, p.pattern, rule.scope, None
-            )
-            _attach_oi(p.module, mask, new_weight)
-
-
-def _attach_oi(module: nn.Module, mask_oi: torch.Tensor, new_weight_oi: torch.Tensor | None) -> None:
-    """Attach an (out, in) mask (and optional new (out, in) weight) in the module's own weight layout."""
-    if new_weight_oi is not None:
-        with torch.no_grad():
-            linear_weight(module).copy_(new_weight_oi)
-    attach_mask(module, mask_oi.t() if is_transposed(module) else mask_oi)
 
 
 def sparsify(
@@ -144,7 +80,7 @@ def sparsify(
                 f"{plan.name!r} is already pruned; call sparse_nlp.to_dense(model) first to start over."
             )
     # profile 'owl' weighs layers by activation outliers, so it needs calibration data even for magnitude
-    needs_data = [p for p in plans if p.method.needs_calibration or p.rule.profile == "owl"]
+    needs_data = [p for p in plans if p.needs_data]
     if needs_data and data is None:
         what = f"pruning method {needs_data[0].method.name!r}"
         if not needs_data[0].method.needs_calibration:
@@ -155,22 +91,14 @@ def sparsify(
         )
     experts = _plan_experts(model, config.weights, already)
     if needs_data:
-        from .pruning.calibration import check_calibration_plans
-
         check_calibration_plans(plans)
     if config.attention is not None:
-        from .attention.apply import check_pattern, extend_for
-
         check_pattern(model, config.attention)  # a pattern the family cannot use fails before any change
         extend_for(model, config.attention)  # before calibration, which may run past the old positions
     if config.structured is not None:
-        from .structured import apply_structured  # noqa: PLC0415  (optional part, imported when used)
-
         apply_structured(model, config.structured, data=data, tokenizer=tokenizer, progress=progress)
         plans = plan_weight_rules(model, config.weights)  # removal may have swapped the Linear modules
     if needs_data:
-        from .pruning.calibration import prune_with_calibration
-
         prune_with_calibration(
             model,
             plans,
@@ -181,14 +109,12 @@ def sparsify(
             progress=progress,
         )
     elif plans:
-        _prune_without_data(plans, progress)
+        prune_without_data(plans, progress)
     for i, chosen in experts.items():
         rule = config.weights[i]
         method = get_method(rule.method, rule.options)
         prune_experts(chosen, method, rule.sparsity, rule.parsed_pattern(f"weights[{i}]"), rule.scope)
     if config.attention is not None:
-        from .attention.apply import apply_attention
-
         apply_attention(model, config.attention)
 
     merged = config if previous is None else _merge(previous, config)
@@ -249,7 +175,5 @@ def to_dense(model: nn.Module) -> nn.Module:
         meta = getattr(model.config, METADATA_KEY)
         delattr(model.config, METADATA_KEY)
         if isinstance(meta, dict) and meta.get("config", {}).get("attention") is not None:
-            from .attention.apply import remove_attention
-
             remove_attention(model)
     return model

@@ -23,6 +23,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .config import TARGET_GROUPS
+from .errors import TargetError, UnsupportedModelError
 
 logger = logging.getLogger(__name__)
 
@@ -30,14 +31,6 @@ FEATURES = ("weights", "calibration", "structured", "attention")
 """Feature names of `ModelTargets.refusal` and of the support table: weight sparsity without data
 (magnitude, any pattern), one-shot calibrated pruning (Wanda, SparseGPT, the OWL profile), structured
 removal of heads and FFN neurons, and sparse attention patterns."""
-
-
-class UnsupportedModelError(ValueError):
-    """The model's ``model_type`` has no entry in the targets table."""
-
-
-class TargetError(ValueError):
-    """A target selection that matches nothing or names an unknown group."""
 
 
 @dataclass(frozen=True)

@@ -282,19 +282,29 @@ def test_save_load_restores_pattern(tmp_path, family):
     assert loaded.config._attn_implementation == "sdpa"
 
 
-def test_plain_transformers_refuses_a_sparse_attention_checkpoint(tmp_path):
+@pytest.mark.parametrize("with_sparse_nlp", [False, True])
+def test_plain_transformers_and_a_sparse_attention_checkpoint(tmp_path, with_sparse_nlp):
+    """Without sparse_nlp plain transformers refuses the checkpoint loudly; after `import sparse_nlp` (which loads
+    no model code itself) it loads it with the sparse attention, in a fresh process."""
     model = tiny_model("bert")
     sparse_nlp.sparsify(model, SparsityConfig(attention=window_for("bert", 4)), progress=False)
     sparse_nlp.save_pretrained(model, tmp_path / "m")
-    code = (
-        "import sys, transformers\n"
-        f"transformers.AutoModelForSequenceClassification.from_pretrained({str(tmp_path / 'm')!r})\n"
-        "assert 'sparse_nlp' not in sys.modules\n"
-    )
+    load = f"m = transformers.AutoModelForSequenceClassification.from_pretrained({str(tmp_path / 'm')!r})\n"
+    if with_sparse_nlp:
+        code = (
+            "import sys, sparse_nlp, transformers\n"
+            "assert 'transformers.modeling_utils' not in sys.modules\n"
+            f"{load}assert m.config._attn_implementation == {ATTN_NAME!r}, m.config._attn_implementation\n"
+        )
+    else:
+        code = f"import sys, transformers\n{load}assert 'sparse_nlp' not in sys.modules\n"
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
-    assert done.returncode != 0
-    assert 'attn_implementation="sparse_nlp"' in done.stderr and "not supported" in done.stderr
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    if with_sparse_nlp:
+        assert done.returncode == 0, done.stderr[-2000:]
+    else:
+        assert done.returncode != 0
+        assert 'attn_implementation="sparse_nlp"' in done.stderr and "not supported" in done.stderr
 
 
 @pytest.mark.parametrize("family", DECODERS)

@@ -7,11 +7,12 @@ from typing import Any
 
 from torch import nn
 
-from ..config import AttentionSparsity, ConfigError
+from ..config import AttentionSparsity
+from ..errors import AttentionPatternError, ConfigError
 from ..targets import require
 from . import registration
 from .long_context import extend_positions, position_table
-from .patterns import AttentionPatternError, Pattern, build_pattern
+from .patterns import Pattern, build_pattern
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +50,7 @@ def check_pattern(model: nn.Module, attention: AttentionSparsity) -> Pattern:
             f"attention pattern names position {top}, beyond the {limit} positions {model_type} can hold "
             "(max_position_embeddings); use positions inside the sequence."
         )
-    if attention.kernel == "blocked" and (pattern.band() is None or pattern.band().left < 0):
+    if attention.kernel == "blocked" and (pattern.band() is None or not pattern.band().has_band):
         raise AttentionPatternError(
             f"attention.kernel 'blocked' runs window + global-token patterns only; {attention.pattern!r} has no band "
             "form. Use kernel 'auto', 'flex' or 'reference'."

@@ -16,7 +16,8 @@ import torch
 from torch import nn
 from transformers.cache_utils import Cache, DynamicLayer
 
-from .patterns import AttentionPatternError, SinkWindow, build_pattern
+from ..errors import AttentionPatternError
+from .patterns import SinkWindow, build_pattern
 from .registration import settings
 from .spec import left_shift
 

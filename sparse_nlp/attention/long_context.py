@@ -13,8 +13,8 @@ import logging
 import torch
 from torch import nn
 
+from ..errors import AttentionPatternError
 from ..targets import model_targets
-from .patterns import AttentionPatternError
 
 logger = logging.getLogger(__name__)
 

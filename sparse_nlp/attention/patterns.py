@@ -29,12 +29,8 @@ from typing import Any, ClassVar
 
 import torch
 
-from ..config import ConfigError
-from ..registry import ATTENTION_PATTERNS, RegistryError
-
-
-class AttentionPatternError(ConfigError):
-    """A pattern option with a bad value, or a pattern that does not fit the model or the input (a `ConfigError`)."""
+from ..errors import AttentionPatternError, RegistryError
+from ..registry import ATTENTION_PATTERNS
 
 
 @dataclass
@@ -57,18 +53,23 @@ class BandStructure:
     """What the blocked kernel needs: a band plus global positions (those patterns only).
 
     Attributes:
-        left: Keys visible before the query (``q - kv <= left``).
-        right: Keys visible after the query (``kv - q <= right``); 0 for causal patterns.
+        left: Keys visible before the query (``q - kv <= left``); None when there is no band (global tokens only).
+        right: Keys visible after the query (``kv - q <= right``); 0 for causal patterns; None with `left`.
         positions: Global logical positions (attend to everything allowed, attended by every query).
         token_ids: Token ids whose positions are global.
         causal: Whether every allowed key lies at or before its query.
     """
 
-    left: int
-    right: int
+    left: int | None
+    right: int | None
     positions: tuple[int, ...] = ()
     token_ids: tuple[int, ...] = ()
     causal: bool = False
+
+    @property
+    def has_band(self) -> bool:
+        """Whether there is a window band (not only global tokens)."""
+        return self.left is not None
 
 
 def _check_int(name: str, value: Any, *, minimum: int) -> int:
@@ -114,6 +115,27 @@ class Pattern:
 
     def options(self) -> dict[str, Any]:
         return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}  # type: ignore[arg-type]
+
+    @classmethod
+    def from_options(cls, options: dict[str, Any] | None = None) -> Pattern:
+        """Build the pattern from an options dict (lists become tuples), naming an unknown or bad option.
+
+        Raises:
+            AttentionPatternError: an unknown option or a bad option value.
+        """
+        options = dict(options or {})
+        known = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
+        unknown = sorted(set(options) - set(known))
+        if unknown:
+            raise AttentionPatternError(
+                f"attention.options: unknown option(s) {unknown} for pattern {cls.name!r}; known: {', '.join(known)}."
+            )
+        for key, value in list(options.items()):
+            if isinstance(value, list):
+                options[key] = tuple(value)
+            if key == "causal" and not isinstance(value, bool):
+                raise AttentionPatternError(f"attention.options.causal must be true or false, got {value!r}.")
+        return cls(**options)
 
     def to_dict(self) -> dict[str, Any]:
         return {"pattern": self.name, "options": self.options()}
@@ -218,7 +240,7 @@ class GlobalTokens(Pattern):
 
     def band(self):
         return BandStructure(
-            left=-1, right=-1, positions=self.positions, token_ids=self.token_ids, causal=self.causal
+            left=None, right=None, positions=self.positions, token_ids=self.token_ids, causal=self.causal
         )
 
     def max_position(self):
@@ -419,6 +441,31 @@ class Union(Pattern):
     parts: tuple[Pattern, ...] = field(default_factory=tuple)
     name: ClassVar[str] = "union"
 
+    @classmethod
+    def from_options(cls, options: dict[str, Any] | None = None) -> Union:
+        """Build a union from ``{"patterns": [{"pattern": name, "options": {...}} or a Pattern, ...]}``."""
+        options = dict(options or {})
+        specs = options.pop("patterns", None)
+        if options:
+            raise AttentionPatternError(
+                f"attention.options: union takes only 'patterns', got {sorted(options)}."
+            )
+        if not isinstance(specs, list | tuple):
+            raise AttentionPatternError(
+                f"attention.options.patterns must be a list of patterns, got {specs!r}."
+            )
+        parts = []
+        for i, spec in enumerate(specs):
+            if isinstance(spec, Pattern):
+                parts.append(spec)
+                continue
+            if not isinstance(spec, dict) or "pattern" not in spec or set(spec) - {"pattern", "options"}:
+                raise AttentionPatternError(
+                    f"attention.options.patterns[{i}] must be {{'pattern': name, 'options': {{...}}}}, got {spec!r}."
+                )
+            parts.append(build_pattern(spec["pattern"], spec.get("options")))
+        return cls(parts=tuple(parts))
+
     def __post_init__(self) -> None:
         if len(self.parts) < 1:
             raise AttentionPatternError("attention.options.patterns: a union needs at least one pattern.")
@@ -440,10 +487,10 @@ class Union(Pattern):
         causal = self.causal
         if len({b.causal for b in bands}) > 1:
             return None
-        windows = [b for b in bands if b.left >= 0]
+        windows = [b for b in bands if b.has_band]
         if len(windows) > 1:
             return None
-        left, right = (windows[0].left, windows[0].right) if windows else (-1, -1)
+        left, right = (windows[0].left, windows[0].right) if windows else (None, None)
         positions = tuple(sorted({p for b in bands for p in b.positions}))
         token_ids = tuple(sorted({t for b in bands for t in b.token_ids}))
         return BandStructure(left=left, right=right, positions=positions, token_ids=token_ids, causal=causal)
@@ -463,8 +510,7 @@ def build_pattern(name: str, options: dict[str, Any] | None = None) -> Pattern:
     """Build a registered pattern from its name and options (as an `AttentionSparsity` holds them).
 
     Args:
-        name: Registered pattern name (``sliding_window``, ``global_tokens``, ``sink_window``,
-            ``dilated_window``, ``strided``, ``fixed``, ``bigbird``, ``union``).
+        name: Registered pattern name (see `sparse_nlp.registry.ATTENTION_PATTERNS`).
         options: The pattern's fields; for ``union``, ``{"patterns": [{"pattern": ..., "options": ...}]}``.
 
     Raises:
@@ -474,40 +520,7 @@ def build_pattern(name: str, options: dict[str, Any] | None = None) -> Pattern:
         cls = ATTENTION_PATTERNS.get(name)
     except RegistryError as err:
         raise AttentionPatternError(f"attention.pattern: {err}") from None
-    options = dict(options or {})
-    if cls is Union:
-        specs = options.pop("patterns", None)
-        if options:
-            raise AttentionPatternError(
-                f"attention.options: union takes only 'patterns', got {sorted(options)}."
-            )
-        if not isinstance(specs, list | tuple):
-            raise AttentionPatternError(
-                f"attention.options.patterns must be a list of patterns, got {specs!r}."
-            )
-        parts = []
-        for i, spec in enumerate(specs):
-            if isinstance(spec, Pattern):
-                parts.append(spec)
-                continue
-            if not isinstance(spec, dict) or "pattern" not in spec or set(spec) - {"pattern", "options"}:
-                raise AttentionPatternError(
-                    f"attention.options.patterns[{i}] must be {{'pattern': name, 'options': {{...}}}}, got {spec!r}."
-                )
-            parts.append(build_pattern(spec["pattern"], spec.get("options")))
-        return Union(parts=tuple(parts))
-    known = [f.name for f in dataclasses.fields(cls)]
-    unknown = sorted(set(options) - set(known))
-    if unknown:
-        raise AttentionPatternError(
-            f"attention.options: unknown option(s) {unknown} for pattern {name!r}; known: {', '.join(known)}."
-        )
-    for key, value in list(options.items()):
-        if isinstance(value, list):
-            options[key] = tuple(value)
-        if key == "causal" and not isinstance(value, bool):
-            raise AttentionPatternError(f"attention.options.causal must be true or false, got {value!r}.")
-    return cls(**options)
+    return cls.from_options(options)
 
 
 def dense_mask(

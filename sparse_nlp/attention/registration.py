@@ -23,8 +23,9 @@ from transformers.masking_utils import (
     causal_mask_function,
 )
 
+from ..errors import AttentionPatternError
 from .kernels import run_kernel
-from .patterns import AttentionPatternError, build_pattern
+from .patterns import build_pattern
 from .spec import MaskSpec, left_shift
 
 ATTN_NAME = "sparse_nlp"

@@ -13,7 +13,8 @@ from typing import Any
 
 import torch
 
-from .patterns import AttentionPatternError, Pattern, dense_mask
+from ..errors import AttentionPatternError
+from .patterns import Pattern, dense_mask
 
 
 @dataclass
@@ -80,7 +81,7 @@ class MaskSpec:
             self.extra is None
             or band is None
             or band.token_ids
-            or band.left < 0
+            or not band.has_band
             or not self.is_self_attention()
         ):
             return False

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-
-class BenchError(ValueError):
-    """Bad benchmark arguments (shapes, threads, a sequence longer than a model accepts)."""
+from ..errors import BenchError
 
 
 def _int_list(text: str, what: str) -> list[int]:

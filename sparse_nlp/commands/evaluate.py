@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import argparse
 
+from ..evaluation.glue import EVALUABLE
+
 
 def add_parser(subparsers) -> None:
-    from ..evaluation.tasks import TASKS
-
     p = subparsers.add_parser(
         "evaluate",
         help="score a sequence-classification model on a GLUE task",
         description="Evaluate MODEL on a GLUE dev set; prints the metrics as JSON and writes them to --json.",
     )
     p.add_argument("model", help="model folder (sparse or dense), Hub id, or alias")
-    p.add_argument("--task", required=True, choices=sorted(TASKS))
+    p.add_argument("--task", required=True, choices=sorted(EVALUABLE))
     p.add_argument(
         "--data-dir",
         default=None,
@@ -39,7 +39,8 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from ..evaluation.tasks import evaluate_glue, load_for_task
-    from ..recipes import measured_sparsity, resolve_device
+    from ..models import resolve_device
+    from ..report import measured_sparsity
 
     device = resolve_device(args.device)
     model, tokenizer = load_for_task(args.model, args.task)

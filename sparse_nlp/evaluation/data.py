@@ -16,37 +16,22 @@ import csv
 import os
 from pathlib import Path
 
+from ..errors import DataError
+from .glue import GLUE
+
 DATA_DIR_ENV = "SPARSE_NLP_DATA_DIR"
 
-# task -> (text columns, label column, label dtype); label names map string labels to GLUE ids
+# task -> how to read it: text columns, label column, regression, num_labels, TSV options (from the GLUE table)
 GLUE_TASKS: dict[str, dict] = {
-    "sst2": {"text": ("sentence",), "label": "label", "regression": False, "num_labels": 2},
-    "cola": {
-        "text": ("sentence",),
-        "label": "label",
-        "regression": False,
-        "num_labels": 2,
-        "header": None,
-        "names": ("source", "label", "original_label", "sentence"),
-    },
-    "rte": {
-        "text": ("sentence1", "sentence2"),
-        "label": "label",
-        "regression": False,
-        "num_labels": 2,
-        "label_ids": {"entailment": 0, "not_entailment": 1},
-    },
-    "stsb": {"text": ("sentence1", "sentence2"), "label": "score", "regression": True, "num_labels": 1},
+    name: {"text": t.text, "label": t.label, "regression": t.regression, "num_labels": t.num_labels, **t.read}
+    for name, t in GLUE.items()
+    if t.evaluable
 }
 SPLITS = {"train": "train", "dev": "dev", "validation": "dev"}
 TEXT_CORPORA = {
     "wikitext2": {"valid": "wikitext-2-raw/wiki.valid.raw", "test": "wikitext-2-raw/wiki.test.raw"},
     "tinyshakespeare": {"train": "tinyshakespeare/input.txt"},
 }
-
-
-class DataError(FileNotFoundError):
-    """A data set that cannot be found or read; the message lists what was looked for."""
 
 
 def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> Path | None:

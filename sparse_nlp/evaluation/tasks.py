@@ -16,7 +16,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..models import load_model, resolve_model
+from ..registry import suggest
 from .data import GLUE_TASKS, load_glue_rows
+from .glue import EVALUABLE, GLUE
+from .metrics import load_metric
 
 logger = logging.getLogger(__name__)
 
@@ -32,17 +36,13 @@ class TaskInfo:
 
 
 TASKS: dict[str, TaskInfo] = {
-    "sst2": TaskInfo("sst2", 2, False, "accuracy"),
-    "cola": TaskInfo("cola", 2, False, "matthews_correlation"),
-    "rte": TaskInfo("rte", 2, False, "accuracy"),
-    "stsb": TaskInfo("stsb", 1, True, "spearmanr"),
+    name: TaskInfo(name, GLUE[name].num_labels, GLUE[name].regression, GLUE[name].main_metric)
+    for name in EVALUABLE
 }
 
 
 def task_info(task: str) -> TaskInfo:
     if task not in TASKS:
-        from ..registry import suggest
-
         raise ValueError(f"unknown task {task!r}.{suggest(task, list(TASKS))} Known: {', '.join(TASKS)}.")
     return TASKS[task]
 
@@ -53,8 +53,6 @@ def load_for_task(name: str | os.PathLike, task: str) -> tuple[nn.Module, Any]:
     A model fine-tuned on the task keeps its head; a base model (e.g. ``minilm``) gets a new one.
     """
     from transformers import AutoConfig
-
-    from ..models import load_model, resolve_model
 
     info = task_info(task)
     path = resolve_model(name)
@@ -97,8 +95,6 @@ def encode_glue(
 
 def compute_task_metrics(task: str, predictions, references) -> dict[str, float]:
     """The task's GLUE metrics (from the offline ``glue`` module), in percent."""
-    from .metrics import load_metric
-
     values = load_metric("glue", task).compute(predictions=list(predictions), references=list(references))
     return {k: round(100.0 * float(v), 2) for k, v in values.items()}
 

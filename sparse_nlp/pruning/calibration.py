@@ -27,10 +27,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..config import ConfigError
+from ..errors import ConfigError
 from ..targets import layer_index, linear_weight, model_targets
 from .methods import LayerStats
 from .patterns import NM
+from .plan import LayerPlan, attach_oi, prune_without_data
+from .profiles import owl_sparsities
 
 logger = logging.getLogger(__name__)
 
@@ -344,7 +346,7 @@ def _full_forward_stats(
 def check_calibration_plans(plans: list) -> None:
     """Reject, before anything changes, what the calibrated pass cannot do (a global budget, OWL with N:M)."""
     for plan in plans:
-        calibrated = plan.method.needs_calibration or plan.rule.profile == "owl"
+        calibrated = plan.needs_data
         if calibrated and plan.rule.scope == "global":
             raise ConfigError(
                 f"scope 'global' cannot be used with {plan.method.name!r}"
@@ -361,7 +363,7 @@ def check_calibration_plans(plans: list) -> None:
 
 def prune_with_calibration(
     model: nn.Module,
-    plans: list,
+    plans: list[LayerPlan],
     data: Any,
     *,
     tokenizer: Any = None,
@@ -373,7 +375,7 @@ def prune_with_calibration(
 
     Args:
         model: A transformers model of a supported family (encoder or decoder), in eval mode or not.
-        plans: `sparse_nlp.sparsify.LayerPlan` items (layer, rule, method, sparsity, pattern).
+        plans: `sparse_nlp.pruning.plan.LayerPlan` items (layer, rule, method, sparsity, pattern).
         data: Calibration data (see `calibration_batches`).
         tokenizer: Tokenizer for text data.
         num_samples: Calibration samples used.
@@ -386,18 +388,15 @@ def prune_with_calibration(
     Raises:
         ConfigError: no usable data, or a plan the pass cannot do (see `check_calibration_plans`).
     """
-    from ..sparsify import _attach_oi, _prune_without_data  # noqa: PLC0415  (sparsify imports this module lazily)
-    from .profiles import owl_sparsities
-
     check_calibration_plans(plans)
     batches = calibration_batches(data, tokenizer, num_samples=num_samples, seq_len=seq_len)
     was_training = model.training
     model.eval()
     try:
-        calibrated = [p for p in plans if p.method.needs_calibration or p.rule.profile == "owl"]
+        calibrated = [p for p in plans if p.needs_data]
         direct = [p for p in plans if p not in calibrated]
         if direct:
-            _prune_without_data(direct, progress)
+            prune_without_data(direct, progress)
         sparsities = {p.name: p.sparsity for p in plans}
         owl = [p for p in calibrated if p.rule.profile == "owl"]
         if owl:
@@ -418,9 +417,9 @@ def prune_with_calibration(
                 mask, new_weight = p.method.prune_layer(
                     linear_weight(p.module), sparsities[p.name], p.pattern, p.rule.scope, stats.get(p.name)
                 )
-                _attach_oi(p.module, mask, new_weight)
+                attach_oi(p.module, mask, new_weight)
 
-        dense = any(getattr(p.method, "needs_dense_inputs", False) for p in calibrated)
+        dense = any(p.method.needs_dense_inputs for p in calibrated)
 
         def per_block(i: int, collect: Callable) -> None:
             group = by_block.get(i, [])
@@ -431,7 +430,7 @@ def prune_with_calibration(
             stats = collect(
                 {p.name: p.module for p in need},
                 {p.name for p in need if p.method.needs_hessian},
-                {p.name for p in need if getattr(p.method, "needs_dense_inputs", False)},
+                {p.name for p in need if p.method.needs_dense_inputs},
             )
             prune(group, stats)
 

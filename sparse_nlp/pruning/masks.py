@@ -16,11 +16,8 @@ import math
 
 import torch
 
+from ..errors import MaskShapeError
 from .patterns import NM, Block, Pattern, Unstructured
-
-
-class MaskShapeError(ValueError):
-    """A layer whose shape cannot hold the requested pattern (e.g. in_features not a multiple of M)."""
 
 
 def num_pruned(sparsity: float, n: int) -> int:

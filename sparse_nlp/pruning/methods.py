@@ -14,6 +14,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from ..errors import ConfigError
 from ..registry import PRUNING_METHODS, suggest
 from .masks import select_mask
 from .patterns import Pattern
@@ -45,8 +46,9 @@ class LayerStats:
 class PruningMethod:
     """Base class of weight-pruning methods.
 
-    Subclasses set `name`, `needs_calibration`, optionally `needs_hessian` and an `Options` dataclass, and
-    implement `score`.
+    Subclasses set `name`, `needs_calibration`, optionally `needs_hessian`, `needs_dense_inputs` and an
+    `Options` dataclass, and implement `score`. These class attributes are the method's capabilities: the
+    calibration pass reads them to decide what to collect.
     """
 
     name: ClassVar[str] = ""
@@ -59,13 +61,16 @@ class PruningMethod:
         known = [f.name for f in dataclasses.fields(self.Options)]
         for key in options:
             if key not in known:
-                from ..config import ConfigError
-
                 raise ConfigError(
                     f"unknown option {key!r} for pruning method {self.name!r}.{suggest(key, known)} "
                     f"Known options: {', '.join(known) or 'none'}."
                 )
         self.options = self.Options(**options)
+
+    @property
+    def needs_dense_inputs(self) -> bool:
+        """Whether the calibration pass must also gather the dense model's inputs (``LayerStats.cross``)."""
+        return False
 
     def score(self, weight: torch.Tensor, stats: LayerStats | None) -> torch.Tensor:
         """Importance of each entry of the (out, in) weight; higher is kept."""
@@ -79,9 +84,7 @@ class PruningMethod:
 
 
 def get_method(name: str, options: dict[str, Any] | None = None) -> PruningMethod:
-    """Instantiate a registered pruning method by name (fills the registry on first use)."""
-    from . import builtin  # noqa: F401  (registers the built-in methods)
-
+    """Instantiate a registered pruning method by name (the registry imports the built-in ones on first use)."""
     return PRUNING_METHODS.get(name)(options)
 
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..errors import ConfigError
 from ..registry import PRUNING_METHODS
 from .methods import LayerStats, PruningMethod
 
@@ -55,8 +56,6 @@ class MovementOptions:
     init_value: float = 0.0
 
     def __post_init__(self) -> None:
-        from ..config import ConfigError
-
         if self.variant not in VARIANTS:
             raise ConfigError(
                 f"movement option variant must be one of {', '.join(VARIANTS)}, got {self.variant!r}."
@@ -100,12 +99,9 @@ class MovementPruning(PruningMethod):
     """Movement pruning: scores learned during fine-tuning (see module docstring). Training-time only."""
 
     name = "movement"
-    training_only = True
     Options = MovementOptions
 
     def score(self, weight: torch.Tensor, stats: LayerStats | None) -> torch.Tensor:
-        from ..config import ConfigError
-
         raise ConfigError(
             "pruning method 'movement' learns its scores during training; use it with "
             "sparse_nlp.training.GradualPruner (Trainer callback or accelerate loop), not one-shot sparsify."

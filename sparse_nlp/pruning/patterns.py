@@ -10,13 +10,11 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from ..errors import PatternError
+
 ACCEPTED_FORMS = (
     '"unstructured", "N:M" with 0 < N < M (e.g. "2:4", "4:8"), "block:RxC" with R, C >= 1 (e.g. "block:4x4")'
 )
-
-
-class PatternError(ValueError):
-    """A pattern string that is not one of the accepted forms."""
 
 
 @dataclass(frozen=True)

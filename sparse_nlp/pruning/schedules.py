@@ -13,11 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..config import ConfigError
-
-
-class ScheduleError(ConfigError):
-    """A schedule with a bad field (the message names it)."""
+from ..errors import ScheduleError
 
 
 @dataclass

@@ -20,8 +20,9 @@ from dataclasses import dataclass
 
 import torch
 
+from ..errors import ConfigError, MaskShapeError
 from ..registry import PRUNING_METHODS
-from .masks import MaskShapeError, num_pruned
+from .masks import num_pruned
 from .methods import LayerStats, PruningMethod
 from .patterns import NM, Block, Pattern, Unstructured
 
@@ -46,8 +47,6 @@ class SparseGPTOptions:
     match_dense: bool = False
 
     def __post_init__(self) -> None:
-        from ..config import ConfigError
-
         if not (isinstance(self.percdamp, int | float) and self.percdamp > 0):
             raise ConfigError(f"sparsegpt option percdamp must be > 0, got {self.percdamp!r}.")
         if not (isinstance(self.blocksize, int) and self.blocksize >= 1):
@@ -275,8 +274,6 @@ class SparseGPTPruning(PruningMethod):
         self, weight: torch.Tensor, sparsity: float, pattern: Pattern, scope: str, stats: LayerStats | None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         if scope == "global":
-            from ..config import ConfigError
-
             raise ConfigError(
                 "sparsegpt prunes layer by layer; scope 'global' is not available (use per-layer or per-row)."
             )

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..errors import ConfigError
 from ..registry import PRUNING_METHODS
 from .masks import per_row_mask, select_mask
 from .methods import LayerStats, PruningMethod
@@ -31,8 +32,6 @@ class WandaOptions:
 
     def __post_init__(self) -> None:
         if self.comparison not in ("row", "layer"):
-            from ..config import ConfigError
-
             raise ConfigError(f"wanda option comparison must be 'row' or 'layer', got {self.comparison!r}.")
 
 

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import SparseRuntimeError
 from ..pruning.masking import MASK_BUFFER
 from . import kernels
 from .formats import CSRWeight
@@ -20,10 +21,6 @@ from .formats import CSRWeight
 METHODS = ("native", "torch_csr", "dense")
 BUCKETS = (1, 16, 128, 512)
 """Token counts the plan is made for; a call with T tokens uses the bucket nearest to T on a log scale."""
-
-
-class SparseRuntimeError(ValueError):
-    """A converted (inference-only) layer was used in a way it does not support: backward, a dtype or device."""
 
 
 def bucket_of(tokens: int, buckets: tuple[int, ...] = BUCKETS) -> int:

@@ -13,11 +13,12 @@ from typing import Any
 from torch import nn
 
 from ..config import StructuredSparsity
+from ..errors import ConfigError, StructuredError
 from ..registry import STRUCTURED_SCORES
+from ..targets import require
 from .removal import (
     EmptyAttention,
     LayerLayout,
-    StructuredError,
     keep_ffn,
     keep_heads,
     layer_layout,
@@ -75,13 +76,9 @@ def apply_structured(
     Returns:
         The new layout of every block.
     """
-    from ..targets import require
-
     require(model, "structured")  # families with fused or shared projections are refused with the reason
     unknown = sorted(set(cfg.options) - set(OPTION_DEFAULTS))
     if unknown:
-        from ..config import ConfigError
-
         raise ConfigError(
             f"structured.options: unknown option(s) {unknown}; known: {', '.join(OPTION_DEFAULTS)}."
         )

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from ..errors import StructuredError
 from ..pruning.masking import attach_mask, detach_mask, get_mask
 from ..targets import ModelTargets, is_transposed, model_targets
 
@@ -36,10 +37,6 @@ logger = logging.getLogger(__name__)
 
 HEAD_COUNT_ATTRS = ("num_attention_heads", "num_heads", "n_heads")
 """Attributes of the transformers attention modules that hold the number of query heads."""
-
-
-class StructuredError(ValueError):
-    """A structured-pruning request that cannot be applied (bad indices, unknown layout); the message says which."""
 
 
 # ---- layer layout ----------------------------------------------------------------------------------------
@@ -87,10 +84,6 @@ def _sub(block: nn.Module, path: str) -> nn.Module:
 
 def _out_features(module: nn.Module) -> int:
     return module.nf if isinstance(module, Conv1D) else module.out_features
-
-
-def _in_features(module: nn.Module) -> int:
-    return module.nx if isinstance(module, Conv1D) else module.in_features
 
 
 def _head_dim(model: nn.Module, attention: nn.Module) -> int:

@@ -326,9 +326,6 @@ def _movement(model: nn.Module, ctx: ScoreContext) -> UnitScores:
     return accumulate_gradient_scores(model, batches, absolute=False, progress=ctx.progress)
 
 
-NEEDS_DATA = {"weight-norm": False, "taylor": True, "movement": True}
-
-
 # ---- selection -----------------------------------------------------------------------------------------------
 
 

@@ -17,22 +17,20 @@ gives the same model.
 
 from __future__ import annotations
 
-import json
 import os
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
-from ..metadata import METADATA_KEY
-from .removal import StructuredError, keep_ffn, keep_heads, model_layout
+from ..config import SparsityConfig
+from ..errors import CheckpointError, StructuredError
+from ..metadata import METADATA_KEY, read_metadata, write_metadata
+from .removal import keep_ffn, keep_heads, model_layout
 
 RECORD_KEY = "structured"
 RECORD_VERSION = 1
-WEIGHTS_NAME = "model.safetensors"
-WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 
 
 def shape_record(model: nn.Module) -> dict[str, Any]:
@@ -53,9 +51,6 @@ def record_shapes(model: nn.Module, structured: Any = None) -> dict[str, Any]:
         model: A (possibly) structurally pruned model.
         structured: The `StructuredSparsity` applied, recorded in the config when it records none yet.
     """
-    from ..config import SparsityConfig
-    from ..metadata import read_metadata, write_metadata
-
     config = read_metadata(model.config) or SparsityConfig()
     if structured is not None and config.structured is None:
         config.structured = structured
@@ -103,41 +98,26 @@ def rebuild_shapes(model: nn.Module, record: dict[str, Any], where: str = "struc
         keep_ffn(model, lay.index, range(want["ffn"]))
 
 
-def _read_weights(path_or_id: str | os.PathLike, **hub_kwargs: Any) -> dict[str, torch.Tensor]:
-    from ..checkpoint import CheckpointError, resolve_file
-
-    single = resolve_file(path_or_id, WEIGHTS_NAME, **hub_kwargs)
-    if single is not None:
-        return load_file(str(single))
-    index = resolve_file(path_or_id, WEIGHTS_INDEX_NAME, **hub_kwargs)
-    if index is None:
-        raise CheckpointError(
-            f"{path_or_id}: no {WEIGHTS_NAME} or {WEIGHTS_INDEX_NAME}; a structured checkpoint needs safetensors."
-        )
-    shards = sorted(set(json.loads(Path(index).read_text())["weight_map"].values()))
-    tensors: dict[str, torch.Tensor] = {}
-    for shard in shards:
-        file = resolve_file(path_or_id, shard, **hub_kwargs)
-        if file is None:
-            raise CheckpointError(f"{path_or_id}: shard {shard} listed in {WEIGHTS_INDEX_NAME} is missing.")
-        tensors.update(load_file(str(file)))
-    return tensors
-
-
-def load_structured(cls: Any, path_or_id: str | os.PathLike, config: Any, **kwargs: Any) -> nn.Module:
+def load_structured(
+    cls: Any,
+    path_or_id: str | os.PathLike,
+    config: Any,
+    read_weights: Callable[..., dict[str, torch.Tensor]],
+    **kwargs: Any,
+) -> nn.Module:
     """Build `cls` from `config`, shrink it to the recorded shapes, then load the weights strictly.
 
     Args:
         cls: A transformers model class or Auto class.
         path_or_id: Checkpoint folder or Hub id.
         config: Its config (with our metadata).
+        read_weights: ``read_weights(path_or_id, **hub_options)`` -> the state dict stored there
+            (`sparse_nlp.checkpoint.read_weights`; the checkpoint module does the file work).
         **kwargs: ``dtype``, ``attn_implementation``, Hub options, and config overrides (e.g. ``num_labels``).
 
     Raises:
         CheckpointError: a weight missing, unexpected or of the wrong shape for the recorded layout.
     """
-    from ..checkpoint import CheckpointError
-
     hub_kwargs = {
         k: kwargs.pop(k)
         for k in ("revision", "cache_dir", "token", "local_files_only", "force_download")
@@ -158,7 +138,7 @@ def load_structured(cls: Any, path_or_id: str | os.PathLike, config: Any, **kwar
     build_fn = getattr(cls, "from_config", None) or cls._from_config  # Auto classes / model classes
     model = build_fn(config, **build)
     rebuild_shapes(model, record, f"{path_or_id}/config.json")
-    state = _read_weights(path_or_id, **hub_kwargs)
+    state = read_weights(path_or_id, **hub_kwargs)
     own = model.state_dict()
     wrong = [
         f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}"

@@ -31,7 +31,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
-from ..config import ConfigError
+from ..errors import ConfigError
 from .distillation import Distiller, task_loss
 from .pruner import GradualPruner
 

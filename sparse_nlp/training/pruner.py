@@ -26,7 +26,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..config import ConfigError, SparsityConfig, WeightSparsity
+from ..config import SparsityConfig, WeightSparsity
+from ..errors import ConfigError, UnsupportedModelError
 from ..metadata import read_metadata, write_metadata
 from ..pruning.experts import select_experts
 from ..pruning.masking import attach_mask, detach_mask, get_mask
@@ -39,9 +40,9 @@ from ..pruning.movement import (
     score_gradient,
     soft_mask,
 )
+from ..pruning.plan import LayerPlan, plan_weight_rules
 from ..pruning.schedules import CubicSchedule
-from ..sparsify import LayerPlan, plan_weight_rules
-from ..targets import UnsupportedModelError, is_transposed, linear_weight
+from ..targets import is_transposed, linear_weight
 
 logger = logging.getLogger(__name__)
 

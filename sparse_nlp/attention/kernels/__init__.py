@@ -12,13 +12,13 @@ import logging
 
 import torch
 
+from ...config import AUTO_KERNEL
 from ...registry import ATTENTION_KERNELS
 from ..spec import MaskSpec
 from . import blocked, flex, reference  # noqa: F401  (each registers its kernel)
 
 logger = logging.getLogger(__name__)
 
-KERNEL_CHOICES = ("auto", "reference", "blocked", "flex")
 AUTO_MIN_LENGTH = 256
 """Below this many queries `auto` uses the reference kernel (the mask is small and one call is cheapest)."""
 FLEX_MIN_LENGTH = 1024
@@ -49,20 +49,20 @@ def choose_kernel(spec: MaskSpec, needs_grad: bool, dropout: float = 0.0) -> str
     if (
         not can_block
         and spec.extra is not None
-        and (name == "blocked" or (name == "auto" and spec.q_length >= AUTO_MIN_LENGTH))
+        and (name == "blocked" or (name == AUTO_KERNEL and spec.q_length >= AUTO_MIN_LENGTH))
         and spec.pattern.band() is not None
         and spec.is_self_attention()
     ):
         _warn_extra_mask_once(spec)
     can_flex = flex.supports(spec, needs_grad, dropout)
-    if name == "reference":
-        return "reference"
     if name == "blocked":
         return "blocked" if can_block else "reference"
     if name == "flex":
         if can_flex:
             return "flex"
         return "blocked" if can_block else "reference"
+    if name != AUTO_KERNEL:  # reference, or another registered kernel: runs as asked
+        return name
     if spec.q_length < AUTO_MIN_LENGTH:
         return "reference"
     if can_block:
@@ -86,4 +86,4 @@ def run_kernel(
     return ATTENTION_KERNELS.get(name)(query, key, value, spec, scaling, dropout)
 
 
-__all__ = ["KERNEL_CHOICES", "choose_kernel", "run_kernel"]
+__all__ = ["choose_kernel", "run_kernel"]

@@ -20,6 +20,7 @@ from collections import OrderedDict
 import torch
 import torch.nn.functional as F
 
+from ...errors import FlexUnsupported
 from ...registry import ATTENTION_KERNELS
 from ..patterns import MaskContext, Pattern
 from ..spec import MaskSpec
@@ -29,10 +30,6 @@ logger = logging.getLogger(__name__)
 BUCKET = 128
 _MAX_CACHED = 32
 _block_masks: OrderedDict[tuple, object] = OrderedDict()
-
-
-class FlexUnsupported(ValueError):
-    """flex_attention cannot run this call (autograd, a cache, left padding, token ids)."""
 
 
 def supports(spec: MaskSpec, needs_grad: bool, dropout: float = 0.0) -> bool:
