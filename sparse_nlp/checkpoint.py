@@ -567,12 +567,42 @@ _CONFIG_OVERRIDES = (
 )
 
 
+def _remote_code_message(name: str) -> str:
+    return (
+        f"{name}/config.json: this checkpoint needs its own Python code (auto_map / an unknown model_type); "
+        "sparse_nlp never runs code from a checkpoint unless asked: pass trust_remote_code=True "
+        "(--trust-remote-code on the command line) only if you trust its author."
+    )
+
+
+def load_config(path_or_id: str | os.PathLike, name: str | None = None, **kwargs: Any) -> Any:
+    """``AutoConfig.from_pretrained`` with ``trust_remote_code=False`` unless the caller passes True.
+
+    A checkpoint that needs its own code (an ``auto_map`` for a ``model_type`` transformers does not know)
+    is refused with a `CheckpointError` instead of a prompt or an import of its Python files.
+    """
+    name = name or str(path_or_id)
+    kwargs["trust_remote_code"] = kwargs.get("trust_remote_code", False) is True
+    try:
+        return AutoConfig.from_pretrained(path_or_id, **kwargs)
+    except ValueError as err:
+        if "trust_remote_code" in str(err) or "auto_map" in str(err):
+            raise CheckpointError(_remote_code_message(name)) from None
+        if "model_type" in str(err) or "Unrecognized" in str(err):
+            raise CheckpointError(
+                f"{name}/config.json: transformers does not know this model type "
+                f"({str(err).splitlines()[0][:200]})"
+            ) from None
+        raise
+
+
 def _load_folder(folder: Path, model_class: type | None, name: str, **kwargs: Any) -> PreTrainedModel:
     """Load a verified local dense checkpoint folder; `name` is what error messages call it."""
     path_or_id = folder
     # config overrides (num_labels, ...) go into the config: transformers refuses them beside config=
     overrides = {k: kwargs.pop(k) for k in _CONFIG_OVERRIDES if k in kwargs}
-    config = kwargs.pop("config", None) or AutoConfig.from_pretrained(path_or_id)
+    trust = kwargs.pop("trust_remote_code", False) is True
+    config = kwargs.pop("config", None) or load_config(path_or_id, name, trust_remote_code=trust)
     for key, value in overrides.items():
         setattr(config, key, value)
     try:
@@ -586,7 +616,12 @@ def _load_folder(folder: Path, model_class: type | None, name: str, **kwargs: An
     ):  # shrunk blocks: rebuilt before the weights are read
         model = load_structured(cls, path_or_id, config, read_weights, **kwargs)
     else:
-        model = cls.from_pretrained(path_or_id, config=config, **kwargs)
+        try:
+            model = cls.from_pretrained(path_or_id, config=config, trust_remote_code=trust, **kwargs)
+        except ValueError as err:
+            if "trust_remote_code" not in str(err):
+                raise
+            raise CheckpointError(_remote_code_message(name)) from None
     if meta is not None:
         restore_masks(model, path_or_id, meta)
         sparsity = read_metadata(model.config)
