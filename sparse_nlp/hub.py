@@ -29,6 +29,7 @@ from typing import Any
 from .checkpoint import CONFIG_FILE, from_pretrained, save_pretrained, verify_checkpoint
 from .errors import HubError
 from .evaluation.glue import GLUE, HUB_DATASET
+from .formats.manifest import CHECKPOINT_PATTERNS
 from .metadata import METADATA_KEY, read_metadata
 from .report import report
 
@@ -40,22 +41,6 @@ BENCHMARK_FILES = ("benchmark.json", "speed.json")
 _WEIGHT_SUFFIXES = (".safetensors", ".safetensors.index.json", ".bin")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib", ".npy", ".npz")
 """Files that can run code when loaded (Python pickles): never uploaded, even when included."""
-PLAIN_CHECKPOINT_FILES = (
-    "config.json",
-    "generation_config.json",
-    "model.safetensors",
-    "model-*-of-*.safetensors",
-    "model.safetensors.index.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "vocab.txt",
-    "vocab.json",
-    "merges.txt",
-    "chat_template.jinja",
-)
-"""What a plain checkpoint (no sparse_nlp manifest) uploads: the files transformers itself writes."""
 
 # task name -> (Hub data set id, config, task type for model-index, title)
 TASKS = {
@@ -106,7 +91,7 @@ def push_files(
 
     By default exactly the checkpoint: ``config.json`` and the files its ``sparse_nlp.files`` manifest lists
     (weights, masks, tokenizer, recipe), or for a plain checkpoint without a manifest the files transformers
-    writes (`PLAIN_CHECKPOINT_FILES`). Nothing else under the folder goes (no Trainer checkpoints, evaluation
+    writes (`CHECKPOINT_PATTERNS`). Nothing else under the folder goes (no Trainer checkpoints, evaluation
     JSONs or logs). `include` adds files matching glob patterns (relative paths, ``**`` not needed:
     ``trainer/*`` matches one level); `exclude` removes added ones.
 
@@ -126,7 +111,7 @@ def push_files(
     if isinstance(manifest, dict):
         core = {"config.json", *manifest}
     else:
-        core = {f for f in on_disk if any(fnmatch.fnmatchcase(f, pat) for pat in PLAIN_CHECKPOINT_FILES)}
+        core = {f for f in on_disk if any(fnmatch.fnmatchcase(f, pat) for pat in CHECKPOINT_PATTERNS)}
     for pattern in exclude:
         hit = sorted(f for f in core if fnmatch.fnmatchcase(f, pattern))
         if hit:

@@ -57,6 +57,8 @@ def load_model(
     """
     import transformers
 
+    from .checkpoint import folder_state, read_lock
+
     path = resolve_model(name)
     classes = {
         None: None,
@@ -69,9 +71,14 @@ def load_model(
     if num_labels is not None:
         kwargs["num_labels"] = num_labels
     trust = kwargs.get("trust_remote_code", False) is True
-    model = from_pretrained(path, classes[task], **kwargs)
-    tokenizer = load_tokenizer(path, trust_remote_code=trust)
-    return model, tokenizer
+    for _attempt in range(3):  # a save switching the folder between the model and the tokenizer: again
+        before = folder_state(path)
+        model = from_pretrained(path, classes[task], **kwargs)
+        tokenizer = load_tokenizer(path, trust_remote_code=trust)
+        if before is None or folder_state(path) == before:
+            return model, tokenizer
+    with read_lock(path):  # saves keep coming: hold them off for one load
+        return from_pretrained(path, classes[task], **kwargs), load_tokenizer(path, trust_remote_code=trust)
 
 
 def load_tokenizer(path: str, *, trust_remote_code: bool = False):

@@ -432,7 +432,7 @@ def run_recipe(
     import torch
     from transformers import DataCollatorWithPadding, Trainer
 
-    from .checkpoint import save_pretrained
+    from .checkpoint import recover, save_pretrained
     from .evaluation.data import resolve_data_dir
     from .evaluation.tasks import encode_glue, evaluate_glue, load_for_task, task_info
     from .training.callback import SparsityCallback
@@ -536,6 +536,8 @@ def run_recipe(
                 callbacks=callbacks,
                 compute_loss_func=loss_func,
             )
+            if resume:  # a save killed while switching the stage folder: its Trainer folder comes back
+                recover(stage_dir)
             checkpoint = (
                 _resume_point(stage, stage_dir / "trainer", pruning=pruner is not None) if resume else None
             )
