@@ -336,7 +336,11 @@ def _count(key: str, n: int = 1) -> None:
 def _print_counts():
     yield
     if COUNTS:
-        print("\nFAULTS " + " ".join(f"{k}={v}" for k, v in sorted(COUNTS.items())))
+        import os
+
+        load = " ".join(f"{x:.1f}" for x in os.getloadavg())
+        print("\nFAULTS " + " ".join(f"{k}={v}" for k, v in sorted(COUNTS.items())), end="")
+        print(f" torch_threads={torch.get_num_threads()} loadavg={load}")
 
 
 def _signature(model, tokenizer=None) -> str:
@@ -382,11 +386,15 @@ def _fork(target, *args) -> int:
         try:
             import threading
 
-            from tqdm import tqdm
+            import tqdm.auto
+            import tqdm.std
+            from transformers.utils import logging as hf_logging
 
             # tqdm's default lock is a multiprocessing semaphore shared with the parent across fork: a child
-            # killed while holding it would block the parent's progress bars forever
-            tqdm.set_lock(threading.RLock())
+            # killed while holding it would block the parent's progress bars forever. No bars in children.
+            hf_logging.disable_progress_bar()
+            for cls in (tqdm.std.tqdm, tqdm.auto.tqdm):
+                cls.set_lock(threading.RLock())
             torch.set_num_threads(1)
             target(*args)
         except BaseException:  # noqa: BLE001
@@ -431,7 +439,7 @@ def test_concurrent_readers_and_writers_never_see_a_mix(tmp_path, two_saves):
     save_pretrained(models["A"][0], folder, tokenizer=models["A"][1])
     results = tmp_path / "results"
     results.mkdir()
-    seconds = 4.0
+    seconds = float(os.environ.get("SPARSE_NLP_FAULT_SECONDS", "4"))  # longer runs for the results page
     start = time.monotonic() + 0.5
 
     def writer(i: int) -> None:
@@ -561,7 +569,7 @@ def test_sigkill_at_random_times_of_repeated_saves(tmp_path, two_saves):
             n += 1
 
     rng = random.Random(0)
-    for _ in range(8):
+    for _ in range(6):
         pid = _fork(loop)
         time.sleep(rng.uniform(0.2, 1.0))
         os.kill(pid, signal.SIGKILL)
@@ -849,7 +857,7 @@ def test_training_killed_at_random_times_resumes_from_newest_complete(tmp_path):
     out = tmp_path / "trainer"
     rng = random.Random(1)
     resumed = 0
-    for _ in range(4):
+    for _ in range(3):
         pid = _fork(_train, out, 10_000)
         deadline = time.monotonic() + 60
         while not list(out.glob("checkpoint-*/sparse_pruner.json")) and time.monotonic() < deadline:
@@ -866,4 +874,4 @@ def test_training_killed_at_random_times_resumes_from_newest_complete(tmp_path):
         assert trainer.state.global_step == step + 1 and pruner.applied_step >= min(step, 20) - 2
         resumed += 1
         _count("training_resumes")
-    assert resumed == 4
+    assert resumed == 3
