@@ -397,8 +397,9 @@ def push_to_hub(
         revision: Branch to commit to, as in huggingface_hub.
         create_pr: Open a pull request instead of committing, as in huggingface_hub.
         card: Upload a generated ``README.md`` (False: upload the folder's own README.md, if any).
-        include, exclude: Glob patterns of more files to upload / of added files to leave out; by default
-            exactly the checkpoint's manifest is uploaded (see `push_files`); pickles never are.
+        include: Glob patterns of more files to upload; by default exactly the checkpoint's manifest is
+            uploaded (see `push_files`); pickles never are.
+        exclude: Glob patterns of files that `include` added and that stay local.
 
     Returns:
         `PushResult` with the commit URL and the uploaded file names.
