@@ -216,16 +216,11 @@ def verify_checkpoint(
         problem = manifest_problem(meta)
         if problem is not None:
             raise MetadataError(f"{config_path}: {METADATA_KEY}.{problem}")
-        root = folder.resolve()
         digests = meta.get("sha256") or {}
         hashes = _hashes_wanted(check_hashes)
         save_id = meta.get("save_id")
         for name, size, kind in listed_files(meta):
             path = folder / name
-            if root not in path.resolve().parents:
-                raise MetadataError(
-                    f"{config_path}: {METADATA_KEY}.files lists {name!r}, which resolves outside the folder."
-                )
             if not path.is_file():
                 raise CheckpointError(
                     f"{path}: {kind} is missing; config.json ({METADATA_KEY}.files) lists it as part of this checkpoint."
