@@ -12,20 +12,33 @@ With ``compact=True`` the dense weight files are replaced by ``sparse_nlp_compac
 weights as packed bitmask + kept values, N:M weights as values + small indices; see `sparse_nlp.compact`),
 which plain transformers refuses with an error naming sparse_nlp instead of loading random weights.
 
-Saves go to a temporary folder first and are moved into place at the end, so a failed save leaves no
-half-written checkpoint behind. The metadata lists every file of the checkpoint with its size
-(``sparse_nlp.files``), so a truncated, missing or swapped file is reported by name on load, before any
-weight is read.
+Saves are atomic: the whole new checkpoint is built in a hidden folder beside the target and switched in
+by renaming whole folders, so a reader sees the old checkpoint or the new one, never a mix, and a killed
+save leaves the old one intact (its leftovers are removed, with a warning, by the next save). Concurrent
+saves to one folder take turns through a lock file beside it (``.<name>.lock``). Files in the old folder
+that are not part of the checkpoint (a Trainer folder, evaluation JSONs) move to the new one.
+
+The metadata lists every file of the checkpoint with its size and SHA-256 (``sparse_nlp.files``,
+``sparse_nlp.sha256``) and a per-save id, also stamped into every safetensors file, so a truncated,
+missing, modified or swapped file is reported by name on load, before any weight is read. A load that
+overlaps a save is retried on the new checkpoint. Checkpoints written before these fields load with the
+checks they allow (sizes and headers).
 """
 
 from __future__ import annotations
 
+import errno
+import fnmatch
+import glob
+import hashlib
 import json
 import logging
 import math
 import os
 import shutil
+import sys
 import tempfile
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -44,13 +57,15 @@ from .errors import CheckpointError, CompactFormatError, MetadataError
 from .formats import compact as compact_format
 from .formats.compact import ATTN_MARKER, HEADER_KEY, is_compact, nonzero_entries
 from .formats.manifest import (
+    CHECKPOINT_PATTERNS,
     COMPACT_FILE,
     CONFIG_FILE,
     INDEX_FILE,
     MASKS_FILE,
     METADATA_KEY,
-    OUR_FILES,
+    SAVE_ID_KEY,
     listed_files,
+    manifest_problem,
     safetensors_problem,
     with_manifest,
 )
@@ -105,8 +120,9 @@ def load_masks(path: Path) -> dict[str, torch.Tensor]:
 # ---- damaged files ---------------------------------------------------------------------------------------
 
 
-def check_safetensors(path: Path) -> None:
-    """Raise `CheckpointError` naming `path` when its header is unreadable or the file is shorter/longer than it says."""
+def check_safetensors(path: Path) -> dict[str, Any]:
+    """Raise `CheckpointError` naming `path` when its header is unreadable or the file is shorter/longer than it
+    says; the parsed header otherwise."""
     size = path.stat().st_size
     header = None
     try:
@@ -117,36 +133,93 @@ def check_safetensors(path: Path) -> None:
                 header = json.loads(f.read(n))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise CheckpointError(f"{path}: damaged safetensors header ({err}).") from None
-    problem = safetensors_problem(size, n, header)
+    if header is not None and not isinstance(header, dict):
+        raise CheckpointError(f"{path}: damaged safetensors header (not a JSON object).")
+    try:
+        problem = safetensors_problem(size, n, header)
+    except (KeyError, TypeError, IndexError, AttributeError) as err:
+        raise CheckpointError(f"{path}: damaged safetensors header ({type(err).__name__}: {err}).") from None
     if problem is not None:
         raise CheckpointError(f"{path}: {problem}")
+    return header
 
 
-def verify_checkpoint(folder: str | os.PathLike) -> dict[str, Any] | None:
-    """Check a local checkpoint folder before loading it: config.json, listed files and their sizes, weight headers.
+HASH_ENV = "SPARSE_NLP_VERIFY_HASHES"
+"""Set to ``0`` to skip the SHA-256 check of checkpoint files on load (sizes, headers and save ids are still
+checked); for very large checkpoints on trusted storage. ``from_pretrained(..., check_hashes=False)`` and
+``verify_checkpoint(..., check_hashes=False)`` do the same for one call."""
+
+
+def file_sha256(path: Path) -> str:
+    """The SHA-256 hex digest of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _hashes_wanted(check_hashes: bool | None) -> bool:
+    if check_hashes is not None:
+        return bool(check_hashes)
+    return os.environ.get(HASH_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def verify_checkpoint(
+    folder: str | os.PathLike, *, check_hashes: bool | None = None
+) -> dict[str, Any] | None:
+    """Check a local checkpoint folder before loading it: config.json, the manifest's types, every listed file
+    (inside the folder, present, its size and SHA-256), weight headers and their save id.
+
+    Args:
+        folder: The checkpoint folder.
+        check_hashes: Compare every listed file with its recorded SHA-256 (default: yes, unless the
+            environment variable ``SPARSE_NLP_VERIFY_HASHES`` is ``0``). Checkpoints saved before hashes were
+            recorded are checked by size and header only.
 
     Returns the raw ``sparse_nlp`` metadata dict (None for a plain checkpoint).
 
     Raises:
-        CheckpointError: a missing, truncated or damaged file (named in the message).
+        CheckpointError: a missing, truncated, modified or damaged file, or one from another save (named).
         MetadataError: malformed metadata or a format version newer than this sparse_nlp.
     """
     folder = Path(folder)
     config_path = folder / "config.json"
     if not config_path.is_file():
-        raise CheckpointError(
-            f"{config_path}: missing; is {str(folder)!r} a model folder saved with save_pretrained?"
-        )
+        if folder.is_dir():
+            raise CheckpointError(
+                f"{config_path}: missing; is {str(folder)!r} a model folder saved with save_pretrained?"
+            )
+        raise FileNotFoundError(f"checkpoint folder {str(folder)!r} does not exist.")
     try:
         raw = json.loads(config_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise CheckpointError(f"{config_path}: not valid JSON ({err}).") from None
-    meta = raw.get(METADATA_KEY) if isinstance(raw, dict) else None
-    if meta is not None:
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{config_path}: not a JSON object.")
+    meta = raw.get(METADATA_KEY)
+    if meta is None:
+        ours = [n for n in (MASKS_FILE, COMPACT_FILE) if (folder / n).is_file()]
+        if ours:
+            raise MetadataError(
+                f"{config_path}: no {METADATA_KEY!r} key, but the folder holds {ours[0]}; the metadata was "
+                "removed or config.json was replaced, so the masks would be ignored. Restore config.json."
+            )
+        if not any(folder.glob("*.safetensors")) and not any(folder.glob("*.bin")):
+            raise CheckpointError(
+                f"{folder}: no weights (model.safetensors or shards) beside config.json; the checkpoint is incomplete."
+            )
+    else:
         try:
             raw_metadata(SimpleNamespace(**{METADATA_KEY: meta}))
         except MetadataError as err:
             raise MetadataError(f"{config_path}: {err}") from None
+        problem = manifest_problem(meta)
+        if problem is not None:
+            raise MetadataError(f"{config_path}: {METADATA_KEY}.{problem}")
+        digests = meta.get("sha256") or {}
+        hashes = _hashes_wanted(check_hashes)
+        save_id = meta.get("save_id")
         for name, size, kind in listed_files(meta):
             path = folder / name
             if not path.is_file():
@@ -157,6 +230,18 @@ def verify_checkpoint(folder: str | os.PathLike) -> dict[str, Any] | None:
                 raise CheckpointError(
                     f"{path}: {kind} has {path.stat().st_size} bytes but was saved with {size}; it is truncated or was replaced."
                 )
+            if hashes and name in digests and file_sha256(path) != digests[name]:
+                raise CheckpointError(
+                    f"{path}: {kind} content differs from the save (SHA-256 mismatch with config.json "
+                    f"{METADATA_KEY}.sha256); it was modified or damaged. Restore it or save the model again."
+                )
+            if save_id is not None and name.endswith(".safetensors"):
+                stamp = (check_safetensors(path).get("__metadata__") or {}).get(SAVE_ID_KEY)
+                if stamp != save_id:
+                    raise CheckpointError(
+                        f"{path}: {kind} belongs to {'save ' + repr(stamp) if stamp else 'another save'}, "
+                        f"but config.json is from save {save_id!r}; the folder mixes files of two saves."
+                    )
     for path in sorted(folder.glob("*.safetensors")):
         check_safetensors(path)
     return meta
@@ -175,9 +260,15 @@ def save_pretrained(
 ) -> Path:
     """Write `model` (and optionally its tokenizer) as a sparse checkpoint that `from_pretrained` restores exactly.
 
+    The save is atomic: the checkpoint is built in a hidden folder beside `save_directory` and switched in
+    whole, so readers see the old checkpoint or the new one and a killed save leaves the old one. Saves to
+    one folder take turns (a lock file ``.<name>.lock`` beside it); leftovers of a killed save are removed,
+    with a warning, by the next one. Files of the old folder that are not part of its checkpoint (a Trainer
+    folder, evaluation JSONs) are kept.
+
     Args:
         model: A model sparsified by `sparse_nlp.sparsify` (a plain model is saved as a plain checkpoint).
-        save_directory: Output folder; created if needed. Files of an earlier save there are replaced.
+        save_directory: Output folder; created if needed. An earlier checkpoint there is replaced.
         tokenizer: Saved beside the model when given.
         compact: Write the compact format (`sparse_nlp.compact`): smaller on disk, loadable only through
             `sparse_nlp.from_pretrained`. Needs a sparsified model.
@@ -185,6 +276,10 @@ def save_pretrained(
 
     Returns:
         The output folder.
+
+    Raises:
+        CheckpointError: the target is not a folder, or the disk is full or not writable (the old
+            checkpoint, if any, is left as it was).
     """
     out = Path(save_directory)
     if out.exists() and not out.is_dir():
@@ -196,9 +291,8 @@ def save_pretrained(
         raise CheckpointError(
             "compact=True needs a model sparsified by sparse_nlp (its config has no sparse_nlp metadata)."
         )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+
+    def build(tmp: Path, save_id: str) -> None:
         model.save_pretrained(tmp, **kwargs)
         tokenizer_files = []
         if tokenizer is not None:
@@ -210,25 +304,220 @@ def save_pretrained(
             (tmp / CONFIG_FILE).write_text(config.to_json() + "\n")
             if compact:
                 compact_folder(tmp)
-            _write_manifest(tmp, tokenizer_files)
-        _publish(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+            _write_manifest(tmp, tokenizer_files, save_id, kept_zeros(model))
+
+    _atomic_save(out, build)
     logger.info("saved sparse checkpoint to %s", out)
     return out
 
 
-def _publish(tmp: Path, out: Path) -> None:
-    """Move a finished checkpoint from `tmp` into `out`, removing weight files of an earlier save there."""
-    out.mkdir(exist_ok=True)
-    for stale in [*OUR_FILES, *(p.name for p in out.glob("model*.safetensors"))]:
-        if (out / stale).exists() and not (tmp / stale).exists():
-            (out / stale).unlink()
-    for item in tmp.iterdir():
-        target = out / item.name
-        if target.is_dir() and not target.is_symlink():
-            shutil.rmtree(target)
-        os.replace(item, target)
+def kept_zeros(model: nn.Module) -> dict[str, int]:
+    """Masked module (base-relative) -> how many weights its mask keeps that are exactly 0.0 (only nonzero counts)."""
+    out = {}
+    for name, module in masked_modules(model):
+        mask = module._buffers["weight_mask"]
+        count = int((mask.bool() & (module.weight.detach() == 0)).sum())
+        if count:
+            out[base_relative_name(model, name)] = count
+    return out
+
+
+# ---- atomic folder switch ----------------------------------------------------------------------------------
+
+
+def _atomic_save(out: Path, build: Any) -> None:
+    """Build a checkpoint with ``build(tmp, save_id)`` in a hidden folder beside `out`, then switch it in whole."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_id = uuid.uuid4().hex
+    try:
+        with _save_lock(out):
+            _clean_leftovers(out)
+            tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+            try:
+                build(tmp, save_id)
+                _fault_point("built")
+                _publish(tmp, out, save_id)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+    except OSError as err:
+        raise CheckpointError(_io_message(out, err)) from None
+    except SafetensorError as err:
+        if "28" in str(err) or "space" in str(err).lower():
+            raise CheckpointError(_io_message(out, OSError(errno.ENOSPC, str(err)))) from None
+        raise
+
+
+def _io_message(out: Path, err: OSError) -> str:
+    reason = os.strerror(err.errno) if err.errno else str(err)
+    hint = (
+        "free some space" if err.errno in (errno.ENOSPC, errno.EDQUOT) else "check the folder's permissions"
+    )
+    return (
+        f"cannot save to {str(out)!r}: {reason} ({getattr(err, 'filename', None) or err}); {hint} and save again. "
+        "Any checkpoint already there is unchanged."
+    )
+
+
+def _fault_point(name: str) -> None:
+    """Test hook: tests replace it to stop a save at a chosen step (as a kill would)."""
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file or folder to disk (so a switched-in folder survives a power loss too)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError as err:
+        if err.errno not in (errno.EINVAL, errno.EBADF):  # folders cannot be fsync'ed everywhere
+            raise
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def _save_lock(out: Path, shared: bool = False) -> Iterator[None]:
+    """Hold the lock file ``.<name>.lock`` beside `out`: exclusively for a whole save (saves to one folder take
+    turns), shared by a load that kept overlapping saves. Released on exit or when the process dies."""
+    try:
+        import fcntl
+    except ImportError:  # no POSIX locks (Windows): saves are still atomic, only not serialised
+        yield
+        return
+    path = out.parent / f".{out.name}.lock"
+    try:
+        fd = os.open(path, os.O_RDONLY if shared else os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError:
+        if not shared:
+            raise
+        yield  # never saved by this sparse_nlp (or a read-only place): nothing to wait for
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
+        yield
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+def _checkpoint_names(folder: Path) -> set[str]:
+    """Names of the entries of `folder` that belong to its checkpoint (the rest is carried to a new save)."""
+    names = {"config.json"}
+    try:
+        meta = json.loads((folder / "config.json").read_text()).get(METADATA_KEY)
+        names |= set((meta or {}).get("files") or {})
+    except (OSError, ValueError, AttributeError, TypeError):
+        pass
+    for entry in folder.iterdir():
+        if any(fnmatch.fnmatchcase(entry.name, pattern) for pattern in CHECKPOINT_PATTERNS):
+            names.add(entry.name)
+    return names
+
+
+def _carry_foreign(source: Path, target: Path) -> None:
+    """Move the entries of `source` that are not part of its checkpoint into `target` (when it lacks them)."""
+    if not source.is_dir() or not target.is_dir():
+        return
+    ours = _checkpoint_names(source)
+    for entry in list(source.iterdir()):
+        if entry.name not in ours and not (target / entry.name).exists():
+            os.rename(entry, target / entry.name)
+
+
+def _leftovers(out: Path) -> list[Path]:
+    base = glob.escape(str(out.parent / f".{out.name}"))
+    return [
+        Path(p) for pattern in (".tmp-*", ".old-*") for p in glob.glob(base + pattern) if Path(p).is_dir()
+    ]
+
+
+def _clean_leftovers(out: Path) -> None:
+    """Remove (with a warning) the hidden folders of killed saves to `out`; called with the lock held."""
+    for leftover in _leftovers(out):
+        if not out.exists() and leftover.name.startswith(f".{out.name}.old-"):
+            os.rename(leftover, out)  # killed between the two renames of the fallback switch: put it back
+            logger.warning("restored %s from %s, left by an interrupted save", out, leftover.name)
+            continue
+        _carry_foreign(leftover, out)
+        size = sum(f.stat().st_size for f in leftover.rglob("*") if f.is_file())
+        shutil.rmtree(leftover, ignore_errors=True)
+        logger.warning("removed %s (%d bytes), left by an interrupted save to %s", leftover, size, out)
+
+
+def recover(save_directory: str | os.PathLike) -> None:
+    """Tidy a checkpoint folder after a killed save, as the next save would: put back files that are not part
+    of the checkpoint (a Trainer folder) and remove the hidden leftovers, with a warning for each."""
+    out = Path(save_directory)
+    if not out.parent.is_dir() or not _leftovers(out):
+        return
+    with _save_lock(out):
+        _clean_leftovers(out)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two folders atomically (Linux renameat2 RENAME_EXCHANGE); False where that is not available."""
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP):
+        return False  # the file system cannot exchange: use the two-rename fallback
+    raise OSError(code, os.strerror(code), str(b))
+
+
+def _publish(tmp: Path, out: Path, save_id: str) -> None:
+    """Switch the finished checkpoint `tmp` in as `out` (whole folders; the old one is deleted after)."""
+    for entry in tmp.rglob("*"):
+        if entry.is_file():
+            _fsync(entry)
+    _fsync(tmp)
+    if out.exists():
+        _carry_foreign(out, tmp)
+        _fault_point("carried")
+        if _exchange(tmp, out):
+            old = tmp  # the old checkpoint now lives at the temporary name
+        else:
+            old = out.parent / f".{out.name}.old-{save_id}"
+            os.rename(out, old)
+            _fault_point("moved-old")
+            os.rename(tmp, out)
+        _fault_point("switched")
+        _fsync(out.parent)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, out)
+        _fsync(out.parent)
+
+
+def read_lock(folder: str | os.PathLike) -> Any:
+    """A context in which no save switches the local checkpoint folder `folder` (a shared hold on its lock
+    file; saves wait). For reading several things of one checkpoint that must agree; a no-op for Hub ids."""
+    from contextlib import nullcontext
+
+    return _save_lock(Path(folder), shared=True) if Path(folder).is_dir() else nullcontext()
+
+
+def folder_state(folder: str | os.PathLike) -> tuple[Any, ...] | None:
+    """Identity of what a checkpoint folder holds now (its inode and save id); changes with every save."""
+    folder = Path(folder)
+    try:
+        st = os.stat(folder)
+        raw = json.loads((folder / "config.json").read_text())
+        meta = raw.get(METADATA_KEY) if isinstance(raw, dict) else None
+        return (st.st_dev, st.st_ino, meta.get("save_id") if isinstance(meta, dict) else None)
+    except (OSError, ValueError):
+        return None
 
 
 def compact_checkpoint(source: str | os.PathLike, save_directory: str | os.PathLike) -> Path:
@@ -250,29 +539,55 @@ def compact_checkpoint(source: str | os.PathLike, save_directory: str | os.PathL
         )
     if out.resolve() == src.resolve():
         raise CheckpointError(f"the output folder must differ from the source {str(src)!r}.")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        for item in src.iterdir():
-            if item.is_file():
-                shutil.copy2(item, tmp / item.name)
+
+    def build(tmp: Path, save_id: str) -> None:
+        listed = meta.get("files")  # older checkpoints have no manifest: copy every file then
+        for name in ["config.json", *listed] if listed else [p.name for p in src.iterdir() if p.is_file()]:
+            shutil.copy2(src / name, tmp / name)
         compact_folder(tmp)
-        _write_manifest(tmp, list(meta.get("tokenizer_files") or []))
-        _publish(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _write_manifest(tmp, list(meta.get("tokenizer_files") or []), save_id, meta.get("kept_zeros"))
+
+    _atomic_save(out, build)
     return out
 
 
-def _write_manifest(folder: Path, tokenizer_files: list[str]) -> None:
-    """Record every file of the checkpoint and its size in config.json, so damage is named on load."""
+def _write_manifest(
+    folder: Path, tokenizer_files: list[str], save_id: str | None = None, zeros: dict[str, int] | None = None
+) -> None:
+    """Record every file of the checkpoint with its size and SHA-256, and the save id, in config.json (the id
+    also goes into every safetensors file), so damage or a file of another save is named on load."""
     path = folder / "config.json"
     raw = json.loads(path.read_text())
-    sizes = {
-        p.name: p.stat().st_size for p in sorted(folder.iterdir()) if p.is_file() and p.name != "config.json"
-    }
-    raw[METADATA_KEY] = with_manifest(raw[METADATA_KEY], sizes, tokenizer_files)
+    files = [p for p in sorted(folder.iterdir()) if p.is_file() and p.name != "config.json"]
+    if save_id is not None:
+        for p in files:
+            if p.name.endswith(".safetensors"):
+                _stamp_save_id(p, save_id)
+    sizes = {p.name: p.stat().st_size for p in files}
+    digests = {p.name: file_sha256(p) for p in files} if save_id is not None else None
+    meta = with_manifest(raw[METADATA_KEY], sizes, tokenizer_files, digests, save_id)
+    if zeros is not None:
+        meta["kept_zeros"] = dict(zeros)
+    raw[METADATA_KEY] = meta
     _write_json(path, raw)
+
+
+def _stamp_save_id(path: Path, save_id: str) -> None:
+    """Add the save id to a safetensors file's ``__metadata__`` (the tensor bytes are copied unchanged)."""
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+        header.setdefault("__metadata__", {})[SAVE_ID_KEY] = save_id
+        data = json.dumps(header, separators=(",", ":")).encode()
+        # the tensor bytes keep their offset modulo 64 (the alignment of the file as written, so the loaded
+        # tensors have the same memory alignment and the same kernels give bit-identical outputs)
+        data += b" " * ((n - len(data)) % 64)
+        stamped = path.with_name(path.name + ".stamp")
+        with open(stamped, "wb") as g:
+            g.write(len(data).to_bytes(8, "little"))
+            g.write(data)
+            shutil.copyfileobj(f, g, 1 << 20)
+    os.replace(stamped, path)
 
 
 # ---- compact folders (the encoding itself is `sparse_nlp.formats.compact`) --------------------------------
@@ -520,6 +835,12 @@ def from_pretrained(
             (`sparse_nlp.runtime.convert`); None (default) keeps the dense layers.
         **kwargs: Passed to the class's ``from_pretrained`` (``dtype``, ...); ``revision``, ``cache_dir``,
             ``token``, ``local_files_only`` and ``force_download`` go to the Hub download.
+            ``check_hashes=False`` skips the SHA-256 check of the files (see `verify_checkpoint`);
+            ``trust_remote_code`` is False unless given as True (a checkpoint that needs its own code is
+            refused, never run).
+
+    A local folder that a save replaces while it is being read is loaded again (the new checkpoint), so
+    the model never mixes files of two saves.
 
     Raises:
         FileNotFoundError: a local path that does not exist, or a Hub repository that cannot be found.
@@ -532,12 +853,46 @@ def from_pretrained(
         raise FileNotFoundError(
             f"checkpoint folder {name!r} does not exist (and it is not a Hub repository id)."
         )
-    if _is_local(path_or_id):
-        folder = Path(path_or_id)
-    else:
+    model = _load_any(path_or_id, model_class, name, kwargs)
+    if runtime == "sparse":
+        convert(model)
+    return model
+
+
+def _load_any(
+    path_or_id: str | os.PathLike, model_class: type | None, name: str, kwargs: dict[str, Any]
+) -> PreTrainedModel:
+    """A Hub id downloaded and loaded, or a local folder loaded without mixing two saves' files."""
+    check_hashes = kwargs.pop("check_hashes", None)
+    if not _is_local(path_or_id):
         folder = download(name, **kwargs)
         kwargs = {k: v for k, v in kwargs.items() if k not in _HUB_KEYS}
-    raw = verify_checkpoint(folder)
+        return _load_checked(folder, model_class, name, check_hashes, kwargs)
+    folder = Path(path_or_id)
+    for _attempt in range(_OPTIMISTIC_TRIES):  # a save switching the folder in mid-load: load it again
+        before = folder_state(folder)
+        try:
+            model = _load_checked(folder, model_class, name, check_hashes, dict(kwargs))
+        except (OSError, ValueError, RuntimeError, SafetensorError):
+            if before is not None and folder_state(folder) == before:
+                raise  # the folder did not change: the error is the checkpoint's own
+            continue
+        if before is not None and folder_state(folder) == before:
+            return model
+        if before is None:
+            break
+    with _save_lock(folder, shared=True):  # saves keep coming: wait for the current one, hold the next off
+        return _load_checked(folder, model_class, name, check_hashes, dict(kwargs))
+
+
+_OPTIMISTIC_TRIES = 3
+
+
+def _load_checked(
+    folder: Path, model_class: type | None, name: str, check_hashes: bool | None, kwargs: dict[str, Any]
+) -> PreTrainedModel:
+    """Verify and load one checkpoint folder (the body of `from_pretrained`)."""
+    raw = verify_checkpoint(folder, check_hashes=check_hashes)
     if raw is not None and "compact" in raw:
         _uncompact_config(kwargs.get("config"), raw["compact"])
         with expanded(folder) as dense:
@@ -546,11 +901,9 @@ def from_pretrained(
         model = _load_folder(folder, model_class, name, **kwargs)
     meta = getattr(model.config, METADATA_KEY, None)
     if isinstance(meta, dict):  # facts about the files on disk, not about the model in memory
-        for key in ("files", "tokenizer_files", "compact"):
+        for key in ("files", "tokenizer_files", "compact", "sha256", "save_id", "kept_zeros"):
             meta.pop(key, None)
     model.config._name_or_path = name
-    if runtime == "sparse":
-        convert(model)
     return model
 
 
@@ -575,12 +928,42 @@ _CONFIG_OVERRIDES = (
 )
 
 
+def _remote_code_message(name: str) -> str:
+    return (
+        f"{name}/config.json: this checkpoint needs its own Python code (auto_map / an unknown model_type); "
+        "sparse_nlp never runs code from a checkpoint unless asked: pass trust_remote_code=True "
+        "(--trust-remote-code on the command line) only if you trust its author."
+    )
+
+
+def load_config(path_or_id: str | os.PathLike, name: str | None = None, **kwargs: Any) -> Any:
+    """``AutoConfig.from_pretrained`` with ``trust_remote_code=False`` unless the caller passes True.
+
+    A checkpoint that needs its own code (an ``auto_map`` for a ``model_type`` transformers does not know)
+    is refused with a `CheckpointError` instead of a prompt or an import of its Python files.
+    """
+    name = name or str(path_or_id)
+    kwargs["trust_remote_code"] = kwargs.get("trust_remote_code", False) is True
+    try:
+        return AutoConfig.from_pretrained(path_or_id, **kwargs)
+    except ValueError as err:
+        if "trust_remote_code" in str(err) or "auto_map" in str(err):
+            raise CheckpointError(_remote_code_message(name)) from None
+        if "model_type" in str(err) or "Unrecognized" in str(err):
+            raise CheckpointError(
+                f"{name}/config.json: transformers does not know this model type "
+                f"({str(err).splitlines()[0][:200]})"
+            ) from None
+        raise
+
+
 def _load_folder(folder: Path, model_class: type | None, name: str, **kwargs: Any) -> PreTrainedModel:
     """Load a verified local dense checkpoint folder; `name` is what error messages call it."""
     path_or_id = folder
     # config overrides (num_labels, ...) go into the config: transformers refuses them beside config=
     overrides = {k: kwargs.pop(k) for k in _CONFIG_OVERRIDES if k in kwargs}
-    config = kwargs.pop("config", None) or AutoConfig.from_pretrained(path_or_id)
+    trust = kwargs.pop("trust_remote_code", False) is True
+    config = kwargs.pop("config", None) or load_config(path_or_id, name, trust_remote_code=trust)
     for key, value in overrides.items():
         setattr(config, key, value)
     try:
@@ -594,7 +977,12 @@ def _load_folder(folder: Path, model_class: type | None, name: str, **kwargs: An
     ):  # shrunk blocks: rebuilt before the weights are read
         model = load_structured(cls, path_or_id, config, read_weights, **kwargs)
     else:
-        model = cls.from_pretrained(path_or_id, config=config, **kwargs)
+        try:
+            model = cls.from_pretrained(path_or_id, config=config, trust_remote_code=trust, **kwargs)
+        except ValueError as err:
+            if "trust_remote_code" not in str(err):
+                raise
+            raise CheckpointError(_remote_code_message(name)) from None
     if meta is not None:
         restore_masks(model, path_or_id, meta)
         sparsity = read_metadata(model.config)
@@ -610,6 +998,13 @@ def restore_masks(
     names = meta.get("masked_modules", [])
     mask_path = resolve_file(path_or_id, MASKS_FILE, **hub_kwargs)
     masks = load_masks(mask_path) if mask_path is not None else None
+    unlisted = sorted(set(masks or {}) - set(names))
+    if unlisted:
+        raise CheckpointError(
+            f"{mask_path}: holds masks for {unlisted[:3]}, which config.json ({METADATA_KEY}.masked_modules) "
+            "does not list; the list was shortened or the files come from different saves."
+        )
+    recorded_zeros = meta.get("kept_zeros")
     if masks is None and names:
         logger.info("%s has no %s; taking masks from the zeros of the weights", path_or_id, MASKS_FILE)
     for rel in names:
@@ -640,6 +1035,14 @@ def restore_masks(
                 f"{path_or_id}: {rel!r} has {stray} nonzero weights where its mask says pruned; "
                 "the weights and the mask file come from different saves."
             )
+        if recorded_zeros is not None and param_name is None:  # recorded since the integrity checks
+            zeros = int((mask.to(weight.device) & (weight.detach() == 0)).sum())
+            if zeros > recorded_zeros.get(rel, 0):
+                raise CheckpointError(
+                    f"{mask_path or path_or_id}: the mask of {rel!r} keeps {zeros} weights that are 0.0 but the "
+                    f"save recorded {recorded_zeros.get(rel, 0)} ({METADATA_KEY}.kept_zeros); a mask bit was "
+                    "flipped from pruned to kept (such a weight could grow back in fine-tuning)."
+                )
         if param_name is None:
             attach_mask(module, mask)
         else:
@@ -664,7 +1067,11 @@ __all__ = [
     "MetadataError",
     "compact_checkpoint",
     "download",
+    "file_sha256",
+    "folder_state",
     "from_pretrained",
+    "read_lock",
+    "recover",
     "is_compact",
     "save_pretrained",
     "verify_checkpoint",

@@ -17,6 +17,7 @@ commit is atomic on the Hub, so a failed push leaves the repository as it was.
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import logging
 import os
@@ -28,6 +29,7 @@ from typing import Any
 from .checkpoint import CONFIG_FILE, from_pretrained, save_pretrained, verify_checkpoint
 from .errors import HubError
 from .evaluation.glue import GLUE, HUB_DATASET
+from .formats.manifest import CHECKPOINT_PATTERNS
 from .metadata import METADATA_KEY, read_metadata
 from .report import report
 
@@ -37,6 +39,8 @@ TEMPLATE = Path(__file__).resolve().parent / "templates" / "model_card.md"
 EVALUATION_FILES = ("evaluation.json", "eval_results.json", "results.json")
 BENCHMARK_FILES = ("benchmark.json", "speed.json")
 _WEIGHT_SUFFIXES = (".safetensors", ".safetensors.index.json", ".bin")
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib", ".npy", ".npz")
+"""Files that can run code when loaded (Python pickles): never uploaded, even when included."""
 
 # task name -> (Hub data set id, config, task type for model-index, title)
 TASKS = {
@@ -77,6 +81,61 @@ class PushResult:
     files: list[str]
 
 
+def push_files(
+    folder: str | os.PathLike,
+    *,
+    include: list[str] | tuple[str, ...] = (),
+    exclude: list[str] | tuple[str, ...] = (),
+) -> list[str]:
+    """The files of a checkpoint folder that a push uploads (README.md, the card, comes on top).
+
+    By default exactly the checkpoint: ``config.json`` and the files its ``sparse_nlp.files`` manifest lists
+    (weights, masks, tokenizer, recipe), or for a plain checkpoint without a manifest the files transformers
+    writes (`CHECKPOINT_PATTERNS`). Nothing else under the folder goes (no Trainer checkpoints, evaluation
+    JSONs or logs). `include` adds files matching glob patterns (relative paths, ``**`` not needed:
+    ``trainer/*`` matches one level); `exclude` removes added ones.
+
+    Raises:
+        HubError: an included file is a pickle (`PICKLE_SUFFIXES`; never uploaded), a pattern matches nothing,
+            or `exclude` would remove a file of the checkpoint itself.
+    """
+    folder = Path(folder)
+    raw = json.loads((folder / "config.json").read_text())
+    meta = raw.get(METADATA_KEY) if isinstance(raw, dict) else None
+    manifest = meta.get("files") if isinstance(meta, dict) else None
+    on_disk = sorted(
+        p.relative_to(folder).as_posix()
+        for p in folder.rglob("*")
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+    )
+    if isinstance(manifest, dict):
+        core = {"config.json", *manifest}
+    else:
+        core = {f for f in on_disk if any(fnmatch.fnmatchcase(f, pat) for pat in CHECKPOINT_PATTERNS)}
+    for pattern in exclude:
+        hit = sorted(f for f in core if fnmatch.fnmatchcase(f, pattern))
+        if hit:
+            raise HubError(
+                f"--exclude {pattern!r} would remove {hit[0]!r}, a file of the checkpoint itself; "
+                "a pushed checkpoint must be complete."
+            )
+    extra = set()
+    for pattern in include:
+        hit = {f for f in on_disk if fnmatch.fnmatchcase(f, pattern)}
+        if not hit:
+            raise HubError(f"--include {pattern!r} matches no file under {str(folder)!r}.")
+        extra |= hit
+    extra = {f for f in extra if not any(fnmatch.fnmatchcase(f, pat) for pat in exclude)}
+    files = sorted(core | extra)
+    pickles = [f for f in files if f.lower().endswith(PICKLE_SUFFIXES)]
+    if pickles:
+        raise HubError(
+            f"{str(folder / pickles[0])!r} is a pickle ({', '.join(pickles[:5])}); pickles can run code when "
+            "loaded and are never pushed. Save the weights as safetensors (sparse_nlp.save_pretrained)."
+        )
+    return [f for f in files if f != "README.md"]
+
+
 # ---- evaluation and benchmark JSON -----------------------------------------------------------------------
 
 
@@ -110,6 +169,11 @@ def eval_results(evaluation: Any) -> list:
     for item in items:
         if not isinstance(item, dict) or "task" not in item:
             raise ValueError(f"an evaluation result needs a 'task' key, got {str(item)[:120]!r}.")
+        if item.get("untrained_head"):
+            logger.warning(
+                "not publishing the %s result: it was measured with an untrained head", item["task"]
+            )
+            continue
         task = str(item["task"]).lower().replace("-", "").replace("_", "")
         dataset, config, task_type, pretty = TASKS.get(
             task, (item.get("dataset", task), None, "text-classification", task)
@@ -209,6 +273,7 @@ def render_model_card(
     benchmark: Any = None,
     compact: bool = False,
     template_path: str | os.PathLike | None = None,
+    files: list[tuple[str, int]] | None = None,
 ):
     """Render the model card of a sparsified `model` (a `huggingface_hub.ModelCard`).
 
@@ -221,6 +286,7 @@ def render_model_card(
         benchmark: Benchmark result JSON (path or dict): the speed ratios, see `speed_ratios`.
         compact: Whether the uploaded weights are in the compact format (the card says how to load them).
         template_path: Jinja template; default ``sparse_nlp/templates/model_card.md`` (package data).
+        files: (name, bytes) of the files uploaded beside the card, listed in a "Files" section.
     """
     from huggingface_hub import ModelCard, ModelCardData
 
@@ -279,6 +345,7 @@ def render_model_card(
         results=results,
         notes=_notes(evaluation),
         compact=compact,
+        files=files or [],
         library_version=(getattr(model.config, METADATA_KEY, None) or {}).get("library_version"),
     )
 
@@ -308,6 +375,8 @@ def push_to_hub(
     revision: str | None = None,
     create_pr: bool = False,
     card: bool = True,
+    include: list[str] | tuple[str, ...] = (),
+    exclude: list[str] | tuple[str, ...] = (),
 ) -> PushResult:
     """Upload a sparse checkpoint and its generated model card to the Hub in one commit.
 
@@ -328,6 +397,9 @@ def push_to_hub(
         revision: Branch to commit to, as in huggingface_hub.
         create_pr: Open a pull request instead of committing, as in huggingface_hub.
         card: Upload a generated ``README.md`` (False: upload the folder's own README.md, if any).
+        include: Glob patterns of more files to upload; by default exactly the checkpoint's manifest is
+            uploaded (see `push_files`); pickles never are.
+        exclude: Glob patterns of files that `include` added and that stay local.
 
     Returns:
         `PushResult` with the commit URL and the uploaded file names.
@@ -350,6 +422,8 @@ def push_to_hub(
         revision=revision,
         create_pr=create_pr,
         card=card,
+        include=tuple(include),
+        exclude=tuple(exclude),
     )
     if isinstance(model_or_dir, PreTrainedModel):
         with tempfile.TemporaryDirectory(prefix="sparse-nlp-push-") as tmp:
@@ -371,16 +445,10 @@ def _push_folder(folder: Path, model: Any, repo_id: str, args: dict[str, Any]) -
 
     raw = json.loads((folder / "config.json").read_text())
     is_compact = "compact" in (raw.get(METADATA_KEY) or {})
-    files = sorted(
-        p.relative_to(folder).as_posix()
-        for p in folder.rglob("*")
-        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)
-    )
-    operations = [
-        CommitOperationAdd(path_in_repo=f, path_or_fileobj=str(folder / f))
-        for f in files
-        if not (args["card"] and f == "README.md")
-    ]
+    files = push_files(folder, include=args["include"], exclude=args["exclude"])
+    if not args["card"] and (folder / "README.md").is_file():
+        files.append("README.md")
+    operations = [CommitOperationAdd(path_in_repo=f, path_or_fileobj=str(folder / f)) for f in files]
     if args["card"]:
         evaluation = args["evaluation"] or default_evaluation(folder)
         benchmark = args["benchmark"] or next(
@@ -394,6 +462,7 @@ def _push_folder(folder: Path, model: Any, repo_id: str, args: dict[str, Any]) -
             evaluation=evaluation,
             benchmark=benchmark,
             compact=is_compact,
+            files=[(f, (folder / f).stat().st_size) for f in files],
         )
         operations.append(
             CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=str(rendered).encode())
@@ -444,6 +513,7 @@ __all__ = [
     "HubError",
     "PushResult",
     "eval_results",
+    "push_files",
     "push_to_hub",
     "default_evaluation",
     "render_model_card",

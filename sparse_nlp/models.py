@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from .checkpoint import from_pretrained
+from .checkpoint import folder_state, from_pretrained, read_lock
 from .errors import ConfigError
 
 ALIASES = {
@@ -52,6 +52,8 @@ def load_model(
         name: Local folder, Hub id, or alias (``minilm``).
         task: ``None`` (the class in config.json, else AutoModel), ``"sequence-classification"`` or ``"causal-lm"``.
         num_labels: For a classification head.
+        **kwargs: Passed to `sparse_nlp.from_pretrained`; ``trust_remote_code`` is False unless given as True
+            (a checkpoint that needs its own code is refused, never imported).
     """
     import transformers
 
@@ -66,18 +68,28 @@ def load_model(
         raise ValueError(f"unknown task {task!r}; use one of {', '.join(str(k) for k in classes if k)}.")
     if num_labels is not None:
         kwargs["num_labels"] = num_labels
-    model = from_pretrained(path, classes[task], **kwargs)
-    tokenizer = load_tokenizer(path)
-    return model, tokenizer
+    trust = kwargs.get("trust_remote_code", False) is True
+    for _attempt in range(3):  # a save switching the folder between the model and the tokenizer: again
+        before = folder_state(path)
+        model = from_pretrained(path, classes[task], **kwargs)
+        tokenizer = load_tokenizer(path, trust_remote_code=trust)
+        if before is None or folder_state(path) == before:
+            return model, tokenizer
+    with read_lock(path):  # saves keep coming: hold them off for one load
+        return from_pretrained(path, classes[task], **kwargs), load_tokenizer(path, trust_remote_code=trust)
 
 
-def load_tokenizer(path: str):
-    """The tokenizer of a model folder or Hub id, or None when it has none (a bare checkpoint)."""
+def load_tokenizer(path: str, *, trust_remote_code: bool = False):
+    """The tokenizer of a model folder or Hub id, or None when it has none (a bare checkpoint).
+
+    ``trust_remote_code`` stays False unless the caller passes True: a tokenizer that needs its own code is
+    treated as absent instead of being imported.
+    """
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError, TypeError):
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code is True)
+    except (OSError, ValueError, TypeError, KeyError):
         return None
 
 

@@ -140,9 +140,10 @@ class Stage:
             raise ConfigError(
                 f"{path}.type must be one of {', '.join(STAGE_TYPES)}, got {self.type!r}.{suggest(self.type, list(STAGE_TYPES))}"
             )
-        if not re.fullmatch(r"[A-Za-z0-9_.-]+", self.name):
+        if not isinstance(self.name, str) or not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}", self.name):
             raise ConfigError(
-                f"{path}.name must be a plain folder name (letters, digits, _ . -), got {self.name!r}."
+                f"{path}.name must be a plain folder name inside --out: letters, digits, _ . - (not starting "
+                f"with '.' or '-', no '/' or '\\', at most 100 characters), got {self.name!r}."
             )
         needs = {
             "finetune": ("training",),
@@ -386,7 +387,13 @@ def load_recipe(path: str | os.PathLike) -> Recipe:
     if not path.is_file():
         raise FileNotFoundError(f"recipe {str(path)!r} does not exist.")
     try:
-        data = yaml.load(path.read_text(), Loader=_yaml_loader())  # noqa: S506  (a SafeLoader subclass)
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(
+            f"{path}: not a text recipe (byte {err.start} is not UTF-8); a recipe is a UTF-8 YAML file."
+        ) from None
+    try:
+        data = yaml.load(text, Loader=_yaml_loader())  # noqa: S506  (a SafeLoader subclass)
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
     data = resolve_extends(data, path)
@@ -414,7 +421,7 @@ def _training_args(settings: TrainingSettings, output_dir: Path, seed: int, prog
         train_sampling_strategy="group_by_length" if settings.group_by_length else "random",
         save_strategy="steps" if settings.save_steps else "no",
         save_steps=settings.save_steps or 500,
-        save_total_limit=1,
+        save_total_limit=None,  # KeepNewestComplete deletes old checkpoints once a newer one is complete
         eval_strategy="no",
         logging_steps=settings.logging_steps,
         report_to=[],
@@ -429,6 +436,25 @@ def _device_name(device) -> str:
     import torch
 
     return f"{device} ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else str(device)
+
+
+def _resume_point(stage: Stage, trainer_dir: Path, *, pruning: bool) -> Path | None:
+    """The newest complete Trainer checkpoint of a stage; says (on stderr) which one and why newer ones were skipped."""
+    import sys
+
+    from .training.resume import newest_complete
+
+    chosen, skipped = newest_complete(trainer_dir, pruning)
+    for folder, why in skipped:
+        print(f"stage {stage.name}: skipping {folder.name}: {why}", file=sys.stderr)
+    if chosen is not None:
+        print(f"stage {stage.name}: resuming from {chosen}", file=sys.stderr)
+    else:
+        print(
+            f"stage {stage.name}: no complete checkpoint in {trainer_dir}; starting the stage afresh",
+            file=sys.stderr,
+        )
+    return chosen
 
 
 def run_recipe(
@@ -460,12 +486,13 @@ def run_recipe(
     import torch
     from transformers import DataCollatorWithPadding, Trainer
 
-    from .checkpoint import save_pretrained
+    from .checkpoint import recover, save_pretrained
     from .evaluation.data import resolve_data_dir
     from .evaluation.tasks import encode_glue, evaluate_glue, load_for_task, task_info
     from .training.callback import SparsityCallback, StructuredCallback
     from .training.distillation import Distiller
     from .training.pruner import GradualPruner
+    from .training.resume import KeepNewestComplete
     from .training.structured import StructuredPruner
 
     recipe.validate()
@@ -556,6 +583,7 @@ def run_recipe(
             elif stage.type == "structured":
                 structured = StructuredPruner(model, stage.structured, stage.removal)
                 callbacks.append(StructuredCallback(structured))
+            callbacks.append(KeepNewestComplete(pruning=pruner is not None))
             trainer = Trainer(
                 model=model,
                 args=args,
@@ -564,12 +592,14 @@ def run_recipe(
                 callbacks=callbacks,
                 compute_loss_func=loss_func,
             )
-            checkpoints = sorted(
-                (stage_dir / "trainer").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1])
+            if resume:  # a save killed while switching the stage folder: its Trainer folder comes back
+                recover(stage_dir)
+            checkpoint = (
+                _resume_point(stage, stage_dir / "trainer", pruning=pruner is not None) if resume else None
             )
-            output = trainer.train(
-                resume_from_checkpoint=str(checkpoints[-1]) if resume and checkpoints else None
-            )
+            output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+            if checkpoint is not None:
+                record["resumed_from"] = checkpoint.name
             if loss_func is not None:
                 loss_func.remove()
             record.update(steps=trainer.state.global_step, train_loss=round(float(output.training_loss), 4))

@@ -100,8 +100,19 @@ def _expert_rows(model: nn.Module) -> list[ModuleRow]:
 
 
 def report(model: nn.Module) -> SparsityReport:
-    """Measure the sparsity of every Linear layer of a transformers model and total it per group."""
-    model_targets(model)  # fail early, with the supported list, on unknown families
+    """Measure the sparsity of every Linear layer of a transformers model and total it per group.
+
+    Any model works: families in the targets table get ``attention`` / ``ffn`` groups, others have every
+    Linear layer in ``other`` (the counts are the same; only the grouping needs the table).
+    """
+    try:
+        model_targets(model)
+        group_of = module_group
+    except UnsupportedModelError:
+
+        def group_of(model: nn.Module, name: str) -> str:
+            return "other"
+
     out = SparsityReport()
     totals = {g: GroupTotal() for g in ("attention", "ffn", "other", "linear", "model")}
     for name, module in model.named_modules():
@@ -110,7 +121,7 @@ def report(model: nn.Module) -> SparsityReport:
         w = module.weight.detach()
         row = ModuleRow(
             name=name,
-            group=module_group(model, name),
+            group=group_of(model, name),
             shape=tuple(w.shape),
             numel=w.numel(),
             nonzeros=int((w != 0).sum()),

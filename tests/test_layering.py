@@ -41,6 +41,7 @@ LAZY_IMPORTS = {
             "sparse_nlp.training.callback",
             "sparse_nlp.training.distillation",
             "sparse_nlp.training.pruner",
+            "sparse_nlp.training.resume",
             "sparse_nlp.training.structured",
         )
     },

@@ -12,7 +12,9 @@ def add_parser(subparsers) -> None:
         description=(
             "Upload the checkpoint folder DIR (written by sparse-nlp sparsify / save_pretrained) to the Hub "
             "repository ORG/NAME in one commit, with a model card stating the measured sparsity. The folder "
-            "is checked first and never modified. Set HF_TOKEN (and HF_ENDPOINT for another Hub)."
+            "is checked first and never modified. Exactly the checkpoint's files (config.json and the files its "
+            "manifest lists) are uploaded, never pickles; --include adds more. Set HF_TOKEN (and HF_ENDPOINT "
+            "for another Hub)."
         ),
     )
     p.add_argument("folder", metavar="DIR", help="checkpoint folder")
@@ -36,6 +38,20 @@ def add_parser(subparsers) -> None:
     p.add_argument(
         "--no-card", action="store_true", help="upload the folder's own README.md instead of a generated card"
     )
+    p.add_argument(
+        "--include",
+        action="append",
+        default=[],
+        metavar="GLOB",
+        help="also upload files matching this glob (relative to DIR; repeatable; pickles are refused)",
+    )
+    p.add_argument(
+        "--exclude",
+        action="append",
+        default=[],
+        metavar="GLOB",
+        help="leave out files that --include added (repeatable; the checkpoint's own files cannot be left out)",
+    )
     p.add_argument("--card-out", help="write the generated card to this file and upload nothing (a dry run)")
     p.set_defaults(func=run)
 
@@ -44,10 +60,11 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from ..checkpoint import from_pretrained, verify_checkpoint
-    from ..hub import default_evaluation, push_to_hub, render_model_card
+    from ..hub import default_evaluation, push_files, push_to_hub, render_model_card
 
     if args.card_out:
         verify_checkpoint(args.folder)
+        files = push_files(args.folder, include=args.include, exclude=args.exclude)
         raw = (Path(args.folder) / "config.json").read_text()
         card = render_model_card(
             from_pretrained(args.folder),
@@ -57,6 +74,7 @@ def run(args: argparse.Namespace) -> int:
             evaluation=args.evaluation or default_evaluation(Path(args.folder)),
             benchmark=args.benchmark or _default(args.folder, ("benchmark.json", "speed.json")),
             compact='"compact"' in raw,
+            files=[(f, (Path(args.folder) / f).stat().st_size) for f in files],
         )
         Path(args.card_out).write_text(str(card))
         print(f"wrote the model card to {args.card_out}; nothing was uploaded")
@@ -73,6 +91,8 @@ def run(args: argparse.Namespace) -> int:
         revision=args.revision,
         create_pr=args.create_pr,
         card=not args.no_card,
+        include=args.include,
+        exclude=args.exclude,
     )
     print(f"pushed {len(result.files)} files to {result.repo_id}: {result.commit_url}")
     return 0

@@ -15,6 +15,11 @@ def add_parser(subparsers) -> None:
     p.add_argument(
         "--json", dest="json_path", help="also write the report as JSON to this file ('-' for stdout only)"
     )
+    p.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="allow a checkpoint's own Python code to run (off by default: such checkpoints are refused)",
+    )
     p.set_defaults(func=run)
 
 
@@ -24,7 +29,7 @@ def run(args: argparse.Namespace) -> int:
     from ..models import load_model
     from ..report import report
 
-    model, _ = load_model(args.model)
+    model, _ = load_model(args.model, trust_remote_code=args.trust_remote_code)
     result = report(model)
     if args.json_path == "-":
         print(result.to_json())

@@ -60,6 +60,11 @@ def add_parser(subparsers) -> None:
         action="store_true",
         help="save in the compact format (smaller; loads only through sparse_nlp)",
     )
+    p.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="allow a checkpoint's own Python code to run (off by default: such checkpoints are refused)",
+    )
     p.set_defaults(func=run)
 
 
@@ -116,7 +121,7 @@ def run(args: argparse.Namespace) -> int:
         from ..evaluation.data import calibration_texts
 
         data = calibration_texts(args.calibration, data_dir=args.data_dir, limit=args.num_samples)
-    model, tokenizer = load_model(args.model)
+    model, tokenizer = load_model(args.model, trust_remote_code=args.trust_remote_code)
     start = time.perf_counter()
     sparsify(
         model,

@@ -15,6 +15,7 @@ from __future__ import annotations
 import csv
 import os
 from pathlib import Path
+from typing import Any
 
 from ..errors import DataError
 from .glue import GLUE
@@ -113,10 +114,56 @@ def load_glue_rows(task: str, split: str, data_dir: str | os.PathLike | None = N
     }
 
 
-def _load_glue_hub(task: str, split: str, info: dict) -> dict[str, list]:
+def _hub_dataset(what: str, local: str, *args: Any, **kwargs: Any) -> Any:
+    """``datasets.load_dataset(*args, **kwargs)`` without a data directory; a clear `DataError` at once when
+    the Hub cannot be used (offline mode, or no answer within a few seconds) and the data are not cached.
+
+    `what` names the data set, `local` where in a data directory it would have been found.
+    """
     import datasets
 
-    ds = datasets.load_dataset("glue", task, split="validation" if SPLITS[split] == "dev" else "train")
+    hint = (
+        f"no data directory was given (--data-dir or ${DATA_DIR_ENV}), so {what} was asked of the Hub; "
+        f"with a data directory DIR it is read from DIR/{local}"
+    )
+    from datasets.exceptions import DatasetNotFoundError
+
+    unreachable = _hub_reachable()
+    saved = datasets.config.HF_HUB_OFFLINE
+    if unreachable:  # only the cache can serve: no retries against a Hub that does not answer
+        datasets.config.HF_HUB_OFFLINE = True
+    try:
+        return datasets.load_dataset(*args, **kwargs)
+    except (ConnectionError, OSError, DatasetNotFoundError) as err:
+        reason = unreachable or str(err).strip().splitlines()[0][:200] or type(err).__name__
+        raise DataError(f"{what}: the Hub cannot be used and it is not cached ({reason}); {hint}.") from None
+    finally:
+        datasets.config.HF_HUB_OFFLINE = saved
+
+
+def _hub_reachable(timeout: float = 3.0) -> str | None:
+    """None when the Hub answers a TCP connect within `timeout` s, else why not (offline mode included)."""
+    import socket
+    from urllib.parse import urlsplit
+
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on") or os.environ.get(
+        "HF_DATASETS_OFFLINE", "0"
+    ).lower() in ("1", "true", "yes", "on"):
+        return "HF_HUB_OFFLINE / HF_DATASETS_OFFLINE is set"
+    url = urlsplit(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((url.hostname, port), timeout=timeout).close()
+    except OSError as err:
+        return f"{url.hostname}:{port} does not answer ({err})"
+    return None
+
+
+def _load_glue_hub(task: str, split: str, info: dict) -> dict[str, list]:
+    hf_split = "validation" if SPLITS[split] == "dev" else "train"
+    ds = _hub_dataset(
+        f"GLUE {task} {split}", f"glue/{task}/{SPLITS[split]}.tsv", "glue", task, split=hf_split
+    )
     texts = info["text"]
     return {
         "text": list(ds[texts[0]]),
@@ -137,14 +184,17 @@ def load_text(corpus: str, split: str, data_dir: str | os.PathLike | None = None
         raise ValueError(f"corpus {corpus!r} has splits {', '.join(TEXT_CORPORA[corpus])}, not {split!r}.")
     root = resolve_data_dir(data_dir)
     if root is None:
-        import datasets
-
+        what, local = f"{corpus} {split}", TEXT_CORPORA[corpus][split]
         if corpus == "wikitext2":
-            ds = datasets.load_dataset(
-                "wikitext", "wikitext-2-raw-v1", split="validation" if split == "valid" else split
+            ds = _hub_dataset(
+                what,
+                local,
+                "wikitext",
+                "wikitext-2-raw-v1",
+                split="validation" if split == "valid" else split,
             )
             return "\n\n".join(ds["text"])
-        ds = datasets.load_dataset("karpathy/tiny_shakespeare", split="train")
+        ds = _hub_dataset(what, local, "karpathy/tiny_shakespeare", split="train")
         return "".join(ds["text"])
     path = root / TEXT_CORPORA[corpus][split]
     if not path.is_file():

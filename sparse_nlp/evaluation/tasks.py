@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..checkpoint import load_config
 from ..models import load_model, resolve_model
 from ..registry import suggest
 from .data import GLUE_TASKS, load_glue_rows
@@ -47,19 +48,21 @@ def task_info(task: str) -> TaskInfo:
     return TASKS[task]
 
 
-def load_for_task(name: str | os.PathLike, task: str) -> tuple[nn.Module, Any]:
+def load_for_task(
+    name: str | os.PathLike, task: str, *, trust_remote_code: bool = False
+) -> tuple[nn.Module, Any]:
     """(model, tokenizer) with a classification (or 1-output regression) head sized for a GLUE task.
 
     A model fine-tuned on the task keeps its head; a base model (e.g. ``minilm``) gets a new one.
     """
-    from transformers import AutoConfig
-
     info = task_info(task)
     path = resolve_model(name)
-    config = AutoConfig.from_pretrained(path, num_labels=info.num_labels)
+    config = load_config(path, num_labels=info.num_labels, trust_remote_code=trust_remote_code)
     if info.regression:
         config.problem_type = "regression"
-    model, tokenizer = load_model(path, task="sequence-classification", config=config)
+    model, tokenizer = load_model(
+        path, task="sequence-classification", config=config, trust_remote_code=trust_remote_code
+    )
     if tokenizer is None:
         raise FileNotFoundError(f"model {str(name)!r} has no tokenizer files; save the tokenizer beside it.")
     return model, tokenizer

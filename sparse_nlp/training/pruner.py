@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -304,15 +305,17 @@ class GradualPruner:
                     tensors[f"adam_avg/{name}"] = state[score]["exp_avg"].contiguous()
                     tensors[f"adam_sq/{name}"] = state[score]["exp_avg_sq"].contiguous()
                     optim_steps[name] = float(state[score]["step"])
-        if tensors:
-            save_file(tensors, str(directory / TENSORS_FILE))
+        if tensors:  # written under a temporary name and renamed: a kill never leaves half a file
+            save_file(tensors, str(directory / f".{TENSORS_FILE}.tmp"))
+            os.replace(directory / f".{TENSORS_FILE}.tmp", directory / TENSORS_FILE)
         meta = {
             "applied_step": self.applied_step,
             "schedule": vars(self.schedule),
             "config": self.config.to_dict(),
             "score_optimizer_steps": optim_steps,
         }
-        (directory / STATE_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        (directory / f".{STATE_FILE}.tmp").write_text(json.dumps(meta, indent=2) + "\n")
+        os.replace(directory / f".{STATE_FILE}.tmp", directory / STATE_FILE)  # last: marks the state complete
 
     def load(self, directory: str | Path) -> None:
         """Restore a state written by `save` (the model's weights are loaded separately)."""
