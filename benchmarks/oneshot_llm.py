@@ -50,8 +50,19 @@ def run_cell(args: argparse.Namespace) -> dict:
     from sparse_nlp.pruning.calibration import CorpusWindows
 
     method, pattern, profile = args.cell.split(",")
-    model, tokenizer = load_model(args.model, task="causal-lm")
-    row: dict = {"method": method, "pattern": pattern, "profile": profile}
+    baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # MiB after the imports
+    if args.offload_dir and method != "dense":
+        from sparse_nlp.pruning.onloading import load_offloaded
+
+        model, tokenizer = load_offloaded(args.model, args.offload_dir)
+    else:
+        model, tokenizer = load_model(args.model, task="causal-lm")
+    row: dict = {
+        "method": method,
+        "pattern": pattern,
+        "profile": profile,
+        "import_rss_mib": round(baseline, 1),
+    }
     if method != "dense":
         nm = ":" in pattern
         kept, group = (int(x) for x in pattern.split(":")) if nm else (0, 1)
@@ -72,9 +83,26 @@ def run_cell(args: argparse.Namespace) -> dict:
             num_samples=args.samples,
             seq_len=args.seq_len,
             progress=False,
-            **({"offload_dir": args.offload_dir} if args.offload_dir else {}),
         )
         row["prune_seconds"] = round(time.perf_counter() - start, 1)
+        # peak of loading and pruning, before the evaluation needs the whole model in memory
+        row["prune_peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+        row["offloaded"] = bool(args.offload_dir)
+        if args.offload_dir:
+            from sparse_nlp.pruning.onloading import onload_all
+
+            onload_all(model)
+        if args.save_weights:
+            from safetensors.torch import save_file
+
+            state = {k: v.clone() for k, v in model.state_dict().items() if k != "lm_head.weight"}
+            for name, module in model.named_modules():
+                if "weight_mask" in module._buffers:
+                    state[f"{name}.weight_mask"] = module._buffers["weight_mask"]
+            save_file(state, args.save_weights)
+    if args.eval_skip:
+        row["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+        return row
     text, source = perplexity_text("wikitext2", split="test", data_dir=args.data_dir)
     start = time.perf_counter()
     result = evaluate_perplexity(
@@ -107,17 +135,19 @@ def cells(args: argparse.Namespace) -> list[str]:
 def table(rows: list[dict]) -> str:
     dense = next((r["perplexity"] for r in rows if r["method"] == "dense"), None)
     lines = [
-        "| method | pattern | profile | perplexity | x dense | prune s | peak RSS MiB |",
-        "| --- | --- | --- | ---: | ---: | ---: | ---: |",
+        "| method | pattern | profile | perplexity | x dense | prune s | prune peak RSS MiB | peak RSS MiB |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:
+        if "perplexity" not in r:
+            continue  # a prune-only row (--eval-skip)
         pattern = (
             r["pattern"] if r["pattern"] in ("-",) or ":" in r["pattern"] else f"{float(r['pattern']):.0%}"
         )
         ratio = f"{r['perplexity'] / dense:.2f}" if dense else "-"
         lines.append(
             f"| {r['method']} | {pattern} | {r['profile']} | {r['perplexity']:.2f} | {ratio} | "
-            f"{r.get('prune_seconds', '-')} | {r['peak_rss_mib']:.0f} |"
+            f"{r.get('prune_seconds', '-')} | {r.get('prune_peak_rss_mib', '-')} | {r['peak_rss_mib']:.0f} |"
         )
     return "\n".join(lines)
 
@@ -139,6 +169,8 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=torch_threads_default())
     p.add_argument("--offload-dir", default=None, help="prune with sequential onloading through this folder")
     p.add_argument("--no-dense", action="store_true", help="skip the dense row")
+    p.add_argument("--eval-skip", action="store_true", help="prune only (for the memory comparison)")
+    p.add_argument("--save-weights", default=None, help="write the pruned state to this safetensors file")
     p.add_argument("--out", default="oneshot_llm.jsonl", help="rows are appended here (JSON lines)")
     p.add_argument("--table", action="store_true", help="print the table of --out and exit")
     p.add_argument("--cell", help=argparse.SUPPRESS)  # internal: run one cell, print its row

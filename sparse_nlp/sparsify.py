@@ -105,6 +105,7 @@ def sparsify(
     seq_len: int = 128,
     progress: bool = True,
     targets: ModelTargets | dict[str, Any] | str | None = None,
+    offload_dir: str | None = None,
 ) -> nn.Module:
     """Make `model` sparse as `config` says, in place, and record the config on ``model.config``.
 
@@ -119,6 +120,11 @@ def sparsify(
         progress: Show progress bars.
         targets: The model's layout (a `ModelTargets`, its dict form or a JSON file), for a family outside
             the targets table or to override its entry (see `sparse_nlp.targets.use_targets`).
+        offload_dir: Sequential onloading (`sparse_nlp.pruning.onloading`): the blocks live in safetensors files
+            in this folder and are brought into memory one at a time to be calibrated and pruned, then written
+            back. The model comes back with its blocks still on disk; `sparse_nlp.pruning.onloading.onload_all`
+            brings them back (needed before saving or running it). A model from
+            `sparse_nlp.pruning.onloading.load_offloaded` never holds more than one block.
 
     Returns:
         The same model, for chaining.
@@ -158,6 +164,18 @@ def sparsify(
         from .pruning.calibration import check_calibration_plans
 
         check_calibration_plans(plans)
+    store = None
+    if offload_dir is not None or getattr(model, "__dict__", {}).get("_sparse_nlp_block_store") is not None:
+        from .pruning.onloading import attach_store, block_store, check_offloadable
+
+        check_offloadable(model, plans)
+        if config.attention is not None or config.structured is not None:
+            raise ConfigError("offload_dir supports weight rules only (no attention or structured part).")
+        if experts:
+            raise ConfigError(
+                "offload_dir does not prune fused mixture-of-experts parameters; exclude them or prune in memory."
+            )
+        store = attach_store(model, offload_dir) if offload_dir is not None else block_store(model)
     if config.attention is not None:
         from .attention.apply import check_pattern, extend_for
 
@@ -179,7 +197,16 @@ def sparsify(
             num_samples=num_samples,
             seq_len=seq_len,
             progress=progress,
+            store=store,
         )
+    elif plans and store is not None:
+        for i in tqdm(
+            range(len(store.blocks)), desc="pruning (onloaded)", unit="block", disable=not progress
+        ):
+            block = store.onload(i)
+            inside = {id(m) for m in block.modules()}
+            _prune_without_data([p for p in plans if id(p.module) in inside], False)
+            store.offload(i)
     elif plans:
         _prune_without_data(plans, progress)
     for i, chosen in experts.items():

@@ -232,3 +232,70 @@ def test_calibration_windows_from_a_text_file(tmp_path):
         CorpusWindows(str(path), cut="middle")
     with pytest.raises(ConfigError, match="corpus"):
         calibration.corpus_text("sst2")
+
+
+# ---- sequential onloading -------------------------------------------------------------------------------
+
+
+def _pruned_state(model) -> dict[str, torch.Tensor]:
+    from sparse_nlp.pruning.masking import MASK_BUFFER
+
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    for name, module in model.named_modules():
+        if MASK_BUFFER in module._buffers:
+            state[f"{name}.{MASK_BUFFER}"] = module._buffers[MASK_BUFFER].clone()
+    return state
+
+
+@pytest.mark.parametrize("family_name", ["llama", "gpt2", "qwen2"])
+@pytest.mark.parametrize(
+    ("method", "pattern", "profile"),
+    [
+        ("wanda", "unstructured", "uniform"),
+        ("sparsegpt", "2:4", "uniform"),
+        ("magnitude", "unstructured", "owl"),
+    ],
+)
+def test_sequential_onloading_is_bit_identical(tmp_path, family_name, method, pattern, profile):
+    from sparse_nlp import SparsityConfig, WeightSparsity, sparsify
+    from sparse_nlp.pruning.onloading import block_store, load_offloaded, onload_all
+
+    config = SparsityConfig(
+        weights=[WeightSparsity(method=method, sparsity=0.5, pattern=pattern, profile=profile)]
+    )
+    data = torch.randint(1, VOCAB, (6, 16), generator=torch.Generator().manual_seed(5))
+    reference = tiny_model(family_name).eval()
+    tiny_model(family_name).save_pretrained(tmp_path / "dense")  # same seed: the same weights
+    sparsify(reference, config, data=data, num_samples=6, progress=False)
+    expected = _pruned_state(reference)
+
+    # a model in memory: its blocks go to disk first
+    model = tiny_model(family_name).eval()
+    sparsify(model, config, data=data, num_samples=6, progress=False, offload_dir=tmp_path / "offload")
+    store = block_store(model)
+    assert all(p.is_meta for p in store.blocks[0].parameters())  # pruned blocks stay on disk
+    assert len(list((tmp_path / "offload").glob("block_*.safetensors"))) == len(store.blocks)
+    got = _pruned_state(onload_all(model))
+    assert got.keys() == expected.keys()
+    for key, value in expected.items():
+        assert torch.equal(got[key], value), key
+
+    # a model read from disk without its blocks
+    model, _ = load_offloaded(tmp_path / "dense", tmp_path / "offload2")
+    assert all(p.is_meta for p in block_store(model).blocks[1].parameters())
+    sparsify(model, config, data=data, num_samples=6, progress=False)
+    got = _pruned_state(onload_all(model))
+    for key, value in expected.items():
+        assert torch.equal(got[key], value), key
+
+
+def test_sequential_onloading_rejects_what_it_cannot_do(tmp_path):
+    from sparse_nlp import SparsityConfig, WeightSparsity, sparsify
+
+    model = tiny_model("llama")
+    bad = SparsityConfig(weights=[WeightSparsity(method="magnitude", sparsity=0.5, scope="global")])
+    with pytest.raises(ConfigError, match="global"):
+        sparsify(model, bad, offload_dir=tmp_path / "x", progress=False)
+    head = SparsityConfig(weights=[WeightSparsity(method="magnitude", sparsity=0.5, targets=["re:lm_head"])])
+    with pytest.raises(ConfigError, match="outside the repeated blocks"):
+        sparsify(model, head, offload_dir=tmp_path / "x", progress=False)

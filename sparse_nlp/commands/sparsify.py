@@ -63,6 +63,13 @@ def add_parser(subparsers) -> None:
     p.add_argument("--data-dir", help="local data directory (default: $SPARSE_NLP_DATA_DIR, then the Hub)")
     p.add_argument("--num-samples", type=int, default=128, help="calibration samples (default 128)")
     p.add_argument("--seq-len", type=int, default=128, help="calibration sequence length (default 128)")
+    p.add_argument(
+        "--offload-dir",
+        default=None,
+        help="sequential onloading: keep the blocks on disk in this folder and prune them one at a time "
+        "(peak memory: the embeddings, one block and the calibration activations; the final save still "
+        "brings the pruned model into memory)",
+    )
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.add_argument(
         "--compact",
@@ -145,7 +152,12 @@ def run(args: argparse.Namespace) -> int:
 
         targets = ModelTargets.load(args.targets_file)
     data = calibration_data(args)
-    model, tokenizer = load_model(args.model)
+    if args.offload_dir:
+        from ..pruning.onloading import load_offloaded
+
+        model, tokenizer = load_offloaded(args.model, args.offload_dir)
+    else:
+        model, tokenizer = load_model(args.model)
     start = time.perf_counter()
     sparsify(
         model,
@@ -158,6 +170,10 @@ def run(args: argparse.Namespace) -> int:
         targets=targets,
     )
     seconds = time.perf_counter() - start
+    if args.offload_dir:
+        from ..pruning.onloading import onload_all
+
+        onload_all(model)
     if config.attention is not None and config.attention.max_positions and tokenizer is not None:
         from ..attention.long_context import token_positions
 

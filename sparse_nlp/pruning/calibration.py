@@ -375,6 +375,8 @@ def _walk_blocks(
     desc: str,
     progress: bool,
     dense: bool = False,
+    store: Any = None,
+    write: bool = True,
 ) -> None:
     """Run the calibration batches block by block; `per_block(i, collect)` may gather stats and prune block i.
 
@@ -382,6 +384,8 @@ def _walk_blocks(
     `modules` and returns their stats; after `per_block` returns, block i (as it now is) turns the inputs into
     block i+1's. With `dense`, the dense model's hidden states are carried along too (twice the activations):
     `collect` runs the still-dense block on them first, which gives the `cross_for` layers their dense inputs.
+    With a `store` (`sparse_nlp.pruning.onloading.BlockStore`), block i is read from disk before `per_block` and
+    written back (unless `write` is False) and freed once it has advanced the inputs.
     """
     blocks = _blocks(model)
     stored = _capture(model, blocks[0], batches)
@@ -396,7 +400,7 @@ def _walk_blocks(
         logger.info(
             "%s: block %d/%d (%.0f s so far)", desc, i + 1, len(blocks), time.perf_counter() - started
         )
-        block = blocks[i]
+        block = store.onload(i) if store is not None else blocks[i]
         if types is not None and i > 0 and types[i] != types[i - 1]:
             # blocks of another attention type get another mask: let the model compute that block's arguments
             fresh = _capture(model, block, batches)
@@ -433,6 +437,8 @@ def _walk_blocks(
             if dense and not advanced[0]:
                 item.dense_hidden = _track(_run_block(block, item, item.dense_hidden))
             item.hidden = _track(_run_block(block, item))
+        if store is not None:
+            store.offload(i, write=write)
 
 
 def _full_forward_stats(
@@ -481,6 +487,7 @@ def prune_with_calibration(
     num_samples: int = 128,
     seq_len: int = 128,
     progress: bool = True,
+    store: Any = None,
 ) -> dict[str, float]:
     """Prune the layers of `plans` one block at a time with statistics of calibration inputs.
 
@@ -492,6 +499,8 @@ def prune_with_calibration(
         num_samples: Calibration samples used.
         seq_len: Tokens per sample at most.
         progress: Show a progress bar over blocks.
+        store: A `sparse_nlp.pruning.onloading.BlockStore`: blocks are read from disk one at a time and written
+            back pruned (sequential onloading); layers that need no data are pruned in the same walk.
 
     Returns:
         Layer name -> the sparsity it was pruned at (differs from the rule's with profile ``owl``).
@@ -509,8 +518,11 @@ def prune_with_calibration(
     try:
         calibrated = [p for p in plans if p.method.needs_calibration or p.rule.profile == "owl"]
         direct = [p for p in plans if p not in calibrated]
-        if direct:
+        if direct and store is None:
             _prune_without_data(direct, progress)
+        direct_by_block: dict[int | None, list] = {}
+        for plan in direct if store is not None else []:
+            direct_by_block.setdefault(layer_index(model, plan.name), []).append(plan)
         sparsities = {p.name: p.sparsity for p in plans}
         owl = [p for p in calibrated if p.rule.profile == "owl"]
         if owl:
@@ -518,7 +530,9 @@ def prune_with_calibration(
                 owl_sparsities(
                     model,
                     owl,
-                    lambda fn, desc: _walk_blocks(model, batches, fn, desc=desc, progress=progress),
+                    lambda fn, desc: _walk_blocks(
+                        model, batches, fn, desc=desc, progress=progress, store=store, write=False
+                    ),
                 )
             )
 
@@ -536,6 +550,8 @@ def prune_with_calibration(
         dense = any(getattr(p.method, "needs_dense_inputs", False) for p in calibrated)
 
         def per_block(i: int, collect: Callable) -> None:
+            if direct_by_block.get(i):  # as in the in-memory pass: before this block's statistics
+                _prune_without_data(direct_by_block[i], False)
             group = by_block.get(i, [])
             need = [p for p in group if p.method.needs_calibration]
             if not need and not (dense and group):
@@ -548,8 +564,16 @@ def prune_with_calibration(
             )
             prune(group, stats)
 
-        if any(i is not None for i in by_block):
-            _walk_blocks(model, batches, per_block, desc="one-shot pruning", progress=progress, dense=dense)
+        if any(i is not None for i in by_block) or direct_by_block:
+            _walk_blocks(
+                model,
+                batches,
+                per_block,
+                desc="one-shot pruning",
+                progress=progress,
+                dense=dense,
+                store=store,
+            )
         outside = by_block.get(None, [])
         if (
             outside
