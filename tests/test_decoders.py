@@ -344,8 +344,9 @@ def test_cli_sparsify_with_windows_and_offloading(tiny_llm, tmp_path, data_dir):
     assert not torch.equal(a.model.layers[0].mlp.up_proj.weight, c.model.layers[0].mlp.up_proj.weight)
 
 
-SMOLLM2_WANDA50_MAX_PPL = 60.0
-"""Measured (see docs/decoders.md): dense 2-window perplexity and its value after Wanda 50% with 8 x 256 windows."""
+SMOLLM2_WANDA50_MAX_PPL = 65.0
+"""Measured: over the first 2 WikiText-2 test windows of 512 tokens, dense 28.23 and 55.59 after Wanda 50% with
+8 random valid-split windows of 256 tokens (seed 0); the bound leaves 17% for numerical differences."""
 
 
 @pytest.mark.real

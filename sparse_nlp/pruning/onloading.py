@@ -37,6 +37,26 @@ from .masking import MASK_BUFFER, attach_mask, detach_mask
 logger = logging.getLogger(__name__)
 
 STORE_ATTR = "_sparse_nlp_block_store"
+MMAP_THRESHOLD = 1 << 20
+"""Allocations from this size (bytes) get their own memory map while a store is in use (glibc only)."""
+
+
+def _return_freed_memory_to_the_system() -> None:
+    """Make freed blocks leave the process (glibc): big allocations as their own maps, and trim the heap.
+
+    glibc raises its mmap threshold after large frees, so the next blocks' tensors would come from the heap,
+    interleaved with activations, and freed blocks would stay resident. A fixed threshold keeps every tensor
+    of 1 MiB or more in its own map, returned to the system when freed; ``malloc_trim`` releases the rest.
+    """
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(-3, MMAP_THRESHOLD)  # M_MMAP_THRESHOLD
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to tune
+        pass
 
 
 def _set_tensor(module: nn.Module, name: str, value: torch.Tensor) -> None:
@@ -75,6 +95,7 @@ class BlockStore:
         self.blocks = _blocks(model)
         self.source = dict(source or {})
         self.written: set[int] = set()
+        _return_freed_memory_to_the_system()
 
     def path(self, i: int) -> Path:
         return self.folder / f"block_{i}.safetensors"
@@ -102,6 +123,7 @@ class BlockStore:
                 detach_mask(module)
         for name, param in list(block.named_parameters()):
             _set_tensor(block, name, torch.empty_like(param, device="meta"))
+        _return_freed_memory_to_the_system()
 
     def onload(self, i: int) -> nn.Module:
         """Bring block `i` into memory (from the offload folder, else from its source checkpoint)."""
