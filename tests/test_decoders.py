@@ -366,3 +366,17 @@ def test_smollm2_wanda_half_sparse_keeps_a_usable_perplexity(data_dir):
     pruned = evaluate_perplexity(model, tokenizer, text, context=512, max_windows=2, progress=False)
     print(f"SmolLM2 2 x 512 windows: dense {dense['perplexity']:.2f}, wanda 50% {pruned['perplexity']:.2f}")
     assert dense["perplexity"] < pruned["perplexity"] < SMOLLM2_WANDA50_MAX_PPL
+
+
+def test_sequential_onloading_without_calibration_data(tmp_path):
+    from sparse_nlp import SparsityConfig, WeightSparsity, sparsify
+    from sparse_nlp.pruning.onloading import block_store, onload_all
+
+    config = SparsityConfig(weights=[WeightSparsity(method="magnitude", sparsity=0.5, pattern="2:4")])
+    reference = sparsify(tiny_model("llama"), config, progress=False)
+    model = sparsify(tiny_model("llama"), config, progress=False, offload_dir=tmp_path / "blocks")
+    assert all(p.is_meta for p in block_store(model).blocks[1].parameters())
+    expected, got = _pruned_state(reference), _pruned_state(onload_all(model))
+    assert got.keys() == expected.keys()
+    for key, value in expected.items():
+        assert torch.equal(got[key], value), key
