@@ -10,6 +10,7 @@ import logging
 from typing import Any
 
 from torch import nn
+from tqdm.auto import tqdm
 
 from .attention.apply import apply_attention, check_pattern, extend_for, remove_attention
 from .config import SparsityConfig, WeightSparsity
@@ -19,6 +20,7 @@ from .pruning.calibration import check_calibration_plans, prune_with_calibration
 from .pruning.experts import detach_expert_masks, masked_experts, prune_experts, select_experts
 from .pruning.masking import detach_mask, masked_modules
 from .pruning.methods import get_method
+from .pruning.onloading import attach_store, block_store, check_offloadable
 from .pruning.plan import LayerPlan, plan_weight_rules, prune_without_data  # noqa: F401  (LayerPlan: its earlier path)
 from .structured import apply_structured
 from .targets import (
@@ -41,6 +43,7 @@ def sparsify(
     seq_len: int = 128,
     progress: bool = True,
     targets: ModelTargets | dict[str, Any] | str | None = None,
+    offload_dir: str | None = None,
 ) -> nn.Module:
     """Make `model` sparse as `config` says, in place, and record the config on ``model.config``.
 
@@ -55,6 +58,11 @@ def sparsify(
         progress: Show progress bars.
         targets: The model's layout (a `ModelTargets`, its dict form or a JSON file), for a family outside
             the targets table or to override its entry (see `sparse_nlp.targets.use_targets`).
+        offload_dir: Sequential onloading (`sparse_nlp.pruning.onloading`): the blocks live in safetensors files
+            in this folder and are brought into memory one at a time to be calibrated and pruned, then written
+            back. The model comes back with its blocks still on disk; `sparse_nlp.pruning.onloading.onload_all`
+            brings them back (needed before saving or running it). A model from
+            `sparse_nlp.pruning.onloading.load_offloaded` never holds more than one block.
 
     Returns:
         The same model, for chaining.
@@ -92,6 +100,16 @@ def sparsify(
     experts = _plan_experts(model, config.weights, already)
     if needs_data:
         check_calibration_plans(plans)
+    store = None
+    if offload_dir is not None or getattr(model, "__dict__", {}).get("_sparse_nlp_block_store") is not None:
+        check_offloadable(model, plans)
+        if config.attention is not None or config.structured is not None:
+            raise ConfigError("offload_dir supports weight rules only (no attention or structured part).")
+        if experts:
+            raise ConfigError(
+                "offload_dir does not prune fused mixture-of-experts parameters; exclude them or prune in memory."
+            )
+        store = attach_store(model, offload_dir) if offload_dir is not None else block_store(model)
     if config.attention is not None:
         check_pattern(model, config.attention)  # a pattern the family cannot use fails before any change
         extend_for(model, config.attention)  # before calibration, which may run past the old positions
@@ -107,7 +125,16 @@ def sparsify(
             num_samples=num_samples,
             seq_len=seq_len,
             progress=progress,
+            store=store,
         )
+    elif plans and store is not None:
+        for i in tqdm(
+            range(len(store.blocks)), desc="pruning (onloaded)", unit="block", disable=not progress
+        ):
+            block = store.onload(i)
+            inside = {id(m) for m in block.modules()}
+            prune_without_data([p for p in plans if id(p.module) in inside], False)
+            store.offload(i)
     elif plans:
         prune_without_data(plans, progress)
     for i, chosen in experts.items():

@@ -26,7 +26,7 @@ def add_parser(subparsers) -> None:
             "warm-up, in one process; print median and p90 latency, throughput and MODEL's speed-up over OTHER."
         ),
     )
-    p.add_argument("model", help="local folder, Hub id, or alias 'minilm'")
+    p.add_argument("model", help="local folder, Hub id, or alias (minilm, smollm2)")
     p.add_argument(
         "--vs", dest="other", required=True, help="the reference model (ratios are relative to it)"
     )

@@ -11,7 +11,7 @@ def add_parser(subparsers) -> None:
         help="print the measured sparsity of a model",
         description="Print the measured sparsity of every Linear layer of MODEL and totals per group.",
     )
-    p.add_argument("model", help="local folder, Hub id, or alias 'minilm'")
+    p.add_argument("model", help="local folder, Hub id, or alias (minilm, smollm2)")
     p.add_argument(
         "--json", dest="json_path", help="also write the report as JSON to this file ('-' for stdout only)"
     )

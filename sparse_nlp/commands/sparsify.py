@@ -6,14 +6,16 @@ import argparse
 import json
 import time
 
+from ..errors import ConfigError
+
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "sparsify",
         help="prune a model and save it as a sparse checkpoint",
-        description="Prune MODEL (a folder, a Hub id, or the alias 'minilm') and save it to --out.",
+        description="Prune MODEL (a folder, a Hub id, or an alias: minilm, smollm2) and save it to --out.",
     )
-    p.add_argument("model", help="local folder, Hub id, or alias 'minilm'")
+    p.add_argument("model", help="local folder, Hub id, or alias (minilm, smollm2)")
     p.add_argument("--out", required=True, help="output folder for the sparse checkpoint")
     p.add_argument("--method", default="magnitude", help="pruning method (default: magnitude)")
     p.add_argument(
@@ -51,9 +53,25 @@ def add_parser(subparsers) -> None:
         "--calibration",
         help="calibration texts: a GLUE task (sst2, ...), wikitext2, tinyshakespeare, or a .txt file",
     )
+    p.add_argument(
+        "--calibration-cut",
+        choices=["random", "even", "lines"],
+        default=None,
+        help="how a corpus (wikitext2: its valid split, tinyshakespeare, a .txt file) becomes samples: windows of "
+        "--seq-len tokens at seeded random offsets (default) or evenly spaced, or its non-blank lines (GLUE tasks "
+        "always give sentences)",
+    )
+    p.add_argument("--calibration-seed", type=int, default=0, help="seed of random windows (default 0)")
     p.add_argument("--data-dir", help="local data directory (default: $SPARSE_NLP_DATA_DIR, then the Hub)")
     p.add_argument("--num-samples", type=int, default=128, help="calibration samples (default 128)")
     p.add_argument("--seq-len", type=int, default=128, help="calibration sequence length (default 128)")
+    p.add_argument(
+        "--offload-dir",
+        default=None,
+        help="sequential onloading: keep the blocks on disk in this folder and prune them one at a time "
+        "(peak memory: the embeddings, one block and the calibration activations; the final save still "
+        "brings the pruned model into memory)",
+    )
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.add_argument(
         "--compact",
@@ -104,6 +122,30 @@ def build_config(args: argparse.Namespace):
     return SparsityConfig(weights=[rule]).validate()
 
 
+def calibration_data(args: argparse.Namespace):
+    """The calibration data the flags ask for: corpus windows (`CorpusWindows`) or a list of texts; None without
+    --calibration. Files are checked here, before any model is loaded."""
+    if not args.calibration:
+        if args.calibration_cut is not None:
+            raise ConfigError("--calibration-cut needs --calibration.")
+        return None
+    from ..evaluation.data import GLUE_TASKS, calibration_texts
+    from ..pruning.calibration import CorpusWindows, corpus_text
+
+    if args.calibration in GLUE_TASKS:
+        if args.calibration_cut not in (None, "lines"):
+            raise ConfigError(
+                f"--calibration {args.calibration} gives sentences; --calibration-cut {args.calibration_cut} "
+                "needs a corpus (wikitext2, tinyshakespeare or a .txt file)."
+            )
+        return calibration_texts(args.calibration, data_dir=args.data_dir, limit=args.num_samples)
+    cut = args.calibration_cut or "random"
+    if cut == "lines":
+        return calibration_texts(args.calibration, data_dir=args.data_dir, limit=args.num_samples)
+    corpus_text(args.calibration, args.data_dir)  # a missing or unknown corpus fails before the model loads
+    return CorpusWindows(args.calibration, cut=cut, seed=args.calibration_seed, data_dir=args.data_dir)
+
+
 def run(args: argparse.Namespace) -> int:
     from ..checkpoint import save_pretrained
     from ..models import load_model
@@ -116,12 +158,13 @@ def run(args: argparse.Namespace) -> int:
         from ..targets import ModelTargets
 
         targets = ModelTargets.load(args.targets_file)
-    data = None
-    if args.calibration:
-        from ..evaluation.data import calibration_texts
+    data = calibration_data(args)
+    if args.offload_dir:
+        from ..pruning.onloading import load_offloaded
 
-        data = calibration_texts(args.calibration, data_dir=args.data_dir, limit=args.num_samples)
-    model, tokenizer = load_model(args.model, trust_remote_code=args.trust_remote_code)
+        model, tokenizer = load_offloaded(args.model, args.offload_dir)
+    else:
+        model, tokenizer = load_model(args.model, trust_remote_code=args.trust_remote_code)
     start = time.perf_counter()
     sparsify(
         model,
@@ -134,6 +177,10 @@ def run(args: argparse.Namespace) -> int:
         targets=targets,
     )
     seconds = time.perf_counter() - start
+    if args.offload_dir:
+        from ..pruning.onloading import onload_all
+
+        onload_all(model)
     if config.attention is not None and config.attention.max_positions and tokenizer is not None:
         from ..attention.long_context import token_positions
 

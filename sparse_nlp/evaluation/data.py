@@ -175,8 +175,9 @@ def _load_glue_hub(task: str, split: str, info: dict) -> dict[str, list]:
 def load_text(corpus: str, split: str, data_dir: str | os.PathLike | None = None) -> str:
     """A raw text corpus as one string (``wikitext2`` valid/test, ``tinyshakespeare`` train).
 
-    WikiText-2 lines are joined the usual way (each non-blank line + newline), matching
-    ``"\\n\\n".join(load_dataset("wikitext", "wikitext-2-raw-v1")[split]["text"])`` closely.
+    WikiText-2 is joined the usual perplexity way, ``"\\n\\n".join(rows)`` over the Hugging Face
+    ``wikitext-2-raw-v1`` rows; from the raw file each line becomes a row ``line + "\\n"`` when it has text
+    and ``""`` when blank (the raw file's blank lines are a single space), which gives the Hub rows exactly.
     """
     if corpus not in TEXT_CORPORA:
         raise ValueError(f"unknown corpus {corpus!r}; known: {', '.join(TEXT_CORPORA)}.")
@@ -201,8 +202,27 @@ def load_text(corpus: str, split: str, data_dir: str | os.PathLike | None = None
         raise DataError(f"no {corpus} {split} text in data directory {str(root)!r}; looked for {path}.")
     text = path.read_text(encoding="utf-8")
     if corpus == "wikitext2":
-        text = "".join(line + "\n" if line.strip() else "" for line in text.split("\n"))
+        lines = text.split("\n")
+        if lines and lines[-1] == "":  # the newline that ends the file ends the last line, not a new row
+            lines.pop()
+        text = wikitext_join(lines)
     return text
+
+
+def wikitext_join(lines: list[str]) -> str:
+    """WikiText raw lines joined as ``"\\n\\n".join`` of the Hub rows (see `load_text`)."""
+    return "\n\n".join(line + "\n" if line.strip() else "" for line in lines)
+
+
+def corpus_file(corpus: str, split: str, data_dir: str | os.PathLike | None = None) -> str:
+    """Where `load_text` reads a corpus split: the file relative to the data directory, or the Hub name."""
+    root = resolve_data_dir(data_dir)
+    if root is None:
+        return {
+            "wikitext2": "hf:wikitext/wikitext-2-raw-v1",
+            "tinyshakespeare": "hf:karpathy/tiny_shakespeare",
+        }[corpus] + f":{split}"
+    return TEXT_CORPORA[corpus][split]
 
 
 def load_texts(

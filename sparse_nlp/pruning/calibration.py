@@ -19,6 +19,7 @@ calibrated layers after them see their pruned outputs.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -63,9 +64,112 @@ def _track(tensor: torch.Tensor) -> torch.Tensor:
 
 # ---- calibration data -------------------------------------------------------------------------------------
 
+CUTS = ("random", "even", "lines")
+"""How a corpus becomes calibration samples: ``random`` windows (seeded), ``even``-ly spaced windows, or its
+non-blank ``lines`` (each truncated to the sequence length)."""
+WINDOW_SPLITS = {"wikitext2": "valid", "tinyshakespeare": "train"}
+"""The corpus split calibration windows are cut from: never WikiText-2's test split, which perplexity scores."""
+
+
+@dataclass(frozen=True)
+class CorpusWindows:
+    """Calibration data cut from a corpus the way the Wanda and SparseGPT papers cut it.
+
+    The corpus (``wikitext2``: the *valid* split, ``tinyshakespeare``, or a ``.txt`` path) is joined into one text
+    (as `sparse_nlp.evaluation.data.load_text` joins it), tokenized once without special tokens, and
+    `num_samples` windows of exactly `seq_len` tokens are taken from it: at seeded random offsets (``cut="random"``)
+    or evenly spaced from the start to the end (``cut="even"``). ``cut="lines"`` keeps the older behaviour: the
+    corpus's non-blank lines, each truncated to `seq_len`.
+    """
+
+    source: str
+    cut: str = "random"
+    seed: int = 0
+    data_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.cut not in CUTS:
+            raise ConfigError(f"calibration cut must be one of {', '.join(CUTS)}, got {self.cut!r}.")
+
+
+def corpus_text(source: str, data_dir: Any = None) -> str:
+    """The calibration text of a corpus name (its `WINDOW_SPLITS` split) or a ``.txt`` file."""
+    from pathlib import Path
+
+    from ..evaluation.data import DataError, load_text
+
+    if source in WINDOW_SPLITS:
+        return load_text(source, WINDOW_SPLITS[source], data_dir)
+    path = Path(source).expanduser()
+    if path.suffix != ".txt" and not path.is_file():
+        raise ConfigError(
+            f"calibration windows need a corpus ({', '.join(WINDOW_SPLITS)}) or a .txt file, not {source!r}; "
+            "GLUE tasks give sentences (cut 'lines')."
+        )
+    if not path.is_file():
+        raise DataError(f"calibration file {source!r} does not exist.")
+    return path.read_text(encoding="utf-8")
+
+
+def window_starts(num_tokens: int, num_samples: int, seq_len: int, cut: str, seed: int = 0) -> list[int]:
+    """Start offsets of `num_samples` windows of `seq_len` tokens in a text of `num_tokens` tokens.
+
+    ``random``: uniform over [0, num_tokens - seq_len] from a `torch.Generator` seeded with `seed` (windows may
+    overlap, as in the papers' loaders). ``even``: evenly spaced from 0 to num_tokens - seq_len.
+
+    Raises:
+        ConfigError: the text is shorter than one window, or an unknown cut.
+    """
+    last = num_tokens - seq_len
+    if last < 0:
+        raise ConfigError(
+            f"the calibration text has {num_tokens} tokens, fewer than one window of --seq-len {seq_len}."
+        )
+    if cut == "random":
+        generator = torch.Generator().manual_seed(seed)
+        return torch.randint(0, last + 1, (num_samples,), generator=generator).tolist()
+    if cut == "even":
+        if num_samples == 1:
+            return [0]
+        return [round(i * last / (num_samples - 1)) for i in range(num_samples)]
+    raise ConfigError(f"window cut must be 'random' or 'even', got {cut!r}.")
+
+
+def calibration_windows(
+    data: CorpusWindows | str, tokenizer: Any, *, num_samples: int, seq_len: int
+) -> torch.Tensor:
+    """(num_samples, seq_len) token ids cut from a corpus (see `CorpusWindows`)."""
+    if isinstance(data, str):
+        data = CorpusWindows(data)
+    if tokenizer is None:
+        raise ConfigError("calibration windows are cut from text: pass tokenizer=... to sparsify.")
+    text = corpus_text(data.source, data.data_dir)
+    ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)  # (N,)
+    starts = window_starts(len(ids), num_samples, seq_len, data.cut, data.seed)
+    logger.info(
+        "calibration: %d %s windows of %d tokens from %s (%d tokens)",
+        num_samples,
+        data.cut,
+        seq_len,
+        data.source,
+        len(ids),
+    )
+    return torch.stack([ids[s : s + seq_len] for s in starts])  # (num_samples, seq_len)
+
+
+def _is_corpus(data: Any) -> bool:
+    if isinstance(data, CorpusWindows):
+        return True
+    return isinstance(data, str) and (data in WINDOW_SPLITS or data.endswith(".txt"))
+
 
 def _texts_from(data: Any, num_samples: int) -> list[str] | None:
     """Texts from a source name/path, a list of strings or a `datasets.Dataset`; None for token-id data."""
+    if isinstance(data, CorpusWindows):  # cut 'lines' (windows are handled before)
+        from ..evaluation.data import calibration_texts
+
+        source = data.source
+        return calibration_texts(source, data_dir=data.data_dir, limit=num_samples)
     if isinstance(data, str):
         from ..evaluation.data import calibration_texts
 
@@ -94,9 +198,10 @@ def calibration_batches(
     """Padded batches ``{"input_ids", "attention_mask"}`` from calibration data.
 
     Args:
-        data: A list of texts, a `datasets.Dataset` with a text column, a source name or .txt path understood by
-            `sparse_nlp.evaluation.data.calibration_texts`, a (N, T) tensor of token ids, or a list of dicts with
-            ``input_ids`` (and optionally ``attention_mask``).
+        data: A list of texts, a `datasets.Dataset` with a text column, a `CorpusWindows`, a corpus name
+            (``wikitext2``, ``tinyshakespeare``) or .txt path (random windows of `seq_len` tokens, seed 0, as
+            ``CorpusWindows(name)``), a GLUE task name (its sentences), a (N, T) tensor of token ids, or a list of
+            dicts with ``input_ids`` (and optionally ``attention_mask``).
         tokenizer: Needed for text data.
         num_samples: Samples used (the first ones).
         seq_len: Texts are truncated to this many tokens.
@@ -109,6 +214,8 @@ def calibration_batches(
         raise ConfigError(
             "calibration needs data: pass data=[texts...] (and tokenizer=...), or --calibration on the command line."
         )
+    if _is_corpus(data) and (not isinstance(data, CorpusWindows) or data.cut != "lines"):
+        data = calibration_windows(data, tokenizer, num_samples=num_samples, seq_len=seq_len)
     texts = _texts_from(data, num_samples)
     if texts is not None:
         if tokenizer is None:
@@ -270,6 +377,8 @@ def _walk_blocks(
     desc: str,
     progress: bool,
     dense: bool = False,
+    store: Any = None,
+    write: bool = True,
 ) -> None:
     """Run the calibration batches block by block; `per_block(i, collect)` may gather stats and prune block i.
 
@@ -277,6 +386,8 @@ def _walk_blocks(
     `modules` and returns their stats; after `per_block` returns, block i (as it now is) turns the inputs into
     block i+1's. With `dense`, the dense model's hidden states are carried along too (twice the activations):
     `collect` runs the still-dense block on them first, which gives the `cross_for` layers their dense inputs.
+    With a `store` (`sparse_nlp.pruning.onloading.BlockStore`), block i is read from disk before `per_block` and
+    written back (unless `write` is False) and freed once it has advanced the inputs.
     """
     blocks = _blocks(model)
     stored = _capture(model, blocks[0], batches)
@@ -284,8 +395,14 @@ def _walk_blocks(
         for item in stored:
             item.dense_hidden = item.hidden
     types = getattr(model.config, "layer_types", None) if _layer_types_mixed(model) else None
-    for i in tqdm(range(len(blocks)), desc=desc, unit="layer", disable=not progress):
-        block = blocks[i]
+    bar = tqdm(range(len(blocks)), desc=desc, unit="block", disable=not progress)
+    started = time.perf_counter()
+    for i in bar:
+        bar.set_postfix_str(f"on block {i + 1}/{len(blocks)}", refresh=True)
+        logger.info(
+            "%s: block %d/%d (%.0f s so far)", desc, i + 1, len(blocks), time.perf_counter() - started
+        )
+        block = store.onload(i) if store is not None else blocks[i]
         if types is not None and i > 0 and types[i] != types[i - 1]:
             # blocks of another attention type get another mask: let the model compute that block's arguments
             fresh = _capture(model, block, batches)
@@ -322,6 +439,8 @@ def _walk_blocks(
             if dense and not advanced[0]:
                 item.dense_hidden = _track(_run_block(block, item, item.dense_hidden))
             item.hidden = _track(_run_block(block, item))
+        if store is not None:
+            store.offload(i, write=write)
 
 
 def _full_forward_stats(
@@ -370,6 +489,7 @@ def prune_with_calibration(
     num_samples: int = 128,
     seq_len: int = 128,
     progress: bool = True,
+    store: Any = None,
 ) -> dict[str, float]:
     """Prune the layers of `plans` one block at a time with statistics of calibration inputs.
 
@@ -381,6 +501,8 @@ def prune_with_calibration(
         num_samples: Calibration samples used.
         seq_len: Tokens per sample at most.
         progress: Show a progress bar over blocks.
+        store: A `sparse_nlp.pruning.onloading.BlockStore`: blocks are read from disk one at a time and written
+            back pruned (sequential onloading); layers that need no data are pruned in the same walk.
 
     Returns:
         Layer name -> the sparsity it was pruned at (differs from the rule's with profile ``owl``).
@@ -395,8 +517,11 @@ def prune_with_calibration(
     try:
         calibrated = [p for p in plans if p.needs_data]
         direct = [p for p in plans if p not in calibrated]
-        if direct:
+        if direct and store is None:
             prune_without_data(direct, progress)
+        direct_by_block: dict[int | None, list] = {}
+        for plan in direct if store is not None else []:
+            direct_by_block.setdefault(layer_index(model, plan.name), []).append(plan)
         sparsities = {p.name: p.sparsity for p in plans}
         owl = [p for p in calibrated if p.rule.profile == "owl"]
         if owl:
@@ -404,7 +529,9 @@ def prune_with_calibration(
                 owl_sparsities(
                     model,
                     owl,
-                    lambda fn, desc: _walk_blocks(model, batches, fn, desc=desc, progress=progress),
+                    lambda fn, desc: _walk_blocks(
+                        model, batches, fn, desc=desc, progress=progress, store=store, write=False
+                    ),
                 )
             )
 
@@ -422,6 +549,8 @@ def prune_with_calibration(
         dense = any(p.method.needs_dense_inputs for p in calibrated)
 
         def per_block(i: int, collect: Callable) -> None:
+            if direct_by_block.get(i):  # as in the in-memory pass: before this block's statistics
+                prune_without_data(direct_by_block[i], False)
             group = by_block.get(i, [])
             need = [p for p in group if p.method.needs_calibration]
             if not need and not (dense and group):
@@ -434,8 +563,16 @@ def prune_with_calibration(
             )
             prune(group, stats)
 
-        if any(i is not None for i in by_block):
-            _walk_blocks(model, batches, per_block, desc="one-shot pruning", progress=progress, dense=dense)
+        if any(i is not None for i in by_block) or direct_by_block:
+            _walk_blocks(
+                model,
+                batches,
+                per_block,
+                desc="one-shot pruning",
+                progress=progress,
+                dense=dense,
+                store=store,
+            )
         outside = by_block.get(None, [])
         if (
             outside
