@@ -18,12 +18,12 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
-from transformers.pytorch_utils import Conv1D
 
 from .config import TARGET_GROUPS
 from .errors import TargetError, UnsupportedModelError
+from .linear import is_prunable, is_transposed, linear_weight  # noqa: F401  (their earlier import path)
+from .targets_infer import infer_layout
 
 logger = logging.getLogger(__name__)
 
@@ -342,9 +342,9 @@ def model_targets(model_or_type: nn.Module | str) -> ModelTargets:
             f"model_type {model_type!r} is not in the targets table; in the table: {', '.join(sorted(TARGETS))}. "
             "Pass a model to infer its layout, or give one with sparse_nlp.targets.register_targets."
         )
-    from .targets_infer import infer_targets  # noqa: PLC0415  (it imports this module)
-
-    entry = infer_targets(model_or_type)  # raises UnsupportedModelError with the reason when it cannot
+    entry = ModelTargets(
+        **infer_layout(model_or_type)
+    )  # raises UnsupportedModelError with the reason when it cannot
     model_or_type.__dict__[_MODEL_ATTR] = entry
     logger.warning(
         "model_type %r is not in the targets table; using a layout inferred from its module names "
@@ -367,21 +367,6 @@ def require(model: nn.Module, feature: str) -> ModelTargets:
         }.get(feature, feature)
         raise UnsupportedModelError(f"{what} is not available for {model.config.model_type}: {reason}.")
     return entry
-
-
-def is_prunable(module: nn.Module) -> bool:
-    """Linear-like layers whose weight the pruning methods understand."""
-    return isinstance(module, nn.Linear | Conv1D)
-
-
-def is_transposed(module: nn.Module) -> bool:
-    """Whether the layer stores its weight as (in_features, out_features) (GPT-2's Conv1D)."""
-    return isinstance(module, Conv1D)
-
-
-def linear_weight(module: nn.Module) -> torch.Tensor:
-    """The weight as (out_features, in_features), whatever the layer stores (a view, writable in place)."""
-    return module.weight.t() if is_transposed(module) else module.weight
 
 
 def base_relative_name(model: nn.Module, name: str) -> str:

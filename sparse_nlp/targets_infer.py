@@ -9,9 +9,12 @@ method and pattern); structured removal and attention patterns need an exact ent
 
 from __future__ import annotations
 
+from typing import Any
+
 from torch import nn
 
-from .targets import ModelTargets, UnsupportedModelError, is_prunable, linear_weight
+from .errors import UnsupportedModelError
+from .linear import is_prunable, linear_weight
 
 _Q = {"q_proj", "query", "q_lin", "q", "query_proj", "wq", "q_linear"}
 _K = {"k_proj", "key", "k_lin", "k", "key_proj", "wk", "k_linear"}
@@ -95,8 +98,9 @@ def _common_parent(paths: list[str]) -> str:
     return ".".join(prefix)
 
 
-def infer_targets(model: nn.Module) -> ModelTargets:
-    """Infer an entry for `model` (a transformers model), or raise `UnsupportedModelError` saying what is missing."""
+def infer_layout(model: nn.Module) -> dict[str, Any]:
+    """The fields of a `sparse_nlp.targets.ModelTargets` entry inferred for `model` (a transformers model), or
+    `UnsupportedModelError` saying what is missing."""
     base = getattr(model, "base_model", model)
     layers = find_blocks(base)
     block = base.get_submodule(layers)[0]
@@ -132,7 +136,7 @@ def infer_targets(model: nn.Module) -> ModelTargets:
         _common_parent(attention_paths) if len(attention_paths) > 1 else attention_paths[0].rpartition(".")[0]
     )
     fused = "qkv" in one
-    return ModelTargets(
+    return dict(
         layers=layers,
         q=None if fused else one["q"],
         k=None if fused else one["k"],

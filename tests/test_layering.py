@@ -24,10 +24,6 @@ LAZY_IMPORTS = {
     ("sparse_nlp.attention.hook", "sparse_nlp.attention.registration"): (
         "registration imports torch and transformers' model code; the hook runs once transformers has loaded it"
     ),
-    ("sparse_nlp.targets", "sparse_nlp.targets_infer"): (
-        "inferring a layout for a family missing from the table is the fallback of model_targets, and targets_infer "
-        "builds on the types of targets; the only lazy edge that closes a loop"
-    ),
     ("sparse_nlp.pruning.calibration", "sparse_nlp.evaluation.data"): (
         "only for calibration data given as a source name; the data module pulls in datasets/pandas on use"
     ),
