@@ -361,6 +361,14 @@ def memory_child(kind: str, folder: str, keep_masks: str) -> None:
     from sparse_nlp.runtime import convert, converted_layers
 
     kernels.ops()  # the library load (or build) is not part of what is measured
+    # nor are the imports that loading does on first use (the model class, the checkpoint code): only the weights
+    import transformers
+
+    import sparse_nlp.checkpoint  # noqa: F401
+
+    config = json.loads((Path(folder) / "config.json").read_text())
+    for name in config.get("architectures") or ["AutoModel"]:
+        getattr(transformers, name)
     gc.collect()
     Path("/proc/self/clear_refs").write_text("5")  # reset the peak (VmHWM) to the current size
     before = _status_kib("VmRSS")
