@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import statistics
 import subprocess
 import sys
@@ -117,14 +118,18 @@ def backward_row(args) -> dict:
     def sparse():
         (blocked_attention(q, k, v, spec_for(n, args.window, args.block), scale) * w).sum().backward()
 
-    t = alternate({"dense_sdpa": dense, "blocked": sparse}, args.repeats)
-    row = {
-        "N": n,
-        "fwd_bwd": True,
-        "dense_sdpa_ms": round(t["dense_sdpa"] * 1000, 2),
-        "blocked_ms": round(t["blocked"] * 1000, 2),
-    }
-    row["blocked_speedup"] = round(t["dense_sdpa"] / t["blocked"], 2)
+    fns = {"dense_sdpa": dense, "blocked": sparse}
+    if native.usable(q):  # the same kernel with its forward through torch's flash op (native off)
+        fns["blocked_flash_path"] = lambda: _flash_path(sparse)
+    t = alternate(fns, args.repeats)
+    row = {"N": n, "fwd_bwd": True, **{f"{name}_ms": round(sec * 1000, 2) for name, sec in t.items()}}
+    row.update(
+        {
+            f"{name}_speedup": round(t["dense_sdpa"] / sec, 2)
+            for name, sec in t.items()
+            if name != "dense_sdpa"
+        }
+    )
     print(json.dumps(row), flush=True)
     return row
 
@@ -268,6 +273,16 @@ def minilm_row(args) -> dict:
     return row
 
 
+def _cpu_model() -> str:
+    """The CPU's model name (Linux), else platform.processor()."""
+    info = Path("/proc/cpuinfo")
+    if info.exists():
+        for line in info.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown"
+
+
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--memory-child":
         memory_child(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]))
@@ -295,6 +310,13 @@ def main() -> None:
         "torch_threads": torch.get_num_threads(),
     }
     result["setting"]["out"] = str(args.out) if args.out else None
+    result["machine"] = {
+        "cpu": _cpu_model(),
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "native_kernel": native.status(),
+        "load_average_before": [round(x, 2) for x in os.getloadavg()],
+    }
+    print(json.dumps(result["machine"]), flush=True)
     if "forward" not in args.skip:
         result["forward"] = forward_rows(args)
     if "backward" not in args.skip:
@@ -303,6 +325,8 @@ def main() -> None:
         result["memory"] = memory_rows(args)
     if "minilm" not in args.skip:
         result["minilm"] = minilm_row(args)
+    result["machine"]["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
+    print(json.dumps({"load_average_after": result["machine"]["load_average_after"]}), flush=True)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=2) + "\n")

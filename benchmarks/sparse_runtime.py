@@ -9,11 +9,19 @@ Part ``minilm``: the real all-MiniLM-L6-v2, every encoder Linear magnitude-prune
 `sparse_nlp.runtime.convert` (autotuned) against the same masked model run dense, at batch 1 x 128 and 32 x 128;
 with the largest relative difference of the outputs.
 
+Part ``memory``: MiniLM magnitude-pruned to 90% (fp32), each measurement in a fresh process: (a) the bytes the
+Linear layers hold dense (weight + bias) against the bytes of the converted layers (`runtime.convert` with the
+native kernel only, so no dense copy is kept for a dense-timed bucket), with ``keep_masks=True`` and ``False``;
+(b) the peak resident size (growth of VmHWM over the process after its imports) of loading the compact checkpoint
+(`compact_checkpoint`, as ``sparse-nlp compact`` writes it) with ``from_pretrained(path, runtime="sparse")``,
+against loading the dense checkpoint of the same model, and the compact one without the runtime.
+
 Every call is timed with the candidates interleaved (one call of each per round) and the median is reported,
 because the machine may be shared; the CPU model, ISA, threads and load average are printed with every table.
 
     HF_HUB_OFFLINE=1 python benchmarks/sparse_runtime.py --part layers --threads 1,2
     HF_HUB_OFFLINE=1 python benchmarks/sparse_runtime.py --part minilm --threads 1,2
+    HF_HUB_OFFLINE=1 python benchmarks/sparse_runtime.py --part memory --threads 1
 """
 
 from __future__ import annotations
@@ -327,9 +335,163 @@ def _model_runners_ids(dense, fast, ids) -> dict:
     return {"dense": lambda: dense(input_ids=ids), "fast": lambda: fast(input_ids=ids)}
 
 
+def _status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no {field} in /proc/self/status (the memory part needs Linux)")
+
+
+def _tensor_bytes(module: torch.nn.Module) -> int:
+    """Bytes of the distinct tensor storages a module holds (parameters, buffers, a torch CSR copy)."""
+    tensors = [*module.parameters(), *module.buffers()]
+    tcsr = getattr(module, "_torch_csr", None)
+    if tcsr is not None:
+        tensors += [tcsr.crow_indices(), tcsr.col_indices(), tcsr.values()]
+    seen = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+    return sum(seen.values())
+
+
+def memory_child(kind: str, folder: str, keep_masks: str) -> None:
+    """Runs in a fresh process; prints one JSON line. kind: 'layers' (a), or 'load-dense', 'load-compact',
+    'load-compact-sparse' (b)."""
+    import gc
+
+    import sparse_nlp
+    from sparse_nlp.runtime import convert, converted_layers
+
+    kernels.ops()  # the library load (or build) is not part of what is measured
+    # nor are the imports that loading does on first use (the model class, the checkpoint code): only the weights
+    import transformers
+
+    import sparse_nlp.checkpoint  # noqa: F401
+
+    config = json.loads((Path(folder) / "config.json").read_text())
+    for name in config.get("architectures") or ["AutoModel"]:
+        getattr(transformers, name)
+    gc.collect()
+    Path("/proc/self/clear_refs").write_text("5")  # reset the peak (VmHWM) to the current size
+    before = _status_kib("VmRSS")
+    row: dict = {"kind": kind}
+    if kind == "layers":
+        model = sparse_nlp.from_pretrained(folder)
+        linears = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+        row["dense_bytes"] = sum(
+            m.weight.numel() * 4 + (m.bias.numel() * 4 if m.bias is not None else 0) for m in linears.values()
+        )
+        row["masked_dense_bytes"] = sum(_tensor_bytes(m) for m in linears.values())  # weight, bias, mask
+        convert(model, methods=("native",), keep_masks=keep_masks == "1", use_cache=False)
+        layers = converted_layers(model)
+        row["layers"] = f"{len(layers)} of {len(linears)}"
+        packed = sum(_tensor_bytes(m) for m in layers.values())
+        rest = sum(_tensor_bytes(m) for n, m in linears.items() if n not in layers)  # left dense
+        row["converted_bytes"] = packed + rest
+        row["keep_masks"] = keep_masks == "1"
+    else:
+        runtime = "sparse" if kind == "load-compact-sparse" else None
+        model = sparse_nlp.from_pretrained(folder, runtime=runtime)
+        with (
+            torch.no_grad()
+        ):  # read every tensor once, as a forward pass would: file-mapped pages become resident
+            for t in [*model.parameters(), *model.buffers()]:
+                t.float().sum()
+        row["model_bytes"] = _tensor_bytes(model)
+        row["parameter_bytes"] = sum(p.numel() * p.element_size() for p in model.parameters())
+        if runtime:
+            row["converted_layers"] = len(converted_layers(model))
+    gc.collect()
+    row["peak_growth_kib"] = _status_kib("VmHWM") - before
+    row["final_growth_kib"] = _status_kib("VmRSS") - before
+    print(json.dumps(row), flush=True)
+
+
+def memory(args) -> list[dict]:
+    import subprocess
+    import tempfile
+
+    import transformers
+
+    from sparse_nlp import compact_checkpoint, save_pretrained, sparsify
+    from sparse_nlp.config import SparsityConfig
+    from sparse_nlp.models import resolve_model
+
+    def child(*argv: str) -> dict:
+        cmd = [sys.executable, __file__, "--memory-child", *argv]
+        done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stderr[-2000:]}")
+        return json.loads(done.stdout.strip().splitlines()[-1])
+
+    torch.set_num_threads(_ints(args.threads)[0])
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        model = transformers.AutoModel.from_pretrained(resolve_model("minilm"), dtype=torch.float32).eval()
+        sparsify(model, SparsityConfig.magnitude(0.9, scope="per-layer"), progress=False)
+        dense_dir, compact_dir = Path(tmp) / "m90", Path(tmp) / "m90-compact"
+        save_pretrained(model, dense_dir)
+        compact_checkpoint(dense_dir, compact_dir)
+        del model
+        print(f"\n## Memory: MiniLM magnitude 90% (per layer), fp32\n{header(torch.get_num_threads())}\n")
+        print("(a) Linear layers, tensor bytes (a fresh process each)\n")
+        print(
+            "| keep_masks | layers packed | dense weight + bias | masked dense (with masks) | converted | converted / dense |"
+        )
+        print("|---|---|---|---|---|---|")
+        for keep in ("1", "0"):
+            row = child("layers", str(dense_dir), keep)
+            row["ratio"] = row["converted_bytes"] / row["dense_bytes"]
+            rows.append(row)
+            mib = 1 << 20
+            print(
+                f"| {row['keep_masks']} | {row['layers']} | {row['dense_bytes'] / mib:.1f} MiB | "
+                f"{row['masked_dense_bytes'] / mib:.1f} MiB | {row['converted_bytes'] / mib:.1f} MiB | "
+                f"{row['ratio']:.3f} |",
+                flush=True,
+            )
+        sizes = {p.name: p.stat().st_size for p in compact_dir.iterdir() if p.suffix == ".safetensors"}
+        print(
+            f"\n(b) loading, peak resident growth over the process after imports (compact files: {sizes})\n"
+        )
+        print(
+            "| load | peak growth | resident after | tensor bytes of the model | peak / dense load | peak / one dense copy |"
+        )
+        print("|---|---|---|---|---|---|")
+        loads = [
+            ("dense checkpoint, from_pretrained(path)", "load-dense", dense_dir),
+            ("compact checkpoint, from_pretrained(path)", "load-compact", compact_dir),
+            (
+                'compact checkpoint, from_pretrained(path, runtime="sparse")',
+                "load-compact-sparse",
+                compact_dir,
+            ),
+        ]
+        dense_peak = dense_copy = None
+        for label, kind, folder in loads:
+            row = child(kind, str(folder), "1")
+            row["label"] = label
+            dense_peak = dense_peak or row["peak_growth_kib"]
+            dense_copy = dense_copy or row["parameter_bytes"]  # fp32 parameters of the dense model
+            row["peak_vs_dense_load"] = row["peak_growth_kib"] / dense_peak
+            row["peak_vs_dense_copy"] = row["peak_growth_kib"] * 1024 / dense_copy
+            rows.append(row)
+            print(
+                f"| {label} | {row['peak_growth_kib'] / 1024:.1f} MiB | {row['final_growth_kib'] / 1024:.1f} MiB | "
+                f"{row['model_bytes'] / (1 << 20):.1f} MiB | {row['peak_vs_dense_load']:.2f} | "
+                f"{row['peak_vs_dense_copy']:.2f} |",
+                flush=True,
+            )
+        print(f"\none dense copy (fp32 parameters of the dense model): {dense_copy / (1 << 20):.1f} MiB")
+    print(f"\nload average after: {', '.join(f'{v:.2f}' for v in os.getloadavg())}")
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--memory-child"]:
+        memory_child(*argv[1:4])
+        return 0
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--part", choices=("layers", "minilm", "decode", "all"), default="all")
+    p.add_argument("--part", choices=("layers", "minilm", "decode", "memory", "all"), default="all")
     p.add_argument("--threads", default="1,2")
     p.add_argument("--patterns", default="unstructured,2:4,block4x4")
     p.add_argument("--shapes", default="all", help="'all' or e.g. '384x1536;384x384'")
@@ -354,6 +516,8 @@ def main(argv: list[str] | None = None) -> int:
         results["minilm"] = minilm(args)
     if args.part == "decode":
         results["decode"] = decode(args)
+    if args.part == "memory":
+        results["memory"] = memory(args)
     results["loadavg_after"] = os.getloadavg()
     print(f"\ntotal {time.perf_counter() - start:.0f} s")
     if args.json_path:

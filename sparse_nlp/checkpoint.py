@@ -721,6 +721,9 @@ def expanded(folder: str | os.PathLike) -> Iterator[Path]:
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         if masks:
             write_masks(masks, tmp / MASKS_FILE)
+        # the decoded dense tensors are on disk now: free them before the caller loads the model from there
+        # (a suspended generator keeps its locals alive, which held a second dense copy during the load)
+        state = masks = None
         yield tmp
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

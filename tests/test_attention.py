@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -26,6 +27,7 @@ from sparse_nlp.attention.patterns import (
 )
 from sparse_nlp.attention.spec import MaskSpec, left_shift
 from sparse_nlp.config import AttentionSparsity, ConfigError, SparsityConfig
+from sparse_nlp.native import build
 
 GRAD_WEIGHT_SEED = 7  # the random output weights of the gradient tests (not the global RNG: reproducible)
 
@@ -276,15 +278,81 @@ def test_blocked_workspace_reuse_across_lengths():
             assert (out - reference_attention(q, k, v, spec, 0.3)).abs().max() < 1e-5
 
 
+def _cpu_isa() -> str:
+    """The path the kernel should pick here, from torch's own CPU probe."""
+    capability = torch.backends.cpu.get_cpu_capability()
+    return (
+        "avx512"
+        if "AVX512" in capability or capability == "AMX"
+        else "avx2"
+        if "AVX2" in capability
+        else "portable"
+    )
+
+
 def test_native_kernel_builds_here():
-    """Where the native kernel can run (x86-64 with AVX-512 and a C++ compiler, as on the CI machine) it builds;
-    elsewhere its status says why not."""
+    """Where the native kernel can run (a C++ compiler, as on the CI machine) it builds and runs the best path the
+    CPU has (AVX-512, AVX2+FMA, else portable C++); elsewhere its status says why not."""
     reason = native.unavailable_reason()
-    assert native.status() == ("ready" if reason is None else reason)
+    assert native.status() == (f"ready ({_cpu_isa()})" if reason is None else reason)
+    if reason is None:
+        assert native.isa() == _cpu_isa()
+
+
+@pytest.fixture(params=["best", "portable"])
+def native_isa(request):
+    """Each native test once on the CPU's best path and once on the forced portable C++ path."""
+    if request.param == "best":
+        yield native.isa()
+        return
+    with native.forced_isa(request.param) as used:
+        assert used == native.isa() == "portable"
+        yield used
+    assert native.isa() == _cpu_isa()  # the cap is lifted after the block
 
 
 @pytest.mark.skipif(native.unavailable_reason() is not None, reason="the native kernel cannot run here")
-def test_native_kernel_runs_the_band_and_equals_the_flash_path(monkeypatch):
+@pytest.mark.parametrize("pad", ["right", "left"])
+@pytest.mark.parametrize("pattern", BAND_PATTERNS, ids=lambda p: p.key())
+def test_native_paths_equal_reference_values_and_gradients(pattern, pad, native_isa):
+    """Every ISA path of the native forward (the backward is the flash op's) against the reference kernel."""
+    q, k, v, real = _inputs(pad, dim=16)
+    assert native.usable(q)
+    check_blocked_against_reference(q, k, v, _spec(pattern, real, pad))
+
+
+@pytest.mark.skipif(native.unavailable_reason() is not None, reason="the native kernel cannot run here")
+def test_native_portable_path_only_when_asked_for(monkeypatch):
+    """A CPU with neither AVX2 nor AVX-512 keeps the (faster) flash-op path unless the portable path is forced."""
+    q = torch.randn(1, 2, 40, 16)
+    assert native.usable(q)
+    monkeypatch.setitem(native._STATE, "best", 0)  # as on a CPU without AVX2
+    assert not native.usable(q)
+    with native.forced_isa("portable"):
+        assert native.usable(q)
+
+
+@pytest.mark.skipif(native.unavailable_reason() is not None, reason="the native kernel cannot run here")
+def test_native_isa_from_the_environment(monkeypatch):
+    """$SPARSE_NLP_BAND_ISA caps the path when the library is loaded; a bad name is a clear error."""
+    monkeypatch.setattr(native, "_STATE", {})
+    monkeypatch.setenv(native.ENV_ISA, "portable")
+    try:
+        assert native.isa() == "portable"
+        monkeypatch.setattr(native, "_STATE", {})
+        monkeypatch.setenv(native.ENV_ISA, "sse9")
+        with pytest.raises(
+            ValueError, match="SPARSE_NLP_BAND_ISA='sse9' is not one of portable, avx2, avx512"
+        ):
+            native.ops()
+    finally:
+        monkeypatch.delenv(native.ENV_ISA)
+        monkeypatch.setattr(native, "_STATE", {})
+        assert native.isa() == _cpu_isa()
+
+
+@pytest.mark.skipif(native.unavailable_reason() is not None, reason="the native kernel cannot run here")
+def test_native_kernel_runs_the_band_and_equals_the_flash_path(monkeypatch, native_isa):
     calls = []
     ops = native.ops()
 
@@ -309,7 +377,7 @@ def test_native_kernel_runs_the_band_and_equals_the_flash_path(monkeypatch):
 
 @pytest.mark.skipif(native.unavailable_reason() is not None, reason="the native kernel cannot run here")
 @pytest.mark.parametrize(("block", "dim", "threads"), [(3, 16, 1), (5, 64, 2), (8, 128, 1), (0, 32, 2)])
-def test_native_kernel_block_and_head_sizes_and_threads(block, dim, threads):
+def test_native_kernel_block_and_head_sizes_and_threads(block, dim, threads, native_isa):
     """Blocks under 8 or not a multiple of 8 (8-row tiles then span two query blocks), every head size the kernel
     has, and two threads (tiles split between them)."""
     pattern = SlidingWindow(14) | GlobalTokens((0, 9))
@@ -330,43 +398,43 @@ def test_native_kernel_block_and_head_sizes_and_threads(block, dim, threads):
 
 
 @pytest.mark.skipif(
-    native.unavailable_reason() is not None or not torch._C.has_openmp or not native._compiler_is_gcc(),
+    native.unavailable_reason() is not None or not torch._C.has_openmp or not build._compiler_is_gcc(),
     reason="the native kernel cannot run here, torch has no OpenMP, or the compiler is not GCC",
 )
 def test_native_kernel_runs_on_torchs_openmp_threads():
     """at::parallel_for is header code: compiled without OpenMP the kernel ran on one thread whatever
     torch.set_num_threads said. It must call into OpenMP, and the process must hold one OpenMP runtime (torch's)."""
-    assert native._openmp()[0] == ("-fopenmp",)
+    assert build.openmp_flags()[0] == ("-fopenmp",)
     assert native.ops() is not None
     assert b"GOMP_parallel" in Path(native._STATE["library"]).read_bytes()
     if Path("/proc/self/maps").exists():
-        assert len(native.openmp_runtimes()) == 1, native.openmp_runtimes()
+        assert len(build.openmp_runtimes()) == 1, build.openmp_runtimes()
 
 
 def test_native_openmp_flags_follow_torchs_runtime(monkeypatch, request):
     """The link names the file torch loaded (a hashed libgomp on some wheels); no GNU runtime or no GCC: no OpenMP."""
     # the next call sees the real runtime again, even after a failure here
-    request.addfinalizer(native._openmp.cache_clear)
-    monkeypatch.setattr(native.torch._C, "has_openmp", True)
-    monkeypatch.setattr(native, "_compiler_is_gcc", lambda: True)
+    request.addfinalizer(build.openmp_flags.cache_clear)
+    monkeypatch.setattr(build.torch._C, "has_openmp", True)
+    monkeypatch.setattr(build, "_compiler_is_gcc", lambda: True)
     hashed = Path("/site/torch/lib/libgomp-a34b3233.so.1")
     for runtimes, expected in [
         ([hashed], (("-fopenmp",), ("-L/site/torch/lib", "-l:libgomp-a34b3233.so.1"))),
         ([Path("/opt/intel/libiomp5.so")], ((), ())),
         ([], ((), ())),
     ]:
-        monkeypatch.setattr(native, "openmp_runtimes", lambda r=runtimes: r)
-        native._openmp.cache_clear()
-        assert native._openmp() == expected
-    monkeypatch.setattr(native, "openmp_runtimes", lambda: [hashed])
+        monkeypatch.setattr(build, "openmp_runtimes", lambda r=runtimes: r)
+        build.openmp_flags.cache_clear()
+        assert build.openmp_flags() == expected
+    monkeypatch.setattr(build, "openmp_runtimes", lambda: [hashed])
     # clang's -fopenmp would call LLVM's libomp
-    monkeypatch.setattr(native, "_compiler_is_gcc", lambda: False)
-    native._openmp.cache_clear()
-    assert native._openmp() == ((), ())
+    monkeypatch.setattr(build, "_compiler_is_gcc", lambda: False)
+    build.openmp_flags.cache_clear()
+    assert build.openmp_flags() == ((), ())
 
 
 @pytest.mark.skipif(native.unavailable_reason() is not None, reason="the native kernel cannot run here")
-def test_native_kernel_nan_reaches_the_rows_that_see_it():
+def test_native_kernel_nan_reaches_the_rows_that_see_it(native_isa):
     """A NaN key turns exactly the rows that attend to it NaN (here the window around it and the global row);
     a NaN query turns its own row NaN; every other row is what it would be without the NaN."""
     q, k, v, real = _inputs("none", n=80, batch=1, dim=16)
@@ -424,19 +492,24 @@ def test_native_build_clears_a_stale_lock_and_loads_a_built_kernel_directly(monk
     folder.mkdir(parents=True)
     lock = folder / "lock"
     lock.touch()
-    old = time.time() - native.STALE_LOCK_SECONDS - 60
+    old = time.time() - build.STALE_LOCK_SECONDS - 60
     os.utime(lock, (old, old))
+    built = folder / f"sparse_nlp_band_attention_{folder.name.rsplit('-', 1)[1]}.so"
     seen = []
-    monkeypatch.setattr(
-        cpp_extension, "load", lambda **kw: seen.append((kw["build_directory"], lock.exists()))
-    )
-    with caplog.at_level(logging.WARNING, logger=native.__name__):
+
+    def fake_load(**kw):  # the builder writes the library (and loads it itself)
+        seen.append((kw["build_directory"], lock.exists()))
+        built.touch()
+
+    monkeypatch.setattr(cpp_extension, "load", fake_load)
+    monkeypatch.setattr(native, "_STATE", {})
+    fake_ops = SimpleNamespace(band_set_isa=lambda cap: cap, band_cpu_isa=lambda: 0)
+    monkeypatch.setattr(native.torch.ops, "sparse_nlp", fake_ops)
+    with caplog.at_level(logging.WARNING, logger=build.__name__):
         native._build()
     assert seen == [(str(folder), False)]
     assert "stale build lock" in caplog.text
 
-    built = folder / f"sparse_nlp_band_{folder.name.rsplit('-', 1)[1]}.so"
-    built.touch()
     loaded = []
     monkeypatch.setattr(native.torch.ops, "load_library", lambda path: loaded.append(path))
     native._build()
@@ -444,15 +517,10 @@ def test_native_build_clears_a_stale_lock_and_loads_a_built_kernel_directly(monk
 
 
 def test_native_unavailable_reasons(monkeypatch):
+    """Only the switch and a missing compiler stop it: every CPU has at least the portable path."""
     monkeypatch.setenv(native.ENV_SWITCH, "0")
     assert "SPARSE_NLP_NATIVE=0" in native.unavailable_reason()
     monkeypatch.delenv(native.ENV_SWITCH)
-    monkeypatch.setattr(native.platform, "machine", lambda: "aarch64")
-    assert "x86-64" in native.unavailable_reason()
-    monkeypatch.setattr(native.platform, "machine", lambda: "x86_64")
-    monkeypatch.setattr(native.torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
-    assert "AVX-512 (torch reports AVX2)" in native.unavailable_reason()
-    monkeypatch.setattr(native.torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
     monkeypatch.setenv("CXX", "no-such-compiler")
     assert "'no-such-compiler' is not on PATH" in native.unavailable_reason()
 

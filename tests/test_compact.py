@@ -251,3 +251,32 @@ def test_compact_loads_with_a_config_the_caller_read_from_the_folder(tmp_path):
     assert loaded.config.num_labels == 2 and loaded.config._attn_implementation != ATTN_MARKER
     name, module = next(iter(masked_modules(model)))
     assert torch.equal(get_mask(loaded.get_submodule(name)), get_mask(module))
+
+
+def test_expanded_frees_the_decoded_tensors_before_the_load(tmp_path, monkeypatch):
+    """The decoded dense tensors are written to the temporary folder and then dropped: a suspended `expanded`
+    block must not hold a second dense copy while the caller loads the model from that folder."""
+    import gc
+    import weakref
+
+    import sparse_nlp.checkpoint as checkpoint_module
+
+    model = _sparse("bert")
+    save_pretrained(model, tmp_path, compact=True)
+    refs = []
+    read = checkpoint_module.read_compact
+
+    def tracked(path):
+        state, masks = read(path)
+        refs.extend(weakref.ref(t) for t in [*state.values(), *masks.values()])
+        return state, masks
+
+    monkeypatch.setattr(checkpoint_module, "read_compact", tracked)
+    with checkpoint_module.expanded(tmp_path) as folder:
+        gc.collect()
+        assert refs and all(r() is None for r in refs)
+        assert (folder / "model.safetensors").is_file()
+    loaded = from_pretrained(tmp_path)  # through the same block
+    inputs = tiny_inputs()
+    with torch.no_grad():
+        assert torch.equal(loaded(**inputs).logits, model(**inputs).logits)

@@ -380,7 +380,7 @@ def test_band_attention_build_refuses_a_folder_others_can_write(tmp_path, monkey
     with pytest.raises(NativeBuildError, match="writable by other users"):
         band._build()
     folder.chmod(0o755)  # ours and not writable by others: made private, then used
-    built = folder / f"sparse_nlp_band_{folder.name.rsplit('-', 1)[1]}.so"
+    built = folder / f"sparse_nlp_band_attention_{folder.name.rsplit('-', 1)[1]}.so"
     built.touch()
     built.chmod(0o666)
     with pytest.raises(NativeBuildError, match="writable by other users"):
