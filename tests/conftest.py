@@ -40,18 +40,24 @@ GENERATE_CACHE = "cache" if Version(transformers.__version__) >= Version("5.24")
 """generate()'s argument for a Cache object: `cache` from transformers 5.24, `past_key_values` before."""
 
 
+TINY_ENCODER = dict(
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    intermediate_size=64,
+    max_position_embeddings=128,
+)
+"""The sizes of every tiny encoder config (BERT-style field names)."""
+TINY_DECODER = dict(TINY_ENCODER, num_key_value_heads=2, bos_token_id=0, eos_token_id=0, pad_token_id=0)
+"""The sizes of every tiny llama-style decoder config (GQA with 2 KV heads)."""
+
+
 def tiny_config(family: str, **overrides):
     """A 2-layer random config of `family` (hidden 32, 4 heads, FFN 64; GQA with 2 KV heads for decoders)."""
     common = {"vocab_size": VOCAB}
     if family in ("bert", "roberta"):
         cls = transformers.BertConfig if family == "bert" else transformers.RobertaConfig
-        kw = dict(
-            hidden_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            intermediate_size=64,
-            max_position_embeddings=128,
-        )
+        kw = dict(TINY_ENCODER)
         if family == "roberta":
             kw.update(pad_token_id=1, bos_token_id=0, eos_token_id=2)
     elif family == "distilbert":
@@ -66,17 +72,7 @@ def tiny_config(family: str, **overrides):
             "mistral": transformers.MistralConfig,
             "qwen2": transformers.Qwen2Config,
         }[family]
-        kw = dict(
-            hidden_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            intermediate_size=64,
-            max_position_embeddings=128,
-            bos_token_id=0,
-            eos_token_id=0,
-            pad_token_id=0,
-        )
+        kw = dict(TINY_DECODER)
     kw.update(common)
     kw.update(overrides)
     return cls(**kw)

@@ -30,33 +30,14 @@ from sparse_nlp.targets import (
 )
 from sparse_nlp.targets_docs import render_families_page
 
-from .conftest import VOCAB, tiny_inputs
+from .conftest import TINY_DECODER, TINY_ENCODER, VOCAB, tiny_inputs
 
 NEW_DECODERS = ("qwen3", "gemma2", "gemma3_text", "phi3", "olmo2")
 NEW_ENCODERS = ("electra", "deberta-v2", "modernbert")
 NEW_FAMILIES = NEW_DECODERS + NEW_ENCODERS
 
-_DECODER = dict(
-    hidden_size=32,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    intermediate_size=64,
-    max_position_embeddings=128,
-    vocab_size=VOCAB,
-    bos_token_id=0,
-    eos_token_id=0,
-    pad_token_id=0,
-)
-_ENCODER = dict(
-    hidden_size=32,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    intermediate_size=64,
-    max_position_embeddings=128,
-    vocab_size=VOCAB,
-    pad_token_id=0,
-)
+_DECODER = dict(TINY_DECODER, vocab_size=VOCAB)
+_ENCODER = dict(TINY_ENCODER, vocab_size=VOCAB, pad_token_id=0)
 
 
 def family_config(family: str, **overrides):
