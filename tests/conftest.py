@@ -78,6 +78,16 @@ def tiny_config(family: str, **overrides):
     return cls(**kw)
 
 
+def labelled_batches(batch: int = 4, labels: tuple[int, ...] = (0, 1, 1, 0)):
+    """Endless tiny labelled batches, each from its own seed, for training-loop tests."""
+    seed = 0
+    while True:
+        seed += 1
+        b = tiny_inputs(batch=batch, seed=seed)
+        b["labels"] = torch.tensor(labels)
+        yield b
+
+
 def tiny_model(family: str, head: str = "auto", seed: int = 0, **overrides):
     """A tiny random model: sequence classification for encoders, causal LM for decoders (head='auto')."""
     torch.manual_seed(seed)

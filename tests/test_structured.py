@@ -24,7 +24,7 @@ from sparse_nlp.structured import (
 from sparse_nlp.structured.recovery import RecoveryConfig, cubic_fraction, gradual_structured_prune
 from sparse_nlp.structured.scores import gradient_unit_sums, weight_norm_scores
 from sparse_nlp.targets import linear_weight, model_targets
-from tests.conftest import DECODERS, tiny_inputs, tiny_model
+from tests.conftest import DECODERS, labelled_batches, tiny_inputs, tiny_model
 
 
 def _logits(model, inputs):
@@ -232,13 +232,7 @@ def test_gradual_schedule_reaches_budget():
     teacher = tiny_model("bert")
     student = copy.deepcopy(teacher)
 
-    def batches():
-        seed = 0
-        while True:
-            seed += 1
-            b = tiny_inputs(batch=4, seed=seed)
-            b["labels"] = torch.tensor([0, 1, 1, 0])
-            yield b
+    batches = labelled_batches
 
     target = StructuredSparsity(heads=0.5, ffn=0.5, score="taylor")
     cfg = RecoveryConfig(stages=2, steps_per_stage=2, final_steps=1, score_batches=2)

@@ -19,7 +19,7 @@ from sparse_nlp.structured.recovery import RecoveryConfig, gradual_structured_pr
 from sparse_nlp.training import StructuredCallback, StructuredPruner, StructuredSchedule
 from sparse_nlp.training.distillation import Distiller
 from sparse_nlp.training.structured import cubic_fraction, swap_parameters
-from tests.conftest import tiny_inputs, tiny_model
+from tests.conftest import labelled_batches, tiny_inputs, tiny_model
 
 from .tiny_glue import tiny_bert_folder, tiny_glue_dir
 
@@ -142,13 +142,7 @@ def test_callback_in_trainer_removes_on_schedule_and_matches_the_wrapper(tmp_pat
     # the thin wrapper over the same path ends at the same shapes
     other = tiny_model("bert")
 
-    def batches():
-        seed = 0
-        while True:
-            seed += 1
-            b = tiny_inputs(batch=4, seed=seed)
-            b["labels"] = torch.tensor([0, 1, 1, 0])
-            yield b
+    batches = labelled_batches
 
     cfg = RecoveryConfig(stages=3, steps_per_stage=2, final_steps=1, score_batches=2)
     log = gradual_structured_prune(other, copy.deepcopy(other), batches(), target, cfg)
