@@ -228,11 +228,6 @@ def _moe(shared_expert: bool) -> ModelTargets:
         ffn_out=prefix + "down_proj" if shared_expert else None,
         experts=("mlp.experts.gate_up_proj", "mlp.experts.down_proj"),
         no_structured=f"{why_experts}; per-expert neuron removal is not implemented",
-        no_calibration=(
-            "Wanda, SparseGPT and the OWL profile would need each expert's own routed inputs, which the "
-            "block-by-block pass does not collect; prune the experts with magnitude and give the calibrated rule "
-            "targets: ['attention'] (or the shared-expert layers)"
-        ),
     )
 
 

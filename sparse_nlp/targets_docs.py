@@ -73,16 +73,24 @@ Mixtral, Qwen2-MoE and Qwen3-MoE keep their experts as fused 3-D parameters
 (experts, hidden, FFN)). The groups `ffn` and `all-linear` (and `re:` targets naming them) include them:
 each expert's (out, in) slice is pruned on its own with the rule's method and pattern (scope `per-layer`
 or `per-row`; `global` is refused), its mask is kept through training and saved with the checkpoint like
-any other. Magnitude prunes the experts; Wanda and SparseGPT are refused on them (each expert would need
-its own routed inputs) but run on the attention and shared-expert layers (`targets: ["attention"]`).
-The router (`mlp.gate`) always stays dense.
+any other. The router (`mlp.gate`) always stays dense.
+
+Wanda and SparseGPT calibrate each expert on its own routed inputs. During the block-by-block calibration pass
+a forward pre-hook on the experts module reads the tokens and the router's top-k choice; for expert `e` it sums,
+over the real (non-padding) tokens routed to `e`, the statistics of `gate_up_proj[e]`'s input (the block's
+hidden state) and of `down_proj[e]`'s input (`act(gate) * up` of those tokens, from the block before it is
+pruned, as for the other layers of a block). Wanda's input norms and
+SparseGPT's Hessian of each expert therefore come from its tokens only. An expert that receives no calibration
+token is pruned by magnitude instead, with a warning naming it: give more or longer calibration samples to route
+tokens to every expert. SparseGPT holds one Hessian per expert (experts x (hidden^2 + FFN^2) floats per block).
+Profile `owl` and SparseGPT's `match_dense` option are refused on the experts; exclude them
+(`exclude: ["experts"]`) to use those on the other layers. Gradual pruning during training does not select
+the experts (it refuses a rule that reaches them); experts pruned one-shot stay sparse while training.
 """
 
 
 def _cell(entry: ModelTargets, feature: str) -> str:
     reason = entry.refusal(feature)
-    if reason and feature == "calibration" and entry.experts:
-        return f"attention and shared-expert layers: yes; experts: no, {reason}"
     if reason:
         return f"no: {reason}"
     if feature == "weights" and entry.inferred:
@@ -91,6 +99,11 @@ def _cell(entry: ModelTargets, feature: str) -> str:
         return (
             "yes: attention, shared-expert layers and each expert's slice of the fused experts (groups `ffn` "
             "and `all-linear` include them); the router stays dense"
+        )
+    if feature == "calibration" and entry.experts:
+        return (
+            "yes: each expert on the calibration tokens its router sends it (an expert that gets none is pruned by "
+            "magnitude, with a warning); profile `owl` and SparseGPT's `match_dense` are refused on the experts"
         )
     return "yes"
 

@@ -492,15 +492,17 @@ def test_experts_save_load_generate_and_train(family, tmp_path):
     assert not expert_masks(loaded) and list(masked_modules(loaded)) == []
 
 
-def test_experts_refuse_calibration_structured_and_global_with_reasons():
+def test_experts_refuse_owl_match_dense_structured_and_global_with_reasons():
     model = moe_model("mixtral")
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    wanda = SparsityConfig(weights=[WeightSparsity(method="wanda", sparsity=0.5)])
+    owl = SparsityConfig(weights=[WeightSparsity(method="wanda", sparsity=0.5, profile="owl")])
     with pytest.raises(
-        UnsupportedModelError,
-        match=r"weights\[0\]: calibrated pruning \(wanda, profile uniform\) is not available on the experts of mixtral",
+        UnsupportedModelError, match=r"weights\[0\]: profile 'owl' is not available on the experts of mixtral"
     ):
-        sparse_nlp.sparsify(model, wanda, data=id_batches(), progress=False)
+        sparse_nlp.sparsify(model, owl, data=id_batches(), progress=False)
+    refit = WeightSparsity(method="sparsegpt", sparsity=0.5, options={"match_dense": True})
+    with pytest.raises(UnsupportedModelError, match="option match_dense is not available on the experts"):
+        sparse_nlp.sparsify(model, SparsityConfig(weights=[refit]), data=id_batches(), progress=False)
     with pytest.raises(
         UnsupportedModelError, match="structured removal is not available for mixtral: experts are fused"
     ):

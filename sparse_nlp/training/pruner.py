@@ -102,7 +102,8 @@ class GradualPruner:
             if select_experts(model, rule.targets, rule.exclude):
                 raise UnsupportedModelError(
                     f"weights[{i}] selects the fused experts of {model.config.model_type}, which gradual pruning "
-                    "does not handle; prune them one-shot with sparsify (magnitude) or add exclude: ['experts']."
+                    "does not handle; prune them one-shot with sparsify (magnitude, wanda or sparsegpt) and keep them sparse "
+                    "while training, or add exclude: ['experts']."
                 )
         self.applied_step: int | None = None
         self.scores: dict[str, torch.Tensor] = {}
