@@ -267,13 +267,7 @@ TARGETS: dict[str, ModelTargets] = {
             "so removing a head changes the normalisation of the others"
         ),
     ),
-    "gemma2": replace(
-        _LLAMA,
-        no_attention=(
-            "Gemma 2 soft-caps the attention logits (attn_logit_softcapping), which the sparse attention kernels "
-            "do not apply"
-        ),
-    ),
+    "gemma2": _LLAMA,  # soft-capped attention logits: sparse attention runs them on the reference kernel
     "gemma3_text": _LLAMA,
     "phi3": _PHI3,
     "mixtral": _moe(shared_expert=False),
