@@ -16,7 +16,18 @@ _FEATURE_TITLES = {
     "calibration": "One-shot calibration",
     "structured": "Structured removal",
     "attention": "Attention patterns",
+    "runtime": "Sparse runtime",
+    "activation": "Activation sparsity",
 }
+COLUMNS = (*FEATURES, "runtime", "activation")
+"""The table's feature columns: `FEATURES` (what `sparsify` applies or refuses per family), then the sparse runtime
+(`sparse_nlp.runtime.convert`, which packs any pruned Linear layer) and dynamic activation sparsity."""
+
+ACTIVATION_CELL = (
+    "not yet: dynamic activation sparsity is not in this release (a config's `activation` part is refused)"
+)
+"""The activation column while `sparse_nlp.config.ActivationSparsity` refuses every value (a test checks that it
+still does; once it does not, this column must say per family what applies)."""
 
 _INFERRED = ModelTargets(
     layers="(inferred)",
@@ -38,6 +49,9 @@ sparse_nlp finds the layers of a model through a table keyed by `config.model_ty
 **yes**: the feature applies. **no**: `sparsify` refuses it with the reason given.
 Save and load (`sparse_nlp.save_pretrained` / `from_pretrained`, and plain transformers for checkpoints
 without sparse attention), `to_dense` and `report` work on every family that `sparsify` accepts.
+The sparse runtime column: `sparse_nlp.runtime.convert` packs every pruned `nn.Linear` (and GPT-2 `Conv1D`)
+of any model; for each family in the table a test checks that the packed model's logits equal the masked
+dense model's.
 
 """
 
@@ -66,6 +80,14 @@ or as JSON (`ModelTargets.to_dict()`'s form) on the command line:
 `sparse-nlp sparsify MODEL --targets-file my_targets.json --out DIR`. Paths are relative to the base
 model (`layers`) and to one block (everything else).
 
+## Attention soft-capping (Gemma 2)
+
+Gemma 2 soft-caps its attention logits (`cap * tanh(scores / cap)`, `attn_logit_softcapping`). Under a sparse
+attention pattern these layers run the reference kernel with explicit, capped scores (transformers' eager
+order: scale, cap, mask, softmax), equal to eager attention under the same mask; the blocked and flex kernels
+have no soft-capping, so a request for them runs the reference kernel too (with a one-time warning): exact,
+no faster than dense attention. Removing the pattern restores eager attention (Gemma 2 has no SDPA path).
+
 ## Mixture of experts
 
 Mixtral, Qwen2-MoE and Qwen3-MoE keep their experts as fused 3-D parameters
@@ -90,6 +112,15 @@ the experts (it refuses a rule that reaches them); experts pruned one-shot stay 
 
 
 def _cell(entry: ModelTargets, feature: str) -> str:
+    if feature == "activation":
+        return ACTIVATION_CELL
+    if feature == "runtime":
+        if entry.experts:
+            return (
+                "yes: the pruned Linear layers are packed (`runtime.convert`); the fused experts stay dense tensors, "
+                "masked"
+            )
+        return "yes: every pruned Linear layer is packed (`runtime.convert`)"
     reason = entry.refusal(feature)
     if reason:
         return f"no: {reason}"
@@ -116,17 +147,17 @@ def support_rows() -> list[tuple[str, str, dict[str, str]]]:
         kind = "decoder" if entry.causal else "encoder"
         if entry.experts:
             kind = "decoder, experts"
-        rows.append((model_type, kind, {f: _cell(entry, f) for f in FEATURES}))
-    rows.append(("any other", "inferred", {f: _cell(_INFERRED, f) for f in FEATURES}))
+        rows.append((model_type, kind, {f: _cell(entry, f) for f in COLUMNS}))
+    rows.append(("any other", "inferred", {f: _cell(_INFERRED, f) for f in COLUMNS}))
     return rows
 
 
 def render_support_table() -> str:
     """The family x feature table as Markdown."""
-    header = "| model_type | kind | " + " | ".join(_FEATURE_TITLES[f] for f in FEATURES) + " |"
-    lines = [header, "|" + "---|" * (len(FEATURES) + 2)]
+    header = "| model_type | kind | " + " | ".join(_FEATURE_TITLES[f] for f in COLUMNS) + " |"
+    lines = [header, "|" + "---|" * (len(COLUMNS) + 2)]
     for model_type, kind, cells in support_rows():
-        text = " | ".join(cells[f].replace("|", "/") for f in FEATURES)
+        text = " | ".join(cells[f].replace("|", "/") for f in COLUMNS)
         lines.append(f"| `{model_type}` | {kind} | {text} |")
     return "\n".join(lines) + "\n"
 
