@@ -106,8 +106,13 @@ SparseGPT's Hessian of each expert therefore come from its tokens only. An exper
 token is pruned by magnitude instead, with a warning naming it: give more or longer calibration samples to route
 tokens to every expert. SparseGPT holds one Hessian per expert (experts x (hidden^2 + FFN^2) floats per block).
 Profile `owl` and SparseGPT's `match_dense` option are refused on the experts; exclude them
-(`exclude: ["experts"]`) to use those on the other layers. Gradual pruning during training does not select
-the experts (it refuses a rule that reaches them); experts pruned one-shot stay sparse while training.
+(`exclude: ["experts"]`) to use those on the other layers.
+
+Gradual magnitude pruning during training (`GradualPruner`, the `SparsityCallback`, recipe stages) prunes the
+experts too: at each update of the schedule every expert slice is brought to the scheduled sparsity by
+magnitude, and the pruning state saves and resumes their masks. Movement pruning of the experts is refused
+(give the experts their own magnitude rule), as is scope `global`. Experts pruned one-shot stay sparse while
+training.
 """
 
 

@@ -528,22 +528,52 @@ def test_experts_family_takes_attention_patterns():
     assert (logits(model, x) - dense).abs().max() > 1e-6
 
 
-def test_gradual_pruning_refuses_experts_and_takes_the_rest():
+def test_gradual_pruning_of_experts_follows_the_schedule_per_slice(tmp_path):
     from sparse_nlp.pruning.schedules import CubicSchedule
     from sparse_nlp.training.pruner import GradualPruner
 
     model = moe_model("mixtral")
-    with pytest.raises(UnsupportedModelError, match=r"weights\[0\] selects the fused experts of mixtral"):
-        GradualPruner(model, SparsityConfig.magnitude(0.5), CubicSchedule(start_step=0, end_step=10))
+    model.train()
+    movement = WeightSparsity(method="movement", sparsity=0.5)
+    with pytest.raises(
+        UnsupportedModelError, match=r"weights\[0\] selects the fused experts of mixtral: gradual"
+    ):
+        GradualPruner(model, SparsityConfig(weights=[movement]), CubicSchedule(start_step=0, end_step=10))
+    with pytest.raises(sparse_nlp.ConfigError, match="scope 'global' is not available on mixture-of-experts"):
+        GradualPruner(model, SparsityConfig.magnitude(0.5, scope="global"), CubicSchedule(end_step=10))
     rule = WeightSparsity(method="magnitude", sparsity=0.5, exclude=["experts"])
-    assert (
-        len(
-            GradualPruner(
-                model, SparsityConfig(weights=[rule]), CubicSchedule(start_step=0, end_step=10)
-            ).plans
-        )
-        == 8
+    only_linear = GradualPruner(
+        model, SparsityConfig(weights=[rule]), CubicSchedule(start_step=0, end_step=10)
     )
+    assert len(only_linear.plans) == 8 and not only_linear.expert_plans
+
+    schedule = CubicSchedule(start_step=0, end_step=4, update_every=2)
+    pruner = GradualPruner(model, SparsityConfig.magnitude(0.5), schedule)
+    assert len(pruner.expert_plans) == 4  # gate_up_proj and down_proj of both layers
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.01)
+    params = dict(model.named_parameters())
+    batch = tiny_inputs(batch=4, length=10, pad=False)
+    for step in range(1, 7):
+        model(**batch, labels=batch["input_ids"]).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        pruner.after_optimizer_step(step)
+        target = schedule.sparsity_at(pruner.applied_step, 0.5)
+        for plan in pruner.expert_plans:
+            mask = pruner.masks()[plan.name]  # (E, out, in)
+            assert torch.all(params[plan.name][~mask] == 0), (step, plan.name)
+            for e in range(mask.shape[0]):  # every expert slice at the scheduled sparsity
+                assert int((~mask[e]).sum()) == num_pruned(target, mask[e].numel()), (step, plan.name, e)
+    assert pruner.applied_step == 4 and pruner.sparsity() == pytest.approx(0.5, abs=1e-3)
+    pruner.save(tmp_path / "state")
+    masks = pruner.masks()
+
+    fresh = moe_model("mixtral")
+    restored = GradualPruner(fresh, SparsityConfig.magnitude(0.5), schedule)
+    restored.load(tmp_path / "state")
+    again = restored.masks()
+    assert again.keys() == masks.keys() and all(torch.equal(again[k], masks[k]) for k in masks)
+    assert expert_masks(fresh).keys() == {p.name for p in restored.expert_plans}
 
 
 def test_targets_json_with_a_wrong_type_is_named(tmp_path):
