@@ -80,6 +80,13 @@ or as JSON (`ModelTargets.to_dict()`'s form) on the command line:
 `sparse-nlp sparsify MODEL --targets-file my_targets.json --out DIR`. Paths are relative to the base
 model (`layers`) and to one block (everything else).
 
+## Gemma's embedding scaling and tied head
+
+Gemma 2 and 3 multiply the input embeddings by sqrt(hidden size) and tie the output head to them. Neither is a
+target: the groups select Linear layers inside the blocks only, and a `re:` target that reaches a tied
+`lm_head` is refused (pruning it would prune the embeddings). Gemma's final logit soft-capping acts on the
+head's output and is unchanged by every feature.
+
 ## Attention soft-capping (Gemma 2)
 
 Gemma 2 soft-caps its attention logits (`cap * tanh(scores / cap)`, `attn_logit_softcapping`). Under a sparse

@@ -588,3 +588,13 @@ def test_targets_json_with_a_wrong_type_is_named(tmp_path):
     )
     with pytest.raises(TargetError, match="ffn_in must be a list of module paths"):
         ModelTargets.load(path)
+
+
+@pytest.mark.parametrize("family", ["gemma2", "gemma3_text"])
+def test_gemma_tied_head_is_refused_as_a_target(family):
+    model = family_model(family)
+    assert model.lm_head.weight is model.get_input_embeddings().weight  # Gemma ties its head by default
+    rule = WeightSparsity(method="magnitude", sparsity=0.5, targets=["re:lm_head"])
+    with pytest.raises(TargetError, match="tied to the input embeddings"):
+        sparse_nlp.sparsify(model, SparsityConfig(weights=[rule]), progress=False)
+    assert list(masked_modules(model)) == []

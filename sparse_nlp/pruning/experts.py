@@ -263,27 +263,14 @@ class ExpertStats:
 
 
 @torch.no_grad()
-def prune_experts(
-    experts: dict[str, tuple[nn.Module, str]] | list[ExpertPlan],
-    method: PruningMethod | None = None,
-    sparsity: float = 0.0,
-    pattern: Pattern | None = None,
-    scope: str = "per-layer",
-    stats: dict[str, list[LayerStats]] | None = None,
-) -> None:
-    """Prune each expert slice (out, in) of each parameter on its own and attach the stacked mask.
+def prune_experts(experts: list[ExpertPlan], stats: dict[str, list[LayerStats]] | None = None) -> None:
+    """Prune each expert slice (out, in) of each planned parameter on its own and attach the stacked mask.
 
     Args:
-        experts: `ExpertPlan` items, or full parameter name -> (module, parameter name) pruned with `method`,
-            `sparsity`, `pattern` and `scope`.
+        experts: The fused expert parameters to prune, with their method, budget, pattern and scope.
         stats: For calibrated methods, full parameter name -> one `LayerStats` per expert (`ExpertStats`). An
             expert without any routed calibration token is pruned by magnitude, with a warning.
     """
-    if isinstance(experts, dict):
-        experts = [
-            ExpertPlan(name, module, param_name, method, sparsity, pattern, scope)
-            for name, (module, param_name) in experts.items()
-        ]
     fallback = get_method("magnitude")
     for plan in experts:
         param = plan.module._parameters[plan.param_name]  # (E, out, in)
