@@ -518,8 +518,9 @@ def test_experts_refuse_owl_match_dense_structured_and_global_with_reasons():
     assert len(list(masked_modules(model))) == 8 and not expert_masks(model)
 
 
-def test_experts_family_takes_attention_patterns():
-    model = moe_model("qwen3_moe")
+@pytest.mark.parametrize("family", MOE)
+def test_experts_family_takes_attention_patterns(family):
+    model = moe_model(family)
     x = tiny_inputs(batch=2, length=12)
     dense = logits(model, x)
     apply_attention(model, AttentionSparsity("sliding_window", {"window": 1000, "causal": True}))
