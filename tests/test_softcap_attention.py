@@ -72,3 +72,18 @@ def test_softcapped_generation_with_cache_equals_eager(caplog):
     with caplog.at_level(logging.WARNING, logger="sparse_nlp.attention.registration"):
         assert torch.equal(model.generate(**prompt, **kwargs), expected)
     assert "soft-caps its attention logits" in caplog.text  # the blocked kernel was asked; reference ran
+
+
+def test_softcapped_attention_trains_like_eager():
+    x = tiny_inputs(batch=2, length=12, pad=False)
+    grads = []
+    for sparse in (False, True):
+        model = capped_model("gemma2")
+        model.train()
+        if sparse:
+            apply_attention(model, window(1000))
+        model(**x, labels=x["input_ids"]).loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if "self_attn" in n})
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, rtol=1e-4, atol=1e-6, msg=name)
