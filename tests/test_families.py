@@ -599,3 +599,33 @@ def test_gemma_tied_head_is_refused_as_a_target(family):
     with pytest.raises(TargetError, match="tied to the input embeddings"):
         sparse_nlp.sparsify(model, SparsityConfig(weights=[rule]), progress=False)
     assert list(masked_modules(model)) == []
+
+
+def _mamba():
+    config = transformers.MambaConfig(hidden_size=32, num_hidden_layers=2, vocab_size=VOCAB)
+    return transformers.MambaForCausalLM(config).eval()
+
+
+def _vit():
+    config = transformers.ViTConfig(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        image_size=16,
+        patch_size=8,
+    )
+    return transformers.ViTModel(config).eval()
+
+
+@pytest.mark.parametrize("build", [_mamba, _vit], ids=["mamba", "vit"])
+def test_report_counts_zeros_of_any_transformers_model(build):
+    model = build()  # Mamba has no attention layout to infer; ViT is inferred
+    name, linear = next((n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear))
+    with torch.no_grad():
+        linear.weight[:, ::2] = 0
+    result = sparse_nlp.report(model)
+    row = next(r for r in result.rows if r.name == name)
+    assert row.nonzeros == int(torch.count_nonzero(linear.weight)) and not row.masked
+    assert row.sparsity >= 0.5
+    assert result.groups["model"].numel == sum(p.numel() for p in model.parameters())
