@@ -17,7 +17,14 @@ from .config import SparsityConfig, WeightSparsity
 from .errors import ConfigError, UnsupportedModelError
 from .metadata import METADATA_KEY, read_metadata, write_metadata
 from .pruning.calibration import check_calibration_plans, prune_with_calibration
-from .pruning.experts import detach_expert_masks, masked_experts, prune_experts, select_experts
+from .pruning.experts import (
+    ExpertPlan,
+    check_expert_layout,
+    detach_expert_masks,
+    masked_experts,
+    prune_experts,
+    select_experts,
+)
 from .pruning.masking import detach_mask, masked_modules
 from .pruning.methods import get_method
 from .pruning.onloading import attach_store, block_store, check_offloadable
@@ -87,8 +94,10 @@ def sparsify(
             raise ConfigError(
                 f"{plan.name!r} is already pruned; call sparse_nlp.to_dense(model) first to start over."
             )
+    experts = _plan_experts(model, config.weights, already)
+    calibrated_experts = [e for e in experts if e.needs_data]
     # profile 'owl' weighs layers by activation outliers, so it needs calibration data even for magnitude
-    needs_data = [p for p in plans if p.needs_data]
+    needs_data = [p for p in plans if p.needs_data] + calibrated_experts
     if needs_data and data is None:
         what = f"pruning method {needs_data[0].method.name!r}"
         if not needs_data[0].method.needs_calibration:
@@ -97,7 +106,6 @@ def sparsify(
             f"{what} needs calibration data: pass data=[texts...] "
             "(and tokenizer=...) to sparsify, or --calibration on the command line."
         )
-    experts = _plan_experts(model, config.weights, already)
     if needs_data:
         check_calibration_plans(plans)
     store = None
@@ -117,6 +125,8 @@ def sparsify(
         apply_structured(model, config.structured, data=data, tokenizer=tokenizer, progress=progress)
         plans = plan_weight_rules(model, config.weights)  # removal may have swapped the Linear modules
     if needs_data:
+        # experts pruned without data go first, as the Linear layers without data do: the calibrated layers see them
+        prune_experts([e for e in experts if not e.needs_data])
         prune_with_calibration(
             model,
             plans,
@@ -126,6 +136,7 @@ def sparsify(
             seq_len=seq_len,
             progress=progress,
             store=store,
+            experts=calibrated_experts,
         )
     elif plans and store is not None:
         for i in tqdm(
@@ -137,10 +148,8 @@ def sparsify(
             store.offload(i)
     elif plans:
         prune_without_data(plans, progress)
-    for i, chosen in experts.items():
-        rule = config.weights[i]
-        method = get_method(rule.method, rule.options)
-        prune_experts(chosen, method, rule.sparsity, rule.parsed_pattern(f"weights[{i}]"), rule.scope)
+    if experts and not needs_data:
+        prune_experts(experts)
     if config.attention is not None:
         apply_attention(model, config.attention)
 
@@ -150,9 +159,9 @@ def sparsify(
     return model
 
 
-def _plan_experts(model: nn.Module, rules: list[WeightSparsity], already: set[str]) -> dict[int, dict]:
+def _plan_experts(model: nn.Module, rules: list[WeightSparsity], already: set[str]) -> list[ExpertPlan]:
     """Each rule's fused expert parameters (mixture-of-experts families), checked before any change."""
-    out: dict[int, dict] = {}
+    out: list[ExpertPlan] = []
     owner: dict[str, int] = {}
     for i, rule in enumerate(rules):
         chosen = select_experts(model, rule.targets, rule.exclude)
@@ -166,17 +175,28 @@ def _plan_experts(model: nn.Module, rules: list[WeightSparsity], already: set[st
             if base_relative_name(model, name) in already:
                 raise ConfigError(f"{name!r} is already pruned; call sparse_nlp.to_dense(model) first.")
             owner[name] = i
-        if get_method(rule.method, rule.options).needs_calibration or rule.profile == "owl":
+        method = get_method(rule.method, rule.options)
+        if rule.profile == "owl":
             raise UnsupportedModelError(
-                f"weights[{i}]: calibrated pruning ({rule.method}, profile {rule.profile}) is not available on the "
-                f"experts of {model.config.model_type}: {model_targets(model).refusal('calibration')}."
+                f"weights[{i}]: profile 'owl' is not available on the experts of {model.config.model_type} (it weighs "
+                "whole layers by their outliers, and an expert sees only its routed tokens); use profile 'uniform' for "
+                "the experts, or exclude them (exclude: ['experts'])."
+            )
+        if method.needs_dense_inputs:
+            raise UnsupportedModelError(
+                f"weights[{i}]: {rule.method} option match_dense is not available on the experts of "
+                f"{model.config.model_type}; drop the option or exclude the experts (exclude: ['experts'])."
             )
         if rule.scope == "global":
             raise ConfigError(
                 f"weights[{i}].scope 'global' is not available on mixture-of-experts weights (each expert is pruned "
                 "on its own); use per-layer or per-row, or exclude the experts (exclude: ['experts'])."
             )
-        out[i] = chosen
+        pattern = rule.parsed_pattern(f"weights[{i}]")
+        for name, (module, param_name) in chosen.items():
+            if method.needs_calibration:
+                check_expert_layout(module, name)
+            out.append(ExpertPlan(name, module, param_name, method, rule.sparsity, pattern, rule.scope))
     return out
 
 

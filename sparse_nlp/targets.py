@@ -228,11 +228,6 @@ def _moe(shared_expert: bool) -> ModelTargets:
         ffn_out=prefix + "down_proj" if shared_expert else None,
         experts=("mlp.experts.gate_up_proj", "mlp.experts.down_proj"),
         no_structured=f"{why_experts}; per-expert neuron removal is not implemented",
-        no_calibration=(
-            "Wanda, SparseGPT and the OWL profile would need each expert's own routed inputs, which the "
-            "block-by-block pass does not collect; prune the experts with magnitude and give the calibrated rule "
-            "targets: ['attention'] (or the shared-expert layers)"
-        ),
     )
 
 
@@ -272,13 +267,7 @@ TARGETS: dict[str, ModelTargets] = {
             "so removing a head changes the normalisation of the others"
         ),
     ),
-    "gemma2": replace(
-        _LLAMA,
-        no_attention=(
-            "Gemma 2 soft-caps the attention logits (attn_logit_softcapping), which the sparse attention kernels "
-            "do not apply"
-        ),
-    ),
+    "gemma2": _LLAMA,  # soft-capped attention logits: sparse attention runs them on the reference kernel
     "gemma3_text": _LLAMA,
     "phi3": _PHI3,
     "mixtral": _moe(shared_expert=False),

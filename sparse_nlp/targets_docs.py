@@ -16,7 +16,18 @@ _FEATURE_TITLES = {
     "calibration": "One-shot calibration",
     "structured": "Structured removal",
     "attention": "Attention patterns",
+    "runtime": "Sparse runtime",
+    "activation": "Activation sparsity",
 }
+COLUMNS = (*FEATURES, "runtime", "activation")
+"""The table's feature columns: `FEATURES` (what `sparsify` applies or refuses per family), then the sparse runtime
+(`sparse_nlp.runtime.convert`, which packs any pruned Linear layer) and dynamic activation sparsity."""
+
+ACTIVATION_CELL = (
+    "not yet: dynamic activation sparsity is not in this release (a config's `activation` part is refused)"
+)
+"""The activation column while `sparse_nlp.config.ActivationSparsity` refuses every value (a test checks that it
+still does; once it does not, this column must say per family what applies)."""
 
 _INFERRED = ModelTargets(
     layers="(inferred)",
@@ -38,6 +49,9 @@ sparse_nlp finds the layers of a model through a table keyed by `config.model_ty
 **yes**: the feature applies. **no**: `sparsify` refuses it with the reason given.
 Save and load (`sparse_nlp.save_pretrained` / `from_pretrained`, and plain transformers for checkpoints
 without sparse attention), `to_dense` and `report` work on every family that `sparsify` accepts.
+The sparse runtime column: `sparse_nlp.runtime.convert` packs every pruned `nn.Linear` (and GPT-2 `Conv1D`)
+of any model; for each family in the table a test checks that the packed model's logits equal the masked
+dense model's.
 
 """
 
@@ -66,6 +80,21 @@ or as JSON (`ModelTargets.to_dict()`'s form) on the command line:
 `sparse-nlp sparsify MODEL --targets-file my_targets.json --out DIR`. Paths are relative to the base
 model (`layers`) and to one block (everything else).
 
+## Gemma's embedding scaling and tied head
+
+Gemma 2 and 3 multiply the input embeddings by sqrt(hidden size) and tie the output head to them. Neither is a
+target: the groups select Linear layers inside the blocks only, and a `re:` target that reaches a tied
+`lm_head` is refused (pruning it would prune the embeddings). Gemma's final logit soft-capping acts on the
+head's output and is unchanged by every feature.
+
+## Attention soft-capping (Gemma 2)
+
+Gemma 2 soft-caps its attention logits (`cap * tanh(scores / cap)`, `attn_logit_softcapping`). Under a sparse
+attention pattern these layers run the reference kernel with explicit, capped scores (transformers' eager
+order: scale, cap, mask, softmax), equal to eager attention under the same mask; the blocked and flex kernels
+have no soft-capping, so a request for them runs the reference kernel too (with a one-time warning): exact,
+no faster than dense attention. Removing the pattern restores eager attention (Gemma 2 has no SDPA path).
+
 ## Mixture of experts
 
 Mixtral, Qwen2-MoE and Qwen3-MoE keep their experts as fused 3-D parameters
@@ -73,16 +102,38 @@ Mixtral, Qwen2-MoE and Qwen3-MoE keep their experts as fused 3-D parameters
 (experts, hidden, FFN)). The groups `ffn` and `all-linear` (and `re:` targets naming them) include them:
 each expert's (out, in) slice is pruned on its own with the rule's method and pattern (scope `per-layer`
 or `per-row`; `global` is refused), its mask is kept through training and saved with the checkpoint like
-any other. Magnitude prunes the experts; Wanda and SparseGPT are refused on them (each expert would need
-its own routed inputs) but run on the attention and shared-expert layers (`targets: ["attention"]`).
-The router (`mlp.gate`) always stays dense.
+any other. The router (`mlp.gate`) always stays dense.
+
+Wanda and SparseGPT calibrate each expert on its own routed inputs. During the block-by-block calibration pass
+a forward pre-hook on the experts module reads the tokens and the router's top-k choice; for expert `e` it sums,
+over the real (non-padding) tokens routed to `e`, the statistics of `gate_up_proj[e]`'s input (the block's
+hidden state) and of `down_proj[e]`'s input (`act(gate) * up` of those tokens, from the block before it is
+pruned, as for the other layers of a block). Wanda's input norms and
+SparseGPT's Hessian of each expert therefore come from its tokens only. An expert that receives no calibration
+token is pruned by magnitude instead, with a warning naming it: give more or longer calibration samples to route
+tokens to every expert. SparseGPT holds one Hessian per expert (experts x (hidden^2 + FFN^2) floats per block).
+Profile `owl` and SparseGPT's `match_dense` option are refused on the experts; exclude them
+(`exclude: ["experts"]`) to use those on the other layers.
+
+Gradual magnitude pruning during training (`GradualPruner`, the `SparsityCallback`, recipe stages) prunes the
+experts too: at each update of the schedule every expert slice is brought to the scheduled sparsity by
+magnitude, and the pruning state saves and resumes their masks. Movement pruning of the experts is refused
+(give the experts their own magnitude rule), as is scope `global`. Experts pruned one-shot stay sparse while
+training.
 """
 
 
 def _cell(entry: ModelTargets, feature: str) -> str:
+    if feature == "activation":
+        return ACTIVATION_CELL
+    if feature == "runtime":
+        if entry.experts:
+            return (
+                "yes: the pruned Linear layers are packed (`runtime.convert`); the fused experts stay dense tensors, "
+                "masked"
+            )
+        return "yes: every pruned Linear layer is packed (`runtime.convert`)"
     reason = entry.refusal(feature)
-    if reason and feature == "calibration" and entry.experts:
-        return f"attention and shared-expert layers: yes; experts: no, {reason}"
     if reason:
         return f"no: {reason}"
     if feature == "weights" and entry.inferred:
@@ -91,6 +142,11 @@ def _cell(entry: ModelTargets, feature: str) -> str:
         return (
             "yes: attention, shared-expert layers and each expert's slice of the fused experts (groups `ffn` "
             "and `all-linear` include them); the router stays dense"
+        )
+    if feature == "calibration" and entry.experts:
+        return (
+            "yes: each expert on the calibration tokens its router sends it (an expert that gets none is pruned by "
+            "magnitude, with a warning); profile `owl` and SparseGPT's `match_dense` are refused on the experts"
         )
     return "yes"
 
@@ -103,17 +159,17 @@ def support_rows() -> list[tuple[str, str, dict[str, str]]]:
         kind = "decoder" if entry.causal else "encoder"
         if entry.experts:
             kind = "decoder, experts"
-        rows.append((model_type, kind, {f: _cell(entry, f) for f in FEATURES}))
-    rows.append(("any other", "inferred", {f: _cell(_INFERRED, f) for f in FEATURES}))
+        rows.append((model_type, kind, {f: _cell(entry, f) for f in COLUMNS}))
+    rows.append(("any other", "inferred", {f: _cell(_INFERRED, f) for f in COLUMNS}))
     return rows
 
 
 def render_support_table() -> str:
     """The family x feature table as Markdown."""
-    header = "| model_type | kind | " + " | ".join(_FEATURE_TITLES[f] for f in FEATURES) + " |"
-    lines = [header, "|" + "---|" * (len(FEATURES) + 2)]
+    header = "| model_type | kind | " + " | ".join(_FEATURE_TITLES[f] for f in COLUMNS) + " |"
+    lines = [header, "|" + "---|" * (len(COLUMNS) + 2)]
     for model_type, kind, cells in support_rows():
-        text = " | ".join(cells[f].replace("|", "/") for f in FEATURES)
+        text = " | ".join(cells[f].replace("|", "/") for f in COLUMNS)
         lines.append(f"| `{model_type}` | {kind} | {text} |")
     return "\n".join(lines) + "\n"
 

@@ -492,15 +492,17 @@ def test_experts_save_load_generate_and_train(family, tmp_path):
     assert not expert_masks(loaded) and list(masked_modules(loaded)) == []
 
 
-def test_experts_refuse_calibration_structured_and_global_with_reasons():
+def test_experts_refuse_owl_match_dense_structured_and_global_with_reasons():
     model = moe_model("mixtral")
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    wanda = SparsityConfig(weights=[WeightSparsity(method="wanda", sparsity=0.5)])
+    owl = SparsityConfig(weights=[WeightSparsity(method="wanda", sparsity=0.5, profile="owl")])
     with pytest.raises(
-        UnsupportedModelError,
-        match=r"weights\[0\]: calibrated pruning \(wanda, profile uniform\) is not available on the experts of mixtral",
+        UnsupportedModelError, match=r"weights\[0\]: profile 'owl' is not available on the experts of mixtral"
     ):
-        sparse_nlp.sparsify(model, wanda, data=id_batches(), progress=False)
+        sparse_nlp.sparsify(model, owl, data=id_batches(), progress=False)
+    refit = WeightSparsity(method="sparsegpt", sparsity=0.5, options={"match_dense": True})
+    with pytest.raises(UnsupportedModelError, match="option match_dense is not available on the experts"):
+        sparse_nlp.sparsify(model, SparsityConfig(weights=[refit]), data=id_batches(), progress=False)
     with pytest.raises(
         UnsupportedModelError, match="structured removal is not available for mixtral: experts are fused"
     ):
@@ -516,8 +518,9 @@ def test_experts_refuse_calibration_structured_and_global_with_reasons():
     assert len(list(masked_modules(model))) == 8 and not expert_masks(model)
 
 
-def test_experts_family_takes_attention_patterns():
-    model = moe_model("qwen3_moe")
+@pytest.mark.parametrize("family", MOE)
+def test_experts_family_takes_attention_patterns(family):
+    model = moe_model(family)
     x = tiny_inputs(batch=2, length=12)
     dense = logits(model, x)
     apply_attention(model, AttentionSparsity("sliding_window", {"window": 1000, "causal": True}))
@@ -526,22 +529,52 @@ def test_experts_family_takes_attention_patterns():
     assert (logits(model, x) - dense).abs().max() > 1e-6
 
 
-def test_gradual_pruning_refuses_experts_and_takes_the_rest():
+def test_gradual_pruning_of_experts_follows_the_schedule_per_slice(tmp_path):
     from sparse_nlp.pruning.schedules import CubicSchedule
     from sparse_nlp.training.pruner import GradualPruner
 
     model = moe_model("mixtral")
-    with pytest.raises(UnsupportedModelError, match=r"weights\[0\] selects the fused experts of mixtral"):
-        GradualPruner(model, SparsityConfig.magnitude(0.5), CubicSchedule(start_step=0, end_step=10))
+    model.train()
+    movement = WeightSparsity(method="movement", sparsity=0.5)
+    with pytest.raises(
+        UnsupportedModelError, match=r"weights\[0\] selects the fused experts of mixtral: gradual"
+    ):
+        GradualPruner(model, SparsityConfig(weights=[movement]), CubicSchedule(start_step=0, end_step=10))
+    with pytest.raises(sparse_nlp.ConfigError, match="scope 'global' is not available on mixture-of-experts"):
+        GradualPruner(model, SparsityConfig.magnitude(0.5, scope="global"), CubicSchedule(end_step=10))
     rule = WeightSparsity(method="magnitude", sparsity=0.5, exclude=["experts"])
-    assert (
-        len(
-            GradualPruner(
-                model, SparsityConfig(weights=[rule]), CubicSchedule(start_step=0, end_step=10)
-            ).plans
-        )
-        == 8
+    only_linear = GradualPruner(
+        model, SparsityConfig(weights=[rule]), CubicSchedule(start_step=0, end_step=10)
     )
+    assert len(only_linear.plans) == 8 and not only_linear.expert_plans
+
+    schedule = CubicSchedule(start_step=0, end_step=4, update_every=2)
+    pruner = GradualPruner(model, SparsityConfig.magnitude(0.5), schedule)
+    assert len(pruner.expert_plans) == 4  # gate_up_proj and down_proj of both layers
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.01)
+    params = dict(model.named_parameters())
+    batch = tiny_inputs(batch=4, length=10, pad=False)
+    for step in range(1, 7):
+        model(**batch, labels=batch["input_ids"]).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        pruner.after_optimizer_step(step)
+        target = schedule.sparsity_at(pruner.applied_step, 0.5)
+        for plan in pruner.expert_plans:
+            mask = pruner.masks()[plan.name]  # (E, out, in)
+            assert torch.all(params[plan.name][~mask] == 0), (step, plan.name)
+            for e in range(mask.shape[0]):  # every expert slice at the scheduled sparsity
+                assert int((~mask[e]).sum()) == num_pruned(target, mask[e].numel()), (step, plan.name, e)
+    assert pruner.applied_step == 4 and pruner.sparsity() == pytest.approx(0.5, abs=1e-3)
+    pruner.save(tmp_path / "state")
+    masks = pruner.masks()
+
+    fresh = moe_model("mixtral")
+    restored = GradualPruner(fresh, SparsityConfig.magnitude(0.5), schedule)
+    restored.load(tmp_path / "state")
+    again = restored.masks()
+    assert again.keys() == masks.keys() and all(torch.equal(again[k], masks[k]) for k in masks)
+    assert expert_masks(fresh).keys() == {p.name for p in restored.expert_plans}
 
 
 def test_targets_json_with_a_wrong_type_is_named(tmp_path):
@@ -556,3 +589,43 @@ def test_targets_json_with_a_wrong_type_is_named(tmp_path):
     )
     with pytest.raises(TargetError, match="ffn_in must be a list of module paths"):
         ModelTargets.load(path)
+
+
+@pytest.mark.parametrize("family", ["gemma2", "gemma3_text"])
+def test_gemma_tied_head_is_refused_as_a_target(family):
+    model = family_model(family)
+    assert model.lm_head.weight is model.get_input_embeddings().weight  # Gemma ties its head by default
+    rule = WeightSparsity(method="magnitude", sparsity=0.5, targets=["re:lm_head"])
+    with pytest.raises(TargetError, match="tied to the input embeddings"):
+        sparse_nlp.sparsify(model, SparsityConfig(weights=[rule]), progress=False)
+    assert list(masked_modules(model)) == []
+
+
+def _mamba():
+    config = transformers.MambaConfig(hidden_size=32, num_hidden_layers=2, vocab_size=VOCAB)
+    return transformers.MambaForCausalLM(config).eval()
+
+
+def _vit():
+    config = transformers.ViTConfig(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        image_size=16,
+        patch_size=8,
+    )
+    return transformers.ViTModel(config).eval()
+
+
+@pytest.mark.parametrize("build", [_mamba, _vit], ids=["mamba", "vit"])
+def test_report_counts_zeros_of_any_transformers_model(build):
+    model = build()  # Mamba has no attention layout to infer; ViT is inferred
+    name, linear = next((n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear))
+    with torch.no_grad():
+        linear.weight[:, ::2] = 0
+    result = sparse_nlp.report(model)
+    row = next(r for r in result.rows if r.name == name)
+    assert row.nonzeros == int(torch.count_nonzero(linear.weight)) and not row.masked
+    assert row.sparsity >= 0.5
+    assert result.groups["model"].numel == sum(p.numel() for p in model.parameters())

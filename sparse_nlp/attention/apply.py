@@ -113,7 +113,11 @@ def apply_attention(model: nn.Module, attention: AttentionSparsity | dict[str, A
 
 
 def remove_attention(model: nn.Module, restore: str = "sdpa") -> nn.Module:
-    """Undo `apply_attention`: back to ``restore`` attention (default sdpa), settings removed from the config."""
+    """Undo `apply_attention`: back to ``restore`` attention, settings removed from the config.
+
+    The default ``sdpa`` becomes ``eager`` for a family without an SDPA path (Gemma 2); ``keep`` leaves the
+    implementation name as it is.
+    """
     hook = getattr(model, _HOOK_ATTR, None)
     if hook is not None:
         hook.remove()
@@ -123,5 +127,7 @@ def remove_attention(model: nn.Module, restore: str = "sdpa") -> nn.Module:
         if key in model.config.__dict__:
             delattr(model.config, key)
     if restore != "keep" and model.config._attn_implementation == registration.ATTN_NAME:
+        if restore == "sdpa" and not getattr(model, "_supports_sdpa", True):
+            restore = "eager"  # a family without an SDPA path (Gemma 2: soft-capped logits)
         model.set_attn_implementation(restore)
     return model

@@ -12,6 +12,7 @@ implementation name as the config.json key ``attn_implementation``, which transf
 
 from __future__ import annotations
 
+import logging
 import threading
 from typing import Any
 
@@ -25,6 +26,7 @@ from transformers.masking_utils import (
 
 from ..errors import AttentionPatternError
 from .kernels import run_kernel
+from .kernels.reference import softcapped_attention
 from .patterns import build_pattern
 from .spec import MaskSpec, left_shift
 
@@ -32,6 +34,8 @@ ATTN_NAME = "sparse_nlp"
 """The ``attn_implementation`` name of sparse attention."""
 CONFIG_KEY = "sparse_attention"
 """Config attribute (and config.json key) holding the `AttentionSparsity` as a dict."""
+
+logger = logging.getLogger(__name__)
 
 _lock = threading.Lock()
 _registered = False
@@ -143,6 +147,22 @@ def _token_id_set(pattern) -> set[int]:
     return found
 
 
+_warned_softcap = False
+
+
+def _warn_softcap_kernel_once(spec: MaskSpec) -> None:
+    """Say once per process that a soft-capping model runs the reference kernel whatever kernel was asked."""
+    global _warned_softcap
+    if _warned_softcap or spec.kernel in ("auto", "reference"):
+        return
+    _warned_softcap = True
+    logger.warning(
+        "the model soft-caps its attention logits; sparse attention runs the reference kernel (exact, no faster "
+        "than dense) instead of the requested %r kernel, which has no soft-capping.",
+        spec.kernel,
+    )
+
+
 def sparse_attention_forward(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -165,7 +185,14 @@ def sparse_attention_forward(
             "sparse attention does not return attention weights (output_attentions=True)."
         )
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    out = run_kernel(query, key, value, attention_mask, scale, dropout)  # (B, H, L, D)
+    softcap = kwargs.get("softcap")
+    if softcap is not None:  # Gemma 2's attn_logit_softcapping: only the explicit-score kernel applies it
+        if not softcap > 0:
+            raise AttentionPatternError(f"attention softcap must be > 0, got {softcap!r}.")
+        _warn_softcap_kernel_once(attention_mask)
+        out = softcapped_attention(query, key, value, attention_mask, scale, float(softcap), dropout)
+    else:
+        out = run_kernel(query, key, value, attention_mask, scale, dropout)  # (B, H, L, D)
     return out.transpose(1, 2).contiguous(), None
 
 

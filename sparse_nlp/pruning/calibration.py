@@ -13,7 +13,8 @@ How it runs, for encoders and decoders alike:
 So at any time the pass holds one block's activations (one tensor per calibration batch), whatever the depth.
 Layers outside the repeated blocks (a regex target on a head) are calibrated at the end with one full forward.
 Layers whose method needs no data are pruned first (their choice does not depend on activations), so the
-calibrated layers after them see their pruned outputs.
+calibrated layers after them see their pruned outputs. Fused mixture-of-experts parameters are calibrated in the
+same walk, each expert on the tokens its router sends it (`sparse_nlp.pruning.experts.ExpertStats`).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from tqdm.auto import tqdm
 
 from ..errors import ConfigError
 from ..targets import layer_index, linear_weight, model_targets
+from .experts import ExpertPlan, ExpertStats, prune_experts
 from .methods import LayerStats
 from .patterns import NM
 from .plan import LayerPlan, attach_oi, prune_without_data
@@ -382,8 +384,9 @@ def _walk_blocks(
 ) -> None:
     """Run the calibration batches block by block; `per_block(i, collect)` may gather stats and prune block i.
 
-    ``collect(modules, hessian_for, cross_for=())`` runs block i over the stored inputs with stats hooks on
-    `modules` and returns their stats; after `per_block` returns, block i (as it now is) turns the inputs into
+    ``collect(modules, hessian_for, cross_for=(), experts=None)`` runs block i over the stored inputs with stats
+    hooks on `modules` (and the token masks set on an `ExpertStats`, whose hooks the caller owns) and returns their
+    stats; after `per_block` returns, block i (as it now is) turns the inputs into
     block i+1's. With `dense`, the dense model's hidden states are carried along too (twice the activations):
     `collect` runs the still-dense block on them first, which gives the `cross_for` layers their dense inputs.
     With a `store` (`sparse_nlp.pruning.onloading.BlockStore`), block i is read from disk before `per_block` and
@@ -415,17 +418,22 @@ def _walk_blocks(
             modules: dict[str, nn.Module],
             hessian_for: set[str],
             cross_for: set[str] = frozenset(),
+            experts: ExpertStats | None = None,
             block: nn.Module = block,
             advanced: list = advanced,
         ) -> dict[str, LayerStats]:
             hooks = _StatsHooks(modules, hessian_for, cross_for if dense else frozenset())
+            watchers = [hooks] if experts is None else [hooks, experts]
             try:
                 for item in stored:
-                    hooks.token_mask = item.token_mask
+                    for watcher in watchers:
+                        watcher.token_mask = item.token_mask
                     if dense and not advanced[0]:
-                        hooks.recording = True
+                        for watcher in watchers:
+                            watcher.recording = True
                         dense_out = _run_block(block, item, item.dense_hidden)
-                        hooks.recording = False
+                        for watcher in watchers:
+                            watcher.recording = False
                     _run_block(block, item)
                     if dense and not advanced[0]:
                         item.dense_hidden = _track(dense_out)
@@ -490,6 +498,7 @@ def prune_with_calibration(
     seq_len: int = 128,
     progress: bool = True,
     store: Any = None,
+    experts: Sequence[ExpertPlan] = (),
 ) -> dict[str, float]:
     """Prune the layers of `plans` one block at a time with statistics of calibration inputs.
 
@@ -503,6 +512,8 @@ def prune_with_calibration(
         progress: Show a progress bar over blocks.
         store: A `sparse_nlp.pruning.onloading.BlockStore`: blocks are read from disk one at a time and written
             back pruned (sequential onloading); layers that need no data are pruned in the same walk.
+        experts: Fused expert parameters pruned with a calibrated method (`sparse_nlp.pruning.experts.ExpertPlan`),
+            each expert on the statistics of the calibration tokens routed to it.
 
     Returns:
         Layer name -> the sparsity it was pruned at (differs from the rule's with profile ``owl``).
@@ -547,23 +558,35 @@ def prune_with_calibration(
                 attach_oi(p.module, mask, new_weight)
 
         dense = any(p.method.needs_dense_inputs for p in calibrated)
+        experts_by_block: dict[int | None, list[ExpertPlan]] = {}
+        for plan in experts:
+            experts_by_block.setdefault(layer_index(model, plan.name), []).append(plan)
 
         def per_block(i: int, collect: Callable) -> None:
             if direct_by_block.get(i):  # as in the in-memory pass: before this block's statistics
                 prune_without_data(direct_by_block[i], False)
             group = by_block.get(i, [])
             need = [p for p in group if p.method.needs_calibration]
-            if not need and not (dense and group):
+            block_experts = experts_by_block.get(i, [])
+            if not need and not block_experts and not (dense and group):
                 prune(group, {})
                 return
-            stats = collect(
-                {p.name: p.module for p in need},
-                {p.name for p in need if p.method.needs_hessian},
-                {p.name for p in need if p.method.needs_dense_inputs},
-            )
+            watch = ExpertStats(block_experts) if block_experts else None
+            try:
+                stats = collect(
+                    {p.name: p.module for p in need},
+                    {p.name for p in need if p.method.needs_hessian},
+                    {p.name for p in need if p.method.needs_dense_inputs},
+                    watch,
+                )
+            finally:
+                if watch is not None:
+                    watch.remove()
             prune(group, stats)
+            if watch is not None:
+                prune_experts(block_experts, stats=watch.stats)
 
-        if any(i is not None for i in by_block) or direct_by_block:
+        if any(i is not None for i in by_block) or direct_by_block or experts_by_block:
             _walk_blocks(
                 model,
                 batches,

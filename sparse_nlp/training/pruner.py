@@ -4,7 +4,8 @@ It resolves weight rules (`WeightSparsity`, with method ``magnitude`` for gradua
 ``movement``) to layers through the targets table, and at every update step of a `CubicSchedule` recomputes
 the keep-masks at the scheduled sparsity. Masks live on the modules (`sparse_nlp.pruning.masking`), so any
 optimizer keeps the pruned weights at zero between updates. After the schedule's end step the masks are
-frozen.
+frozen. The fused experts of mixture-of-experts blocks (`sparse_nlp.pruning.experts`) are pruned by magnitude
+the same way, each expert slice on its own at the scheduled sparsity.
 
 Movement scores are learnable tensors held here (not on the model, so checkpoints stay plain): a gradient
 hook on each pruned weight accumulates ``dL/dW' * W`` (straight-through estimator) and `score_step` moves
@@ -30,9 +31,10 @@ from torch import nn
 from ..config import SparsityConfig, WeightSparsity
 from ..errors import ConfigError, UnsupportedModelError
 from ..metadata import read_metadata, write_metadata
-from ..pruning.experts import select_experts
+from ..pruning.experts import SUFFIX, ExpertPlan, attach_expert_mask, select_experts
 from ..pruning.masking import attach_mask, detach_mask, get_mask
 from ..pruning.masks import global_masks, select_mask
+from ..pruning.methods import get_method
 from ..pruning.movement import (
     MovementOptions,
     MovementPruning,
@@ -68,7 +70,8 @@ class GradualPruner:
         config: The weight rules: a `SparsityConfig`, a list of `WeightSparsity`, or a dict. Each rule's
             ``sparsity`` is the final sparsity (unless the schedule sets ``final_sparsity``). Methods:
             ``magnitude`` (gradual magnitude pruning) and ``movement``; every pattern and scope of one-shot
-            pruning is accepted.
+            pruning is accepted. A rule that reaches fused mixture-of-experts parameters must be ``magnitude``
+            with scope ``per-layer`` or ``per-row`` (each expert slice is pruned on its own).
         schedule: When masks change (`CubicSchedule`).
 
     Example:
@@ -98,12 +101,7 @@ class GradualPruner:
         self.config = config
         self.schedule = schedule
         self.plans: list[LayerPlan] = plan_weight_rules(model, config.weights)
-        for i, rule in enumerate(config.weights):  # fused 3-D experts are one-shot targets only
-            if select_experts(model, rule.targets, rule.exclude):
-                raise UnsupportedModelError(
-                    f"weights[{i}] selects the fused experts of {model.config.model_type}, which gradual pruning "
-                    "does not handle; prune them one-shot with sparsify (magnitude) or add exclude: ['experts']."
-                )
+        self.expert_plans: list[ExpertPlan] = self._plan_experts(model, config.weights)
         self.applied_step: int | None = None
         self.scores: dict[str, torch.Tensor] = {}
         self._score_grads: dict[str, torch.Tensor] = {}
@@ -120,6 +118,31 @@ class GradualPruner:
             ]
             previous.weights = [*kept, *config.weights]
         write_metadata(model, previous if previous is not None else config)
+
+    @staticmethod
+    def _plan_experts(model: nn.Module, rules: list[WeightSparsity]) -> list[ExpertPlan]:
+        """The fused mixture-of-experts parameters each rule selects (gradual magnitude pruning per expert slice)."""
+        plans: list[ExpertPlan] = []
+        for i, rule in enumerate(rules):
+            chosen = select_experts(model, rule.targets, rule.exclude)
+            if not chosen:
+                continue
+            if rule.method != "magnitude":
+                raise UnsupportedModelError(
+                    f"weights[{i}] selects the fused experts of {model.config.model_type}: gradual pruning of experts "
+                    f"takes method 'magnitude' only, not {rule.method!r}; prune the experts in their own magnitude rule "
+                    "(targets: ['re:experts']) and add exclude: ['experts'] to this one."
+                )
+            if rule.scope == "global":
+                raise ConfigError(
+                    f"weights[{i}].scope 'global' is not available on mixture-of-experts weights (each expert is "
+                    "pruned on its own); use per-layer or per-row, or exclude the experts (exclude: ['experts'])."
+                )
+            method = get_method(rule.method, rule.options)
+            pattern = rule.parsed_pattern(f"weights[{i}]")
+            for name, (module, param_name) in chosen.items():
+                plans.append(ExpertPlan(name, module, param_name, method, rule.sparsity, pattern, rule.scope))
+        return plans
 
     # ---- movement scores ---------------------------------------------------------------------------------
     def _movement_plans(self) -> list[LayerPlan]:
@@ -243,6 +266,18 @@ class GradualPruner:
             logger.info(
                 "step %d: %s pruning of %d layers at sparsity %.4f", step, rule.method, len(group), sparsity
             )
+        for plan in self.expert_plans:  # each expert slice (out, in) on its own
+            sparsity = self.schedule.sparsity_at(step, plan.sparsity)
+            param = plan.module._parameters[plan.param_name]  # (E, out, in)
+            masks = [
+                select_mask(plan.method.score(param[e], None), sparsity, plan.pattern, plan.scope)
+                for e in range(param.shape[0])
+            ]
+            attach_expert_mask(plan.module, plan.param_name, torch.stack(masks))  # (E, out, in)
+        if self.expert_plans:
+            logger.info(
+                "step %d: magnitude pruning of %d fused expert parameters", step, len(self.expert_plans)
+            )
 
     def _scores_of(self, plan: LayerPlan) -> torch.Tensor:
         if plan.name in self.scores:
@@ -262,12 +297,17 @@ class GradualPruner:
         attach_mask(module, _oi(module, mask_oi))
 
     def masks(self) -> dict[str, torch.Tensor]:
-        """Current (out, in) keep-masks by module name (layers without a mask yet are left out)."""
+        """Current keep-masks: (out, in) by module name, and (E, out, in) by fused expert parameter name (those
+        without a mask yet are left out)."""
         out = {}
         for plan in self.plans:
             mask = get_mask(plan.module)
             if mask is not None:
                 out[plan.name] = _oi(plan.module, mask).clone()
+        for expert in self.expert_plans:
+            mask = expert.module._buffers.get(expert.param_name + SUFFIX)
+            if mask is not None:
+                out[expert.name] = mask.clone()
         return out
 
     def sparsity(self) -> float:
@@ -325,7 +365,7 @@ class GradualPruner:
             raise FileNotFoundError(f"no pruning state in {str(directory)!r}: looked for {state_path}.")
         meta = json.loads(state_path.read_text())
         tensors = load_file(str(directory / TENSORS_FILE)) if (directory / TENSORS_FILE).is_file() else {}
-        names = {p.name for p in self.plans}
+        names = {p.name for p in self.plans} | {e.name for e in self.expert_plans}
         stored = {k.split("/", 1)[1] for k in tensors if k.startswith("mask/")}
         if stored - names:
             raise ConfigError(
@@ -340,6 +380,10 @@ class GradualPruner:
                 key = f"mask/{plan.name}"
                 if key in tensors:
                     attach_mask(plan.module, _oi(plan.module, tensors[key].bool()))
+            for expert in self.expert_plans:
+                key = f"mask/{expert.name}"
+                if key in tensors:
+                    attach_expert_mask(expert.module, expert.param_name, tensors[key].bool())
         if self._score_optimizer is not None:
             for name, steps in meta.get("score_optimizer_steps", {}).items():
                 score = self.scores[name]

@@ -1,4 +1,9 @@
-"""The reference kernel: SDPA with the full boolean mask. Exact for every pattern; no faster than dense."""
+"""The reference kernel: SDPA with the full boolean mask. Exact for every pattern; no faster than dense.
+
+`softcapped_attention` is its form for models that soft-cap the attention logits (Gemma 2's
+``attn_logit_softcapping``): scores are computed explicitly, capped as ``cap * tanh(s / cap)`` before the mask,
+as transformers' eager attention does, since SDPA has no soft-capping.
+"""
 
 from __future__ import annotations
 
@@ -72,3 +77,37 @@ def reference_attention(
     groups = query.shape[1] // key.shape[1]
     key, value = repeat_kv(key, groups), repeat_kv(value, groups)
     return masked_sdpa(query, key, value, spec.dense().to(query.device), scaling, dropout)
+
+
+def softcapped_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    spec: MaskSpec,
+    scaling: float,
+    softcap: float,
+    dropout: float = 0.0,
+) -> torch.Tensor:
+    """Attention under `spec` with soft-capped logits ``softcap * tanh(q k^T * scaling / softcap)``.
+
+    Args:
+        query: (B, H, Lq, D).
+        key, value: (B, Hkv, Lk, D), Hkv dividing H.
+        spec: The mask description (its dense mask is built: exact, no faster than dense attention).
+        scaling: Score scale.
+        softcap: The cap (> 0).
+        dropout: Attention dropout probability.
+
+    Returns:
+        (B, H, Lq, D); a query without any allowed key gives 0.
+    """
+    groups = query.shape[1] // key.shape[1]
+    key, value = repeat_kv(key, groups), repeat_kv(value, groups)
+    mask, alive = revive_rows(spec.dense().to(query.device))  # (B, 1, Lq, Lk)
+    scores = torch.matmul(query, key.transpose(2, 3)) * scaling  # (B, H, Lq, Lk)
+    scores = torch.tanh(scores / softcap) * softcap
+    scores = scores.masked_fill(~mask, float("-inf"))
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    probs = F.dropout(probs, p=dropout, training=dropout > 0)
+    out = torch.matmul(probs, value)  # (B, H, Lq, D)
+    return out if alive is True else out * alive.to(out.dtype)
