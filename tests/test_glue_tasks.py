@@ -461,3 +461,55 @@ def test_real_files_read_as_pandas_with_quoting_off_reads_them(data_dir, task):
         labels = frame[info.label].tolist()
         expected = [float(v) for v in labels] if info.regression else [info.label_ids[v] for v in labels]
         assert rows["label"] == expected
+
+
+def test_hub_data_sets_map_columns_and_splits(monkeypatch):
+    """Without a data directory: GLUE reads the Hub columns (MNLI premise / hypothesis, no -1 rows) and a
+    description reads the Hub data set and split it names."""
+    import datasets
+
+    seen = []
+
+    def load_dataset(name, config=None, split=None, **kwargs):
+        seen.append((name, config, split))
+        if name == "nyu-mll/glue":
+            return datasets.Dataset.from_dict(
+                {
+                    "premise": ["a", "b", "c"],
+                    "hypothesis": ["x", "y", "z"],
+                    "label": [2, -1, 0],
+                    "idx": [0, 1, 2],
+                }
+            )
+        return datasets.Dataset.from_dict({"body": ["p", "q", "r"], "score": [1, 0, 1]})
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    monkeypatch.delenv("SPARSE_NLP_DATA_DIR", raising=False)
+    rows = load_glue_rows("mnli", "dev_mismatched")
+    assert rows == {"text": ["a", "c"], "text_pair": ["x", "z"], "label": [2, 0]}
+    spec = TaskSpec.from_dict(
+        {
+            "kind": "classification",
+            "dataset": "someone/reviews",
+            "config": "en",
+            "splits": {"dev": "test"},
+            "text": ["body"],
+            "label": "score",
+        }
+    )
+    assert load_custom_rows(spec, "dev")["label"] == [1, 0, 1] and spec.labels == ["0", "1"]
+    assert seen == [
+        ("nyu-mll/glue", "mnli", "validation_mismatched"),
+        ("someone/reviews", "en", "test"),
+        ("someone/reviews", "en", "train"),
+    ]
+
+
+def test_read_tsv_splits_rows_at_newlines_only(tmp_path):
+    from sparse_nlp.evaluation.data import read_tsv
+
+    path = tmp_path / "x.tsv"
+    path.write_bytes(b'\xef\xbb\xbfid\ttext\r\n1\t"a\rb\r\n\n2\t"c"\td\n3\te\n')
+    columns, rows = read_tsv(path, keep=("text",))
+    assert columns == ["id", "text"]
+    assert rows == [(2, ['"a\rb']), (5, ["e"])]  # line 4 has three fields: skipped

@@ -215,9 +215,8 @@ def _read_split(spec: TaskSpec, split: str) -> tuple[Any, str]:
         return ds, str(file)
     hub_split = spec._hub_split(split)
     what = f"{spec.dataset}{'/' + spec.config if spec.config else ''} split {hub_split}"
-    ds = _hub_dataset(
-        what, f"(a local file: use data_files.{split})", spec.dataset, spec.config, split=hub_split
-    )
+    hint = f"task {spec.name!r} names the Hub data set {spec.dataset!r}; to read local files, give data_files"
+    ds = _hub_dataset(what, "", spec.dataset, spec.config, split=hub_split, hint=hint)
     return ds, what
 
 

@@ -100,39 +100,42 @@ def glue_file(task: str, split: str, data_dir: Path) -> Path:
 
 
 def read_tsv(
-    path: Path, *, header: bool = True, names: tuple[str, ...] = ()
+    path: Path, *, header: bool = True, names: tuple[str, ...] = (), keep: tuple[str, ...] | None = None
 ) -> tuple[list[str], list[tuple[int, list[str]]]]:
     """A GLUE-style TSV as (columns, [(line number, fields), ...]), read the robust way.
 
     Quoting is off (fields often begin with a literal ``"``, and QQP / MNLI have unbalanced quotes), rows end
-    at ``\n`` only (a stray ``\r`` inside a field does not split it), a byte-order mark is dropped, blank
+    at ``\\n`` only (a stray ``\\r`` inside a field does not split it), a byte-order mark is dropped, blank
     lines are ignored, and rows with the wrong number of fields are skipped with one warning that counts them.
+    The file is streamed; with `keep` (column names, all present) each row holds only those fields, in order.
     """
+    bad: list[int] = []
+    rows: list[tuple[int, list[str]]] = []
     try:
-        text = path.read_text(encoding="utf-8-sig")
+        with open(path, encoding="utf-8-sig", newline="\n") as f:
+            columns, number = list(names), 0
+            if header:
+                for number, line in enumerate(f, start=1):  # noqa: B007  (the header's line number is kept)
+                    if line.strip():
+                        columns = line.rstrip("\r\n").split("\t")
+                        break
+                else:
+                    raise DataError(f"{path} is empty; a GLUE TSV starts with a header row.")
+            where = (
+                [columns.index(c) for c in keep] if keep is not None and set(keep) <= set(columns) else None
+            )
+            first = number + 1
+            for number, line in enumerate(f, start=first):
+                line = line.rstrip("\r\n")
+                if not line.strip():
+                    continue
+                fields = line.split("\t")
+                if len(fields) != len(columns):
+                    bad.append(number)
+                    continue
+                rows.append((number, [fields[i] for i in where] if where is not None else fields))
     except UnicodeDecodeError as err:
         raise DataError(f"cannot read {path}: not UTF-8 text (byte {err.start}).") from None
-    lines = text.split("\n")
-    if header:
-        while lines and not lines[0].strip():
-            lines.pop(0)
-        if not lines:
-            raise DataError(f"{path} is empty; a GLUE TSV starts with a header row.")
-        columns = lines[0].rstrip("\r").split("\t")
-        first = 2
-        lines = lines[1:]
-    else:
-        columns, first = list(names), 1
-    rows, bad = [], []
-    for number, line in enumerate(lines, start=first):
-        line = line.rstrip("\r")
-        if not line.strip():
-            continue
-        fields = line.split("\t")
-        if len(fields) != len(columns):
-            bad.append(number)
-            continue
-        rows.append((number, fields))
     if bad:
         logger.warning(
             "%s: skipped %d malformed row(s) with a field count other than %d (line(s) %s%s)",
@@ -167,14 +170,15 @@ def load_glue_rows(task: str, split: str, data_dir: str | os.PathLike | None = N
     if root is None:
         return _load_glue_hub(task, split, info)
     path = glue_file(task, split, root)
-    columns, rows = read_tsv(path, header=info.header, names=info.names)
-    missing = [c for c in (*info.text, info.label) if c not in columns]
+    wanted = (*info.text, info.label)
+    columns, rows = read_tsv(path, header=info.header, names=info.names, keep=wanted)
+    missing = [c for c in wanted if c not in columns]
     if missing:
         raise DataError(
             f"{path} lacks column(s) {missing} ({task} reads {list(info.text)} and label {info.label!r}); "
             f"found {columns}."
         )
-    where = {c: columns.index(c) for c in (*info.text, info.label)}
+    where = {c: i for i, c in enumerate(wanted)}
     ids = info.label_ids
     texts, pairs, labels, no_gold = [], [], [], 0
     for number, fields in rows:
@@ -210,15 +214,16 @@ def load_glue_rows(task: str, split: str, data_dir: str | os.PathLike | None = N
     return {"text": texts, "text_pair": pairs if info.pair else None, "label": labels}
 
 
-def _hub_dataset(what: str, local: str, *args: Any, **kwargs: Any) -> Any:
+def _hub_dataset(what: str, local: str, *args: Any, hint: str | None = None, **kwargs: Any) -> Any:
     """``datasets.load_dataset(*args, **kwargs)`` without a data directory; a clear `DataError` at once when
     the Hub cannot be used (offline mode, or no answer within a few seconds) and the data are not cached.
 
-    `what` names the data set, `local` where in a data directory it would have been found.
+    `what` names the data set, `local` where in a data directory it would have been found; `hint` replaces
+    the advice that ends the error.
     """
     import datasets
 
-    hint = (
+    hint = hint or (
         f"no data directory was given (--data-dir or ${DATA_DIR_ENV}), so {what} was asked of the Hub; "
         f"with a data directory DIR it is read from DIR/{local}"
     )
