@@ -109,7 +109,7 @@ class TaskSpec:
         if self.labels is not None:
             if self.regression:
                 raise ConfigError(f"{path}.labels has no meaning for a regression task; remove it.")
-            names = [str(v) for v in self.labels]
+            names = [_label_key(v) for v in self.labels]
             if len(names) < 2 or len(set(names)) != len(names):
                 raise ConfigError(
                     f"{path}.labels must list at least two distinct labels, got {self.labels!r}."
