@@ -513,3 +513,45 @@ def test_read_tsv_splits_rows_at_newlines_only(tmp_path):
     columns, rows = read_tsv(path, keep=("text",))
     assert columns == ["id", "text"]
     assert rows == [(2, ['"a\rb']), (5, ["e"])]  # line 4 has three fields: skipped
+
+
+def test_tsv_description_numeric_label_order_and_empty_labels(tmp_path):
+    from sparse_nlp.evaluation.custom import infer_labels
+
+    assert infer_labels([10, 2, 1, 2.0]) == ["1", "2", "10"]  # numbers in numeric order, 2 and 2.0 are one
+    assert infer_labels(["b", "a", "b"]) == ["a", "b"]
+    train, dev = tmp_path / "train.tsv", tmp_path / "dev.tsv"
+    train.write_text("q\ta\tgrade\nw1\tw2\t10\nw3\tw4\t2\nw5\tw6\t1\n")
+    dev.write_text("q\ta\tgrade\nw1\tw2\t2\nw3\tw4\t\n")
+    spec = TaskSpec.from_dict(
+        {
+            "kind": "pair-classification",
+            "data_files": {"train": str(train), "dev": str(dev)},
+            "text": ["q", "a"],
+            "label": "grade",
+        }
+    )
+    assert load_custom_rows(spec, "train") == {
+        "text": ["w1", "w3", "w5"],
+        "text_pair": ["w2", "w4", "w6"],
+        "label": [2, 1, 0],
+    }
+    assert tasks_module.task_info(spec).label_names == ("1", "2", "10")
+    with pytest.raises(DataError, match=r"dev.tsv: row 1 has no 'grade' \(an empty label\)"):
+        load_custom_rows(spec, "dev")
+
+
+def test_evaluate_command_refuses_a_split_the_task_does_not_have(tiny, capsys):
+    model_dir, _, data_dir = tiny
+    argv = [
+        "evaluate",
+        str(model_dir),
+        "--task",
+        "rte",
+        "--data-dir",
+        str(data_dir),
+        "--split",
+        "dev_mismatched",
+    ]
+    assert main(argv) == 2
+    assert "task 'rte' has splits train, dev, validation, not 'dev_mismatched'" in capsys.readouterr().err
