@@ -58,8 +58,10 @@ _NOT_METRICS = (
     "seed",
     "num_samples",
 )
-# top-level keys read as metrics (what `sparse-nlp evaluate` writes: {"task", "split", "accuracy", ...})
+# top-level keys read as metrics (what `sparse-nlp evaluate` writes: {"task", "split", "accuracy", ...}):
+# every metric key of the GLUE table (MNLI's accuracy_mismatched included), and a few more
 METRIC_NAMES = (
+    *dict.fromkeys(k for t in GLUE.values() for k in t.metric_keys),
     "accuracy",
     "f1",
     "matthews",
@@ -188,20 +190,35 @@ def eval_results(evaluation: Any) -> list:
             elif key in METRIC_NAMES:
                 metrics.setdefault(key, value)
         metrics = {k: v for k, v in metrics.items() if not any(bad in k for bad in _NOT_METRICS)}
+        split = _SPLITS.get(str(item.get("split")), str(item.get("split", "validation")))
         for name, value in metrics.items():
+            name, metric_split = _glue_split(task, name, split)
             out.append(
                 EvalResult(
                     task_type=item.get("task_type", task_type),
                     dataset_type=dataset,
                     dataset_name=item.get("dataset_name", pretty),
                     dataset_config=config,
-                    dataset_split=_SPLITS.get(str(item.get("split")), str(item.get("split", "validation"))),
+                    dataset_split=metric_split,
                     metric_type=name,
                     metric_name=name,
                     metric_value=round(float(value), 4),
                 )
             )
     return out
+
+
+def _glue_split(task: str, metric: str, split: str) -> tuple[str, str]:
+    """(metric, Hub split) of a metric key from the GLUE table's evaluation splits: MNLI's ``accuracy`` on
+    ``dev`` is ``accuracy`` on ``validation_matched``, its ``accuracy_mismatched`` is ``accuracy`` on
+    ``validation_mismatched``; other tasks and splits are left as they are."""
+    glue = GLUE.get(task)
+    if glue is None or split != "validation" or len(glue.eval_splits) == 1:
+        return metric, split
+    for s in sorted(glue.eval_splits, key=lambda s: -len(s.suffix)):
+        if s.suffix and metric.endswith(s.suffix):
+            return metric.removesuffix(s.suffix), s.hub
+    return metric, glue.eval_splits[0].hub
 
 
 def speed_ratios(benchmark: Any) -> list[tuple[float, str]]:

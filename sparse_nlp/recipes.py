@@ -48,6 +48,7 @@ from typing import Any
 
 from .config import SparsityConfig, StructuredSparsity, _build
 from .errors import ConfigError
+from .evaluation.custom import TaskSpec
 from .evaluation.glue import EVALUABLE
 from .models import resolve_device
 from .pruning import movement as _movement  # noqa: F401  (registers the training-time method 'movement')
@@ -226,18 +227,28 @@ def is_teacher_folder(teacher: str) -> bool:
 
 @dataclass
 class Recipe:
-    """A run: a starting model, a GLUE task and the stages applied in order."""
+    """A run: a starting model, a task and the stages applied in order.
+
+    ``task`` is a GLUE task name (``mrpc``) or a description of your own data (a mapping, see
+    `sparse_nlp.evaluation.custom.TaskSpec`).
+    """
 
     model: str
-    task: str
+    task: Any
     stages: list[Stage]
     max_length: int = 128
     seed: int = 42
 
     def validate(self) -> Recipe:
-        if self.task not in EVALUABLE:
+        if isinstance(self.task, dict):
+            self.task = TaskSpec.from_dict(self.task, "task")
+        elif isinstance(self.task, TaskSpec):
+            self.task.validate("task")
+        elif not isinstance(self.task, str) or self.task not in EVALUABLE:
             raise ConfigError(
-                f"task must be one of {', '.join(EVALUABLE)}, got {self.task!r}.{suggest(self.task, EVALUABLE)}"
+                f"task must be a GLUE task ({', '.join(EVALUABLE)}) or a description of your own data (a mapping "
+                f"with kind, data_files or dataset, text, label), got {self.task!r}."
+                f"{suggest(self.task, EVALUABLE) if isinstance(self.task, str) else ''}"
             )
         if self.max_length < 8:
             raise ConfigError(f"max_length must be >= 8, got {self.max_length!r}.")
@@ -266,8 +277,15 @@ class Recipe:
     def from_dict(cls, data: Any) -> Recipe:
         return _build(cls, data, "").validate()
 
+    @property
+    def task_name(self) -> str:
+        """The task's name (a GLUE name, or the description's ``name``)."""
+        return self.task.name if isinstance(self.task, TaskSpec) else self.task
+
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
+        if isinstance(self.task, TaskSpec):
+            out["task"] = self.task.to_dict()
         for stage, raw in zip(self.stages, out["stages"]):
             if stage.sparsity is not None:
                 raw["sparsity"] = stage.sparsity.to_dict()
@@ -472,7 +490,8 @@ def run_recipe(
     Args:
         recipe: A validated `Recipe`.
         out: Output folder: ``<out>/<stage name>/`` per training stage, ``<out>/results.json``.
-        data_dir: Local GLUE data directory (default ``$SPARSE_NLP_DATA_DIR``, then the Hub).
+        data_dir: Local GLUE data directory (default ``$SPARSE_NLP_DATA_DIR``, then the Hub); a described
+            task reads its own files.
         start_from: An already fine-tuned model: finetune stages are skipped and the run starts from it.
         resume: Resume a prune/finetune stage from its latest Trainer checkpoint when there is one.
         progress: Show progress bars.
@@ -488,7 +507,7 @@ def run_recipe(
 
     from .checkpoint import recover, save_pretrained
     from .evaluation.data import resolve_data_dir
-    from .evaluation.tasks import encode_glue, evaluate_glue, load_for_task, task_info
+    from .evaluation.tasks import encode_glue, evaluate_glue, load_for_task, load_rows, task_info
     from .training.callback import SparsityCallback, StructuredCallback
     from .training.distillation import Distiller
     from .training.pruner import GradualPruner
@@ -501,6 +520,12 @@ def run_recipe(
         torch.cuda.set_device(device)
     task_info(recipe.task)
     resolve_data_dir(data_dir)  # a missing directory fails before any work
+    trains = any(s.type != "evaluate" and not (s.type == "finetune" and start_from) for s in recipe.stages)
+    if isinstance(
+        recipe.task, TaskSpec
+    ):  # bad columns or labels of your own data fail before the model loads
+        for split in ("train", "dev") if trains else ("dev",):
+            load_rows(recipe.task, split)
     for i, stage in enumerate(recipe.stages):  # and so does a teacher folder without a model
         if (
             stage.teacher
@@ -520,7 +545,7 @@ def run_recipe(
     model.to(device)  # before any pruner is built, so masks and movement scores live beside the weights
     results: dict[str, Any] = {
         "model": source,
-        "task": recipe.task,
+        "task": recipe.task_name,
         "device": _device_name(device),
         "seed": recipe.seed,
         "stages": [],
@@ -540,7 +565,7 @@ def run_recipe(
         (out / RESULTS_FILE).write_text(json.dumps(results, indent=2) + "\n")
 
     # every data file the run will need is read up front: a missing one fails before hours of training
-    if any(s.type != "evaluate" and not (s.type == "finetune" and start_from) for s in recipe.stages):
+    if trains:
         train_rows(None)
     encode_glue(tokenizer, recipe.task, "dev", data_dir=data_dir, max_length=recipe.max_length, limit=1)
 

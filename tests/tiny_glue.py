@@ -40,30 +40,74 @@ def _sentence(rng: random.Random, label: int) -> str:
     return " ".join(words)
 
 
-def tiny_glue_dir(root: Path, rows: int = 64, seed: int = 0) -> Path:
-    """GLUE-shaped TSVs for sst2, rte and stsb under ``root/glue``."""
+HEADERS = {
+    "sst2": "sentence\tlabel",
+    "cola": None,  # no header row
+    "mrpc": "Quality\t#1 ID\t#2 ID\t#1 String\t#2 String",
+    "stsb": "index\tgenre\tfilename\tyear\told_index\tsource1\tsource2\tsentence1\tsentence2\tscore",
+    "qqp": "id\tqid1\tqid2\tquestion1\tquestion2\tis_duplicate",
+    "mnli": "index\tpromptID\tpairID\tgenre\tsentence1_binary_parse\tsentence2_binary_parse\tsentence1_parse"
+    "\tsentence2_parse\tsentence1\tsentence2\tlabel1\tgold_label",
+    "mnli-dev": "index\tpromptID\tpairID\tgenre\tsentence1_binary_parse\tsentence2_binary_parse\tsentence1_parse"
+    "\tsentence2_parse\tsentence1\tsentence2\tlabel1\tlabel2\tlabel3\tlabel4\tlabel5\tgold_label",
+    "qnli": "index\tquestion\tsentence\tlabel",
+    "rte": "index\tsentence1\tsentence2\tlabel",
+    "wnli": "index\tsentence1\tsentence2\tlabel",
+}
+"""Each task's header row as the GLUE download writes it."""
+TASK_FILES = {
+    task: ("train", "dev") for task in ("sst2", "rte", "stsb", "cola", "mrpc", "qqp", "qnli", "wnli")
+} | {"mnli": ("train", "dev_matched", "dev_mismatched")}
+MNLI_LABELS = ("entailment", "neutral", "contradiction")
+
+
+def glue_line(task: str, i: int, a: str, b: str, label, dev: bool = False) -> str:
+    """One row of `task` in its original GLUE columns; `label` is the label id (a float for stsb)."""
+    nli = ["entailment", "not_entailment"]
+    if task == "sst2":
+        return f"{a} \t{label}"
+    if task == "cola":
+        return f"gj04\t{label}\t{'' if label else '*'}\t{a}"
+    if task == "mrpc":
+        return f"{label}\t{1000 + i}\t{2000 + i}\t{a}\t{b}"
+    if task == "stsb":
+        return f"{i}\tmain-captions\tMSRvid\t2012test\t{i:04d}\tnone\tnone\t{a}\t{b}\t{label:.2f}"
+    if task == "qqp":
+        return f"{i}\t{2 * i}\t{2 * i + 1}\t{a}\t{b}\t{label}"
+    if task == "mnli":
+        name = label if isinstance(label, str) else MNLI_LABELS[label]  # "-": no gold label
+        votes = "\t".join([MNLI_LABELS[0]] * (5 if dev else 1))
+        return f"{i}\t{31193 + i}\t{31193 + i}n\tfiction\t( {a} )\t( {b} )\t(ROOT {a})\t(ROOT {b})\t{a}\t{b}\t{votes}\t{name}"
+    if task == "qnli":
+        return f"{i}\t{a}?\t{b}\t{nli[label]}"
+    if task == "rte":
+        return f"{i}\t{a}\t{b}\t{nli[label]}"
+    if task == "wnli":
+        return f"{i}\t{a}\t{b}\t{label}"
+    raise KeyError(task)
+
+
+def write_glue_file(folder: Path, task: str, split: str, lines: list[str]) -> Path:
+    """Write one split of a task with its header (MNLI dev files have five annotator columns)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    header = HEADERS["mnli-dev" if task == "mnli" and split != "train" else task]
+    path = folder / f"{split}.tsv"
+    path.write_text(("" if header is None else header + "\n") + "\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def tiny_glue_dir(root: Path, rows: int = 64, seed: int = 0, tasks=None) -> Path:
+    """GLUE-shaped TSVs of every task (or `tasks`) under ``root/glue``, in each task's original columns, with
+    learnable labels (see `_sentence`)."""
     rng = random.Random(seed)
-    for task in ("sst2", "rte", "stsb"):
-        folder = root / "glue" / task
-        folder.mkdir(parents=True, exist_ok=True)
-        for split in ("train", "dev"):
+    for task in tasks or TASK_FILES:
+        for split in TASK_FILES[task]:
             lines = []
-            for _ in range(rows):
-                label = rng.randint(0, 1)
-                if task == "sst2":
-                    lines.append(f"{_sentence(rng, label)}\t{label}")
-                elif task == "rte":
-                    lines.append(
-                        f"0\t{_sentence(rng, label)}\t{_sentence(rng, label)}\t{['entailment', 'not_entailment'][label]}"
-                    )
-                else:
-                    lines.append(
-                        f"x\tx\tx\tx\tx\tx\tx\t{_sentence(rng, label)}\t{_sentence(rng, label)}\t{label * 4 + rng.random():.2f}"
-                    )
-            header = {
-                "sst2": "sentence\tlabel",
-                "rte": "index\tsentence1\tsentence2\tlabel",
-                "stsb": "index\tgenre\tfilename\tyear\told_index\tsource1\tsource2\tsentence1\tsentence2\tscore",
-            }[task]
-            (folder / f"{split}.tsv").write_text(header + "\n" + "\n".join(lines) + "\n")
+            for i in range(rows):
+                label = rng.randint(0, 2 if task == "mnli" else 1)
+                a = _sentence(rng, label % 2)
+                b = _sentence(rng, label % 2) if task not in ("sst2", "cola") else ""
+                value = label * 4 + rng.random() if task == "stsb" else label
+                lines.append(glue_line(task, i, a, b, value, dev=split != "train"))
+            write_glue_file(root / "glue" / task, task, split, lines)
     return root

@@ -1,7 +1,8 @@
-"""``sparse-nlp evaluate DIR --task sst2|wikitext2|FILE.txt``: score a model, print and write JSON.
+"""``sparse-nlp evaluate DIR --task sst2|TASK.yaml|wikitext2|FILE.txt``: score a model, print and write JSON.
 
-GLUE tasks score a sequence-classification model; ``wikitext2``, ``tinyshakespeare`` and ``.txt`` files give
-a causal LM's perplexity with sliding windows (`sparse_nlp.evaluation.perplexity`).
+GLUE tasks and task descriptions (``.yaml`` / ``.yml`` / ``.json`` files describing your own data, see
+`sparse_nlp.evaluation.custom`) score a sequence-classification model; ``wikitext2``, ``tinyshakespeare`` and
+``.txt`` files give a causal LM's perplexity with sliding windows (`sparse_nlp.evaluation.perplexity`).
 """
 
 from __future__ import annotations
@@ -11,21 +12,24 @@ import argparse
 from ..evaluation.corpora import PERPLEXITY_TASKS
 from ..evaluation.glue import EVALUABLE
 
+TASK_FILE_SUFFIXES = (".yaml", ".yml", ".json")
+
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "evaluate",
-        help="score a model on a GLUE task or its perplexity on a text corpus",
-        description="Evaluate MODEL on a GLUE dev set, or a causal LM's perplexity on wikitext2 (test split), "
-        "tinyshakespeare or a .txt file; prints the metrics as JSON and writes them to --json.",
+        help="score a model on a GLUE task, your own data, or its perplexity on a text corpus",
+        description="Evaluate MODEL on a GLUE dev set or your own data (a task description file), or a causal "
+        "LM's perplexity on wikitext2 (test split), tinyshakespeare or a .txt file; prints the metrics as JSON "
+        "and writes them to --json.",
     )
     p.add_argument("model", help="model folder (sparse or dense), Hub id, or alias (minilm, smollm2)")
     p.add_argument(
         "--task",
         required=True,
         metavar="TASK",
-        help=f"GLUE task ({', '.join(sorted(EVALUABLE))}), or perplexity: {', '.join(PERPLEXITY_TASKS)} "
-        "or a .txt file",
+        help=f"GLUE task ({', '.join(sorted(EVALUABLE))}), a task description file (.yaml, .yml or .json: "
+        f"your own data), or perplexity: {', '.join(PERPLEXITY_TASKS)} or a .txt file",
     )
     p.add_argument(
         "--data-dir",
@@ -35,8 +39,9 @@ def add_parser(subparsers) -> None:
     p.add_argument(
         "--split",
         default=None,
-        choices=["dev", "train", "valid", "test"],
-        help="GLUE: dev (default) or train; wikitext2: test (default) or valid",
+        choices=["dev", "train", "dev_matched", "dev_mismatched", "valid", "test"],
+        help="GLUE: dev (default; MNLI: matched and mismatched) or train (MNLI also dev_matched, "
+        "dev_mismatched); wikitext2: test (default) or valid",
     )
     p.add_argument("--context", type=int, default=1024, help="perplexity: tokens per window (default 1024)")
     p.add_argument(
@@ -89,9 +94,10 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from ..errors import CheckpointError, ConfigError
-    from ..evaluation.data import load_glue_rows
+    from ..evaluation.custom import load_task_file
+    from ..evaluation.data import glue_splits
     from ..evaluation.perplexity import is_perplexity_task
-    from ..evaluation.tasks import evaluate_glue, load_for_task, task_info
+    from ..evaluation.tasks import evaluate_glue, load_for_task, load_rows, task_info, task_name
     from ..models import resolve_device, resolve_model
     from ..report import measured_sparsity
 
@@ -100,38 +106,43 @@ def run(args: argparse.Namespace) -> int:
     if args.json_path and not Path(args.json_path).resolve().parent.is_dir():
         raise FileNotFoundError(f"--json {args.json_path!r}: its folder does not exist.")
     untrained = False
-    if is_perplexity_task(args.task):
+    task = load_task_file(args.task) if args.task.endswith(TASK_FILE_SUFFIXES) else args.task
+    if isinstance(task, str) and is_perplexity_task(task):
         result, model = _perplexity(args, device)
         start = time.perf_counter() - result.pop("seconds")
     else:
-        try:
-            task_info(args.task)  # an unknown task fails before the model loads
-        except ValueError as err:
-            raise ConfigError(
-                f"--task: {err} Perplexity tasks: {', '.join(PERPLEXITY_TASKS)} or a .txt file."
-            ) from None
-        if args.split in ("valid", "test"):
-            raise ConfigError(
-                f"--split: GLUE task {args.task!r} has splits dev and train, not {args.split!r}."
-            )
+        if isinstance(task, str):
+            try:
+                task_info(task)  # an unknown task fails before the model loads
+            except ValueError as err:
+                raise ConfigError(
+                    f"--task: {err} Task descriptions: a .yaml, .yml or .json file. Perplexity tasks: "
+                    f"{', '.join(PERPLEXITY_TASKS)} or a .txt file."
+                ) from None
+        splits = glue_splits(task) if isinstance(task, str) else ["dev", "train"]
         split = args.split or "dev"
+        if split not in splits:
+            raise ConfigError(
+                f"--split: task {task_name(task)!r} has splits {', '.join(splits)}, not {split!r}."
+            )
         path = resolve_model(args.model)
-        load_glue_rows(args.task, split, args.data_dir)
+        load_rows(task, split, args.data_dir)
+        task_info(task)  # a described task's labels, from its train split
         untrained = trained_head(path) is False
         if untrained and not args.allow_untrained_head:
             raise CheckpointError(
                 f"{path}/config.json: the model has no trained sequence-classification head (architectures: "
-                f"not *ForSequenceClassification), so {args.task} would be scored with a random head. Fine-tune "
-                "it first (sparse-nlp run), or pass --allow-untrained-head to score it anyway (nothing is "
-                "written where push would publish it)."
+                f"not *ForSequenceClassification), so {task_name(task)} would be scored with a random head. "
+                "Fine-tune it first (sparse-nlp run), or pass --allow-untrained-head to score it anyway (nothing "
+                "is written where push would publish it)."
             )
-        model, tokenizer = load_for_task(args.model, args.task, trust_remote_code=args.trust_remote_code)
+        model, tokenizer = load_for_task(args.model, task, trust_remote_code=args.trust_remote_code)
         model.to(device)
         start = time.perf_counter()
         result = evaluate_glue(
             model,
             tokenizer,
-            args.task,
+            task,
             data_dir=args.data_dir,
             split=split,
             max_length=args.max_length,
@@ -148,7 +159,7 @@ def run(args: argparse.Namespace) -> int:
         result["untrained_head"] = True  # push never publishes such a result
     text = json.dumps(result, indent=2)
     print(text)
-    stem = Path(args.task).stem if args.task.endswith(".txt") else args.task
+    stem = Path(args.task).stem if args.task.endswith(".txt") else task_name(task)
     out = (
         Path(args.json_path)
         if args.json_path

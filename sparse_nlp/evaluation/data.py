@@ -3,7 +3,7 @@
 The data directory comes from an argument or the ``SPARSE_NLP_DATA_DIR`` environment variable and is laid
 out like ``../shared/data``::
 
-    glue/sst2/{train,dev}.tsv   glue/cola/{train,dev}.tsv   glue/rte/{train,dev}.tsv   glue/stsb/{train,dev}.tsv
+    glue/<task>/{train,dev}.tsv   (every GLUE task; MNLI: train.tsv, dev_matched.tsv, dev_mismatched.tsv)
     wikitext-2-raw/wiki.{valid,test}.raw                    tinyshakespeare/input.txt
 
 Without a data directory the Hub data sets are used (``glue/<task>``, ``wikitext/wikitext-2-raw-v1``).
@@ -12,23 +12,24 @@ GLUE TSVs are read with quoting off: their fields often begin with a literal ``"
 
 from __future__ import annotations
 
-import csv
+import logging
 import os
 from pathlib import Path
 from typing import Any
 
 from ..errors import DataError
-from .glue import GLUE
+from .glue import GLUE, HUB_DATASET, GlueTask
 
 DATA_DIR_ENV = "SPARSE_NLP_DATA_DIR"
 
-# task -> how to read it: text columns, label column, regression, num_labels, TSV options (from the GLUE table)
+logger = logging.getLogger(__name__)
+
+# task -> how to read it: text columns, label column, regression, num_labels (a view of the GLUE table)
 GLUE_TASKS: dict[str, dict] = {
-    name: {"text": t.text, "label": t.label, "regression": t.regression, "num_labels": t.num_labels, **t.read}
+    name: {"text": t.text, "label": t.label, "regression": t.regression, "num_labels": t.num_labels}
     for name, t in GLUE.items()
     if t.evaluable
 }
-SPLITS = {"train": "train", "dev": "dev", "validation": "dev"}
 TEXT_CORPORA = {
     "wikitext2": {"valid": "wikitext-2-raw/wiki.valid.raw", "test": "wikitext-2-raw/wiki.test.raw"},
     "tinyshakespeare": {"train": "tinyshakespeare/input.txt"},
@@ -48,18 +49,47 @@ def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> Path | None:
     return path
 
 
-def _task_info(task: str) -> dict:
+def _task_info(task: str) -> GlueTask:
     if task not in GLUE_TASKS:
         raise ValueError(f"unknown GLUE task {task!r}; known: {', '.join(GLUE_TASKS)}.")
-    return GLUE_TASKS[task]
+    return GLUE[task]
+
+
+def glue_splits(task: str) -> list[str]:
+    """The split names a GLUE task accepts: ``train``, ``dev`` (``validation``) and its evaluation files
+    (MNLI: ``dev_matched``, ``dev_mismatched``; ``dev`` is the first of them)."""
+    info = _task_info(task)
+    return list(dict.fromkeys(["train", "dev", "validation", *(s.file for s in info.eval_splits)]))
+
+
+def _split_source(task: str, split: str) -> tuple[str, str]:
+    """(local file stem, Hub split) of a task's split."""
+    info = _task_info(task)
+    if split == "train":
+        return "train", "train"
+    if split in ("dev", "validation"):
+        return info.eval_splits[0].file, info.eval_splits[0].hub
+    for s in info.eval_splits:
+        if split == s.file:
+            return s.file, s.hub
+    raise ValueError(f"unknown split {split!r} of {task}; use one of {', '.join(glue_splits(task))}.")
 
 
 def glue_file(task: str, split: str, data_dir: Path) -> Path:
-    """Path of a GLUE split in the data directory; a missing file names every place looked at."""
-    _task_info(task)
-    if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}.")
-    candidates = [data_dir / "glue" / task / f"{SPLITS[split]}.tsv", data_dir / task / f"{SPLITS[split]}.tsv"]
+    """Path of a GLUE split in the data directory; a missing file names every place looked at.
+
+    Looked for, in order: ``glue/<task>/``, ``<task>/``, and the official download's folders
+    ``<FOLDER>/`` and ``glue_data/<FOLDER>/`` (``MRPC``, ``SST-2``, ...).
+    """
+    info = _task_info(task)
+    stem, _ = _split_source(task, split)
+    name = f"{stem}.tsv"
+    candidates = [
+        data_dir / "glue" / task / name,
+        data_dir / task / name,
+        data_dir / info.folder / name,
+        data_dir / "glue_data" / info.folder / name,
+    ]
     for c in candidates:
         if c.is_file():
             return c
@@ -69,60 +99,131 @@ def glue_file(task: str, split: str, data_dir: Path) -> Path:
     )
 
 
+def read_tsv(
+    path: Path, *, header: bool = True, names: tuple[str, ...] = (), keep: tuple[str, ...] | None = None
+) -> tuple[list[str], list[tuple[int, list[str]]]]:
+    """A GLUE-style TSV as (columns, [(line number, fields), ...]), read the robust way.
+
+    Quoting is off (fields often begin with a literal ``"``, and QQP / MNLI have unbalanced quotes), rows end
+    at ``\\n`` only (a stray ``\\r`` inside a field does not split it), a byte-order mark is dropped, blank
+    lines are ignored, and rows with the wrong number of fields are skipped with one warning that counts them.
+    The file is streamed; with `keep` (column names, all present) each row holds only those fields, in order.
+    """
+    bad: list[int] = []
+    rows: list[tuple[int, list[str]]] = []
+    try:
+        with open(path, encoding="utf-8-sig", newline="\n") as f:
+            columns, number = list(names), 0
+            if header:
+                for number, line in enumerate(f, start=1):  # noqa: B007  (the header's line number is kept)
+                    if line.strip():
+                        columns = line.rstrip("\r\n").split("\t")
+                        break
+                else:
+                    raise DataError(f"{path} is empty; a GLUE TSV starts with a header row.")
+            where = (
+                [columns.index(c) for c in keep] if keep is not None and set(keep) <= set(columns) else None
+            )
+            first = number + 1
+            for number, line in enumerate(f, start=first):
+                line = line.rstrip("\r\n")
+                if not line.strip():
+                    continue
+                fields = line.split("\t")
+                if len(fields) != len(columns):
+                    bad.append(number)
+                    continue
+                rows.append((number, [fields[i] for i in where] if where is not None else fields))
+    except UnicodeDecodeError as err:
+        raise DataError(f"cannot read {path}: not UTF-8 text (byte {err.start}).") from None
+    if bad:
+        logger.warning(
+            "%s: skipped %d malformed row(s) with a field count other than %d (line(s) %s%s)",
+            path,
+            len(bad),
+            len(columns),
+            ", ".join(map(str, bad[:5])),
+            ", ..." if len(bad) > 5 else "",
+        )
+    return columns, rows
+
+
 def load_glue_rows(task: str, split: str, data_dir: str | os.PathLike | None = None) -> dict[str, list]:
     """A GLUE split as columns: ``{"text": [...], "text_pair": [...] or None, "label": [...]}``.
 
+    Labels are the Hub ``glue`` ids (floats for STS-B). Rows whose label marks no gold label (MNLI ``-``) and
+    malformed rows are skipped with a warning that counts them.
+
     Args:
-        task: ``sst2``, ``cola``, ``rte`` or ``stsb``.
-        split: ``train`` or ``dev`` (``validation`` is an alias).
+        task: A GLUE task name (``sst2``, ``mrpc``, ``mnli``, ...; see `sparse_nlp.evaluation.glue.GLUE`).
+        split: ``train`` or ``dev`` (``validation`` is an alias); MNLI also ``dev_matched`` (= ``dev``) and
+            ``dev_mismatched``.
         data_dir: Local data directory; default ``$SPARSE_NLP_DATA_DIR``, then the Hub ``glue/<task>``.
+
+    Raises:
+        DataError: a missing file or column (the message lists the columns found), or a label outside the
+            task's label set (the message names the file and line).
     """
     info = _task_info(task)
+    _split_source(task, split)
     root = resolve_data_dir(data_dir)
     if root is None:
         return _load_glue_hub(task, split, info)
-    import pandas as pd
-
     path = glue_file(task, split, root)
-    try:
-        frame = pd.read_csv(
-            path,
-            sep="\t",
-            quoting=csv.QUOTE_NONE,
-            header=0 if info.get("header", 0) == 0 else None,
-            names=list(info["names"]) if "names" in info else None,
-            keep_default_na=False,
-            dtype=str,
-        )
-    except Exception as err:  # pandas raises several types for malformed files
-        raise DataError(f"cannot read {path}: {err}") from None
-    missing = [c for c in (*info["text"], info["label"]) if c not in frame.columns]
+    wanted = (*info.text, info.label)
+    columns, rows = read_tsv(path, header=info.header, names=info.names, keep=wanted)
+    missing = [c for c in wanted if c not in columns]
     if missing:
-        raise DataError(f"{path} lacks column(s) {missing}; found {list(frame.columns)}.")
-    labels = frame[info["label"]].tolist()
-    if info["regression"]:
-        labels = [float(x) for x in labels]
-    elif "label_ids" in info:
-        labels = [info["label_ids"][x] for x in labels]
-    else:
-        labels = [int(x) for x in labels]
-    texts = info["text"]
-    return {
-        "text": frame[texts[0]].tolist(),
-        "text_pair": frame[texts[1]].tolist() if len(texts) > 1 else None,
-        "label": labels,
-    }
+        raise DataError(
+            f"{path} lacks column(s) {missing} ({task} reads {list(info.text)} and label {info.label!r}); "
+            f"found {columns}."
+        )
+    where = {c: i for i, c in enumerate(wanted)}
+    ids = info.label_ids
+    texts, pairs, labels, no_gold = [], [], [], 0
+    for number, fields in rows:
+        value = fields[where[info.label]].strip()
+        if value in info.skip_labels:
+            no_gold += 1
+            continue
+        if info.regression:
+            try:
+                labels.append(float(value))
+            except ValueError:
+                raise DataError(
+                    f"{path}, line {number}: {info.label} {value!r} is not a number ({task} is a regression task)."
+                ) from None
+        elif value in ids:
+            labels.append(ids[value])
+        else:
+            raise DataError(
+                f"{path}, line {number}: {info.label} {value!r} is not a {task} label; expected one of "
+                f"{', '.join(ids)}."
+            )
+        texts.append(fields[where[info.text[0]]])
+        if info.pair:
+            pairs.append(fields[where[info.text[1]]])
+    if no_gold:
+        logger.warning(
+            "%s: skipped %d row(s) without a gold label (%s %s)",
+            path,
+            no_gold,
+            info.label,
+            " / ".join(repr(v) for v in info.skip_labels),
+        )
+    return {"text": texts, "text_pair": pairs if info.pair else None, "label": labels}
 
 
-def _hub_dataset(what: str, local: str, *args: Any, **kwargs: Any) -> Any:
+def _hub_dataset(what: str, local: str, *args: Any, hint: str | None = None, **kwargs: Any) -> Any:
     """``datasets.load_dataset(*args, **kwargs)`` without a data directory; a clear `DataError` at once when
     the Hub cannot be used (offline mode, or no answer within a few seconds) and the data are not cached.
 
-    `what` names the data set, `local` where in a data directory it would have been found.
+    `what` names the data set, `local` where in a data directory it would have been found; `hint` replaces
+    the advice that ends the error.
     """
     import datasets
 
-    hint = (
+    hint = hint or (
         f"no data directory was given (--data-dir or ${DATA_DIR_ENV}), so {what} was asked of the Hub; "
         f"with a data directory DIR it is read from DIR/{local}"
     )
@@ -159,16 +260,16 @@ def _hub_reachable(timeout: float = 3.0) -> str | None:
     return None
 
 
-def _load_glue_hub(task: str, split: str, info: dict) -> dict[str, list]:
-    hf_split = "validation" if SPLITS[split] == "dev" else "train"
-    ds = _hub_dataset(
-        f"GLUE {task} {split}", f"glue/{task}/{SPLITS[split]}.tsv", "glue", task, split=hf_split
-    )
-    texts = info["text"]
+def _load_glue_hub(task: str, split: str, info: GlueTask) -> dict[str, list]:
+    stem, hub_split = _split_source(task, split)
+    ds = _hub_dataset(f"GLUE {task} {split}", f"glue/{task}/{stem}.tsv", HUB_DATASET, task, split=hub_split)
+    texts = info.hub_columns
+    keep = [i for i, label in enumerate(ds["label"]) if label != -1]  # -1: no gold label
+    pick = (lambda column: [column[i] for i in keep]) if len(keep) < len(ds) else list
     return {
-        "text": list(ds[texts[0]]),
-        "text_pair": list(ds[texts[1]]) if len(texts) > 1 else None,
-        "label": list(ds["label"]),
+        "text": pick(ds[texts[0]]),
+        "text_pair": pick(ds[texts[1]]) if len(texts) > 1 else None,
+        "label": pick(ds["label"]),
     }
 
 
