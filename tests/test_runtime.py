@@ -57,7 +57,7 @@ def test_csr_round_trip_keeps_mask_and_values():
 
 # ---- kernels ---------------------------------------------------------------------------------------------------
 
-SHAPES = [(1, 1), (5, 3), (37, 53), (3, 200), (130, 29)]
+SHAPES = [(1, 1), (5, 3), (37, 53), (3, 200), (130, 29), (64, 96)]
 
 
 @pytest.mark.parametrize("threads", [1, 2])
@@ -86,6 +86,30 @@ def test_kernel_matches_dense_on_every_isa(shape, sparsity, threads):
                 torch.testing.assert_close(y0, ref - bias, rtol=0, atol=1e-5 * scale)
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("vectors", ["1", "2", "3", "4"])
+def test_kernel_every_panel_width(monkeypatch, vectors):
+    """Token panels of 1-4 vectors (SPARSE_NLP_RUNTIME_NV), with a narrower last panel and row/column counts that
+    leave edges around the 8 x 8 transposes."""
+    op = _ops()
+    monkeypatch.setenv("SPARSE_NLP_RUNTIME_NV", vectors)
+    for out_f, in_f in ((130, 29), (64, 96), (9, 17)):
+        weight, mask = _weight(out_f, in_f, 0.7, seed=out_f + in_f)
+        csr = CSRWeight.from_dense(weight, mask)
+        bias = torch.randn(out_f)
+        for tokens in (2, 31, 33, 100):
+            x = torch.randn(tokens, in_f)
+            ref = (x.double() @ weight.double().t() + bias.double()).float()
+            for isa in _isas():
+                y = op.sparse_linear(x, csr.rowptr, csr.cols, csr.vals, bias, in_f, isa)
+                torch.testing.assert_close(
+                    y,
+                    ref,
+                    rtol=0,
+                    atol=1e-5 * max(1.0, float(ref.abs().max())),
+                    msg=f"isa {isa}, tokens {tokens}",
+                )
 
 
 def test_kernel_wide_input_uses_int32_indices():

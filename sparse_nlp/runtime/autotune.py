@@ -3,8 +3,8 @@
 For each token bucket the candidates run on a random input of that many tokens, interleaved (one call of each per
 round, so a load change hits all of them), and the fastest call of each is compared; a sparse method must beat dense by `margin` to be
 chosen, so a layer that is not sparse enough stays dense. Decisions are cached on disk in
-``$SPARSE_NLP_CACHE/runtime_autotune.json`` (default ``~/.cache/sparse_nlp``), keyed by CPU model, ISA, torch
-version, threads, shape, density (2 decimals), bias and bucket. The 1-token bucket (decoding) is timed with
+``$SPARSE_NLP_CACHE/runtime_autotune.json`` (default ``~/.cache/sparse_nlp``), keyed by CPU model, ISA, kernel
+source, torch version, threads, shape, density (2 decimals), bias and bucket. The 1-token bucket (decoding) is timed with
 weights that are not in cache (`COLD_BYTES`): there a sparse layer wins by reading fewer bytes.
 """
 
@@ -80,7 +80,7 @@ def _write_cache(entries: dict[str, str]) -> None:
 def key(csr: CSRWeight, has_bias: bool, bucket: int, threads: int, isa: str, methods: Sequence[str]) -> str:
     out_f, in_f = csr.shape
     return (
-        f"{cpu_model()}|{isa}|torch {torch.__version__}|threads {threads}|{out_f}x{in_f}|density "
+        f"{cpu_model()}|{isa} {kernels.source_digest()}|torch {torch.__version__}|threads {threads}|{out_f}x{in_f}|density "
         f"{csr.density:.2f}|bias {int(has_bias)}|tokens {bucket}{' cold' if bucket == 1 else ''}|{','.join(methods)}"
     )
 

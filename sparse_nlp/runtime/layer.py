@@ -64,6 +64,9 @@ class SparseLinear(nn.Module):
         self.transposed = transposed
         self.plan = {int(k): v for k, v in sorted(plan.items())}
         self.buckets = tuple(self.plan)
+        self._methods: dict[
+            int, str
+        ] = {}  # token count -> method, memoized (the per-call cost matters at batch 1)
         self._set_csr(csr)
         self.bias = None if bias is None else nn.Parameter(bias.detach().to(torch.float32).clone())
         if mask is not None:  # kept so that the checkpoint writer saves the mask (save_pretrained)
@@ -120,28 +123,44 @@ class SparseLinear(nn.Module):
     # ---- forward ------------------------------------------------------------------------------------------------
     def method_for(self, tokens: int) -> str:
         """The product the plan runs for a call with `tokens` tokens (dense when the native kernel is missing)."""
-        method = self.plan[bucket_of(tokens, self.buckets)]
-        if method == "native" and kernels.ops() is None:
-            return "dense"
+        method = self._methods.get(tokens)
+        if method is None:
+            method = self.plan[bucket_of(tokens, self.buckets)]
+            if method == "native" and kernels.ops() is None:
+                method = "dense"
+            self._methods[tokens] = method
         return method
 
     def _product(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        shape = x.shape
         x2d = x.reshape(-1, self.in_features)  # (T, K)
         method = self.method_for(x2d.shape[0])
-        if method == "native":
-            y = kernels.ops().sparse_linear(
-                x2d, self.rowptr, self.cols, self.vals, bias, self.in_features, kernels.best_isa()
-            )
+        op = kernels.sparse_linear() if method == "native" else None
+        if op is not None:
+            y = op(x2d, self.rowptr, self.cols, self.vals, bias, self.in_features, kernels.best_isa())
         elif method == "torch_csr":
             y = (self._torch_csr @ x2d.t()).t()  # (T, N)
             y = y + bias if bias is not None else y.contiguous()
         else:
             weight = self.dense_weight if self.dense_weight is not None else self.csr.to_dense()
             y = F.linear(x2d, weight, bias)
-        return y.reshape(*shape[:-1], self.out_features)
+        return y.view(*x.shape[:-1], self.out_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (
+            x.dtype is not torch.float32
+            or x.device.type != "cpu"
+            or x.shape[-1] != self.in_features
+            or self.vals.dtype is not torch.float32
+        ):
+            self._refuse(x)
+        if torch.is_grad_enabled() and (
+            x.requires_grad or (self.bias is not None and self.bias.requires_grad)
+        ):
+            return _NoBackward.apply(x, self.bias, self)
+        return self._product(x, self.bias)
+
+    def _refuse(self, x: torch.Tensor) -> None:
+        """Raise the error that says why `x` (or this layer) cannot run."""
         if self.vals.dtype != torch.float32:
             raise SparseRuntimeError(
                 f"a layer packed by sparse_nlp.runtime.convert holds fp32 weights but was cast to {self.vals.dtype}; "
@@ -156,15 +175,7 @@ class SparseLinear(nn.Module):
             raise SparseRuntimeError(
                 f"a layer packed by sparse_nlp.runtime.convert runs on the CPU only, got an input on {x.device}."
             )
-        if x.shape[-1] != self.in_features:
-            raise SparseRuntimeError(
-                f"input has {x.shape[-1]} features, the layer expects {self.in_features}."
-            )
-        if torch.is_grad_enabled() and (
-            x.requires_grad or (self.bias is not None and self.bias.requires_grad)
-        ):
-            return _NoBackward.apply(x, self.bias, self)
-        return self._product(x, self.bias)
+        raise SparseRuntimeError(f"input has {x.shape[-1]} features, the layer expects {self.in_features}.")
 
     def extra_repr(self) -> str:
         plan = ", ".join(f"{k}:{v}" for k, v in self.plan.items())
