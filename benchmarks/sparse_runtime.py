@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from sparse_nlp.runtime import CSRWeight, autotune, kernels
+from sparse_nlp.runtime import CSRWeight, autotune, kernels, pack_weight
 
 SHAPES = ((384, 1536), (1536, 384), (384, 384), (576, 1536), (1536, 576))
 
@@ -69,9 +69,10 @@ def mask_for(pattern: str, shape: tuple[int, int], sparsity: float, g: torch.Gen
         keep = torch.zeros_like(scores, dtype=torch.bool)
         keep.scatter_(2, scores.topk(2, dim=2).indices, True)
         return keep.reshape(out_f, in_f)
-    if pattern == "block4x4":
-        blocks = torch.rand(out_f // 4, in_f // 4, generator=g) >= sparsity
-        return blocks.repeat_interleave(4, 0).repeat_interleave(4, 1)
+    if pattern.startswith("block"):  # e.g. block4x4, block8x1: whole R x C blocks
+        r, c = (int(v) for v in pattern[len("block") :].split("x"))
+        blocks = torch.rand(out_f // r, in_f // c, generator=g) >= sparsity
+        return blocks.repeat_interleave(r, 0).repeat_interleave(c, 1)
     raise SystemExit(f"unknown pattern {pattern!r}")
 
 
@@ -93,7 +94,7 @@ def time_interleaved(
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def _layer_runners(x, weight, bias, csr, tcsr, bsr, op, isa) -> dict:
+def _layer_runners(x, weight, bias, packed, tcsr, bsr, op, isa) -> dict:
     xt = x.t().contiguous()  # (K, T): torch's BSR matmul takes the dense operand on the right
     runners = {
         "dense": lambda: F.linear(x, weight, bias),
@@ -101,9 +102,7 @@ def _layer_runners(x, weight, bias, csr, tcsr, bsr, op, isa) -> dict:
         "bsr": lambda: (bsr @ xt).t() + bias,
     }
     if op is not None:
-        runners["native"] = lambda: op.sparse_linear(
-            x, csr.rowptr, csr.cols, csr.vals, bias, csr.shape[1], isa
-        )
+        runners["native"] = lambda: packed.run(x, bias, isa)
     return runners
 
 
@@ -123,9 +122,9 @@ def layer_grid(args) -> list[dict]:
         print(f"\n## layers, {threads} thread(s)\n{header(threads)}\n")
         print(
             "| pattern | shape (out x in) | sparsity | tokens | dense ms | native x | torch CSR x | torch BSR x "
-            "| native ms | native x (best of rounds) |"
+            "| native ms | native x (best of rounds) | native format |"
         )
-        print("|---|---|---|---|---|---|---|---|---|---|")
+        print("|---|---|---|---|---|---|---|---|---|---|---|")
         for pattern in args.patterns.split(","):
             sparsities = [0.5] if pattern == "2:4" else _floats(args.sparsity)
             for shape in (
@@ -138,8 +137,8 @@ def layer_grid(args) -> list[dict]:
                     mask = mask_for(pattern, shape, sparsity, g)
                     weight = torch.randn(shape, generator=g) * mask
                     bias = torch.randn(shape[0], generator=g)
-                    csr = CSRWeight.from_dense(weight, mask)
-                    tcsr = csr.to_torch_csr()
+                    csr = pack_weight(weight, mask)  # blocks where the mask is made of blocks
+                    tcsr = CSRWeight.from_dense(weight, mask).to_torch_csr()
                     bsr = weight.to_sparse_bsr((4, 4))
                     for tokens in _ints(args.tokens):
                         x = torch.randn(tokens, shape[1], generator=g)
@@ -160,6 +159,7 @@ def layer_grid(args) -> list[dict]:
                             "csr_x": t["dense"] / t["csr"],
                             "bsr_x": t["dense"] / t["bsr"],
                             "native_x_best": fastest["dense"] / fastest["native"] if "native" in t else None,
+                            "format": csr.kind,
                         }
                         rows.append(row)
                         nat = f"{row['native_x']:.2f}" if row["native_x"] else "-"
@@ -167,7 +167,7 @@ def layer_grid(args) -> list[dict]:
                         nat_best = f"{row['native_x_best']:.2f}" if row["native_x_best"] else "-"
                         print(
                             f"| {pattern} | {row['shape']} | {row['sparsity']:.2f} | {tokens} | {row['dense_ms']:.3f} | "
-                            f"{nat} | {row['csr_x']:.2f} | {row['bsr_x']:.2f} | {nat_ms} | {nat_best} |",
+                            f"{nat} | {row['csr_x']:.2f} | {row['bsr_x']:.2f} | {nat_ms} | {nat_best} | {csr.kind} |",
                             flush=True,
                         )
         print(f"\nload average after: {', '.join(f'{v:.2f}' for v in os.getloadavg())}")
@@ -189,6 +189,11 @@ def minilm(args) -> list[dict]:
     for name in args.models.split(","):
         if name == "2:4":
             config = SparsityConfig.magnitude(0.5, pattern="2:4", scope="per-layer")
+        elif name.startswith("block"):  # e.g. block4x4:90
+            shape, percent = name[len("block") :].split(":")
+            config = SparsityConfig.magnitude(
+                float(percent) / 100, pattern=f"block:{shape}", scope="per-layer"
+            )
         else:
             config = SparsityConfig.magnitude(float(name) / 100, scope="per-layer")
         dense = copy.deepcopy(base)
@@ -498,7 +503,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sparsity", default="0.5,0.7,0.8,0.9,0.95")
     p.add_argument("--tokens", default="1,16,128,512")
     p.add_argument("--rounds", type=int, default=7, help="timed rounds per cell (interleaved)")
-    p.add_argument("--models", default="90,80,2:4", help="MiniLM sparsities in percent, and/or 2:4")
+    p.add_argument(
+        "--models",
+        default="90,80,2:4",
+        help="MiniLM sparsities in percent, 2:4, and/or block patterns such as block4x4:90",
+    )
     p.add_argument("--batch", default="1,32")
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=32, help="decode: greedy tokens generated per call")

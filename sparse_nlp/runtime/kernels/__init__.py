@@ -102,6 +102,15 @@ def sparse_linear():
     return _STATE["sparse_linear"]
 
 
+def block_linear():
+    """The block-sparse op (``torch.ops.sparse_nlp_runtime.block_linear.default``), or None where the kernel is
+    unavailable."""
+    if "block_linear" not in _STATE:
+        op = ops()
+        _STATE["block_linear"] = None if op is None else op.block_linear.default
+    return _STATE["block_linear"]
+
+
 def source_digest() -> str:
     """A short digest of the kernel source: autotune decisions are keyed by it, so a changed kernel re-tunes."""
     if "digest" not in _STATE:
@@ -124,6 +133,7 @@ __all__ = [
     "ENV_ISA",
     "ISAS",
     "best_isa",
+    "block_linear",
     "isa_name",
     "load_seconds",
     "ops",

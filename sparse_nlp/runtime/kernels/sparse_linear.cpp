@@ -1,4 +1,5 @@
-// Sparse-weight linear layers for CPUs: y = x W^T + b with W in compressed rows (CSR), fp32.
+// Sparse-weight linear layers for CPUs: y = x W^T + b with W in compressed rows (CSR) or in blocks of 2, 4 or 8
+// rows (BSR), fp32.
 //
 // One source, three code paths chosen at run time: AVX-512F, AVX2+FMA (x86-64, via target attributes and
 // __builtin_cpu_supports) and portable C++ (any CPU; the compiler vectorizes it for its baseline ISA).
@@ -10,6 +11,7 @@
 // row of the thread passes over it. Threads take output rows in ranges of equal nonzero counts.
 // One token (GEMV, batch-1 decoding): each row is a dot product of its values with the gathered inputs; the speed
 // is set by the bytes of values and (narrow) column indices read.
+// Blocks (`block_linear`): the same token panels; each panel row that a block reads feeds the block's R rows.
 // Column indices are uint16 when in_features <= 65535, else int32; row offsets are int32.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -436,13 +438,171 @@ at::Tensor sparse_linear(const at::Tensor& x, const at::Tensor& rowptr, const at
   return y;
 }
 
+// ---- blocks of R output rows x C input columns (BSR) -------------------------------------------------------------
+// browptr (rows / R + 1) int32: each row block's first block; bcols (nblocks): block columns (input column / C);
+// vals (nblocks, C, R): each block column by column, the R row values of a column contiguous. Over a token panel,
+// one load of a panel row feeds R rows (R x NV accumulators), which is what makes blocks faster than single
+// nonzeros. (R, NV) = (2, 4), (4, 2), (8, 1): 8 accumulator vectors. AVX-512 machines run the AVX2 path here.
+
+template <int R, int NV, typename I>
+inline void brow_portable(int32_t begin, int32_t end, const I* bcols, const float* vals, int64_t C,
+                          const float* panel, const float* bias, float* out) {
+  constexpr int TB = NV * 8;
+  float acc[R][TB];
+  for (int r = 0; r < R; ++r)
+    for (int i = 0; i < TB; ++i) acc[r][i] = bias ? bias[r] : 0.f;
+  for (int32_t b = begin; b < end; ++b) {
+    const float* x = panel + static_cast<int64_t>(bcols[b]) * C * TB;
+    const float* v = vals + static_cast<int64_t>(b) * C * R;
+    for (int64_t c = 0; c < C; ++c, x += TB, v += R)
+      for (int r = 0; r < R; ++r)
+        for (int i = 0; i < TB; ++i) acc[r][i] += v[r] * x[i];
+  }
+  std::memcpy(out, acc, sizeof(acc));
+}
+
+#ifdef SPARSE_NLP_X86
+template <int R, int NV, typename I>
+__attribute__((target("avx2,fma"), always_inline)) inline void brow_avx2(int32_t begin, int32_t end, const I* bcols,
+                                                                          const float* vals, int64_t C,
+                                                                          const float* panel, const float* bias,
+                                                                          float* out) {
+  constexpr int TB = NV * 8;
+  __m256 acc[R][NV];
+  for (int r = 0; r < R; ++r)
+    for (int i = 0; i < NV; ++i) acc[r][i] = _mm256_set1_ps(bias ? bias[r] : 0.f);
+  for (int32_t b = begin; b < end; ++b) {
+    const float* x = panel + static_cast<int64_t>(bcols[b]) * C * TB;
+    const float* v = vals + static_cast<int64_t>(b) * C * R;
+    for (int64_t c = 0; c < C; ++c, x += TB, v += R) {
+      __m256 xv[NV];
+      for (int i = 0; i < NV; ++i) xv[i] = _mm256_load_ps(x + 8 * i);
+      for (int r = 0; r < R; ++r) {
+        const __m256 w = _mm256_broadcast_ss(v + r);
+        for (int i = 0; i < NV; ++i) acc[r][i] = _mm256_fmadd_ps(w, xv[i], acc[r][i]);
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int i = 0; i < NV; ++i) _mm256_store_ps(out + r * TB + 8 * i, acc[r][i]);
+}
+#endif
+
+// The row blocks [rb_begin, rb_end) over one packed panel: 8 / R row blocks (8 rows) into the tile, then one
+// transposed copy into y (tokens, rows).
+#define SPARSE_NLP_BLOCK_ROWS(NAME, BROW)                                                                          \
+  template <int R, int NV, typename I>                                                                             \
+  void NAME(const int32_t* browptr, const I* bcols, const float* vals, int64_t C, const float* bias,              \
+            const float* panel, float* tile, float* y_panel, int64_t rows, int64_t rb_begin, int64_t rb_end,       \
+            int64_t real, TransposeFn transpose) {                                                                 \
+    constexpr int64_t width = NV * 8, per_tile = 8 / R;                                                           \
+    for (int64_t rb0 = rb_begin; rb0 < rb_end; rb0 += per_tile) {                                                  \
+      const int64_t count = std::min<int64_t>(per_tile, rb_end - rb0);                                             \
+      for (int64_t q = 0; q < count; ++q)                                                                          \
+        BROW<R, NV, I>(browptr[rb0 + q], browptr[rb0 + q + 1], bcols, vals, C, panel,                              \
+                       bias ? bias + (rb0 + q) * R : nullptr, tile + q * R * width);                               \
+      transpose(tile, width, y_panel + rb0 * R, rows, count * R, real);                                            \
+    }                                                                                                              \
+  }
+
+SPARSE_NLP_BLOCK_ROWS(block_rows_portable, brow_portable)
+#ifdef SPARSE_NLP_X86
+SPARSE_NLP_BLOCK_ROWS(__attribute__((target("avx2,fma"))) block_rows_avx2, brow_avx2)
+#endif
+#undef SPARSE_NLP_BLOCK_ROWS
+
+template <typename I>
+using BlockFn = void (*)(const int32_t*, const I*, const float*, int64_t, const float*, const float*, float*, float*,
+                         int64_t, int64_t, int64_t, int64_t, TransposeFn);
+
+template <typename I>
+BlockFn<I> block_kernel(int64_t isa, int64_t R) {
+#ifdef SPARSE_NLP_X86
+  if (isa != kPortable)
+    return R == 2 ? &block_rows_avx2<2, 4, I> : R == 4 ? &block_rows_avx2<4, 2, I> : &block_rows_avx2<8, 1, I>;
+#endif
+  return R == 2 ? &block_rows_portable<2, 4, I>
+                : R == 4 ? &block_rows_portable<4, 2, I> : &block_rows_portable<8, 1, I>;
+}
+
+template <typename I>
+void block_spmm(const float* x, const int32_t* browptr, const I* bcols, const float* vals, const float* bias,
+                float* y, int64_t rows, int64_t tokens, int64_t K, int64_t R, int64_t C, int64_t isa) {
+  const int64_t width = 8 * (R == 2 ? 4 : R == 4 ? 2 : 1);  // tokens per panel
+  const int64_t n_panels = (tokens + width - 1) / width;
+  const BlockFn<I> fn = block_kernel<I>(isa, R);
+  const TransposeFn transpose = transpose_kernel(isa);
+  const int64_t row_blocks = rows / R;
+  const int64_t threads = at::get_num_threads();
+  const bool by_panels = n_panels >= 4 * threads;
+  const int64_t chunks = by_panels ? 1 : std::min<int64_t>(threads, (row_blocks + 7) / 8);
+  const auto bounds = balanced_rows(browptr, row_blocks, std::max<int64_t>(chunks, 1));
+  auto work = [&](int64_t pb, int64_t pe, int64_t rb_begin, int64_t rb_end) {
+    AlignedFloats tile(8 * width);
+    AlignedFloats panel(K * width);
+    for (int64_t p = pb; p < pe; ++p) {
+      const int64_t real = std::min(width, tokens - p * width);
+      pack_panel(x + p * width * K, real, K, width, panel.ptr, transpose);
+      fn(browptr, bcols, vals, C, bias, panel.ptr, tile.ptr, y + p * width * rows, rows, rb_begin, rb_end, real,
+         transpose);
+    }
+  };
+  if (by_panels)
+    at::parallel_for(0, n_panels, 1, [&](int64_t pb, int64_t pe) { work(pb, pe, 0, row_blocks); });
+  else
+    at::parallel_for(0, static_cast<int64_t>(bounds.size()) - 1, 1,
+                     [&](int64_t cb, int64_t ce) { work(0, n_panels, bounds[cb], bounds[ce]); });
+}
+
+at::Tensor block_linear(const at::Tensor& x, const at::Tensor& browptr, const at::Tensor& bcols,
+                        const at::Tensor& vals, const c10::optional<at::Tensor>& bias, int64_t in_features,
+                        int64_t block_rows, int64_t block_cols, int64_t isa) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.device().is_cpu(),
+              "block_linear: x must be a 2-D fp32 CPU tensor");
+  TORCH_CHECK(x.size(1) == in_features, "block_linear: x has ", x.size(1), " features, the weight ", in_features);
+  TORCH_CHECK(block_rows == 2 || block_rows == 4 || block_rows == 8, "block_linear: block rows must be 2, 4 or 8");
+  TORCH_CHECK(block_cols >= 1 && in_features % block_cols == 0, "block_linear: bad block columns");
+  TORCH_CHECK(browptr.scalar_type() == at::kInt && vals.scalar_type() == at::kFloat, "block_linear: bad dtypes");
+  TORCH_CHECK(bcols.scalar_type() == at::kUInt16 || bcols.scalar_type() == at::kInt, "block_linear: bad index dtype");
+  TORCH_CHECK(browptr.is_contiguous() && bcols.is_contiguous() && vals.is_contiguous(),
+              "block_linear: blocks not contiguous");
+  const int64_t rows = (browptr.size(0) - 1) * block_rows, tokens = x.size(0);
+  TORCH_CHECK(vals.numel() == bcols.numel() * block_rows * block_cols, "block_linear: values do not match blocks");
+  if (isa < 0 || isa > best_isa()) isa = best_isa();
+  const float* b = nullptr;
+  at::Tensor bias_c;
+  if (bias.has_value() && bias->defined()) {
+    bias_c = bias->contiguous();
+    TORCH_CHECK(bias_c.numel() == rows && bias_c.scalar_type() == at::kFloat, "block_linear: bad bias");
+    b = bias_c.data_ptr<float>();
+  }
+  at::Tensor y = at::empty({tokens, rows}, x.options());
+  if (tokens == 0) return y;
+  const at::Tensor xc = x.contiguous();
+  if (bcols.scalar_type() == at::kUInt16)
+    block_spmm(xc.data_ptr<float>(), browptr.data_ptr<int32_t>(), static_cast<const uint16_t*>(bcols.data_ptr()),
+               vals.data_ptr<float>(), b, y.data_ptr<float>(), rows, tokens, in_features, block_rows, block_cols,
+               isa);
+  else
+    block_spmm(xc.data_ptr<float>(), browptr.data_ptr<int32_t>(), static_cast<const int32_t*>(bcols.data_ptr()),
+               vals.data_ptr<float>(), b, y.data_ptr<float>(), rows, tokens, in_features, block_rows, block_cols,
+               isa);
+  return y;
+}
+
 int64_t cpu_isa() { return best_isa(); }
 
 }  // namespace
 
 TORCH_LIBRARY(sparse_nlp_runtime, m) {
   m.def("sparse_linear(Tensor x, Tensor rowptr, Tensor cols, Tensor vals, Tensor? bias, int in_features, int isa) -> Tensor");
+  m.def(
+      "block_linear(Tensor x, Tensor browptr, Tensor bcols, Tensor vals, Tensor? bias, int in_features, "
+      "int block_rows, int block_cols, int isa) -> Tensor");
   m.def("cpu_isa() -> int", &cpu_isa);
 }
 
-TORCH_LIBRARY_IMPL(sparse_nlp_runtime, CPU, m) { m.impl("sparse_linear", &sparse_linear); }
+TORCH_LIBRARY_IMPL(sparse_nlp_runtime, CPU, m) {
+  m.impl("sparse_linear", &sparse_linear);
+  m.impl("block_linear", &block_linear);
+}
