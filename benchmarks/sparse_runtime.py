@@ -264,16 +264,92 @@ def profile_models(dense, fast, seq: int, calls: int = 5) -> None:
         )
 
 
-def decode(args) -> list[dict]:
-    """A random llama of SmolLM2-135M's shape, magnitude-pruned per layer: batch-1 greedy decoding and a prefill."""
+def sst2(args) -> list[dict]:
+    """SST-2 dev through a sequence classifier, masked dense against converted: accuracy of both, how many
+    predictions differ, the largest relative logit difference. Default model: MiniLM magnitude-pruned to 90% with a
+    seeded, untrained 2-label head (its accuracy is near chance; the check is that the two agree)."""
     import copy
 
     import transformers
 
     from sparse_nlp import sparsify
     from sparse_nlp.config import SparsityConfig
+    from sparse_nlp.evaluation.tasks import compute_task_metrics, encode_glue, predict
+    from sparse_nlp.models import resolve_model
     from sparse_nlp.runtime import convert, converted_layers
 
+    threads = _ints(args.threads)[0]
+    torch.set_num_threads(threads)
+    if args.sst2_model:
+        source, untrained = args.sst2_model, False
+        dense = transformers.AutoModelForSequenceClassification.from_pretrained(source, dtype=torch.float32)
+    else:
+        source, untrained = resolve_model("minilm"), True
+        torch.manual_seed(0)
+        dense = transformers.AutoModelForSequenceClassification.from_pretrained(
+            source, num_labels=2, dtype=torch.float32
+        )
+        sparsify(dense, SparsityConfig.magnitude(0.9, scope="per-layer"), progress=False)
+    dense.eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(source)
+    features = encode_glue(tokenizer, "sst2", "dev", data_dir=args.data_dir)
+    labels = [f["labels"] for f in features]
+    fast = convert(copy.deepcopy(dense), tokens=[32 * 64, 64 * 64])
+    start = time.perf_counter()
+    ref = predict(dense, features, tokenizer, batch_size=32, progress=False)  # (N, 2)
+    dense_s = time.perf_counter() - start
+    start = time.perf_counter()
+    out = predict(fast, features, tokenizer, batch_size=32, progress=False)
+    fast_s = time.perf_counter() - start
+    differ = int((ref.argmax(-1) != out.argmax(-1)).sum())
+    rel = float((out - ref).abs().max() / ref.abs().max())
+    acc = [compute_task_metrics("sst2", x.argmax(-1).tolist(), labels)["accuracy"] for x in (ref, out)]
+    head = "seeded untrained head" if untrained else "trained head"
+    print(
+        f"\n## SST-2 dev, {len(labels)} sentences, {source if not untrained else 'MiniLM 90% magnitude'} ({head}), "
+        f"{len(converted_layers(fast))} layers packed\n{header(threads)}\n"
+    )
+    print(
+        "| accuracy masked dense | accuracy converted | predictions that differ | max rel. logit diff | speed-up |"
+    )
+    print("|---|---|---|---|---|")
+    print(f"| {acc[0]:.2f} | {acc[1]:.2f} | {differ} | {rel:.1e} | {dense_s / fast_s:.2f} |")
+    return [{"accuracy": acc, "differ": differ, "max_rel_diff": rel, "untrained_head": untrained}]
+
+
+def _decoder(args):
+    """The decoder to prune for the decode part: SmolLM2-135M (`smollm2` alias, Wanda on WikiText-2 valid windows)
+    or a random llama of its shape (magnitude), and a function that prunes a copy of it for a model name."""
+    import transformers
+
+    from sparse_nlp import sparsify
+    from sparse_nlp.config import SparsityConfig, WeightSparsity
+
+    def rule(name: str, method: str) -> WeightSparsity:
+        if name == "2:4":
+            return WeightSparsity(method=method, sparsity=0.5, pattern="2:4", scope="per-layer")
+        return WeightSparsity(method=method, sparsity=float(name) / 100, scope="per-layer")
+
+    if args.decoder == "smollm2":
+        from sparse_nlp.models import load_model
+        from sparse_nlp.pruning.calibration import CorpusWindows
+
+        base, tokenizer = load_model("smollm2", task="causal-lm")
+        base = base.float().eval()
+        data = CorpusWindows("wikitext2", cut="random", seed=0, data_dir=args.data_dir)
+
+        def prune(model, name):
+            sparsify(
+                model,
+                SparsityConfig(weights=[rule(name, "wanda")]),
+                data=data,
+                tokenizer=tokenizer,
+                num_samples=args.calib_samples,
+                seq_len=args.calib_seq,
+                progress=False,
+            )
+
+        return "SmolLM2-135M-Instruct, one-shot Wanda", base, prune
     config = transformers.LlamaConfig(
         hidden_size=576,
         intermediate_size=1536,
@@ -286,22 +362,30 @@ def decode(args) -> list[dict]:
     )
     torch.manual_seed(0)
     base = transformers.AutoModelForCausalLM.from_config(config).eval()
+
+    def prune(model, name):
+        sparsify(model, SparsityConfig(weights=[rule(name, "magnitude")]), progress=False)
+
+    return "random llama (SmolLM2-135M shape), magnitude", base, prune
+
+
+def decode(args) -> list[dict]:
+    """A decoder pruned per model name: batch-1 greedy decoding and a prefill, converted against masked dense."""
+    import copy
+
+    from sparse_nlp.runtime import convert, converted_layers
+
+    title, base, prune = _decoder(args)
     rows = []
     threads = _ints(args.threads)[0]
     torch.set_num_threads(threads)
     for name in args.models.split(","):
-        if name == "2:4":
-            cfg = SparsityConfig.magnitude(0.5, pattern="2:4", scope="per-layer")
-        else:
-            cfg = SparsityConfig.magnitude(float(name) / 100, scope="per-layer")
         dense = copy.deepcopy(base)
-        sparsify(dense, cfg, progress=False)
+        prune(dense, name)
         fast = copy.deepcopy(dense)
         convert(fast, tokens=[1, args.prefill])
         packed = len(converted_layers(fast))
-        print(
-            f"\n## random llama (SmolLM2-135M shape) {name}, {threads} thread(s): {packed} of 210 Linear layers packed"
-        )
+        print(f"\n## {title} {name}, {threads} thread(s): {packed} of 210 Linear layers packed")
         print(header(threads) + "\n")
         print("| model | what | dense | converted | speed-up | same tokens |")
         print("|---|---|---|---|---|---|")
@@ -496,7 +580,7 @@ def main(argv: list[str] | None = None) -> int:
         memory_child(*argv[1:4])
         return 0
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--part", choices=("layers", "minilm", "decode", "memory", "all"), default="all")
+    p.add_argument("--part", choices=("layers", "minilm", "decode", "memory", "sst2", "all"), default="all")
     p.add_argument("--threads", default="1,2")
     p.add_argument("--patterns", default="unstructured,2:4,block4x4")
     p.add_argument("--shapes", default="all", help="'all' or e.g. '384x1536;384x384'")
@@ -510,6 +594,20 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--batch", default="1,32")
     p.add_argument("--seq", type=int, default=128)
+    p.add_argument(
+        "--decoder",
+        choices=("random", "smollm2"),
+        default="random",
+        help="decode: a random llama of SmolLM2-135M's shape (magnitude), or SmolLM2-135M (Wanda)",
+    )
+    p.add_argument(
+        "--data-dir", default=os.environ.get("SPARSE_NLP_DATA_DIR"), help="decode: WikiText-2 folder"
+    )
+    p.add_argument("--calib-samples", type=int, default=16, help="decode: Wanda calibration windows")
+    p.add_argument("--calib-seq", type=int, default=512, help="decode: tokens per calibration window")
+    p.add_argument(
+        "--sst2-model", help="sst2: a fine-tuned sequence classifier (default: MiniLM 90%%, untrained head)"
+    )
     p.add_argument("--new-tokens", type=int, default=32, help="decode: greedy tokens generated per call")
     p.add_argument("--prefill", type=int, default=512, help="decode: prompt length of the prefill timing")
     p.add_argument("--profile", action="store_true", help="also print each MiniLM model's op time shares")
@@ -527,6 +625,8 @@ def main(argv: list[str] | None = None) -> int:
         results["decode"] = decode(args)
     if args.part == "memory":
         results["memory"] = memory(args)
+    if args.part == "sst2":
+        results["sst2"] = sst2(args)
     results["loadavg_after"] = os.getloadavg()
     print(f"\ntotal {time.perf_counter() - start:.0f} s")
     if args.json_path:
