@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from sparse_nlp.runtime import CSRWeight, autotune, kernels
+from sparse_nlp.runtime import CSRWeight, autotune, kernels, pack_weight
 
 SHAPES = ((384, 1536), (1536, 384), (384, 384), (576, 1536), (1536, 576))
 
@@ -69,9 +69,10 @@ def mask_for(pattern: str, shape: tuple[int, int], sparsity: float, g: torch.Gen
         keep = torch.zeros_like(scores, dtype=torch.bool)
         keep.scatter_(2, scores.topk(2, dim=2).indices, True)
         return keep.reshape(out_f, in_f)
-    if pattern == "block4x4":
-        blocks = torch.rand(out_f // 4, in_f // 4, generator=g) >= sparsity
-        return blocks.repeat_interleave(4, 0).repeat_interleave(4, 1)
+    if pattern.startswith("block"):  # e.g. block4x4, block8x1: whole R x C blocks
+        r, c = (int(v) for v in pattern[len("block") :].split("x"))
+        blocks = torch.rand(out_f // r, in_f // c, generator=g) >= sparsity
+        return blocks.repeat_interleave(r, 0).repeat_interleave(c, 1)
     raise SystemExit(f"unknown pattern {pattern!r}")
 
 
@@ -93,7 +94,7 @@ def time_interleaved(
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def _layer_runners(x, weight, bias, csr, tcsr, bsr, op, isa) -> dict:
+def _layer_runners(x, weight, bias, packed, tcsr, bsr, op, isa) -> dict:
     xt = x.t().contiguous()  # (K, T): torch's BSR matmul takes the dense operand on the right
     runners = {
         "dense": lambda: F.linear(x, weight, bias),
@@ -101,9 +102,7 @@ def _layer_runners(x, weight, bias, csr, tcsr, bsr, op, isa) -> dict:
         "bsr": lambda: (bsr @ xt).t() + bias,
     }
     if op is not None:
-        runners["native"] = lambda: op.sparse_linear(
-            x, csr.rowptr, csr.cols, csr.vals, bias, csr.shape[1], isa
-        )
+        runners["native"] = lambda: packed.run(x, bias, isa)
     return runners
 
 
@@ -123,9 +122,9 @@ def layer_grid(args) -> list[dict]:
         print(f"\n## layers, {threads} thread(s)\n{header(threads)}\n")
         print(
             "| pattern | shape (out x in) | sparsity | tokens | dense ms | native x | torch CSR x | torch BSR x "
-            "| native ms | native x (best of rounds) |"
+            "| native ms | native x (best of rounds) | native format |"
         )
-        print("|---|---|---|---|---|---|---|---|---|---|")
+        print("|---|---|---|---|---|---|---|---|---|---|---|")
         for pattern in args.patterns.split(","):
             sparsities = [0.5] if pattern == "2:4" else _floats(args.sparsity)
             for shape in (
@@ -138,8 +137,8 @@ def layer_grid(args) -> list[dict]:
                     mask = mask_for(pattern, shape, sparsity, g)
                     weight = torch.randn(shape, generator=g) * mask
                     bias = torch.randn(shape[0], generator=g)
-                    csr = CSRWeight.from_dense(weight, mask)
-                    tcsr = csr.to_torch_csr()
+                    csr = pack_weight(weight, mask)  # blocks where the mask is made of blocks
+                    tcsr = CSRWeight.from_dense(weight, mask).to_torch_csr()
                     bsr = weight.to_sparse_bsr((4, 4))
                     for tokens in _ints(args.tokens):
                         x = torch.randn(tokens, shape[1], generator=g)
@@ -160,6 +159,7 @@ def layer_grid(args) -> list[dict]:
                             "csr_x": t["dense"] / t["csr"],
                             "bsr_x": t["dense"] / t["bsr"],
                             "native_x_best": fastest["dense"] / fastest["native"] if "native" in t else None,
+                            "format": csr.kind,
                         }
                         rows.append(row)
                         nat = f"{row['native_x']:.2f}" if row["native_x"] else "-"
@@ -167,7 +167,7 @@ def layer_grid(args) -> list[dict]:
                         nat_best = f"{row['native_x_best']:.2f}" if row["native_x_best"] else "-"
                         print(
                             f"| {pattern} | {row['shape']} | {row['sparsity']:.2f} | {tokens} | {row['dense_ms']:.3f} | "
-                            f"{nat} | {row['csr_x']:.2f} | {row['bsr_x']:.2f} | {nat_ms} | {nat_best} |",
+                            f"{nat} | {row['csr_x']:.2f} | {row['bsr_x']:.2f} | {nat_ms} | {nat_best} | {csr.kind} |",
                             flush=True,
                         )
         print(f"\nload average after: {', '.join(f'{v:.2f}' for v in os.getloadavg())}")
@@ -189,6 +189,11 @@ def minilm(args) -> list[dict]:
     for name in args.models.split(","):
         if name == "2:4":
             config = SparsityConfig.magnitude(0.5, pattern="2:4", scope="per-layer")
+        elif name.startswith("block"):  # e.g. block4x4:90
+            shape, percent = name[len("block") :].split(":")
+            config = SparsityConfig.magnitude(
+                float(percent) / 100, pattern=f"block:{shape}", scope="per-layer"
+            )
         else:
             config = SparsityConfig.magnitude(float(name) / 100, scope="per-layer")
         dense = copy.deepcopy(base)
@@ -259,16 +264,92 @@ def profile_models(dense, fast, seq: int, calls: int = 5) -> None:
         )
 
 
-def decode(args) -> list[dict]:
-    """A random llama of SmolLM2-135M's shape, magnitude-pruned per layer: batch-1 greedy decoding and a prefill."""
+def sst2(args) -> list[dict]:
+    """SST-2 dev through a sequence classifier, masked dense against converted: accuracy of both, how many
+    predictions differ, the largest relative logit difference. Default model: MiniLM magnitude-pruned to 90% with a
+    seeded, untrained 2-label head (its accuracy is near chance; the check is that the two agree)."""
     import copy
 
     import transformers
 
     from sparse_nlp import sparsify
     from sparse_nlp.config import SparsityConfig
+    from sparse_nlp.evaluation.tasks import compute_task_metrics, encode_glue, predict
+    from sparse_nlp.models import resolve_model
     from sparse_nlp.runtime import convert, converted_layers
 
+    threads = _ints(args.threads)[0]
+    torch.set_num_threads(threads)
+    if args.sst2_model:
+        source, untrained = args.sst2_model, False
+        dense = transformers.AutoModelForSequenceClassification.from_pretrained(source, dtype=torch.float32)
+    else:
+        source, untrained = resolve_model("minilm"), True
+        torch.manual_seed(0)
+        dense = transformers.AutoModelForSequenceClassification.from_pretrained(
+            source, num_labels=2, dtype=torch.float32
+        )
+        sparsify(dense, SparsityConfig.magnitude(0.9, scope="per-layer"), progress=False)
+    dense.eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(source)
+    features = encode_glue(tokenizer, "sst2", "dev", data_dir=args.data_dir)
+    labels = [f["labels"] for f in features]
+    fast = convert(copy.deepcopy(dense), tokens=[32 * 64, 64 * 64])
+    start = time.perf_counter()
+    ref = predict(dense, features, tokenizer, batch_size=32, progress=False)  # (N, 2)
+    dense_s = time.perf_counter() - start
+    start = time.perf_counter()
+    out = predict(fast, features, tokenizer, batch_size=32, progress=False)
+    fast_s = time.perf_counter() - start
+    differ = int((ref.argmax(-1) != out.argmax(-1)).sum())
+    rel = float((out - ref).abs().max() / ref.abs().max())
+    acc = [compute_task_metrics("sst2", x.argmax(-1).tolist(), labels)["accuracy"] for x in (ref, out)]
+    head = "seeded untrained head" if untrained else "trained head"
+    print(
+        f"\n## SST-2 dev, {len(labels)} sentences, {source if not untrained else 'MiniLM 90% magnitude'} ({head}), "
+        f"{len(converted_layers(fast))} layers packed\n{header(threads)}\n"
+    )
+    print(
+        "| accuracy masked dense | accuracy converted | predictions that differ | max rel. logit diff | speed-up |"
+    )
+    print("|---|---|---|---|---|")
+    print(f"| {acc[0]:.2f} | {acc[1]:.2f} | {differ} | {rel:.1e} | {dense_s / fast_s:.2f} |")
+    return [{"accuracy": acc, "differ": differ, "max_rel_diff": rel, "untrained_head": untrained}]
+
+
+def _decoder(args):
+    """The decoder to prune for the decode part: SmolLM2-135M (`smollm2` alias, Wanda on WikiText-2 valid windows)
+    or a random llama of its shape (magnitude), and a function that prunes a copy of it for a model name."""
+    import transformers
+
+    from sparse_nlp import sparsify
+    from sparse_nlp.config import SparsityConfig, WeightSparsity
+
+    def rule(name: str, method: str) -> WeightSparsity:
+        if name == "2:4":
+            return WeightSparsity(method=method, sparsity=0.5, pattern="2:4", scope="per-layer")
+        return WeightSparsity(method=method, sparsity=float(name) / 100, scope="per-layer")
+
+    if args.decoder == "smollm2":
+        from sparse_nlp.models import load_model
+        from sparse_nlp.pruning.calibration import CorpusWindows
+
+        base, tokenizer = load_model("smollm2", task="causal-lm")
+        base = base.float().eval()
+        data = CorpusWindows("wikitext2", cut="random", seed=0, data_dir=args.data_dir)
+
+        def prune(model, name):
+            sparsify(
+                model,
+                SparsityConfig(weights=[rule(name, "wanda")]),
+                data=data,
+                tokenizer=tokenizer,
+                num_samples=args.calib_samples,
+                seq_len=args.calib_seq,
+                progress=False,
+            )
+
+        return "SmolLM2-135M-Instruct, one-shot Wanda", base, prune
     config = transformers.LlamaConfig(
         hidden_size=576,
         intermediate_size=1536,
@@ -281,22 +362,30 @@ def decode(args) -> list[dict]:
     )
     torch.manual_seed(0)
     base = transformers.AutoModelForCausalLM.from_config(config).eval()
+
+    def prune(model, name):
+        sparsify(model, SparsityConfig(weights=[rule(name, "magnitude")]), progress=False)
+
+    return "random llama (SmolLM2-135M shape), magnitude", base, prune
+
+
+def decode(args) -> list[dict]:
+    """A decoder pruned per model name: batch-1 greedy decoding and a prefill, converted against masked dense."""
+    import copy
+
+    from sparse_nlp.runtime import convert, converted_layers
+
+    title, base, prune = _decoder(args)
     rows = []
     threads = _ints(args.threads)[0]
     torch.set_num_threads(threads)
     for name in args.models.split(","):
-        if name == "2:4":
-            cfg = SparsityConfig.magnitude(0.5, pattern="2:4", scope="per-layer")
-        else:
-            cfg = SparsityConfig.magnitude(float(name) / 100, scope="per-layer")
         dense = copy.deepcopy(base)
-        sparsify(dense, cfg, progress=False)
+        prune(dense, name)
         fast = copy.deepcopy(dense)
         convert(fast, tokens=[1, args.prefill])
         packed = len(converted_layers(fast))
-        print(
-            f"\n## random llama (SmolLM2-135M shape) {name}, {threads} thread(s): {packed} of 210 Linear layers packed"
-        )
+        print(f"\n## {title} {name}, {threads} thread(s): {packed} of 210 Linear layers packed")
         print(header(threads) + "\n")
         print("| model | what | dense | converted | speed-up | same tokens |")
         print("|---|---|---|---|---|---|")
@@ -491,16 +580,34 @@ def main(argv: list[str] | None = None) -> int:
         memory_child(*argv[1:4])
         return 0
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--part", choices=("layers", "minilm", "decode", "memory", "all"), default="all")
+    p.add_argument("--part", choices=("layers", "minilm", "decode", "memory", "sst2", "all"), default="all")
     p.add_argument("--threads", default="1,2")
     p.add_argument("--patterns", default="unstructured,2:4,block4x4")
     p.add_argument("--shapes", default="all", help="'all' or e.g. '384x1536;384x384'")
     p.add_argument("--sparsity", default="0.5,0.7,0.8,0.9,0.95")
     p.add_argument("--tokens", default="1,16,128,512")
     p.add_argument("--rounds", type=int, default=7, help="timed rounds per cell (interleaved)")
-    p.add_argument("--models", default="90,80,2:4", help="MiniLM sparsities in percent, and/or 2:4")
+    p.add_argument(
+        "--models",
+        default="90,80,2:4",
+        help="MiniLM sparsities in percent, 2:4, and/or block patterns such as block4x4:90",
+    )
     p.add_argument("--batch", default="1,32")
     p.add_argument("--seq", type=int, default=128)
+    p.add_argument(
+        "--decoder",
+        choices=("random", "smollm2"),
+        default="random",
+        help="decode: a random llama of SmolLM2-135M's shape (magnitude), or SmolLM2-135M (Wanda)",
+    )
+    p.add_argument(
+        "--data-dir", default=os.environ.get("SPARSE_NLP_DATA_DIR"), help="decode: WikiText-2 folder"
+    )
+    p.add_argument("--calib-samples", type=int, default=16, help="decode: Wanda calibration windows")
+    p.add_argument("--calib-seq", type=int, default=512, help="decode: tokens per calibration window")
+    p.add_argument(
+        "--sst2-model", help="sst2: a fine-tuned sequence classifier (default: MiniLM 90%%, untrained head)"
+    )
     p.add_argument("--new-tokens", type=int, default=32, help="decode: greedy tokens generated per call")
     p.add_argument("--prefill", type=int, default=512, help="decode: prompt length of the prefill timing")
     p.add_argument("--profile", action="store_true", help="also print each MiniLM model's op time shares")
@@ -518,6 +625,8 @@ def main(argv: list[str] | None = None) -> int:
         results["decode"] = decode(args)
     if args.part == "memory":
         results["memory"] = memory(args)
+    if args.part == "sst2":
+        results["sst2"] = sst2(args)
     results["loadavg_after"] = os.getloadavg()
     print(f"\ntotal {time.perf_counter() - start:.0f} s")
     if args.json_path:

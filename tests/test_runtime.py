@@ -55,9 +55,44 @@ def test_csr_round_trip_keeps_mask_and_values():
     assert wide.cols.dtype == torch.int32 and wide.cols.tolist() == [3, 69_999, 3, 69_999]
 
 
+def _block_weight(out_f, in_f, block, sparsity, seed=0):
+    """A weight masked by whole aligned `block` (R, C) blocks, with an empty and a full block row."""
+    rows, cols = block
+    g = torch.Generator().manual_seed(seed)
+    blocks = torch.rand(out_f // rows, in_f // cols, generator=g) >= sparsity
+    if out_f // rows >= 3:
+        blocks[1] = False
+        blocks[2] = True
+    mask = blocks.repeat_interleave(rows, 0).repeat_interleave(cols, 1)
+    return torch.randn(out_f, in_f, generator=g) * mask, mask
+
+
+@pytest.mark.parametrize("block", [(2, 1), (4, 4), (8, 2), (4, 1)])
+def test_block_masks_pack_as_blocks_and_round_trip(block):
+    weight, mask = _block_weight(24, 40, block, 0.7)
+    assert runtime.formats.block_shape(mask) == block
+    packed = runtime.pack_weight(weight, mask)
+    assert isinstance(packed, runtime.BSRWeight) and packed.block == block
+    assert torch.equal(packed.to_dense(), weight) and torch.equal(packed.mask_dense(), mask)
+    assert packed.nnz == int(mask.sum())
+    # the torch CSR view of a block weight is the same weight
+    assert torch.equal(packed.to_torch_csr().to_dense(), weight)
+
+
+def test_non_block_masks_pack_as_rows():
+    weight, mask = _weight(24, 40, 0.7)
+    assert runtime.formats.block_shape(mask) is None
+    assert isinstance(runtime.pack_weight(weight, mask), CSRWeight)
+    odd = torch.ones(6, 10, dtype=torch.bool)  # 6 rows: no 4- or 8-row blocks; 2 x 2 blocks tile it
+    assert runtime.formats.block_shape(odd) == (2, 2)
+    assert runtime.formats.block_shape(torch.zeros(8, 8, dtype=torch.bool)) is None
+    with pytest.raises(ValueError, match="does not tile"):
+        runtime.BSRWeight.from_dense(torch.ones(6, 8), None, (4, 4))
+
+
 # ---- kernels ---------------------------------------------------------------------------------------------------
 
-SHAPES = [(1, 1), (5, 3), (37, 53), (3, 200), (130, 29)]
+SHAPES = [(1, 1), (5, 3), (37, 53), (3, 200), (130, 29), (64, 96)]
 
 
 @pytest.mark.parametrize("threads", [1, 2])
@@ -86,6 +121,89 @@ def test_kernel_matches_dense_on_every_isa(shape, sparsity, threads):
                 torch.testing.assert_close(y0, ref - bias, rtol=0, atol=1e-5 * scale)
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("vectors", ["1", "2", "3", "4"])
+def test_kernel_every_panel_width(monkeypatch, vectors):
+    """Token panels of 1-4 vectors (SPARSE_NLP_RUNTIME_NV), with a narrower last panel and row/column counts that
+    leave edges around the 8 x 8 transposes."""
+    op = _ops()
+    monkeypatch.setenv("SPARSE_NLP_RUNTIME_NV", vectors)
+    for out_f, in_f in ((130, 29), (64, 96), (9, 17)):
+        weight, mask = _weight(out_f, in_f, 0.7, seed=out_f + in_f)
+        csr = CSRWeight.from_dense(weight, mask)
+        bias = torch.randn(out_f)
+        for tokens in (2, 31, 33, 100):
+            x = torch.randn(tokens, in_f)
+            ref = (x.double() @ weight.double().t() + bias.double()).float()
+            for isa in _isas():
+                y = op.sparse_linear(x, csr.rowptr, csr.cols, csr.vals, bias, in_f, isa)
+                torch.testing.assert_close(
+                    y,
+                    ref,
+                    rtol=0,
+                    atol=1e-5 * max(1.0, float(ref.abs().max())),
+                    msg=f"isa {isa}, tokens {tokens}",
+                )
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("block", [(2, 1), (2, 4), (4, 1), (4, 4), (8, 1), (8, 8)])
+def test_block_kernel_matches_dense_on_every_isa(block, threads):
+    _ops()
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for (out_f, in_f), sparsity in (((16, 24), 0.5), ((40, 64), 0.9), ((8, 8), 0.0), ((24, 16), 0.99)):
+            weight, mask = _block_weight(out_f, in_f, block, sparsity, seed=out_f + in_f)
+            packed = runtime.BSRWeight.from_dense(weight, mask, block)
+            bias = torch.randn(out_f)
+            for tokens in (1, 5, 33, 150):
+                x = torch.randn(tokens, in_f)
+                ref = (x.double() @ weight.double().t() + bias.double()).float()
+                for isa in _isas():
+                    y = packed.run(x, bias, isa)
+                    torch.testing.assert_close(
+                        y,
+                        ref,
+                        rtol=0,
+                        atol=1e-5 * max(1.0, float(ref.abs().max())),
+                        msg=f"isa {isa}, {tokens}",
+                    )
+                    torch.testing.assert_close(
+                        packed.run(x, None, isa),
+                        ref - bias,
+                        rtol=0,
+                        atol=1e-5 * max(1.0, float(ref.abs().max())),
+                    )
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_block_pruned_model_converts_to_blocks(tmp_path, monkeypatch):
+    import sparse_nlp
+    from sparse_nlp.config import SparsityConfig
+
+    _ops()
+    monkeypatch.setenv("SPARSE_NLP_CACHE", str(tmp_path))
+    model = tiny_model("llama")
+    sparse_nlp.sparsify(
+        model, SparsityConfig.magnitude(0.75, pattern="block:4x4", targets="all-linear"), progress=False
+    )
+    inputs = tiny_inputs()
+    with torch.no_grad():
+        ref = model(**inputs).logits
+    runtime.convert(model, methods=("native",))
+    layers = runtime.converted_layers(model)
+    assert layers and all(isinstance(layer.csr, runtime.BSRWeight) for layer in layers.values())
+    assert all(layer.csr.block[1] % 4 == 0 for layer in layers.values())
+    with torch.no_grad():
+        torch.testing.assert_close(model(**inputs).logits, ref, rtol=0, atol=1e-5)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    model.load_state_dict(state)  # reloading the dense view keeps the block format
+    assert all(isinstance(layer.csr, runtime.BSRWeight) for layer in runtime.converted_layers(model).values())
+    with torch.no_grad():
+        torch.testing.assert_close(model(**inputs).logits, ref, rtol=0, atol=1e-5)
 
 
 def test_kernel_wide_input_uses_int32_indices():

@@ -1,4 +1,4 @@
-"""Sparse execution on the CPU: pruned Linear layers packed into compressed rows and run by a native kernel.
+"""Sparse execution on the CPU: pruned Linear layers packed into compressed rows (or blocks) and run by native kernels.
 
 ``sparse_nlp.runtime.convert(model)`` replaces the sparse Linear layers of a model (in place) by `SparseLinear`
 layers that pick, per layer and token count, the fastest of a native C++ kernel (AVX-512 / AVX2+FMA / portable,
@@ -9,13 +9,14 @@ disk). The converted model is for inference (forward, ``generate``); it still sa
 from __future__ import annotations
 
 from .convert import MAX_DENSITY, convert, converted_layers, pack, revert
-from .formats import CSRWeight
+from .formats import BSRWeight, CSRWeight, pack_weight
 from .layer import BUCKETS, METHODS, SparseLinear, SparseRuntimeError, bucket_of
 
 __all__ = [
     "BUCKETS",
     "MAX_DENSITY",
     "METHODS",
+    "BSRWeight",
     "CSRWeight",
     "SparseLinear",
     "SparseRuntimeError",
@@ -23,5 +24,6 @@ __all__ = [
     "convert",
     "converted_layers",
     "pack",
+    "pack_weight",
     "revert",
 ]

@@ -3,8 +3,8 @@
 For each token bucket the candidates run on a random input of that many tokens, interleaved (one call of each per
 round, so a load change hits all of them), and the fastest call of each is compared; a sparse method must beat dense by `margin` to be
 chosen, so a layer that is not sparse enough stays dense. Decisions are cached on disk in
-``$SPARSE_NLP_CACHE/runtime_autotune.json`` (default ``~/.cache/sparse_nlp``), keyed by CPU model, ISA, torch
-version, threads, shape, density (2 decimals), bias and bucket. The 1-token bucket (decoding) is timed with
+``$SPARSE_NLP_CACHE/runtime_autotune.json`` (default ``~/.cache/sparse_nlp``), keyed by CPU model, ISA, kernel
+source, torch version, threads, shape, density (2 decimals), bias and bucket. The 1-token bucket (decoding) is timed with
 weights that are not in cache (`COLD_BYTES`): there a sparse layer wins by reading fewer bytes.
 """
 
@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from . import kernels
-from .formats import CSRWeight
+from .formats import BSRWeight, CSRWeight
 
 CACHE_FILE = "runtime_autotune.json"
 COLD_BYTES = 96 << 20
@@ -77,15 +77,20 @@ def _write_cache(entries: dict[str, str]) -> None:
         os.replace(tmp, path)
 
 
-def key(csr: CSRWeight, has_bias: bool, bucket: int, threads: int, isa: str, methods: Sequence[str]) -> str:
+def key(
+    csr: CSRWeight | BSRWeight, has_bias: bool, bucket: int, threads: int, isa: str, methods: Sequence[str]
+) -> str:
     out_f, in_f = csr.shape
     return (
-        f"{cpu_model()}|{isa}|torch {torch.__version__}|threads {threads}|{out_f}x{in_f}|density "
+        f"{cpu_model()}|{isa} {kernels.source_digest()}|torch {torch.__version__}|threads {threads}|{out_f}x{in_f}|"
+        f"{csr.kind}|density "
         f"{csr.density:.2f}|bias {int(has_bias)}|tokens {bucket}{' cold' if bucket == 1 else ''}|{','.join(methods)}"
     )
 
 
-def _runners(csr: CSRWeight, bias: torch.Tensor | None, methods: Sequence[str]) -> dict[str, Callable]:
+def _runners(
+    csr: CSRWeight | BSRWeight, bias: torch.Tensor | None, methods: Sequence[str]
+) -> dict[str, Callable]:
     runners: dict[str, Callable] = {}
     if "dense" in methods:
         dense = csr.to_dense()
@@ -94,10 +99,8 @@ def _runners(csr: CSRWeight, bias: torch.Tensor | None, methods: Sequence[str]) 
         sparse = csr.to_torch_csr()
         runners["torch_csr"] = lambda x: (sparse @ x.t()).t() + (bias if bias is not None else 0)
     if "native" in methods and kernels.ops() is not None:
-        op, isa = kernels.ops(), kernels.best_isa()
-        runners["native"] = lambda x: op.sparse_linear(
-            x, csr.rowptr, csr.cols, csr.vals, bias, csr.shape[1], isa
-        )
+        isa = kernels.best_isa()
+        runners["native"] = lambda x: csr.run(x, bias, isa)
     return runners
 
 
@@ -112,15 +115,14 @@ class _Rotate:
         return self.fns[self.i](x)
 
 
-def _cold_runners(csr: CSRWeight, bias: torch.Tensor | None, methods: Sequence[str]) -> dict[str, Callable]:
+def _cold_runners(
+    csr: CSRWeight | BSRWeight, bias: torch.Tensor | None, methods: Sequence[str]
+) -> dict[str, Callable]:
     """Runners that each use the next of several weight copies (made oldest-first, so the first used are out of
     cache)."""
     dense_bytes = csr.shape[0] * csr.shape[1] * 4
     copies = max(2, min(MAX_COPIES, COLD_BYTES // max(1, dense_bytes) + 1))
-    per_copy = [
-        _runners(CSRWeight(csr.rowptr.clone(), csr.cols.clone(), csr.vals.clone(), csr.shape), bias, methods)
-        for _ in range(copies)
-    ]
+    per_copy = [_runners(csr.clone(), bias, methods) for _ in range(copies)]
     return {name: _Rotate([r[name] for r in per_copy]) for name in per_copy[0]}
 
 
@@ -145,7 +147,7 @@ def time_methods(
 
 
 def choose(
-    csr: CSRWeight,
+    csr: CSRWeight | BSRWeight,
     bias: torch.Tensor | None,
     buckets: Sequence[int],
     methods: Sequence[str] = ("dense", "torch_csr", "native"),

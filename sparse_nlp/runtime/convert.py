@@ -10,7 +10,7 @@ from torch import nn
 
 from ..pruning.masking import MASK_BUFFER, attach_mask
 from . import autotune, kernels
-from .formats import CSRWeight
+from .formats import pack_weight
 from .layer import BUCKETS, METHODS, SparseLinear, SparseRuntimeError
 
 logger = logging.getLogger(__name__)
@@ -46,7 +46,7 @@ def pack(
     weight = module.weight.detach()
     weight = weight.t() if transposed else weight  # (out, in)
     keep = None if mask is None else (mask.t() if transposed else mask)
-    csr = CSRWeight.from_dense(weight, keep)
+    csr = pack_weight(weight, keep)
     return SparseLinear(
         csr, module.bias, plan, transposed=transposed, mask=mask if keep_mask and mask is not None else None
     )

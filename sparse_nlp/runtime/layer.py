@@ -1,6 +1,6 @@
 """`SparseLinear`: a packed drop-in for ``nn.Linear`` (and transformers' ``Conv1D``) for CPU inference.
 
-The layer holds the weight packed (`CSRWeight`), its bias, and a plan: which product to run for each token-count
+The layer holds the weight packed (`CSRWeight`, or `BSRWeight` for block-sparse masks), its bias, and a plan: which product to run for each token-count
 bucket (``native``: this package's kernel, ``torch_csr``: torch's sparse CSR matmul, ``dense``: ``F.linear`` on
 the masked dense weight, kept only when the plan uses it). ``weight`` reads as the masked dense weight (built on
 access), and ``state_dict`` writes it under the usual key, so a converted model saves a normal checkpoint.
@@ -9,6 +9,8 @@ Forward only: a backward through the layer raises `SparseRuntimeError`.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -16,7 +18,7 @@ from torch import nn
 from ..errors import SparseRuntimeError
 from ..pruning.masking import MASK_BUFFER
 from . import kernels
-from .formats import CSRWeight
+from .formats import BSRWeight, CSRWeight, pack_weight
 
 METHODS = ("native", "torch_csr", "dense")
 BUCKETS = (1, 16, 128, 512)
@@ -49,7 +51,7 @@ class SparseLinear(nn.Module):
 
     def __init__(
         self,
-        csr: CSRWeight,
+        csr: CSRWeight | BSRWeight,
         bias: torch.Tensor | None,
         plan: dict[int, str],
         *,
@@ -64,12 +66,15 @@ class SparseLinear(nn.Module):
         self.transposed = transposed
         self.plan = {int(k): v for k, v in sorted(plan.items())}
         self.buckets = tuple(self.plan)
+        self._methods: dict[
+            int, str
+        ] = {}  # token count -> method, memoized (the per-call cost matters at batch 1)
         self._set_csr(csr)
         self.bias = None if bias is None else nn.Parameter(bias.detach().to(torch.float32).clone())
         if mask is not None:  # kept so that the checkpoint writer saves the mask (save_pretrained)
             self.register_buffer(MASK_BUFFER, mask.detach().to(torch.bool).clone(), persistent=False)
 
-    def _set_csr(self, csr: CSRWeight) -> None:
+    def _set_csr(self, csr: CSRWeight | BSRWeight) -> None:
         self.csr = csr
         self.register_buffer("rowptr", csr.rowptr, persistent=False)
         self.register_buffer("cols", csr.cols, persistent=False)
@@ -78,6 +83,12 @@ class SparseLinear(nn.Module):
         dense = csr.to_dense() if "dense" in methods else None
         self.register_buffer("dense_weight", dense, persistent=False)
         self._torch_csr = csr.to_torch_csr() if "torch_csr" in methods else None
+
+    def _apply(self, fn, recurse=True):
+        """Keep the packed weight's tensors the layer's buffers after ``.to()`` / ``.share_memory()`` etc."""
+        result = super()._apply(fn, recurse)
+        self.csr = replace(self.csr, rowptr=self.rowptr, cols=self.cols, vals=self.vals)
+        return result
 
     # ---- the dense view: what state_dict, save_pretrained and user code read ----------------------------------
     @property
@@ -104,7 +115,7 @@ class SparseLinear(nn.Module):
                 error_msgs.append(f"{key}: shape {tuple(weight.shape)} does not match {self.csr.shape}")
             else:
                 mask = self._buffers.get(MASK_BUFFER)
-                self._set_csr(CSRWeight.from_dense(weight, mask))
+                self._set_csr(pack_weight(weight, mask))
         if self.bias is not None:
             if prefix + "bias" in state_dict:
                 with torch.no_grad():
@@ -120,28 +131,43 @@ class SparseLinear(nn.Module):
     # ---- forward ------------------------------------------------------------------------------------------------
     def method_for(self, tokens: int) -> str:
         """The product the plan runs for a call with `tokens` tokens (dense when the native kernel is missing)."""
-        method = self.plan[bucket_of(tokens, self.buckets)]
-        if method == "native" and kernels.ops() is None:
-            return "dense"
+        method = self._methods.get(tokens)
+        if method is None:
+            method = self.plan[bucket_of(tokens, self.buckets)]
+            if method == "native" and kernels.ops() is None:
+                method = "dense"
+            self._methods[tokens] = method
         return method
 
     def _product(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        shape = x.shape
         x2d = x.reshape(-1, self.in_features)  # (T, K)
         method = self.method_for(x2d.shape[0])
-        if method == "native":
-            y = kernels.ops().sparse_linear(
-                x2d, self.rowptr, self.cols, self.vals, bias, self.in_features, kernels.best_isa()
-            )
+        if method == "native" and kernels.ops() is not None:
+            y = self.csr.run(x2d, bias, kernels.best_isa())
         elif method == "torch_csr":
             y = (self._torch_csr @ x2d.t()).t()  # (T, N)
             y = y + bias if bias is not None else y.contiguous()
         else:
             weight = self.dense_weight if self.dense_weight is not None else self.csr.to_dense()
             y = F.linear(x2d, weight, bias)
-        return y.reshape(*shape[:-1], self.out_features)
+        return y.view(*x.shape[:-1], self.out_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (
+            x.dtype is not torch.float32
+            or x.device.type != "cpu"
+            or x.shape[-1] != self.in_features
+            or self.vals.dtype is not torch.float32
+        ):
+            self._refuse(x)
+        if torch.is_grad_enabled() and (
+            x.requires_grad or (self.bias is not None and self.bias.requires_grad)
+        ):
+            return _NoBackward.apply(x, self.bias, self)
+        return self._product(x, self.bias)
+
+    def _refuse(self, x: torch.Tensor) -> None:
+        """Raise the error that says why `x` (or this layer) cannot run."""
         if self.vals.dtype != torch.float32:
             raise SparseRuntimeError(
                 f"a layer packed by sparse_nlp.runtime.convert holds fp32 weights but was cast to {self.vals.dtype}; "
@@ -156,21 +182,13 @@ class SparseLinear(nn.Module):
             raise SparseRuntimeError(
                 f"a layer packed by sparse_nlp.runtime.convert runs on the CPU only, got an input on {x.device}."
             )
-        if x.shape[-1] != self.in_features:
-            raise SparseRuntimeError(
-                f"input has {x.shape[-1]} features, the layer expects {self.in_features}."
-            )
-        if torch.is_grad_enabled() and (
-            x.requires_grad or (self.bias is not None and self.bias.requires_grad)
-        ):
-            return _NoBackward.apply(x, self.bias, self)
-        return self._product(x, self.bias)
+        raise SparseRuntimeError(f"input has {x.shape[-1]} features, the layer expects {self.in_features}.")
 
     def extra_repr(self) -> str:
         plan = ", ".join(f"{k}:{v}" for k, v in self.plan.items())
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-            f"density={self.csr.density:.3f}, plan={{{plan}}}"
+            f"format={self.csr.kind}, density={self.csr.density:.3f}, plan={{{plan}}}"
         )
 
 

@@ -9,6 +9,7 @@ after one warning, and converted layers run the dense product instead.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import threading
@@ -28,6 +29,7 @@ ENV_ISA = "SPARSE_NLP_RUNTIME_ISA"
 
 _LOCK = threading.Lock()
 _STATE: dict[str, object] = {}
+_ISA_MEMO: dict[str | None, int] = {}
 
 
 def _build() -> None:
@@ -71,19 +73,49 @@ def load_seconds() -> float | None:
 
 def best_isa() -> int:
     """The code path the kernel runs: the CPU's best (0 portable, 1 AVX2+FMA, 2 AVX-512F), capped by
-    ``$SPARSE_NLP_RUNTIME_ISA``."""
+    ``$SPARSE_NLP_RUNTIME_ISA`` (read on every call, so a test can change it; the answer is memoized per value)."""
+    raw = os.environ.get(ENV_ISA)
+    isa = _ISA_MEMO.get(raw)
+    if isa is not None:
+        return isa
     op = ops()
     if op is None:
         return 0
     if "cpu_isa" not in _STATE:
         _STATE["cpu_isa"] = int(op.cpu_isa())
     isa = _STATE["cpu_isa"]
-    forced = os.environ.get(ENV_ISA, "").strip().lower()
+    forced = (raw or "").strip().lower()
     if forced:
         if forced not in ISAS:
             raise ValueError(f"{ENV_ISA}={forced!r} is not one of {', '.join(ISAS)}.")
         isa = min(isa, ISAS.index(forced))
+    _ISA_MEMO[raw] = isa
     return isa
+
+
+def sparse_linear():
+    """The op itself (``torch.ops.sparse_nlp_runtime.sparse_linear.default``: no overload lookup per call), or
+    None where the kernel is unavailable."""
+    if "sparse_linear" not in _STATE:
+        op = ops()
+        _STATE["sparse_linear"] = None if op is None else op.sparse_linear.default
+    return _STATE["sparse_linear"]
+
+
+def block_linear():
+    """The block-sparse op (``torch.ops.sparse_nlp_runtime.block_linear.default``), or None where the kernel is
+    unavailable."""
+    if "block_linear" not in _STATE:
+        op = ops()
+        _STATE["block_linear"] = None if op is None else op.block_linear.default
+    return _STATE["block_linear"]
+
+
+def source_digest() -> str:
+    """A short digest of the kernel source: autotune decisions are keyed by it, so a changed kernel re-tunes."""
+    if "digest" not in _STATE:
+        _STATE["digest"] = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:12]
+    return _STATE["digest"]  # type: ignore[return-value]
 
 
 def isa_name(isa: int) -> str:
@@ -94,6 +126,18 @@ def _reset() -> None:
     """Forget the build result (tests)."""
     with _LOCK:
         _STATE.clear()
+        _ISA_MEMO.clear()
 
 
-__all__ = ["ENV_ISA", "ISAS", "best_isa", "isa_name", "load_seconds", "ops", "status"]
+__all__ = [
+    "ENV_ISA",
+    "ISAS",
+    "best_isa",
+    "block_linear",
+    "isa_name",
+    "load_seconds",
+    "ops",
+    "source_digest",
+    "sparse_linear",
+    "status",
+]

@@ -1,4 +1,5 @@
-// Sparse-weight linear layers for CPUs: y = x W^T + b with W in compressed rows (CSR), fp32.
+// Sparse-weight linear layers for CPUs: y = x W^T + b with W in compressed rows (CSR) or in blocks of 2, 4 or 8
+// rows (BSR), fp32.
 //
 // One source, three code paths chosen at run time: AVX-512F, AVX2+FMA (x86-64, via target attributes and
 // __builtin_cpu_supports) and portable C++ (any CPU; the compiler vectorizes it for its baseline ISA).
@@ -10,6 +11,7 @@
 // row of the thread passes over it. Threads take output rows in ranges of equal nonzero counts.
 // One token (GEMV, batch-1 decoding): each row is a dot product of its values with the gathered inputs; the speed
 // is set by the bytes of values and (narrow) column indices read.
+// Blocks (`block_linear`): the same token panels; each panel row that a block reads feeds the block's R rows.
 // Column indices are uint16 when in_features <= 65535, else int32; row offsets are int32.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -43,10 +45,12 @@ int64_t best_isa() {
 int64_t vector_width(int64_t isa) { return isa == kAvx512 ? 16 : 8; }
 
 // ---- one output row over one token panel: out[0:NV*W] = bias + sum_j v[j] * panel[c[j], 0:NV*W] --------------
+// The panel and `out` are 64-byte aligned and a panel row is a whole number of vectors, so panel rows are read with
+// aligned loads (an unaligned panel made every 64-byte row span two cache lines: about 1.4x slower at 90%).
 
 template <int NV, typename I>
-void row_portable(int32_t begin, int32_t end, const I* cols, const float* vals, const float* panel, float bias,
-                  float* out) {
+inline void row_portable(int32_t begin, int32_t end, const I* cols, const float* vals, const float* panel, float bias,
+                         float* out) {
   constexpr int TB = NV * 8;
   float acc[TB];
   for (int i = 0; i < TB; ++i) acc[i] = bias;
@@ -60,8 +64,9 @@ void row_portable(int32_t begin, int32_t end, const I* cols, const float* vals, 
 
 #ifdef SPARSE_NLP_X86
 template <int NV, typename I>
-__attribute__((target("avx2,fma"))) void row_avx2(int32_t begin, int32_t end, const I* cols, const float* vals,
-                                                   const float* panel, float bias, float* out) {
+__attribute__((target("avx2,fma"), always_inline)) inline void row_avx2(int32_t begin, int32_t end, const I* cols,
+                                                                         const float* vals, const float* panel,
+                                                                         float bias, float* out) {
   constexpr int TB = NV * 8;
   // S accumulator sets over consecutive nonzeros: at least 8 independent FMA chains (FMA latency x 2 ports)
   constexpr int S = NV >= 8 ? 1 : (NV >= 4 ? 2 : 4);
@@ -73,24 +78,26 @@ __attribute__((target("avx2,fma"))) void row_avx2(int32_t begin, int32_t end, co
     for (int s = 0; s < S; ++s) {
       const __m256 w = _mm256_broadcast_ss(vals + j + s);
       const float* x = panel + static_cast<int64_t>(cols[j + s]) * TB;
-      for (int i = 0; i < NV; ++i) acc[s][i] = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + 8 * i), acc[s][i]);
+      for (int i = 0; i < NV; ++i) acc[s][i] = _mm256_fmadd_ps(w, _mm256_load_ps(x + 8 * i), acc[s][i]);
     }
   }
   for (; j < end; ++j) {
     const __m256 w = _mm256_broadcast_ss(vals + j);
     const float* x = panel + static_cast<int64_t>(cols[j]) * TB;
-    for (int i = 0; i < NV; ++i) acc[0][i] = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + 8 * i), acc[0][i]);
+    for (int i = 0; i < NV; ++i) acc[0][i] = _mm256_fmadd_ps(w, _mm256_load_ps(x + 8 * i), acc[0][i]);
   }
   for (int i = 0; i < NV; ++i) {
     __m256 sum = acc[0][i];
     for (int s = 1; s < S; ++s) sum = _mm256_add_ps(sum, acc[s][i]);
-    _mm256_storeu_ps(out + 8 * i, sum);
+    _mm256_store_ps(out + 8 * i, sum);
   }
 }
 
 template <int NV, typename I>
-__attribute__((target("avx512f"))) void row_avx512(int32_t begin, int32_t end, const I* cols, const float* vals,
-                                                    const float* panel, float bias, float* out) {
+__attribute__((target("avx512f,avx2,fma"), always_inline)) inline void row_avx512(int32_t begin, int32_t end,
+                                                                                   const I* cols, const float* vals,
+                                                                                   const float* panel, float bias,
+                                                                                   float* out) {
   constexpr int TB = NV * 16;
   constexpr int S = NV >= 8 ? 1 : (NV >= 4 ? 2 : (NV >= 2 ? 4 : 8));
   __m512 acc[S][NV];
@@ -101,62 +108,82 @@ __attribute__((target("avx512f"))) void row_avx512(int32_t begin, int32_t end, c
     for (int s = 0; s < S; ++s) {
       const __m512 w = _mm512_set1_ps(vals[j + s]);
       const float* x = panel + static_cast<int64_t>(cols[j + s]) * TB;
-      for (int i = 0; i < NV; ++i) acc[s][i] = _mm512_fmadd_ps(w, _mm512_loadu_ps(x + 16 * i), acc[s][i]);
+      for (int i = 0; i < NV; ++i) acc[s][i] = _mm512_fmadd_ps(w, _mm512_load_ps(x + 16 * i), acc[s][i]);
     }
   }
   for (; j < end; ++j) {
     const __m512 w = _mm512_set1_ps(vals[j]);
     const float* x = panel + static_cast<int64_t>(cols[j]) * TB;
-    for (int i = 0; i < NV; ++i) acc[0][i] = _mm512_fmadd_ps(w, _mm512_loadu_ps(x + 16 * i), acc[0][i]);
+    for (int i = 0; i < NV; ++i) acc[0][i] = _mm512_fmadd_ps(w, _mm512_load_ps(x + 16 * i), acc[0][i]);
   }
   for (int i = 0; i < NV; ++i) {
     __m512 sum = acc[0][i];
     for (int s = 1; s < S; ++s) sum = _mm512_add_ps(sum, acc[s][i]);
-    _mm512_storeu_ps(out + 16 * i, sum);
+    _mm512_store_ps(out + 16 * i, sum);
+  }
+}
+
+// 8 x 8 transpose: out[c * ldo + r] = in[r * ldi + c] for r, c < 8 (unaligned loads and stores).
+__attribute__((target("avx2,fma"), always_inline)) inline void transpose8(const float* in, int64_t ldi, float* out,
+                                                                           int64_t ldo) {
+  __m256 r[8], t[8];
+  for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(in + i * ldi);
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int h = 0; h < 8; h += 4) {
+    r[h] = _mm256_shuffle_ps(t[h], t[h + 2], 0x44);
+    r[h + 1] = _mm256_shuffle_ps(t[h], t[h + 2], 0xEE);
+    r[h + 2] = _mm256_shuffle_ps(t[h + 1], t[h + 3], 0x44);
+    r[h + 3] = _mm256_shuffle_ps(t[h + 1], t[h + 3], 0xEE);
+  }
+  for (int i = 0; i < 4; ++i) {
+    _mm256_storeu_ps(out + i * ldo, _mm256_permute2f128_ps(r[i], r[i + 4], 0x20));
+    _mm256_storeu_ps(out + (i + 4) * ldo, _mm256_permute2f128_ps(r[i], r[i + 4], 0x31));
   }
 }
 #endif
 
-template <typename I>
-using RowFn = void (*)(int32_t, int32_t, const I*, const float*, const float*, float, float*);
+// A transposed copy of a block: out[c * ldo + r] = in[r * ldi + c] for r < nr, c < nc. The portable version
+// copies one float at a time; the AVX2 one moves 8 x 8 blocks through registers (the edges one float at a time).
+void transpose_portable(const float* in, int64_t ldi, float* out, int64_t ldo, int64_t nr, int64_t nc) {
+  for (int64_t r = 0; r < nr; ++r)
+    for (int64_t c = 0; c < nc; ++c) out[c * ldo + r] = in[r * ldi + c];
+}
 
-template <typename I, template <int, typename> class Pick>
-RowFn<I> pick_nv(int nv) {
-  switch (nv) {
-    case 1: return Pick<1, I>::fn;
-    case 2: return Pick<2, I>::fn;
-    case 3: return Pick<3, I>::fn;
-    case 4: return Pick<4, I>::fn;
-    case 5: return Pick<5, I>::fn;
-    case 6: return Pick<6, I>::fn;
-    case 7: return Pick<7, I>::fn;
-    default: return Pick<8, I>::fn;
+#ifdef SPARSE_NLP_X86
+__attribute__((target("avx2,fma"))) void transpose_avx2(const float* in, int64_t ldi, float* out, int64_t ldo,
+                                                         int64_t nr, int64_t nc) {
+  const int64_t r8 = nr / 8 * 8, c8 = nc / 8 * 8;
+  for (int64_t r = 0; r < r8; r += 8)
+    for (int64_t c = 0; c < c8; c += 8) transpose8(in + r * ldi + c, ldi, out + c * ldo + r, ldo);
+  for (int64_t r = 0; r < nr; ++r)
+    for (int64_t c = r < r8 ? c8 : 0; c < nc; ++c) out[c * ldo + r] = in[r * ldi + c];
+}
+#endif
+
+using TransposeFn = void (*)(const float*, int64_t, float*, int64_t, int64_t, int64_t);
+
+TransposeFn transpose_kernel(int64_t isa) {
+#ifdef SPARSE_NLP_X86
+  if (isa != kPortable) return &transpose_avx2;
+#endif
+  (void)isa;
+  return &transpose_portable;
+}
+
+// A 64-byte aligned float buffer.
+struct AlignedFloats {
+  explicit AlignedFloats(int64_t n)
+      : ptr(static_cast<float*>(std::aligned_alloc(64, static_cast<size_t>((n * 4 + 63) / 64 * 64)))) {
+    TORCH_CHECK(ptr != nullptr, "sparse_linear: out of memory for a ", n, "-float buffer");
   }
-}
-
-template <int NV, typename I>
-struct PickPortable {
-  static constexpr RowFn<I> fn = &row_portable<NV, I>;
+  ~AlignedFloats() { std::free(ptr); }
+  AlignedFloats(const AlignedFloats&) = delete;
+  AlignedFloats& operator=(const AlignedFloats&) = delete;
+  float* ptr;
 };
-#ifdef SPARSE_NLP_X86
-template <int NV, typename I>
-struct PickAvx2 {
-  static constexpr RowFn<I> fn = &row_avx2<NV, I>;
-};
-template <int NV, typename I>
-struct PickAvx512 {
-  static constexpr RowFn<I> fn = &row_avx512<NV, I>;
-};
-#endif
-
-template <typename I>
-RowFn<I> row_kernel(int64_t isa, int nv) {
-#ifdef SPARSE_NLP_X86
-  if (isa == kAvx512) return pick_nv<I, PickAvx512>(nv);
-  if (isa == kAvx2) return pick_nv<I, PickAvx2>(nv);
-#endif
-  return pick_nv<I, PickPortable>(nv);
-}
 
 // ---- one token: y[n] = bias[n] + sum_j v[j] * x[c[j]] -----------------------------------------------------------
 
@@ -268,51 +295,86 @@ void gemv(const float* x, const int32_t* rowptr, const I* cols, const float* val
   });
 }
 
+// The output rows [row_begin, row_end) over one packed panel of NV vectors of tokens (`real` of them real),
+// written to y (tokens, rows) at the panel's offset `y_panel`: 8 rows at a time into an aligned (8, width) tile,
+// then one transposed copy. One function per ISA (its target attribute lets the row kernel inline into the loop).
+#define SPARSE_NLP_PANEL_ROWS(NAME, ROW, W)                                                                         \
+  template <int NV, typename I>                                                                                     \
+  void NAME(const int32_t* rowptr, const I* cols, const float* vals, const float* bias, const float* panel,         \
+            float* tile, float* y_panel, int64_t rows, int64_t row_begin, int64_t row_end, int64_t real,            \
+            TransposeFn transpose) {                                                                                \
+    constexpr int64_t width = NV * W;                                                                               \
+    for (int64_t n0 = row_begin; n0 < row_end; n0 += 8) {                                                           \
+      const int64_t count = std::min<int64_t>(8, row_end - n0);                                                     \
+      for (int64_t r = 0; r < count; ++r)                                                                           \
+        ROW<NV, I>(rowptr[n0 + r], rowptr[n0 + r + 1], cols, vals, panel, bias ? bias[n0 + r] : 0.f,                \
+                   tile + r * width);                                                                               \
+      transpose(tile, width, y_panel + n0, rows, count, real);                                                      \
+    }                                                                                                               \
+  }
+
+SPARSE_NLP_PANEL_ROWS(panel_rows_portable, row_portable, 8)
+#ifdef SPARSE_NLP_X86
+SPARSE_NLP_PANEL_ROWS(__attribute__((target("avx2,fma"))) panel_rows_avx2, row_avx2, 8)
+SPARSE_NLP_PANEL_ROWS(__attribute__((target("avx512f,avx2,fma"))) panel_rows_avx512, row_avx512, 16)
+#endif
+#undef SPARSE_NLP_PANEL_ROWS
+
+template <typename I>
+using PanelFn = void (*)(const int32_t*, const I*, const float*, const float*, const float*, float*, float*, int64_t,
+                         int64_t, int64_t, int64_t, TransposeFn);
+
+#define SPARSE_NLP_PICK_NV(NAME, NV) \
+  (NV) == 1 ? &NAME<1, I> : (NV) == 2 ? &NAME<2, I> : (NV) == 3 ? &NAME<3, I> : &NAME<4, I>
+
+template <typename I>
+PanelFn<I> panel_kernel(int64_t isa, int64_t nv) {
+#ifdef SPARSE_NLP_X86
+  if (isa == kAvx512) return SPARSE_NLP_PICK_NV(panel_rows_avx512, nv);
+  if (isa == kAvx2) return SPARSE_NLP_PICK_NV(panel_rows_avx2, nv);
+#endif
+  return SPARSE_NLP_PICK_NV(panel_rows_portable, nv);
+}
+#undef SPARSE_NLP_PICK_NV
+
+// Packs x[0:real, :] (rows of K floats) as a (K, width) panel, zeros in tokens [real, width).
+void pack_panel(const float* src, int64_t real, int64_t K, int64_t width, float* panel, TransposeFn transpose) {
+  for (int64_t k0 = 0; k0 < K; k0 += 64) {  // 64 input columns at a time: the source rows stay in L1
+    const int64_t k1 = std::min(K, k0 + 64);
+    if (real < width)
+      for (int64_t k = k0; k < k1; ++k) std::memset(panel + k * width + real, 0, (width - real) * sizeof(float));
+    transpose(src + k0, K, panel + k0 * width, width, real, k1 - k0);
+  }
+}
+
 // Each thread packs a token panel itself, right before it runs its output rows over it, so the panel is in L1/L2
 // when the rows' random column accesses hit it (packing all panels up front left them in DRAM at 4,096 tokens,
-// 4x slower per panel). Output rows are computed 16 at a time into a small tile (16 rows x panel tokens), then
-// written to y (tokens, rows) as 16 contiguous floats per token: no (rows, tokens) intermediate, no transpose pass.
+// 4x slower per panel).
 template <typename I>
 void spmm(const float* x, const int32_t* rowptr, const I* cols, const float* vals, const float* bias, float* y,
           int64_t rows, int64_t tokens, int64_t K, int64_t panel_tokens, int64_t W, int64_t isa) {
-  constexpr int64_t RB = 16;
   const int64_t n_panels = (tokens + panel_tokens - 1) / panel_tokens;
   const int64_t last_tokens = tokens - (n_panels - 1) * panel_tokens;
   const int64_t last_nv = (last_tokens + W - 1) / W;
-  const RowFn<I> full = row_kernel<I>(isa, static_cast<int>(panel_tokens / W));
-  const RowFn<I> last = row_kernel<I>(isa, static_cast<int>(last_nv));
+  const auto full = panel_kernel<I>(isa, panel_tokens / W);
+  const auto last = panel_kernel<I>(isa, last_nv);
   // threads split the token panels when there are enough of them (each thread then packs only its own panels),
   // else the output rows, in ranges of equal nonzero counts
   const int64_t threads = at::get_num_threads();
   const bool by_panels = n_panels >= 4 * threads;
-  const int64_t chunks = by_panels ? 1 : std::min<int64_t>(threads, (rows + RB - 1) / RB);
+  const int64_t chunks = by_panels ? 1 : std::min<int64_t>(threads, (rows + 7) / 8);
   const auto bounds = balanced_rows(rowptr, rows, std::max<int64_t>(chunks, 1));
+  const TransposeFn transpose = transpose_kernel(isa);
   auto work = [&](int64_t pb, int64_t pe, int64_t row_begin, int64_t row_end) {
-    std::vector<float> tile(RB * panel_tokens);
-    std::vector<float> panel(K * panel_tokens);
+    AlignedFloats tile(8 * panel_tokens);
+    AlignedFloats panel(K * panel_tokens);
     for (int64_t p = pb; p < pe; ++p) {
       const bool is_last = p == n_panels - 1;
-      const RowFn<I> fn = is_last ? last : full;
       const int64_t width = is_last ? last_nv * W : panel_tokens;  // tokens in this panel, padded to vectors
       const int64_t real = is_last ? last_tokens : panel_tokens;
-      const float* src = x + p * panel_tokens * K;  // (real, K)
-      for (int64_t k0 = 0; k0 < K; k0 += 64) {  // (real, K) -> (K, width), zero tokens past `real`
-        const int64_t k1 = std::min(K, k0 + 64);
-        for (int64_t k = k0; k < k1; ++k)
-          for (int64_t t = real; t < width; ++t) panel[k * width + t] = 0.f;
-        for (int64_t t = 0; t < real; ++t)
-          for (int64_t k = k0; k < k1; ++k) panel[k * width + t] = src[t * K + k];
-      }
-      for (int64_t n0 = row_begin; n0 < row_end; n0 += RB) {
-        const int64_t count = std::min(RB, row_end - n0);
-        for (int64_t r = 0; r < count; ++r) {
-          const int64_t n = n0 + r;
-          fn(rowptr[n], rowptr[n + 1], cols, vals, panel.data(), bias ? bias[n] : 0.f, tile.data() + r * width);
-        }
-        float* out = y + p * panel_tokens * rows + n0;
-        for (int64_t t = 0; t < real; ++t)
-          for (int64_t r = 0; r < count; ++r) out[t * rows + r] = tile[r * width + t];
-      }
+      pack_panel(x + p * panel_tokens * K, real, K, width, panel.ptr, transpose);
+      (is_last ? last : full)(rowptr, cols, vals, bias, panel.ptr, tile.ptr, y + p * panel_tokens * rows, rows,
+                              row_begin, row_end, real, transpose);
     }
   };
   if (by_panels)
@@ -322,14 +384,12 @@ void spmm(const float* x, const int32_t* rowptr, const I* cols, const float* val
                      [&](int64_t cb, int64_t ce) { work(0, n_panels, bounds[cb], bounds[ce]); });
 }
 
-// Tokens per panel: 16 for AVX2 and the portable path, 32 for AVX-512 (2 vectors). A panel of (K, 16) floats stays
-// in L1 up to K = 512 and in L2 far beyond; measured on an AVX2 EPYC at 90% sparsity, 16 tokens per panel ran as
-// fast as 32 or 64 at 128 tokens, and wider panels only helped when the panel stayed in L1. More tokens per nonzero
-// would amortize the index load, but the load of the panel row is the bound. SPARSE_NLP_RUNTIME_NV overrides the
-// vector count (1-8), for tuning on other CPUs.
+// Tokens per panel: 32 (4 AVX2 vectors, 2 AVX-512 vectors); the last panel of a call is narrower. Measured on an
+// AVX2 EPYC at 80-90% sparsity and 128 tokens, 32 tokens per panel ran 1.0-1.2x faster than 16 (the index and
+// weight loads are shared by more tokens). SPARSE_NLP_RUNTIME_NV overrides the vector count (1-4), for tuning.
 int64_t panel_vectors(int64_t tokens, int64_t W) {
-  int64_t nv = 2;
-  if (const char* e = std::getenv("SPARSE_NLP_RUNTIME_NV")) nv = std::max(1, std::min(8, std::atoi(e)));
+  int64_t nv = 32 / W;
+  if (const char* e = std::getenv("SPARSE_NLP_RUNTIME_NV")) nv = std::max(1, std::min(4, std::atoi(e)));
   return std::max<int64_t>(1, std::min(nv, (tokens + W - 1) / W));
 }
 
@@ -378,13 +438,171 @@ at::Tensor sparse_linear(const at::Tensor& x, const at::Tensor& rowptr, const at
   return y;
 }
 
+// ---- blocks of R output rows x C input columns (BSR) -------------------------------------------------------------
+// browptr (rows / R + 1) int32: each row block's first block; bcols (nblocks): block columns (input column / C);
+// vals (nblocks, C, R): each block column by column, the R row values of a column contiguous. Over a token panel,
+// one load of a panel row feeds R rows (R x NV accumulators), which is what makes blocks faster than single
+// nonzeros. (R, NV) = (2, 4), (4, 2), (8, 1): 8 accumulator vectors. AVX-512 machines run the AVX2 path here.
+
+template <int R, int NV, typename I>
+inline void brow_portable(int32_t begin, int32_t end, const I* bcols, const float* vals, int64_t C,
+                          const float* panel, const float* bias, float* out) {
+  constexpr int TB = NV * 8;
+  float acc[R][TB];
+  for (int r = 0; r < R; ++r)
+    for (int i = 0; i < TB; ++i) acc[r][i] = bias ? bias[r] : 0.f;
+  for (int32_t b = begin; b < end; ++b) {
+    const float* x = panel + static_cast<int64_t>(bcols[b]) * C * TB;
+    const float* v = vals + static_cast<int64_t>(b) * C * R;
+    for (int64_t c = 0; c < C; ++c, x += TB, v += R)
+      for (int r = 0; r < R; ++r)
+        for (int i = 0; i < TB; ++i) acc[r][i] += v[r] * x[i];
+  }
+  std::memcpy(out, acc, sizeof(acc));
+}
+
+#ifdef SPARSE_NLP_X86
+template <int R, int NV, typename I>
+__attribute__((target("avx2,fma"), always_inline)) inline void brow_avx2(int32_t begin, int32_t end, const I* bcols,
+                                                                          const float* vals, int64_t C,
+                                                                          const float* panel, const float* bias,
+                                                                          float* out) {
+  constexpr int TB = NV * 8;
+  __m256 acc[R][NV];
+  for (int r = 0; r < R; ++r)
+    for (int i = 0; i < NV; ++i) acc[r][i] = _mm256_set1_ps(bias ? bias[r] : 0.f);
+  for (int32_t b = begin; b < end; ++b) {
+    const float* x = panel + static_cast<int64_t>(bcols[b]) * C * TB;
+    const float* v = vals + static_cast<int64_t>(b) * C * R;
+    for (int64_t c = 0; c < C; ++c, x += TB, v += R) {
+      __m256 xv[NV];
+      for (int i = 0; i < NV; ++i) xv[i] = _mm256_load_ps(x + 8 * i);
+      for (int r = 0; r < R; ++r) {
+        const __m256 w = _mm256_broadcast_ss(v + r);
+        for (int i = 0; i < NV; ++i) acc[r][i] = _mm256_fmadd_ps(w, xv[i], acc[r][i]);
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int i = 0; i < NV; ++i) _mm256_store_ps(out + r * TB + 8 * i, acc[r][i]);
+}
+#endif
+
+// The row blocks [rb_begin, rb_end) over one packed panel: 8 / R row blocks (8 rows) into the tile, then one
+// transposed copy into y (tokens, rows).
+#define SPARSE_NLP_BLOCK_ROWS(NAME, BROW)                                                                          \
+  template <int R, int NV, typename I>                                                                             \
+  void NAME(const int32_t* browptr, const I* bcols, const float* vals, int64_t C, const float* bias,              \
+            const float* panel, float* tile, float* y_panel, int64_t rows, int64_t rb_begin, int64_t rb_end,       \
+            int64_t real, TransposeFn transpose) {                                                                 \
+    constexpr int64_t width = NV * 8, per_tile = 8 / R;                                                           \
+    for (int64_t rb0 = rb_begin; rb0 < rb_end; rb0 += per_tile) {                                                  \
+      const int64_t count = std::min<int64_t>(per_tile, rb_end - rb0);                                             \
+      for (int64_t q = 0; q < count; ++q)                                                                          \
+        BROW<R, NV, I>(browptr[rb0 + q], browptr[rb0 + q + 1], bcols, vals, C, panel,                              \
+                       bias ? bias + (rb0 + q) * R : nullptr, tile + q * R * width);                               \
+      transpose(tile, width, y_panel + rb0 * R, rows, count * R, real);                                            \
+    }                                                                                                              \
+  }
+
+SPARSE_NLP_BLOCK_ROWS(block_rows_portable, brow_portable)
+#ifdef SPARSE_NLP_X86
+SPARSE_NLP_BLOCK_ROWS(__attribute__((target("avx2,fma"))) block_rows_avx2, brow_avx2)
+#endif
+#undef SPARSE_NLP_BLOCK_ROWS
+
+template <typename I>
+using BlockFn = void (*)(const int32_t*, const I*, const float*, int64_t, const float*, const float*, float*, float*,
+                         int64_t, int64_t, int64_t, int64_t, TransposeFn);
+
+template <typename I>
+BlockFn<I> block_kernel(int64_t isa, int64_t R) {
+#ifdef SPARSE_NLP_X86
+  if (isa != kPortable)
+    return R == 2 ? &block_rows_avx2<2, 4, I> : R == 4 ? &block_rows_avx2<4, 2, I> : &block_rows_avx2<8, 1, I>;
+#endif
+  return R == 2 ? &block_rows_portable<2, 4, I>
+                : R == 4 ? &block_rows_portable<4, 2, I> : &block_rows_portable<8, 1, I>;
+}
+
+template <typename I>
+void block_spmm(const float* x, const int32_t* browptr, const I* bcols, const float* vals, const float* bias,
+                float* y, int64_t rows, int64_t tokens, int64_t K, int64_t R, int64_t C, int64_t isa) {
+  const int64_t width = 8 * (R == 2 ? 4 : R == 4 ? 2 : 1);  // tokens per panel
+  const int64_t n_panels = (tokens + width - 1) / width;
+  const BlockFn<I> fn = block_kernel<I>(isa, R);
+  const TransposeFn transpose = transpose_kernel(isa);
+  const int64_t row_blocks = rows / R;
+  const int64_t threads = at::get_num_threads();
+  const bool by_panels = n_panels >= 4 * threads;
+  const int64_t chunks = by_panels ? 1 : std::min<int64_t>(threads, (row_blocks + 7) / 8);
+  const auto bounds = balanced_rows(browptr, row_blocks, std::max<int64_t>(chunks, 1));
+  auto work = [&](int64_t pb, int64_t pe, int64_t rb_begin, int64_t rb_end) {
+    AlignedFloats tile(8 * width);
+    AlignedFloats panel(K * width);
+    for (int64_t p = pb; p < pe; ++p) {
+      const int64_t real = std::min(width, tokens - p * width);
+      pack_panel(x + p * width * K, real, K, width, panel.ptr, transpose);
+      fn(browptr, bcols, vals, C, bias, panel.ptr, tile.ptr, y + p * width * rows, rows, rb_begin, rb_end, real,
+         transpose);
+    }
+  };
+  if (by_panels)
+    at::parallel_for(0, n_panels, 1, [&](int64_t pb, int64_t pe) { work(pb, pe, 0, row_blocks); });
+  else
+    at::parallel_for(0, static_cast<int64_t>(bounds.size()) - 1, 1,
+                     [&](int64_t cb, int64_t ce) { work(0, n_panels, bounds[cb], bounds[ce]); });
+}
+
+at::Tensor block_linear(const at::Tensor& x, const at::Tensor& browptr, const at::Tensor& bcols,
+                        const at::Tensor& vals, const c10::optional<at::Tensor>& bias, int64_t in_features,
+                        int64_t block_rows, int64_t block_cols, int64_t isa) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.device().is_cpu(),
+              "block_linear: x must be a 2-D fp32 CPU tensor");
+  TORCH_CHECK(x.size(1) == in_features, "block_linear: x has ", x.size(1), " features, the weight ", in_features);
+  TORCH_CHECK(block_rows == 2 || block_rows == 4 || block_rows == 8, "block_linear: block rows must be 2, 4 or 8");
+  TORCH_CHECK(block_cols >= 1 && in_features % block_cols == 0, "block_linear: bad block columns");
+  TORCH_CHECK(browptr.scalar_type() == at::kInt && vals.scalar_type() == at::kFloat, "block_linear: bad dtypes");
+  TORCH_CHECK(bcols.scalar_type() == at::kUInt16 || bcols.scalar_type() == at::kInt, "block_linear: bad index dtype");
+  TORCH_CHECK(browptr.is_contiguous() && bcols.is_contiguous() && vals.is_contiguous(),
+              "block_linear: blocks not contiguous");
+  const int64_t rows = (browptr.size(0) - 1) * block_rows, tokens = x.size(0);
+  TORCH_CHECK(vals.numel() == bcols.numel() * block_rows * block_cols, "block_linear: values do not match blocks");
+  if (isa < 0 || isa > best_isa()) isa = best_isa();
+  const float* b = nullptr;
+  at::Tensor bias_c;
+  if (bias.has_value() && bias->defined()) {
+    bias_c = bias->contiguous();
+    TORCH_CHECK(bias_c.numel() == rows && bias_c.scalar_type() == at::kFloat, "block_linear: bad bias");
+    b = bias_c.data_ptr<float>();
+  }
+  at::Tensor y = at::empty({tokens, rows}, x.options());
+  if (tokens == 0) return y;
+  const at::Tensor xc = x.contiguous();
+  if (bcols.scalar_type() == at::kUInt16)
+    block_spmm(xc.data_ptr<float>(), browptr.data_ptr<int32_t>(), static_cast<const uint16_t*>(bcols.data_ptr()),
+               vals.data_ptr<float>(), b, y.data_ptr<float>(), rows, tokens, in_features, block_rows, block_cols,
+               isa);
+  else
+    block_spmm(xc.data_ptr<float>(), browptr.data_ptr<int32_t>(), static_cast<const int32_t*>(bcols.data_ptr()),
+               vals.data_ptr<float>(), b, y.data_ptr<float>(), rows, tokens, in_features, block_rows, block_cols,
+               isa);
+  return y;
+}
+
 int64_t cpu_isa() { return best_isa(); }
 
 }  // namespace
 
 TORCH_LIBRARY(sparse_nlp_runtime, m) {
   m.def("sparse_linear(Tensor x, Tensor rowptr, Tensor cols, Tensor vals, Tensor? bias, int in_features, int isa) -> Tensor");
+  m.def(
+      "block_linear(Tensor x, Tensor browptr, Tensor bcols, Tensor vals, Tensor? bias, int in_features, "
+      "int block_rows, int block_cols, int isa) -> Tensor");
   m.def("cpu_isa() -> int", &cpu_isa);
 }
 
-TORCH_LIBRARY_IMPL(sparse_nlp_runtime, CPU, m) { m.impl("sparse_linear", &sparse_linear); }
+TORCH_LIBRARY_IMPL(sparse_nlp_runtime, CPU, m) {
+  m.impl("sparse_linear", &sparse_linear);
+  m.impl("block_linear", &block_linear);
+}
