@@ -14,6 +14,7 @@ import torch
 from sparse_nlp import models
 from sparse_nlp.cli import main
 from sparse_nlp.config import ConfigError
+from sparse_nlp.errors import CheckpointError
 from sparse_nlp.evaluation.data import load_text, wikitext_join
 from sparse_nlp.evaluation.perplexity import evaluate_perplexity, windows
 from sparse_nlp.pruning import calibration
@@ -380,3 +381,58 @@ def test_sequential_onloading_without_calibration_data(tmp_path):
     assert got.keys() == expected.keys()
     for key, value in expected.items():
         assert torch.equal(got[key], value), key
+
+
+def _files_without_save_id(folder: Path) -> dict[str, bytes]:
+    """Every file of a checkpoint, the save id blanked and config.json's per-save fields dropped.
+
+    safetensors writes a header's ``__metadata__`` entries in no fixed order (a Rust HashMap), so they are
+    sorted; the tensor entries keep their order, and the tensor bytes are compared as they are.
+    """
+    config = json.loads((folder / "config.json").read_text())
+    meta = config["sparse_nlp"]
+    save_id = meta.pop("save_id").encode()
+    meta.pop("sha256")
+    files = {"config.json": json.dumps(config, sort_keys=True).encode()}
+    for path in sorted(folder.iterdir()):
+        if path.name == "config.json":
+            continue
+        data = path.read_bytes().replace(save_id, b"0" * len(save_id))
+        if path.suffix == ".safetensors":
+            n = int.from_bytes(data[:8], "little")
+            header = json.loads(data[8 : 8 + n])
+            header["__metadata__"] = dict(sorted(header.get("__metadata__", {}).items()))
+            data = json.dumps(header).encode() + b"|" + data[8 + n :]
+        files[path.name] = data
+    return files
+
+
+@pytest.mark.parametrize("family_name", ["llama", "gpt2", "qwen2"])
+def test_streamed_save_of_an_offloaded_model_matches_the_in_memory_save(tmp_path, family_name):
+    from sparse_nlp import SparsityConfig, WeightSparsity, from_pretrained, save_pretrained, sparsify
+    from sparse_nlp.pruning.onloading import block_store, load_offloaded
+
+    config = SparsityConfig(weights=[WeightSparsity(method="wanda", sparsity=0.5)])
+    data = torch.randint(1, VOCAB, (6, 16), generator=torch.Generator().manual_seed(5))
+    tiny_model(family_name).save_pretrained(tmp_path / "dense")
+    reference = models.load_model(str(tmp_path / "dense"), task="causal-lm")[0]
+    sparsify(reference, config, data=data, num_samples=6, progress=False)
+    save_pretrained(reference, tmp_path / "in-memory")
+
+    model, _ = load_offloaded(tmp_path / "dense", tmp_path / "offload")
+    sparsify(model, config, data=data, num_samples=6, progress=False)
+    save_pretrained(model, tmp_path / "streamed")
+    assert all(p.is_meta for p in block_store(model).blocks[0].parameters())  # the save kept them on disk
+
+    expected, got = (
+        _files_without_save_id(tmp_path / "in-memory"),
+        _files_without_save_id(tmp_path / "streamed"),
+    )
+    assert got.keys() == expected.keys()
+    for name, data_bytes in expected.items():
+        assert got[name] == data_bytes, name
+    loaded = from_pretrained(tmp_path / "streamed")
+    for (name, x), (_, y) in zip(reference.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(x, y), name
+    with pytest.raises(CheckpointError, match="compact"):
+        save_pretrained(model, tmp_path / "compact", compact=True)
