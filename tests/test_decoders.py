@@ -327,14 +327,20 @@ def test_cli_perplexity_records_the_protocol(tiny_llm, tmp_path, capsys):
     assert "unknown task" in capsys.readouterr().err
 
 
-def test_cli_sparsify_with_windows_and_offloading(tiny_llm, tmp_path, data_dir):
+def test_cli_sparsify_with_windows_and_offloading(tiny_llm, tmp_path, data_dir, capsys):
     from sparse_nlp import from_pretrained
 
     common = ["--method", "wanda", "--calibration", "wikitext2", "--data-dir", str(data_dir)]
     common += ["--num-samples", "4", "--seq-len", "32", "--no-progress"]
     assert main(["sparsify", str(tiny_llm), "--out", str(tmp_path / "a"), *common]) == 0
+    report_a = capsys.readouterr().out.split("pruned in")[0]
     offload = ["--offload-dir", str(tmp_path / "blocks")]
     assert main(["sparsify", str(tiny_llm), "--out", str(tmp_path / "b"), *common, *offload]) == 0
+    assert capsys.readouterr().out.split("pruned in")[0] == report_a  # the report reads the blocks from disk
+    assert (
+        main(["sparsify", str(tiny_llm), "--out", str(tmp_path / "d"), *common, *offload, "--compact"]) == 2
+    )
+    assert "--compact cannot be combined" in capsys.readouterr().err
     a, b = from_pretrained(tmp_path / "a"), from_pretrained(tmp_path / "b")
     for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
         assert torch.equal(x, y), name
