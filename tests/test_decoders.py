@@ -442,3 +442,40 @@ def test_streamed_save_of_an_offloaded_model_matches_the_in_memory_save(tmp_path
         assert torch.equal(x, y), name
     with pytest.raises(CheckpointError, match="compact"):
         save_pretrained(model, tmp_path / "compact", compact=True)
+
+
+def _trained_tokenizer(pre_tokenizer, decoder):
+    from tokenizers import Tokenizer, trainers
+    from tokenizers import models as tok_models
+    from transformers import PreTrainedTokenizerFast
+
+    rng = np.random.default_rng(0)
+    words = ["the", "théme", "of", "a", "thesis", "=", "@-@", "1", "23", "don't", "naïve", "\t", "  "]
+    rows = [" ".join(rng.choice(words, size=int(rng.integers(0, 12)))) for _ in range(300)]
+    text = "\n\n".join(f" = {r} =\n" if i % 7 == 0 else (r + "\n" if r else "") for i, r in enumerate(rows))
+    text = text.replace("thesis", "thesis<|sep|>", 5)
+    backend = Tokenizer(tok_models.BPE(unk_token="<unk>"))
+    backend.pre_tokenizer, backend.decoder = pre_tokenizer, decoder
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<|sep|>"], show_progress=False)
+    backend.train_from_iterator([text], trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=backend, additional_special_tokens=["<|sep|>"]), text
+
+
+@pytest.mark.parametrize("kind", ["byte-level", "prefix-space", "metaspace"])
+def test_long_text_is_encoded_in_pieces_exactly_as_in_one_call(kind):
+    from tokenizers import decoders, pre_tokenizers
+
+    from sparse_nlp.evaluation import tokens
+
+    pre, dec = {
+        "byte-level": (pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()),
+        "prefix-space": (pre_tokenizers.ByteLevel(add_prefix_space=True), decoders.ByteLevel()),
+        "metaspace": (pre_tokenizers.Metaspace(prepend_scheme="always"), decoders.Metaspace()),
+    }[kind]
+    tokenizer, text = _trained_tokenizer(pre, dec)
+    whole = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"])
+    assert torch.equal(tokens.encode_text(tokenizer, text, chunk_chars=300), whole)
+    cuts = list(tokens._cuts(tokenizer.backend_tokenizer, text, 300))
+    if kind == "byte-level":  # really cut, at newlines, never next to the special token
+        assert len(cuts) > 5 and all("\n" in text[c - 1 : c + 1] for c in cuts)
+        assert all("<|sep|>" not in text[c - tokens.CHECK_CHARS : c + tokens.CHECK_CHARS] for c in cuts)
