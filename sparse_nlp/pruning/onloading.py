@@ -51,8 +51,6 @@ def _return_freed_memory_to_the_system() -> None:
     glibc raises its mmap threshold after large frees, so the next blocks' tensors would come from the heap,
     interleaved with activations, and freed blocks would stay resident. A fixed threshold keeps every tensor
     of 1 MiB or more in its own map, returned to the system when freed; ``malloc_trim`` releases the rest.
-    Threads started later (the tokenizer's, torch's) share the main heap instead of each keeping an arena of
-    its own, whose freed pages stayed resident (about 60 MiB of the peak when pruning SmolLM2).
     """
     import ctypes
     import ctypes.util
@@ -60,7 +58,6 @@ def _return_freed_memory_to_the_system() -> None:
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         libc.mallopt(-3, MMAP_THRESHOLD)  # M_MMAP_THRESHOLD
-        libc.mallopt(-8, 1)  # M_ARENA_MAX: threads started from now on share the main heap
         libc.malloc_trim(0)
     except (OSError, AttributeError):  # not glibc: nothing to tune
         pass
