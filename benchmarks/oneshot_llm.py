@@ -10,6 +10,11 @@ Each cell runs in its own subprocess, so its peak resident memory (``ru_maxrss``
 ``sparsify`` call alone. Rows are appended to ``--out`` (JSON lines) as they finish, so an interrupted run keeps
 what it measured; ``--table`` prints the Markdown table of such a file.
 
+Sequential onloading (``--offload-dir``) against the in-memory pass: run a prune-only cell each way with
+``--eval-skip --save-dir``; each row records the peak resident memory after loading, after pruning and after
+saving the checkpoint (an offloaded model is saved block by block), and ``--compare A B`` checks that the two
+checkpoints are the same file for file.
+
     python benchmarks/oneshot_llm.py --data-dir DATA --max-windows 8 --samples 32 --seq-len 512 \\
         --methods magnitude,wanda,sparsegpt --patterns 0.5,2:4 --profiles uniform --out oneshot_llm.jsonl
 """
@@ -62,6 +67,7 @@ def run_cell(args: argparse.Namespace) -> dict:
         "pattern": pattern,
         "profile": profile,
         "import_rss_mib": round(baseline, 1),
+        "load_peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
     }
     if method != "dense":
         nm = ":" in pattern
@@ -88,7 +94,15 @@ def run_cell(args: argparse.Namespace) -> dict:
         # peak of loading and pruning, before the evaluation needs the whole model in memory
         row["prune_peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
         row["offloaded"] = bool(args.offload_dir)
-        if args.offload_dir:
+        if args.save_dir:
+            from sparse_nlp import save_pretrained
+
+            # an offloaded model is saved block by block from the offload folder (never whole in memory)
+            start = time.perf_counter()
+            save_pretrained(model, args.save_dir, tokenizer=tokenizer)
+            row["save_seconds"] = round(time.perf_counter() - start, 1)
+            row["save_peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+        if args.offload_dir and (args.save_weights or not args.eval_skip):
             from sparse_nlp.pruning.onloading import onload_all
 
             onload_all(model)
@@ -119,6 +133,29 @@ def run_cell(args: argparse.Namespace) -> dict:
         peak_rss_mib=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
     )
     return row
+
+
+def checkpoint_files(folder: Path) -> dict[str, bytes]:
+    """Every file of a checkpoint with the per-save fields neutral: the save id blanked, config.json's hashes
+    dropped, safetensors ``__metadata__`` sorted (the library writes it in no fixed order)."""
+    config = json.loads((folder / "config.json").read_text())
+    meta = config.get("sparse_nlp", {})
+    save_id = meta.pop("save_id", "").encode()
+    meta.pop("sha256", None)
+    files = {"config.json": json.dumps(config, sort_keys=True).encode()}
+    for path in sorted(folder.iterdir()):
+        if path.name == "config.json":
+            continue
+        data = path.read_bytes()
+        if save_id:
+            data = data.replace(save_id, b"0" * len(save_id))
+        if path.suffix == ".safetensors":
+            n = int.from_bytes(data[:8], "little")
+            header = json.loads(data[8 : 8 + n])
+            header["__metadata__"] = dict(sorted(header.get("__metadata__", {}).items()))
+            data = json.dumps(header).encode() + b"|" + data[8 + n :]
+        files[path.name] = data
+    return files
 
 
 def cells(args: argparse.Namespace) -> list[str]:
@@ -171,10 +208,23 @@ def main() -> int:
     p.add_argument("--no-dense", action="store_true", help="skip the dense row")
     p.add_argument("--eval-skip", action="store_true", help="prune only (for the memory comparison)")
     p.add_argument("--save-weights", default=None, help="write the pruned state to this safetensors file")
+    p.add_argument(
+        "--save-dir", default=None, help="save the pruned checkpoint here (peak RSS measured after the save)"
+    )
+    p.add_argument(
+        "--compare",
+        nargs=2,
+        metavar=("A", "B"),
+        help="print whether two checkpoints saved with --save-dir are the same file for file and exit",
+    )
     p.add_argument("--out", default="oneshot_llm.jsonl", help="rows are appended here (JSON lines)")
     p.add_argument("--table", action="store_true", help="print the table of --out and exit")
     p.add_argument("--cell", help=argparse.SUPPRESS)  # internal: run one cell, print its row
     args = p.parse_args()
+    if args.compare:
+        same = checkpoint_files(Path(args.compare[0])) == checkpoint_files(Path(args.compare[1]))
+        print(f"checkpoints {'identical' if same else 'DIFFER'} (save ids and header metadata order aside)")
+        return 0 if same else 1
     if args.cell:
         print("ROW " + json.dumps(run_cell(args)), flush=True)
         return 0

@@ -69,10 +69,11 @@ from .formats.manifest import (
     safetensors_problem,
     with_manifest,
 )
-from .formats.masks import decode_masks, encode_masks
+from .formats.masks import decode_masks, encode_masks, mask_metadata, pack_bits
 from .metadata import raw_metadata, read_metadata, write_metadata
 from .pruning.experts import attach_expert_mask, masked_experts
-from .pruning.masking import attach_mask, masked_modules
+from .pruning.masking import MASK_BUFFER, attach_mask, masked_modules
+from .pruning.offloaded import block_store
 from .runtime.convert import convert
 from .structured.shapes import load_structured
 from .targets import base_relative_name, resolve_module
@@ -268,6 +269,9 @@ def save_pretrained(
 
     Args:
         model: A model sparsified by `sparse_nlp.sparsify` (a plain model is saved as a plain checkpoint).
+            A model whose blocks are on disk (sequential onloading, `sparse_nlp.pruning.onloading`) is
+            streamed: each block's tensors are copied from its offload file into the checkpoint, so the
+            whole model is never in memory; the files are the same, byte for byte, as the in-memory save's.
         save_directory: Output folder; created if needed. An earlier checkpoint there is replaced.
         tokenizer: Saved beside the model when given.
         compact: Write the compact format (`sparse_nlp.compact`): smaller on disk, loadable only through
@@ -285,30 +289,213 @@ def save_pretrained(
     if out.exists() and not out.is_dir():
         raise CheckpointError(f"cannot save to {str(out)!r}: it exists and is not a folder.")
     config = read_metadata(model.config)
+    store = block_store(model)
+    if store is not None and compact:
+        raise CheckpointError(
+            "compact=True cannot be streamed from a model whose blocks are on disk (offload_dir): save it "
+            "without compact, then write the compact copy with compact_checkpoint(saved, out)."
+        )
+    streamed = _offloaded_masks(model, store) if store is not None else None
     if config is not None:
-        write_metadata(model, config)  # refresh the list of masked modules
+        # refresh the list of masked modules (read from the block files when the blocks are on disk)
+        write_metadata(model, config, **({"masked_modules": streamed[2]} if streamed else {}))
     elif compact:
         raise CheckpointError(
             "compact=True needs a model sparsified by sparse_nlp (its config has no sparse_nlp metadata)."
         )
 
     def build(tmp: Path, save_id: str) -> None:
-        model.save_pretrained(tmp, **kwargs)
+        if store is None:
+            model.save_pretrained(tmp, **kwargs)
+        else:
+            with _streamed_weights(store):
+                model.save_pretrained(tmp, **kwargs)
         tokenizer_files = []
         if tokenizer is not None:
             before = {p.name for p in tmp.iterdir()}
             tokenizer.save_pretrained(tmp)
             tokenizer_files = sorted({p.name for p in tmp.iterdir()} - before)
         if config is not None:
-            save_masks(model, tmp / MASKS_FILE)
+            if streamed is None:
+                save_masks(model, tmp / MASKS_FILE)
+                zeros = kept_zeros(model)
+            else:
+                packed, shapes, _, zeros = streamed
+                if packed:
+                    save_file(packed, str(tmp / MASKS_FILE), metadata=mask_metadata(shapes))
             (tmp / CONFIG_FILE).write_text(config.to_json() + "\n")
             if compact:
                 compact_folder(tmp)
-            _write_manifest(tmp, tokenizer_files, save_id, kept_zeros(model))
+            _write_manifest(tmp, tokenizer_files, save_id, zeros)
 
     _atomic_save(out, build)
     logger.info("saved sparse checkpoint to %s", out)
     return out
+
+
+# ---- streamed save of a model whose blocks are on disk --------------------------------------------------------
+
+
+def _offloaded_masks(
+    model: nn.Module, store: Any
+) -> tuple[dict[str, torch.Tensor], dict[str, list[int]], list[str], dict[str, int]]:
+    """Walk the blocks one at a time: (packed masks, their shapes, masked module names, kept zeros), all by
+    base-relative name in module order, as `save_masks` and `kept_zeros` give them for the model in memory.
+
+    Every block ends up written to the store's folder (a block never written is written now), so the weight
+    files can be copied from there.
+    """
+    packed: dict[str, torch.Tensor] = {}
+    shapes: dict[str, list[int]] = {}
+    names: list[str] = []
+    zeros: dict[str, int] = {}
+    for i in range(len(store.blocks)):
+        was_loaded = store.is_loaded(i)
+        block = store.onload(i)
+        for rel, module in block.named_modules():
+            mask = module._buffers.get(MASK_BUFFER)
+            if mask is None:
+                continue
+            name = base_relative_name(model, f"{store.prefix}.{i}.{rel}")
+            names.append(name)
+            packed[name] = pack_bits(mask)
+            shapes[name] = list(mask.shape)
+            count = int((mask.bool() & (module.weight.detach() == 0)).sum())
+            if count:
+                zeros[name] = count
+        if not was_loaded:
+            store.offload(i, write=i not in store.written)
+    return packed, shapes, names, zeros
+
+
+_COPY_CHUNK = 1 << 20
+
+
+def _safetensors_data_start(path: Path) -> tuple[int, dict[str, Any]]:
+    """(offset of the first tensor byte, parsed header) of a safetensors file."""
+    header = check_safetensors(path)
+    with open(path, "rb") as f:
+        return 8 + int.from_bytes(f.read(8), "little"), header
+
+
+def _header_bytes(header: dict[str, Any]) -> bytes:
+    """A safetensors header as the library writes it: compact JSON padded with spaces to a multiple of 8."""
+    data = json.dumps(header, separators=(",", ":")).encode()
+    return data + b" " * (-len(data) % 8)
+
+
+def _layout(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None) -> tuple[list[str], list[str]]:
+    """(header key order, data order) that ``safetensors.torch.save_file`` uses for these names and dtypes.
+
+    Both orders depend only on names and dtypes, so they are read from the library's own output for one
+    element per tensor, and the header format is checked against it.
+    """
+    from safetensors.torch import save
+
+    raw = save({k: torch.zeros(1, dtype=t.dtype) for k, t in tensors.items()}, metadata=metadata)
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + n])
+    if _header_bytes(header) != raw[8 : 8 + n]:
+        raise CheckpointError(
+            "this safetensors version writes headers differently; stream-saving is not possible."
+        )
+    names = [k for k in header if k != "__metadata__"]
+    return list(header), sorted(names, key=lambda k: header[k]["data_offsets"][0])
+
+
+_DTYPES = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+
+
+def write_safetensors_streamed(
+    tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str] | None, store: Any
+) -> None:
+    """Write `tensors` to `path` exactly as ``safetensors.torch.save_file`` would, without holding them.
+
+    A tensor on the ``meta`` device is a block tensor whose bytes are copied, a chunk at a time, from the
+    store's offload file (``store.tensor_file(name)``); other tensors are written from memory.
+    """
+    key_order, data_order = _layout(tensors, metadata)
+    header: dict[str, Any] = {}
+    offset, offsets = 0, {}
+    for name in data_order:
+        t = tensors[name]
+        if t.dtype not in _DTYPES:
+            raise CheckpointError(f"{name}: dtype {t.dtype} cannot be stream-saved.")
+        size = t.numel() * t.element_size()
+        offsets[name] = (offset, offset + size)
+        offset += size
+    for key in key_order:
+        if key == "__metadata__":
+            header[key] = dict(metadata or {})
+        else:
+            t = tensors[key]
+            header[key] = {
+                "dtype": _DTYPES[t.dtype],
+                "shape": list(t.shape),
+                "data_offsets": list(offsets[key]),
+            }
+    head = _header_bytes(header)
+    with open(path, "wb") as out:
+        out.write(len(head).to_bytes(8, "little"))
+        out.write(head)
+        for name in data_order:
+            t = tensors[name]
+            if not t.is_meta:
+                out.write(t.detach().contiguous().reshape(-1).view(torch.uint8).numpy().data)
+                continue
+            source, key = store.tensor_file(name)
+            start, source_header = _safetensors_data_start(source)
+            entry = source_header.get(key)
+            if entry is None or entry["dtype"] != _DTYPES[t.dtype] or entry["shape"] != list(t.shape):
+                raise CheckpointError(
+                    f"{source}: {key!r} is missing or differs in dtype or shape from {name}."
+                )
+            begin, end = entry["data_offsets"]
+            with open(source, "rb") as f:
+                f.seek(start + begin)
+                remaining = end - begin
+                while remaining:
+                    chunk = f.read(min(_COPY_CHUNK, remaining))
+                    if not chunk:
+                        raise CheckpointError(f"{source}: shorter than its header says.")
+                    out.write(chunk)
+                    remaining -= len(chunk)
+        if out.tell() != 8 + len(head) + offset:
+            raise CheckpointError(f"{path}: wrote {out.tell()} bytes, expected {8 + len(head) + offset}.")
+
+
+@contextmanager
+def _streamed_weights(store: Any) -> Iterator[None]:
+    """Inside: transformers' ``save_pretrained`` writes its weight files with `write_safetensors_streamed`.
+
+    transformers builds the state dict (tied weights removed, names as its checkpoints spell them, shards)
+    from the model, whose offloaded block tensors are ``meta``; only the final file write is replaced.
+    """
+    from transformers import modeling_utils
+
+    original = modeling_utils.safe_save_file
+
+    def write(
+        tensors: dict[str, torch.Tensor], filename: str, metadata: dict[str, str] | None = None
+    ) -> None:
+        write_safetensors_streamed(tensors, filename, metadata, store)
+
+    modeling_utils.safe_save_file = write
+    try:
+        yield
+    finally:
+        modeling_utils.safe_save_file = original
 
 
 def kept_zeros(model: nn.Module) -> dict[str, int]:

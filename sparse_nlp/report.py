@@ -13,6 +13,7 @@ from torch import nn
 
 from .pruning.experts import SUFFIX, select_experts
 from .pruning.masking import get_mask
+from .pruning.offloaded import named_modules_onloaded
 from .targets import UnsupportedModelError, is_prunable, model_targets, module_group
 
 
@@ -115,7 +116,15 @@ def report(model: nn.Module) -> SparsityReport:
 
     out = SparsityReport()
     totals = {g: GroupTotal() for g in ("attention", "ffn", "other", "linear", "model")}
-    for name, module in model.named_modules():
+    seen: set[int] = set()
+    # a model whose blocks are on disk (sequential onloading) is read one block at a time
+    for name, module in named_modules_onloaded(model):
+        for p in module.parameters(recurse=False):
+            if id(p) in seen:  # tied weights count once
+                continue
+            seen.add(id(p))
+            totals["model"].numel += p.numel()
+            totals["model"].nonzeros += int((p.detach() != 0).sum())
         if not is_prunable(module):
             continue
         w = module.weight.detach()
@@ -136,13 +145,6 @@ def report(model: nn.Module) -> SparsityReport:
         for g in ("ffn", "linear"):
             totals[g].numel += row.numel
             totals[g].nonzeros += row.nonzeros
-    seen = set()
-    for p in model.parameters():
-        if id(p) in seen:  # tied weights count once
-            continue
-        seen.add(id(p))
-        totals["model"].numel += p.numel()
-        totals["model"].nonzeros += int((p.detach() != 0).sum())
     out.groups = {g: t for g, t in totals.items() if t.numel}
     return out
 

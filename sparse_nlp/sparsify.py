@@ -67,8 +67,9 @@ def sparsify(
             the targets table or to override its entry (see `sparse_nlp.targets.use_targets`).
         offload_dir: Sequential onloading (`sparse_nlp.pruning.onloading`): the blocks live in safetensors files
             in this folder and are brought into memory one at a time to be calibrated and pruned, then written
-            back. The model comes back with its blocks still on disk; `sparse_nlp.pruning.onloading.onload_all`
-            brings them back (needed before saving or running it). A model from
+            back. The model comes back with its blocks still on disk: `sparse_nlp.save_pretrained` saves it
+            block by block, and `sparse_nlp.pruning.onloading.onload_all` brings it back into memory (needed
+            before running it). A model from
             `sparse_nlp.pruning.onloading.load_offloaded` never holds more than one block.
 
     Returns:

@@ -14,6 +14,7 @@ import torch
 from sparse_nlp import models
 from sparse_nlp.cli import main
 from sparse_nlp.config import ConfigError
+from sparse_nlp.errors import CheckpointError
 from sparse_nlp.evaluation.data import load_text, wikitext_join
 from sparse_nlp.evaluation.perplexity import evaluate_perplexity, windows
 from sparse_nlp.pruning import calibration
@@ -326,14 +327,20 @@ def test_cli_perplexity_records_the_protocol(tiny_llm, tmp_path, capsys):
     assert "unknown task" in capsys.readouterr().err
 
 
-def test_cli_sparsify_with_windows_and_offloading(tiny_llm, tmp_path, data_dir):
+def test_cli_sparsify_with_windows_and_offloading(tiny_llm, tmp_path, data_dir, capsys):
     from sparse_nlp import from_pretrained
 
     common = ["--method", "wanda", "--calibration", "wikitext2", "--data-dir", str(data_dir)]
     common += ["--num-samples", "4", "--seq-len", "32", "--no-progress"]
     assert main(["sparsify", str(tiny_llm), "--out", str(tmp_path / "a"), *common]) == 0
+    report_a = capsys.readouterr().out.split("pruned in")[0]
     offload = ["--offload-dir", str(tmp_path / "blocks")]
     assert main(["sparsify", str(tiny_llm), "--out", str(tmp_path / "b"), *common, *offload]) == 0
+    assert capsys.readouterr().out.split("pruned in")[0] == report_a  # the report reads the blocks from disk
+    assert (
+        main(["sparsify", str(tiny_llm), "--out", str(tmp_path / "d"), *common, *offload, "--compact"]) == 2
+    )
+    assert "--compact cannot be combined" in capsys.readouterr().err
     a, b = from_pretrained(tmp_path / "a"), from_pretrained(tmp_path / "b")
     for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
         assert torch.equal(x, y), name
@@ -380,3 +387,95 @@ def test_sequential_onloading_without_calibration_data(tmp_path):
     assert got.keys() == expected.keys()
     for key, value in expected.items():
         assert torch.equal(got[key], value), key
+
+
+def _files_without_save_id(folder: Path) -> dict[str, bytes]:
+    """Every file of a checkpoint, the save id blanked and config.json's per-save fields dropped.
+
+    safetensors writes a header's ``__metadata__`` entries in no fixed order (a Rust HashMap), so they are
+    sorted; the tensor entries keep their order, and the tensor bytes are compared as they are.
+    """
+    config = json.loads((folder / "config.json").read_text())
+    meta = config["sparse_nlp"]
+    save_id = meta.pop("save_id").encode()
+    meta.pop("sha256")
+    files = {"config.json": json.dumps(config, sort_keys=True).encode()}
+    for path in sorted(folder.iterdir()):
+        if path.name == "config.json":
+            continue
+        data = path.read_bytes().replace(save_id, b"0" * len(save_id))
+        if path.suffix == ".safetensors":
+            n = int.from_bytes(data[:8], "little")
+            header = json.loads(data[8 : 8 + n])
+            header["__metadata__"] = dict(sorted(header.get("__metadata__", {}).items()))
+            data = json.dumps(header).encode() + b"|" + data[8 + n :]
+        files[path.name] = data
+    return files
+
+
+@pytest.mark.parametrize("family_name", ["llama", "gpt2", "qwen2"])
+def test_streamed_save_of_an_offloaded_model_matches_the_in_memory_save(tmp_path, family_name):
+    from sparse_nlp import SparsityConfig, WeightSparsity, from_pretrained, save_pretrained, sparsify
+    from sparse_nlp.pruning.onloading import block_store, load_offloaded
+
+    config = SparsityConfig(weights=[WeightSparsity(method="wanda", sparsity=0.5)])
+    data = torch.randint(1, VOCAB, (6, 16), generator=torch.Generator().manual_seed(5))
+    tiny_model(family_name).save_pretrained(tmp_path / "dense")
+    reference = models.load_model(str(tmp_path / "dense"), task="causal-lm")[0]
+    sparsify(reference, config, data=data, num_samples=6, progress=False)
+    save_pretrained(reference, tmp_path / "in-memory")
+
+    model, _ = load_offloaded(tmp_path / "dense", tmp_path / "offload")
+    sparsify(model, config, data=data, num_samples=6, progress=False)
+    save_pretrained(model, tmp_path / "streamed")
+    assert all(p.is_meta for p in block_store(model).blocks[0].parameters())  # the save kept them on disk
+
+    expected, got = (
+        _files_without_save_id(tmp_path / "in-memory"),
+        _files_without_save_id(tmp_path / "streamed"),
+    )
+    assert got.keys() == expected.keys()
+    for name, data_bytes in expected.items():
+        assert got[name] == data_bytes, name
+    loaded = from_pretrained(tmp_path / "streamed")
+    for (name, x), (_, y) in zip(reference.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(x, y), name
+    with pytest.raises(CheckpointError, match="compact"):
+        save_pretrained(model, tmp_path / "compact", compact=True)
+
+
+def _trained_tokenizer(pre_tokenizer, decoder):
+    from tokenizers import Tokenizer, trainers
+    from tokenizers import models as tok_models
+    from transformers import PreTrainedTokenizerFast
+
+    rng = np.random.default_rng(0)
+    words = ["the", "théme", "of", "a", "thesis", "=", "@-@", "1", "23", "don't", "naïve", "\t", "  "]
+    rows = [" ".join(rng.choice(words, size=int(rng.integers(0, 12)))) for _ in range(300)]
+    text = "\n\n".join(f" = {r} =\n" if i % 7 == 0 else (r + "\n" if r else "") for i, r in enumerate(rows))
+    text = text.replace("thesis", "thesis<|sep|>", 5)
+    backend = Tokenizer(tok_models.BPE(unk_token="<unk>"))
+    backend.pre_tokenizer, backend.decoder = pre_tokenizer, decoder
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<|sep|>"], show_progress=False)
+    backend.train_from_iterator([text], trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=backend, additional_special_tokens=["<|sep|>"]), text
+
+
+@pytest.mark.parametrize("kind", ["byte-level", "prefix-space", "metaspace"])
+def test_long_text_is_encoded_in_pieces_exactly_as_in_one_call(kind):
+    from tokenizers import decoders, pre_tokenizers
+
+    from sparse_nlp.evaluation import tokens
+
+    pre, dec = {
+        "byte-level": (pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()),
+        "prefix-space": (pre_tokenizers.ByteLevel(add_prefix_space=True), decoders.ByteLevel()),
+        "metaspace": (pre_tokenizers.Metaspace(prepend_scheme="always"), decoders.Metaspace()),
+    }[kind]
+    tokenizer, text = _trained_tokenizer(pre, dec)
+    whole = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"])
+    assert torch.equal(tokens.encode_text(tokenizer, text, chunk_chars=300), whole)
+    cuts = list(tokens._cuts(tokenizer.backend_tokenizer, text, 300))
+    if kind == "byte-level":  # really cut, at newlines, never next to the special token
+        assert len(cuts) > 5 and all("\n" in text[c - 1 : c + 1] for c in cuts)
+        assert all("<|sep|>" not in text[c - tokens.CHECK_CHARS : c + tokens.CHECK_CHARS] for c in cuts)

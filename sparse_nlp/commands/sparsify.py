@@ -69,8 +69,8 @@ def add_parser(subparsers) -> None:
         "--offload-dir",
         default=None,
         help="sequential onloading: keep the blocks on disk in this folder and prune them one at a time "
-        "(peak memory: the embeddings, one block and the calibration activations; the final save still "
-        "brings the pruned model into memory)",
+        "(peak memory: the embeddings, one block and the calibration activations); the checkpoint is then "
+        "written block by block from this folder (not with --compact)",
     )
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.add_argument(
@@ -153,6 +153,11 @@ def run(args: argparse.Namespace) -> int:
     from ..sparsify import sparsify
 
     config = build_config(args)  # all argument errors surface before anything is loaded or written
+    if args.offload_dir and args.compact:
+        raise ConfigError(
+            "--compact cannot be combined with --offload-dir (the checkpoint is streamed block by block); "
+            "save without --compact, then run `sparse-nlp compact` on the saved folder."
+        )
     targets = None
     if args.targets_file:
         from ..targets import ModelTargets
@@ -177,10 +182,6 @@ def run(args: argparse.Namespace) -> int:
         targets=targets,
     )
     seconds = time.perf_counter() - start
-    if args.offload_dir:
-        from ..pruning.onloading import onload_all
-
-        onload_all(model)
     if config.attention is not None and config.attention.max_positions and tokenizer is not None:
         from ..attention.long_context import token_positions
 

@@ -28,6 +28,7 @@ from ..config import ConfigError
 from .corpora import PERPLEXITY_TASKS
 from .data import TEXT_CORPORA, DataError, corpus_file, load_text
 from .metrics import load_metric
+from .tokens import encode_text
 
 logger = logging.getLogger(__name__)
 
@@ -125,7 +126,7 @@ def evaluate_perplexity(
     else:
         if tokenizer is None:
             raise ConfigError("perplexity of a text needs a tokenizer; the model folder has none.")
-        ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)  # (N,)
+        ids = encode_text(tokenizer, text)  # (N,)
     stride = context if stride is None else stride
     spans = windows(len(ids), context, stride, max_windows)
     positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)

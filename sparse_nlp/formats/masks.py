@@ -32,7 +32,12 @@ def encode_masks(masks: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor
     """Bool masks by name -> (packed tensors, safetensors header metadata with their shapes)."""
     tensors = {key: pack_bits(mask) for key, mask in masks.items()}
     shapes = {key: list(mask.shape) for key, mask in masks.items()}
-    return tensors, {"format": FORMAT, "shapes": json.dumps(shapes)}
+    return tensors, mask_metadata(shapes)
+
+
+def mask_metadata(shapes: dict[str, list[int]]) -> dict[str, str]:
+    """The safetensors header metadata of a mask file with masks of these shapes (in this order)."""
+    return {"format": FORMAT, "shapes": json.dumps(shapes)}
 
 
 def decode_masks(packed: dict[str, torch.Tensor], shapes: dict[str, list[int]]) -> dict[str, torch.Tensor]:

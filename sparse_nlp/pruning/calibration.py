@@ -30,6 +30,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..errors import ConfigError
+from ..evaluation.tokens import encode_text
 from ..targets import layer_index, linear_weight, model_targets
 from .experts import ExpertPlan, ExpertStats, prune_experts
 from .methods import LayerStats
@@ -146,7 +147,7 @@ def calibration_windows(
     if tokenizer is None:
         raise ConfigError("calibration windows are cut from text: pass tokenizer=... to sparsify.")
     text = corpus_text(data.source, data.data_dir)
-    ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)  # (N,)
+    ids = encode_text(tokenizer, text)  # (N,)
     starts = window_starts(len(ids), num_samples, seq_len, data.cut, data.seed)
     logger.info(
         "calibration: %d %s windows of %d tokens from %s (%d tokens)",

@@ -8,7 +8,8 @@ pruned block back out (`offload`) before it touches block *i+1*. Peak memory is 
 blocks (embeddings, final norm, head) plus one block plus the calibration activations, whatever the depth.
 
 The arithmetic is the in-memory pass's, on the same tensors read back exactly from safetensors, so the
-pruned weights and masks are bit for bit those of ``sparsify`` without offloading.
+pruned weights and masks are bit for bit those of ``sparsify`` without offloading. `sparse_nlp.save_pretrained`
+saves such a model block by block from the offload folder (`sparse_nlp.checkpoint`), never whole in memory.
 
 Two ways in:
 
@@ -35,10 +36,11 @@ from ..models import load_tokenizer, resolve_model
 from ..targets import layer_index, model_targets
 from .calibration import _blocks
 from .masking import MASK_BUFFER, attach_mask, detach_mask
+from .offloaded import STORE_ATTR, block_store
 
 logger = logging.getLogger(__name__)
 
-STORE_ATTR = "_sparse_nlp_block_store"
+__all__ = ["STORE_ATTR", "BlockStore", "attach_store", "block_store", "load_offloaded", "onload_all"]
 MMAP_THRESHOLD = 1 << 20
 """Allocations from this size (bytes) get their own memory map while a store is in use (glibc only)."""
 
@@ -93,12 +95,28 @@ class BlockStore:
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         self.blocks = _blocks(model)
+        self.prefix = _full_blocks_name(model)
+        """Dotted name of the block list in `model` (``model.layers``): block i's modules are ``<prefix>.<i>.*``."""
         self.source = dict(source or {})
         self.written: set[int] = set()
         _return_freed_memory_to_the_system()
 
     def path(self, i: int) -> Path:
         return self.folder / f"block_{i}.safetensors"
+
+    def block_of(self, name: str) -> int | None:
+        """The index of the block that module or tensor `name` (dotted, model-level) lies in; None outside."""
+        if not name.startswith(self.prefix + "."):
+            return None
+        head = name[len(self.prefix) + 1 :].split(".", 1)[0]
+        return int(head) if head.isdigit() else None
+
+    def tensor_file(self, name: str) -> tuple[Path, str]:
+        """(file, key) of block tensor `name` (model-level) as last written to the offload folder."""
+        i = self.block_of(name)
+        if i is None or i not in self.written:
+            raise RuntimeError(f"{name} is not in a block written to {self.folder}")
+        return self.path(i), name[len(self.prefix) + 1 :].split(".", 1)[1]
 
     def is_loaded(self, i: int) -> bool:
         return not any(p.is_meta for p in self.blocks[i].parameters())
@@ -168,14 +186,9 @@ class BlockStore:
                 self.offload(i)
 
     def onload_all(self) -> None:
-        """Bring every block back into memory (the whole model): for inspection or a plain save."""
+        """Bring every block back into memory (the whole model), e.g. to run it (saving does not need this)."""
         for i in range(len(self.blocks)):
             self.onload(i)
-
-
-def block_store(model: nn.Module) -> BlockStore | None:
-    """The `BlockStore` attached to `model` (by `load_offloaded` or ``sparsify(..., offload_dir=...)``)."""
-    return model.__dict__.get(STORE_ATTR)
 
 
 def attach_store(model: nn.Module, folder: str | os.PathLike) -> BlockStore:
