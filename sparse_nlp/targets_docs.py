@@ -6,6 +6,7 @@ page equals `render_families_page()`, so the table can only say what the code do
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
@@ -181,10 +182,17 @@ def render_families_page() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Write the page to the path given (default: print it)."""
-    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(
+        prog="python -m sparse_nlp.targets_docs",
+        description="Render the model-family support page from the targets table.",
+    )
+    parser.add_argument(
+        "out", nargs="?", help="file to write (e.g. docs/families.md); default: print the page"
+    )
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     page = render_families_page()
-    if argv:
-        Path(argv[0]).write_text(page, encoding="utf-8")
+    if args.out:
+        Path(args.out).write_text(page, encoding="utf-8")
     else:
         print(page, end="")
     return 0

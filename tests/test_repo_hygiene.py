@@ -138,6 +138,13 @@ def _missing_repo_paths(line: str, base: Path) -> list[str]:
     return missing
 
 
+def test_no_stray_files_named_like_options():
+    """A file named like a command-line option (e.g. `--help`) is the output of a command that took the option as
+    a path; it does not belong in the repository."""
+    stray = [str(p.relative_to(ROOT)) for p in _repo_files() if p.name.startswith("-")]
+    assert not stray, f"files named like command-line options: {stray}"
+
+
 def test_no_absolute_machine_paths():
     hits = []
     for path, text in _checked_files():

@@ -158,7 +158,7 @@ def test_block_kernel_matches_dense_on_every_isa(block, threads):
             weight, mask = _block_weight(out_f, in_f, block, sparsity, seed=out_f + in_f)
             packed = runtime.BSRWeight.from_dense(weight, mask, block)
             bias = torch.randn(out_f)
-            for tokens in (1, 5, 33, 150):
+            for tokens in (1, 2, 5, 33, 150):  # 1-2 tokens: the decoding path
                 x = torch.randn(tokens, in_f)
                 ref = (x.double() @ weight.double().t() + bias.double()).float()
                 for isa in _isas():

@@ -33,8 +33,33 @@ BLOCK_ROWS = (8, 4, 2)
 BLOCK_COLS = (8, 4, 2, 1)
 
 
+class _Packed:
+    """What every packed format shares: `rowptr`, `cols`, `vals` tensors and `shape` (out_features, in_features)."""
+
+    rowptr: torch.Tensor
+    cols: torch.Tensor
+    vals: torch.Tensor
+    shape: tuple[int, int]
+
+    @property
+    def nnz(self) -> int:
+        """Kept weights (kept exact zeros included)."""
+        return int(self.vals.numel())
+
+    @property
+    def density(self) -> float:
+        return self.nnz / max(1, self.shape[0] * self.shape[1])
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.rowptr, self.cols, self.vals))
+
+    def clone(self):
+        """A copy with its own index and value tensors."""
+        return replace(self, rowptr=self.rowptr.clone(), cols=self.cols.clone(), vals=self.vals.clone())
+
+
 @dataclass
-class CSRWeight:
+class CSRWeight(_Packed):
     """A packed weight; `shape` is (out_features, in_features)."""
 
     rowptr: torch.Tensor  # (out + 1,) int32
@@ -42,22 +67,7 @@ class CSRWeight:
     vals: torch.Tensor  # (nnz,) fp32
     shape: tuple[int, int]
 
-    @property
-    def nnz(self) -> int:
-        return int(self.vals.numel())
-
-    @property
-    def density(self) -> float:
-        return self.nnz / max(1, self.shape[0] * self.shape[1])
-
     kind = "csr"
-
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.rowptr, self.cols, self.vals))
-
-    def clone(self) -> CSRWeight:
-        """A copy with its own index and value tensors."""
-        return replace(self, rowptr=self.rowptr.clone(), cols=self.cols.clone(), vals=self.vals.clone())
 
     def run(self, x: torch.Tensor, bias: torch.Tensor | None, isa: int) -> torch.Tensor:
         """y = x W^T + b by the native kernel; x (T, in) fp32 -> (T, out)."""
@@ -139,7 +149,7 @@ def block_shape(mask: torch.Tensor) -> tuple[int, int] | None:
 
 
 @dataclass
-class BSRWeight:
+class BSRWeight(_Packed):
     """A weight packed as kept R x C blocks; `shape` is (out_features, in_features), `block` is (R, C)."""
 
     rowptr: torch.Tensor  # (out / R + 1,) int32
@@ -151,21 +161,6 @@ class BSRWeight:
     @property
     def kind(self) -> str:
         return f"bsr{self.block[0]}x{self.block[1]}"
-
-    @property
-    def nnz(self) -> int:
-        return int(self.vals.numel())
-
-    @property
-    def density(self) -> float:
-        return self.nnz / max(1, self.shape[0] * self.shape[1])
-
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.rowptr, self.cols, self.vals))
-
-    def clone(self) -> BSRWeight:
-        """A copy with its own index and value tensors."""
-        return replace(self, rowptr=self.rowptr.clone(), cols=self.cols.clone(), vals=self.vals.clone())
 
     def run(self, x: torch.Tensor, bias: torch.Tensor | None, isa: int) -> torch.Tensor:
         """y = x W^T + b by the native block kernel; x (T, in) fp32 -> (T, out)."""

@@ -525,6 +525,85 @@ BlockFn<I> block_kernel(int64_t isa, int64_t R) {
                 : R == 4 ? &block_rows_portable<4, 2, I> : &block_rows_portable<8, 1, I>;
 }
 
+// One token (batch-1 decoding) over blocks: y[rb*R : rb*R+R] = bias + sum over the row block's blocks and their
+// columns c of vals[b, c, 0:R] * x[block column * C + c]: the R values of a column are contiguous, so the weights
+// stream in order and each input is read once per block column.
+template <int R, typename I>
+void bgemv_portable(const float* x, const int32_t* browptr, const I* bcols, const float* vals, int64_t C,
+                    const float* bias, float* y, int64_t rb_begin, int64_t rb_end) {
+  for (int64_t rb = rb_begin; rb < rb_end; ++rb) {
+    float acc[R];
+    for (int r = 0; r < R; ++r) acc[r] = bias ? bias[rb * R + r] : 0.f;
+    for (int32_t b = browptr[rb]; b < browptr[rb + 1]; ++b) {
+      const float* xb = x + static_cast<int64_t>(bcols[b]) * C;
+      const float* v = vals + static_cast<int64_t>(b) * C * R;
+      for (int64_t c = 0; c < C; ++c)
+        for (int r = 0; r < R; ++r) acc[r] += v[c * R + r] * xb[c];
+    }
+    for (int r = 0; r < R; ++r) y[rb * R + r] = acc[r];
+  }
+}
+
+#ifdef SPARSE_NLP_X86
+template <int R, typename I>
+__attribute__((target("avx2,fma"))) void bgemv_avx2(const float* x, const int32_t* browptr, const I* bcols,
+                                                     const float* vals, int64_t C, const float* bias, float* y,
+                                                     int64_t rb_begin, int64_t rb_end) {
+  if constexpr (R == 8) {
+    for (int64_t rb = rb_begin; rb < rb_end; ++rb) {
+      __m256 acc0 = bias ? _mm256_loadu_ps(bias + rb * 8) : _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+      for (int32_t b = browptr[rb]; b < browptr[rb + 1]; ++b) {
+        const float* xb = x + static_cast<int64_t>(bcols[b]) * C;
+        const float* v = vals + static_cast<int64_t>(b) * C * 8;
+        int64_t c = 0;
+        for (; c + 1 < C; c += 2) {
+          acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(v + c * 8), _mm256_broadcast_ss(xb + c), acc0);
+          acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(v + c * 8 + 8), _mm256_broadcast_ss(xb + c + 1), acc1);
+        }
+        if (c < C) acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(v + c * 8), _mm256_broadcast_ss(xb + c), acc0);
+      }
+      _mm256_storeu_ps(y + rb * 8, _mm256_add_ps(acc0, acc1));
+    }
+  } else if constexpr (R == 4) {
+    for (int64_t rb = rb_begin; rb < rb_end; ++rb) {
+      __m128 acc0 = bias ? _mm_loadu_ps(bias + rb * 4) : _mm_setzero_ps(), acc1 = _mm_setzero_ps();
+      for (int32_t b = browptr[rb]; b < browptr[rb + 1]; ++b) {
+        const float* xb = x + static_cast<int64_t>(bcols[b]) * C;
+        const float* v = vals + static_cast<int64_t>(b) * C * 4;
+        int64_t c = 0;
+        for (; c + 1 < C; c += 2) {
+          acc0 = _mm_fmadd_ps(_mm_loadu_ps(v + c * 4), _mm_broadcast_ss(xb + c), acc0);
+          acc1 = _mm_fmadd_ps(_mm_loadu_ps(v + c * 4 + 4), _mm_broadcast_ss(xb + c + 1), acc1);
+        }
+        if (c < C) acc0 = _mm_fmadd_ps(_mm_loadu_ps(v + c * 4), _mm_broadcast_ss(xb + c), acc0);
+      }
+      _mm_storeu_ps(y + rb * 4, _mm_add_ps(acc0, acc1));
+    }
+  } else {
+    bgemv_portable<R, I>(x, browptr, bcols, vals, C, bias, y, rb_begin, rb_end);
+  }
+}
+#endif
+
+template <typename I>
+void block_gemv(const float* x, const int32_t* browptr, const I* bcols, const float* vals, const float* bias,
+                float* y, int64_t rows, int64_t tokens, int64_t K, int64_t R, int64_t C, int64_t isa) {
+  using Fn = void (*)(const float*, const int32_t*, const I*, const float*, int64_t, const float*, float*, int64_t,
+                      int64_t);
+  Fn fn = R == 2 ? &bgemv_portable<2, I> : R == 4 ? &bgemv_portable<4, I> : &bgemv_portable<8, I>;
+#ifdef SPARSE_NLP_X86
+  if (isa != kPortable) fn = R == 2 ? &bgemv_avx2<2, I> : R == 4 ? &bgemv_avx2<4, I> : &bgemv_avx2<8, I>;
+#endif
+  const int64_t row_blocks = rows / R;
+  const int64_t work = static_cast<int64_t>(browptr[row_blocks]) * R * C * tokens;
+  const int64_t chunks = work < 16384 ? 1 : std::min<int64_t>(at::get_num_threads() * 2, row_blocks);
+  const auto bounds = balanced_rows(browptr, row_blocks, std::max<int64_t>(chunks, 1));
+  at::parallel_for(0, static_cast<int64_t>(bounds.size()) - 1, 1, [&](int64_t cb, int64_t ce) {
+    for (int64_t t = 0; t < tokens; ++t)
+      fn(x + t * K, browptr, bcols, vals, C, bias, y + t * rows, bounds[cb], bounds[ce]);
+  });
+}
+
 template <typename I>
 void block_spmm(const float* x, const int32_t* browptr, const I* bcols, const float* vals, const float* bias,
                 float* y, int64_t rows, int64_t tokens, int64_t K, int64_t R, int64_t C, int64_t isa) {
@@ -579,6 +658,17 @@ at::Tensor block_linear(const at::Tensor& x, const at::Tensor& browptr, const at
   at::Tensor y = at::empty({tokens, rows}, x.options());
   if (tokens == 0) return y;
   const at::Tensor xc = x.contiguous();
+  if (tokens <= 2) {  // decoding: stream the weights once per token
+    if (bcols.scalar_type() == at::kUInt16)
+      block_gemv(xc.data_ptr<float>(), browptr.data_ptr<int32_t>(), static_cast<const uint16_t*>(bcols.data_ptr()),
+                 vals.data_ptr<float>(), b, y.data_ptr<float>(), rows, tokens, in_features, block_rows, block_cols,
+                 isa);
+    else
+      block_gemv(xc.data_ptr<float>(), browptr.data_ptr<int32_t>(), static_cast<const int32_t*>(bcols.data_ptr()),
+                 vals.data_ptr<float>(), b, y.data_ptr<float>(), rows, tokens, in_features, block_rows, block_cols,
+                 isa);
+    return y;
+  }
   if (bcols.scalar_type() == at::kUInt16)
     block_spmm(xc.data_ptr<float>(), browptr.data_ptr<int32_t>(), static_cast<const uint16_t*>(bcols.data_ptr()),
                vals.data_ptr<float>(), b, y.data_ptr<float>(), rows, tokens, in_features, block_rows, block_cols,
