@@ -57,7 +57,8 @@ class SparsityReport:
     groups: dict[str, GroupTotal] = field(default_factory=dict)
     activation: dict | None = None
     """Activation sparsity measured on the calibration data: ``method``, ``sparsity`` (fraction of the thresholded
-    values that were zero), ``sites``, ``tokens``; None without activation sparsity."""
+    values that were zero), ``weight_weighted`` (the same weighted by the size of the weight each value multiplies:
+    the fraction of weight reads a batch-1 kernel skips), ``sites``, ``tokens``; None without activation sparsity."""
 
     def to_dict(self) -> dict:
         out = {
@@ -88,7 +89,8 @@ class SparsityReport:
             lines.append("")
             lines.append(
                 f"activation sparsity ({a['method']}, {a['sites']} sites): {a['sparsity']:.2%} of the thresholded "
-                f"values zero, measured on {a['tokens']:,} calibration tokens"
+                f"values zero ({a['weight_weighted']:.2%} weighted by the weights they multiply), measured on "
+                f"{a['tokens']:,} calibration tokens"
             )
         return "\n".join(lines)
 
@@ -174,6 +176,7 @@ def activation_summary(model: nn.Module) -> dict | None:
     return {
         "method": record.get("method"),
         "sparsity": float(measured.get("sparsity", 0.0)),
+        "weight_weighted": float(measured.get("weight_weighted", measured.get("sparsity", 0.0))),
         "sites": len(record.get("thresholds") or {}),
         "tokens": int(measured.get("tokens", 0)),
     }

@@ -160,6 +160,11 @@ def calibrate_activation(
     per_site, overall = zero_fractions(model, sites, method.where, batches)
     tokens = sum(int(b["attention_mask"].sum()) for b in batches)
     rel = {name: base_relative_name(model, name) for name in sites}
+    if method.where == "input":  # weighted by the weights each site's zeros let a batch-1 kernel skip
+        sizes = {n: sites[n].weight.numel() for n in sites}
+        skipped = sum(per_site[n] * sizes[n] for n in sites) / max(1, sum(sizes.values()))
+    else:
+        skipped = overall
     logger.info(
         "activation sparsity %s: %.2f%% measured on %d calibration tokens", spec.method, overall * 100, tokens
     )
@@ -170,6 +175,7 @@ def calibrate_activation(
         "allocated": {rel[n]: round(allocated[n], 6) for n in sites},
         "measured": {
             "sparsity": round(overall, 6),
+            "weight_weighted": round(skipped, 6),
             "per_site": {rel[n]: round(per_site[n], 6) for n in sites},
             "tokens": tokens,
             "samples": sum(int(b["input_ids"].shape[0]) for b in batches),

@@ -3,8 +3,8 @@
 For each block, on the block inputs of a few calibration samples (captured from the dense model), every site starts
 at sparsity 0; each step tries raising each site by ``step`` (its threshold read from its calibration histogram)
 and keeps the raise that gives the smallest relative error of the block output against the dense block, until the
-parameter-weighted mean sparsity of the block's sites reaches the target. Sites outside the repeated blocks keep
-the uniform target.
+parameter-weighted mean sparsity of the block's sites reaches the target. Sites that read the same tensor (q, k and
+v; gate and up) move together, as in TEAL. Sites outside the repeated blocks keep the uniform target.
 """
 
 from __future__ import annotations
@@ -37,6 +37,33 @@ def _block_inputs(
     return [c for c in captured if c is not None]
 
 
+def _shared_inputs(
+    model: nn.Module, sites: dict[str, nn.Module], batch: dict[str, torch.Tensor]
+) -> dict[str, str]:
+    """Site name -> the first site that reads the same input tensor in one forward pass (itself when alone)."""
+    seen: dict[str, torch.Tensor] = {}  # the tensors themselves: kept alive, so identity is meaningful
+    handles = []
+    for name, module in sites.items():
+
+        def pre(module: nn.Module, args: tuple, name: str = name) -> None:
+            seen.setdefault(name, args[0])
+
+        handles.append(module.register_forward_pre_hook(pre))
+    try:
+        run_batches(model, [batch])
+    finally:
+        for handle in handles:
+            handle.remove()
+    out: dict[str, str] = {}
+    leaders: list[str] = []
+    for name in sites:
+        found = next((n for n in leaders if name in seen and seen.get(n) is seen[name]), None)
+        if found is None:
+            leaders.append(name)
+        out[name] = found or name
+    return out
+
+
 def _output(block: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
     out = block(*args, **kwargs)
     return out[0] if isinstance(out, tuple) else out
@@ -59,6 +86,7 @@ def greedy_sparsities(
     blocks = getattr(model, "base_model", model).get_submodule(entry.layers)
     first = {k: v[:samples] for k, v in batches[0].items()}
     inputs = _block_inputs(model, blocks, first)
+    leader = _shared_inputs(model, sites, {k: v[:1] for k, v in first.items()})
     out = dict.fromkeys(sites, float(target))
     by_block: dict[int, list[str]] = {}
     for name in sites:
@@ -72,9 +100,12 @@ def greedy_sparsities(
         return (torch.where(x.abs() > current[name], x, torch.zeros((), dtype=x.dtype)), *args[1:])
 
     for i in tqdm(sorted(by_block), desc="greedy allocation", unit="block", disable=not progress):
-        names = by_block[i]
+        members: dict[str, list[str]] = {}
+        for n in by_block[i]:
+            members.setdefault(leader[n], []).append(n)
+        names = list(members)  # one entry per group of sites reading the same input
         args, kwargs = inputs[i]
-        weights = {n: float(sites[n].weight.numel()) for n in names}
+        weights = {n: float(sum(sites[m].weight.numel() for m in members[n])) for n in names}
         total = sum(weights.values())
         level = dict.fromkeys(names, 0.0)
         current.update(dict.fromkeys(names, 0.0))
@@ -103,7 +134,8 @@ def greedy_sparsities(
         finally:
             for handle in handles:
                 handle.remove()
-        out.update(level)
+        for n in names:
+            out.update(dict.fromkeys(members[n], level[n]))
     return out
 
 
