@@ -244,11 +244,19 @@ class ActivationSparsity:
 
     ``teal`` thresholds the input of every targeted Linear layer (TEAL); ``cats`` thresholds the gate activation
     ``act(gate(x))`` of gated FFNs (CATS). Thresholds come from quantiles of activation magnitudes on calibration
-    data, so `sparsity` is the fraction of values zeroed on data like it.
+    data, so `sparsity` is the fraction of values zeroed on data like it. ``moefication`` splits each FFN's neurons
+    into experts and keeps a few per token; there `sparsity` is the fraction of experts skipped.
     """
 
-    method: str = field(default="teal", metadata={"help": "Registered activation method: teal or cats."})
-    sparsity: float = field(default=0.5, metadata={"help": "Fraction of activations set to zero, in [0, 1)."})
+    method: str = field(
+        default="teal", metadata={"help": "Registered activation method: teal, cats or moefication."}
+    )
+    sparsity: float = field(
+        default=0.5,
+        metadata={
+            "help": "Fraction of activations set to zero (moefication: of experts skipped), in [0, 1)."
+        },
+    )
     targets: list[str] = field(
         default_factory=lambda: ["all-linear"],
         metadata={

@@ -19,6 +19,7 @@ from sparse_nlp.activation import (
     revert,
 )
 from sparse_nlp.activation.calibrate import Histogram, zero_fractions
+from sparse_nlp.activation.experts import balanced_split
 from sparse_nlp.errors import ConfigError, MetadataError, UnsupportedModelError
 from sparse_nlp.targets import model_targets
 
@@ -46,9 +47,12 @@ def sparse(model, method: str = "teal", sparsity: float = 0.5, **kwargs):
 def measured(model, seed: int) -> float:
     """The fraction of zeros of the thresholded tensors on data the thresholds were not calibrated on."""
     state = activation_state(model)
-    sites = {n: model.get_submodule(n) for n in state.thresholds}
+    record = model.config.sparse_nlp["activation"]
+    names = record.get("thresholds") or record.get("expert_maps")
+    sites = {n: model.base_model.get_submodule(n) for n in names}
+    where = "input" if state.where == "input" else "output"
     batches = [{"input_ids": b, "attention_mask": torch.ones_like(b)} for b in id_data(seed).split(8)]
-    return zero_fractions(model, sites, state.where, batches)[1]
+    return zero_fractions(model, sites, where, batches)[1]
 
 
 # ---- calibration -------------------------------------------------------------------------------------------
@@ -56,10 +60,18 @@ def measured(model, seed: int) -> float:
 
 @pytest.mark.parametrize(
     "family,method,target",
-    [("llama", "teal", 0.25), ("llama", "teal", 0.5), ("llama", "cats", 0.5), ("bert", "teal", 0.4)],
+    [
+        ("llama", "teal", 0.25),
+        ("llama", "teal", 0.5),
+        ("llama", "cats", 0.5),
+        ("bert", "teal", 0.4),
+        ("llama", "moefication", 0.5),
+        ("gpt2", "moefication", 0.75),
+    ],
 )
 def test_thresholds_hit_the_target_on_held_back_data(family, method, target):
-    model = sparse(tiny_model(family), method, target)
+    options = {"experts": 8} if method == "moefication" else {}
+    model = sparse(tiny_model(family), method, target, options=options)
     record = model.config.sparse_nlp["activation"]
     assert abs(record["measured"]["sparsity"] - target) < 0.02  # on the calibration data, all sites applied
     assert abs(record["measured"]["weight_weighted"] - target) < 0.02
@@ -80,6 +92,24 @@ def test_greedy_allocation_keeps_each_blocks_budget_and_varies_the_layers():
     assert record["measured"]["weight_weighted"] == pytest.approx(0.5, abs=0.05)
 
 
+def test_balanced_split_recovers_clusters_with_equal_sizes():
+    g = torch.Generator().manual_seed(0)
+    centers = torch.randn(4, 16, generator=g) * 5
+    truth = torch.arange(40) % 4
+    rows = centers[truth] + 0.1 * torch.randn(40, 16, generator=g)
+    assign = balanced_split(rows, 4)
+    assert torch.bincount(assign, minlength=4).tolist() == [10, 10, 10, 10]
+    for e in range(4):  # each expert holds exactly one cluster
+        assert len(set(truth[assign == e].tolist())) == 1
+    assert torch.bincount(balanced_split(rows[:38], 4), minlength=4).tolist() == [10, 10, 9, 9]
+
+
+def test_moefication_has_no_kernel_and_says_so():
+    model = sparse(tiny_model("llama"), "moefication", 0.5, options={"experts": 4})
+    with pytest.raises(ValueError, match="no\nexpert-skipping kernel|expert-skipping kernel"):
+        accelerate(model)
+
+
 def test_histogram_quantile_is_close_to_the_exact_one():
     values = torch.randn(100_000, generator=torch.Generator().manual_seed(0))
     hist = Histogram()
@@ -94,7 +124,16 @@ def test_histogram_quantile_is_close_to_the_exact_one():
 # ---- applying ------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("family,method", [("llama", "teal"), ("llama", "cats"), ("bert", "teal")])
+@pytest.mark.parametrize(
+    "family,method",
+    [
+        ("llama", "teal"),
+        ("llama", "cats"),
+        ("bert", "teal"),
+        ("llama", "moefication"),
+        ("bert", "moefication"),
+    ],
+)
 def test_zero_sparsity_equals_the_dense_model_exactly(family, method):
     model = tiny_model(family)
     inputs = tiny_inputs()
@@ -115,10 +154,11 @@ def test_thresholds_change_the_outputs_and_to_dense_removes_them():
     assert torch.equal(logits(model, inputs), dense)
 
 
-@pytest.mark.parametrize("method", ["teal", "cats"])
+@pytest.mark.parametrize("method", ["teal", "cats", "moefication"])
 def test_save_and_load_restore_identical_outputs(tmp_path, method):
     model = tiny_model("llama")
-    spec = ActivationSparsity(method=method, sparsity=0.4)
+    options = {"experts": 8} if method == "moefication" else {}
+    spec = ActivationSparsity(method=method, sparsity=0.4, options=options)
     config = SparsityConfig(weights=[WeightSparsity(method="wanda", sparsity=0.5)], activation=spec)
     sparse_nlp.sparsify(model, config, data=id_data(5), progress=False)
     inputs = tiny_inputs()
@@ -127,7 +167,8 @@ def test_save_and_load_restore_identical_outputs(tmp_path, method):
     loaded = sparse_nlp.from_pretrained(tmp_path / "ck")
     assert activation_state(loaded).thresholds == activation_state(model).thresholds
     assert torch.equal(logits(loaded, inputs), before)
-    assert sparse_nlp.report(loaded).activation["sparsity"] == pytest.approx(0.4, abs=0.02)
+    target = 0.375 if method == "moefication" else 0.4  # 5 of 8 experts kept
+    assert sparse_nlp.report(loaded).activation["sparsity"] == pytest.approx(target, abs=0.02)
 
 
 def test_plain_transformers_loads_the_dense_model_and_the_config_marks_it(tmp_path):
@@ -164,10 +205,12 @@ def _model(family: str):
 
 
 @pytest.mark.parametrize("family", ALL_FAMILIES)
-def test_every_family_accepts_teal_and_accepts_or_refuses_cats_clearly(family):
+def test_every_family_accepts_teal_and_moefication_and_accepts_or_refuses_cats_clearly(family):
     model = _model(family)
     _, sites = check_activation(model, ActivationSparsity(method="teal"))
     assert sites
+    _, sites = check_activation(model, ActivationSparsity(method="moefication", options={"experts": 4}))
+    assert len(sites) == model.config.num_hidden_layers
     entry = model_targets(model)
     if entry.gated:
         _, sites = check_activation(model, ActivationSparsity(method="cats"))
@@ -183,11 +226,14 @@ def test_every_family_accepts_teal_and_accepts_or_refuses_cats_clearly(family):
     "activation,match",
     [
         ({"sparsity": 1.0}, r"activation\.sparsity"),
-        ({"method": "moe"}, r"activation\.method.*Known: cats, teal"),
+        ({"method": "moe"}, r"activation\.method.*Known: cats, moefication, teal"),
         ({"options": {"allocation": "greed"}}, r"activation\.options\.allocation.*Did you mean 'greedy'"),
         ({"options": {"steps": 0.1}}, r"activation\.options\.steps is not an option"),
         ({"method": "cats", "options": {"allocation": "uniform"}}, r"not an option of 'cats'"),
         ({"targets": ["fnn"]}, r"activation\.targets\[0\].*Did you mean 'ffn'"),
+        ({"method": "moefication", "options": {"experts": 4, "top_k": 5}}, r"top_k is 5, larger than"),
+        ({"method": "moefication", "options": {"experts": 1}}, r"experts must be an integer >= 2"),
+        ({"method": "moefication", "options": {"router": "mlp"}}, r"router must be one of similarity"),
     ],
 )
 def test_bad_options_fail_before_the_model_changes(activation, match):

@@ -28,8 +28,9 @@ from ..formats.manifest import METADATA_KEY
 from ..pruning.calibration import calibration_batches
 from ..targets import base_relative_name, resolve_module
 from .calibrate import histograms, zero_fractions
+from .experts import ExpertRouter, balanced_split, neuron_rows
 from .greedy import greedy_sparsities
-from .methods import ActivationMethod, get_activation_method
+from .methods import ActivationMethod, Moefication, get_activation_method
 
 logger = logging.getLogger(__name__)
 
@@ -91,6 +92,22 @@ def attach_thresholds(model: nn.Module, method: str, thresholds: dict[str, float
     return state
 
 
+def attach_experts(
+    model: nn.Module, spec: ActivationSparsity, maps: dict[str, torch.Tensor]
+) -> ActivationState:
+    """Hook MoEfication routers into `model` (activation module name -> (F,) expert of each neuron)."""
+    remove_activation(model)
+    method = Moefication()
+    ffns = method.ffns(model, spec)
+    experts = int(method.options(spec)["experts"])
+    state = ActivationState("moefication", "experts", {})
+    for name, assign in maps.items():
+        act, _, first, _ = ffns[name]
+        state.handles.append(ExpertRouter(first, act, assign, experts, method.top_k(spec)))
+    model.__dict__[STATE_ATTR] = state
+    return state
+
+
 def activation_state(model: nn.Module) -> ActivationState | None:
     """The activation sparsity attached to `model`, or None."""
     return model.__dict__.get(STATE_ATTR)
@@ -140,6 +157,8 @@ def calibrate_activation(
         )
     remove_activation(model)
     batches = calibration_batches(data, tokenizer, num_samples=num_samples, seq_len=seq_len)
+    if isinstance(method, Moefication):
+        return _calibrate_experts(model, spec, method, batches)
     hists = histograms(model, sites, method.where, batches)
     options = method.options(spec)
     if options.get("allocation", "uniform") == "greedy" and spec.sparsity > 0:
@@ -183,6 +202,71 @@ def calibrate_activation(
     }
 
 
+def _calibrate_experts(
+    model: nn.Module, spec: ActivationSparsity, method: Moefication, batches: list[dict[str, torch.Tensor]]
+) -> dict[str, Any]:
+    """Split each FFN into experts, attach the routers, measure the zeroed fraction on the calibration batches."""
+    ffns = method.ffns(model, spec)
+    experts = int(method.options(spec)["experts"])
+    maps = {
+        name: balanced_split(neuron_rows(first, width), experts)
+        for name, (_, _, first, width) in ffns.items()
+    }
+    attach_experts(model, spec, maps)
+    sites = {name: parts[0] for name, parts in ffns.items()}
+    per_site, overall = zero_fractions(model, sites, "output", batches)
+    rel = {name: base_relative_name(model, name) for name in sites}
+    return {
+        "method": spec.method,
+        "where": "experts",
+        "experts": experts,
+        "top_k": method.top_k(spec),
+        "expert_maps": {rel[n]: maps[n].tolist() for n in sites},
+        "measured": {
+            "sparsity": round(overall, 6),
+            "weight_weighted": round(overall, 6),
+            "per_site": {rel[n]: round(per_site[n], 6) for n in sites},
+            "tokens": sum(int(b["attention_mask"].sum()) for b in batches),
+            "samples": sum(int(b["input_ids"].shape[0]) for b in batches),
+        },
+    }
+
+
+def _restore_experts(
+    model: nn.Module, spec: ActivationSparsity, record: dict[str, Any], where: str
+) -> ActivationState:
+    method = Moefication()
+    ffns = method.ffns(model, spec)
+    experts = int(method.options(spec)["experts"])
+    maps = record.get("expert_maps")
+    if not isinstance(maps, dict) or not maps:
+        raise MetadataError(
+            f"config.json: {where}.expert_maps must be a non-empty object of FFN -> expert list."
+        )
+    expected = {base_relative_name(model, n): n for n in ffns}
+    out = {}
+    for rel, assign in maps.items():
+        if rel not in expected:
+            raise MetadataError(
+                f"config.json: {where}.expert_maps names {rel!r}, which activation.targets does not select."
+            )
+        width = ffns[expected[rel]][3]
+        if (
+            not isinstance(assign, list)
+            or len(assign) != width
+            or not all(isinstance(e, int) and not isinstance(e, bool) and 0 <= e < experts for e in assign)
+        ):
+            raise MetadataError(
+                f"config.json: {where}.expert_maps[{rel!r}] must list an expert in [0, {experts}) for each of the "
+                f"{width} neurons."
+            )
+        out[expected[rel]] = torch.tensor(assign, dtype=torch.long)
+    missing = sorted(set(expected) - set(maps))
+    if missing:
+        raise MetadataError(f"config.json: {where}.expert_maps has no expert map for {missing[:3]}.")
+    return attach_experts(model, spec, out)
+
+
 def activation_record(model_or_config: Any) -> dict[str, Any] | None:
     """The activation record of a model's metadata (``config.sparse_nlp["activation"]``), or None."""
     config = getattr(model_or_config, "config", model_or_config)
@@ -218,11 +302,14 @@ def restore_activation(model: nn.Module, spec: ActivationSparsity) -> Activation
             f"config.json: the sparsity config has an activation part but {where} (the calibrated thresholds) is "
             "missing; calibrate again with sparse_nlp.sparsify(..., data=...)."
         )
-    thresholds = check_record(record, where)
-    if record.get("method") != spec.method:
+    if not isinstance(record, dict) or record.get("method") != spec.method:
+        found = record.get("method") if isinstance(record, dict) else record
         raise MetadataError(
-            f"config.json: {where}.method is {record.get('method')!r} but the sparsity config says {spec.method!r}."
+            f"config.json: {where}.method is {found!r:.40} but the sparsity config says {spec.method!r}."
         )
+    if spec.method == "moefication":
+        return _restore_experts(model, spec, record, where)
+    thresholds = check_record(record, where)
     _, sites = check_activation(model, spec)
     full = {}
     expected = {base_relative_name(model, n): n for n in sites}

@@ -90,6 +90,11 @@ def accelerate(model: nn.Module) -> int:
     state = activation_state(model)
     if state is None:
         raise ValueError("the model has no activation sparsity: sparsify it (or from_pretrained) first.")
+    if state.where == "experts":
+        raise ValueError(
+            "accelerate runs teal and cats; moefication zeroes the skipped experts by hooks (there is no "
+            "expert-skipping kernel)."
+        )
     if model.__dict__.get(REVERT_ATTR) is not None:
         return 0
     kernel.ops()  # build (or warn) now, not inside the first generated token
