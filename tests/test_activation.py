@@ -24,7 +24,7 @@ from sparse_nlp.errors import ConfigError, MetadataError, UnsupportedModelError
 from sparse_nlp.targets import model_targets
 
 from .conftest import ENCODERS, FAMILIES, VOCAB, tiny_inputs, tiny_model
-from .test_families import NEW_FAMILIES, family_model
+from .test_families import MOE, NEW_FAMILIES, family_model, moe_model
 
 ALL_FAMILIES = FAMILIES + NEW_FAMILIES
 
@@ -220,6 +220,21 @@ def test_every_family_accepts_teal_and_moefication_and_accepts_or_refuses_cats_c
     else:
         with pytest.raises(UnsupportedModelError, match="needs a gated FFN.*use method 'teal'"):
             check_activation(model, ActivationSparsity(method="cats"))
+
+
+@pytest.mark.parametrize("family", MOE)
+def test_mixture_of_experts_families_accept_teal_and_refuse_ffn_methods_on_fused_experts(family):
+    model = moe_model(family)
+    _, sites = check_activation(model, ActivationSparsity(method="teal"))
+    assert any("self_attn" in n for n in sites)
+    for method in ("cats", "moefication"):
+        spec = ActivationSparsity(method=method, options={"experts": 4} if method == "moefication" else {})
+        if model_targets(model).ffn_out:  # a shared expert: a plain gated FFN beside the fused experts
+            _, sites = check_activation(model, spec)
+            assert all("shared_expert" in n for n in sites)
+        else:
+            with pytest.raises(UnsupportedModelError, match="fused mixture-of-experts"):
+                check_activation(model, spec)
 
 
 @pytest.mark.parametrize(
