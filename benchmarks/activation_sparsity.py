@@ -50,35 +50,76 @@ def parse_setting(text: str) -> tuple[float, str, float, str]:
     return weights, parts[0], float(parts[1]), allocation
 
 
-def apply_setting(model, tokenizer, setting: str, args) -> dict:
+def calibration(args, tokenizer, samples: int | None = None) -> list:
+    from sparse_nlp.pruning.calibration import CorpusWindows, calibration_batches
+
+    data = CorpusWindows("wikitext2", cut="random", seed=0, data_dir=args.data_dir)
+    return calibration_batches(data, tokenizer, num_samples=samples or args.samples, seq_len=args.seq_len)
+
+
+def apply_setting(model, tokenizer, setting: str, args, cache: dict) -> dict:
+    """Apply `setting` to `model`. Uniform TEAL and CATS thresholds come from histograms computed once per method
+    (and weight pruning) and kept in `cache`; greedy TEAL and MoEfication run the whole `sparsify` call."""
     from sparse_nlp import ActivationSparsity, SparsityConfig, WeightSparsity, sparsify
-    from sparse_nlp.pruning.calibration import CorpusWindows
+    from sparse_nlp.activation import attach_thresholds, check_activation
+    from sparse_nlp.activation.calibrate import histograms
 
     weights, method, sparsity, allocation = parse_setting(setting)
+    batches = cache.get("batches") or cache.setdefault("batches", calibration(args, tokenizer))
+    start = time.perf_counter()
+    if weights:
+        rule = WeightSparsity(method="wanda", sparsity=weights)
+        sparsify(model, SparsityConfig(weights=[rule]), data=batches, progress=False)
     options = {"allocation": allocation} if method == "teal" else {}
     if allocation == "greedy":
         options.update(step=args.greedy_step, samples=args.greedy_samples)
-    config = SparsityConfig(
-        weights=[WeightSparsity(method="wanda", sparsity=weights)] if weights else [],
-        activation=ActivationSparsity(method=method, sparsity=sparsity, options=options),
-    )
-    data = CorpusWindows("wikitext2", cut="random", seed=0, data_dir=args.data_dir)
-    start = time.perf_counter()
-    sparsify(
-        model,
-        config,
-        data=data,
-        tokenizer=tokenizer,
-        num_samples=args.samples,
-        seq_len=args.seq_len,
-        progress=False,
-    )
-    record = model.config.sparse_nlp["activation"]
-    return {
-        "calibrate_seconds": round(time.perf_counter() - start, 1),
-        "measured_activation_sparsity": record["measured"]["sparsity"],
-        "weight_weighted": record["measured"]["weight_weighted"],
-    }
+    spec = ActivationSparsity(method=method, sparsity=sparsity, options=options)
+    if method in ("teal", "cats") and allocation == "uniform":
+        where, sites = check_activation(model, spec)[0].where, check_activation(model, spec)[1]
+        key = (weights, method)
+        if key not in cache:
+            cache[key] = histograms(model, sites, where, batches)
+        thresholds = {name: cache[key][name].threshold(sparsity) for name in sites}
+        attach_thresholds(model, method, thresholds)
+    else:
+        sparsify(model, SparsityConfig(activation=spec), data=batches, progress=False)
+    return {"calibrate_seconds": round(time.perf_counter() - start, 1)}
+
+
+def count_zeros(model):
+    """Hooks counting the zeros of every thresholded tensor (input sites: their input; others: their output)."""
+    from sparse_nlp.activation import activation_state
+    from sparse_nlp.activation.calibrate import SiteHooks
+    from sparse_nlp.targets import resolve_module
+
+    state = activation_state(model)
+    record = (getattr(model.config, "sparse_nlp", None) or {}).get("activation") or {}
+    if state.thresholds:  # full module names
+        sites = {n: model.get_submodule(n) for n in state.thresholds}
+    else:  # MoEfication: the activation modules, by base-model-relative name
+        sites = {n: resolve_module(model, n) for n in record.get("expert_maps") or {}}
+    counts = {n: [0, 0] for n in sites}
+
+    def count(name, x):
+        counts[name][0] += int((x == 0).sum())
+        counts[name][1] += x.numel()
+
+    hooks = SiteHooks(sites, "input" if state.where == "input" else "output", count)
+
+    def finish() -> dict:
+        hooks.remove()
+        zeros = sum(c[0] for c in counts.values())
+        total = max(1, sum(c[1] for c in counts.values()))
+        sizes = {n: sites[n].weight.numel() if state.where == "input" else 1 for n in sites}
+        weighted = sum(counts[n][0] / max(1, counts[n][1]) * sizes[n] for n in sites) / max(
+            1, sum(sizes.values())
+        )
+        return {
+            "measured_activation_sparsity": round(zeros / total, 4),
+            "weight_weighted": round(weighted, 4),
+        }
+
+    return finish
 
 
 def fresh_model(args):
@@ -103,16 +144,21 @@ def quality(args, header: dict) -> list[dict]:
     text, _ = perplexity_text("wikitext2", split="test", data_dir=args.data_dir)
     ids = __import__("torch").tensor(tokenizer(text, add_special_tokens=False)["input_ids"])
     rows = []
+    cache: dict = {}
     for setting in ["dense", *[s for s in args.settings.split(",") if s]]:
         row: dict = {"setting": setting}
+        finish = None
         if setting != "dense":
             if "+" in setting:  # weight pruning changes the weights: start from a fresh copy
                 model, tokenizer = fresh_model(args)
-            row.update(apply_setting(model, tokenizer, setting, args))
+            row.update(apply_setting(model, tokenizer, setting, args, cache))
+            finish = count_zeros(model)  # measured on the scored test windows
         start = time.perf_counter()
         result = evaluate_perplexity(
             model, tokenizer, ids, context=args.context, max_windows=args.max_windows, progress=False
         )
+        if finish is not None:
+            row.update(finish())
         row.update(
             perplexity=round(result["perplexity"], 3),
             eval_seconds=round(time.perf_counter() - start, 1),
@@ -205,15 +251,21 @@ def speed(args) -> list[dict]:
     prompt = tokenizer("The history of the city begins", return_tensors="pt")
     variants = {"dense": base}
     sparsity = {}
+    cache: dict = {}
     for setting in [s for s in args.speed.split(",") if s]:
         for mode in ("hooks", "accelerated"):
             model = copy.deepcopy(base)
-            sparsity[setting] = apply_setting(model, tokenizer, setting, args)["weight_weighted"]
+            apply_setting(model, tokenizer, setting, args, cache)
             if mode == "accelerated":
                 accelerate(model)
             variants[f"{setting} {mode}"] = model
-    for model in variants.values():
-        decode_seconds(model, prompt, 8)  # warm-up (and the kernel build)
+    for name, model in variants.items():
+        finish = count_zeros(model) if name.endswith(" hooks") else None
+        decode_seconds(
+            model, prompt, 32
+        )  # warm-up (and the kernel build); the sparsity of its decoding steps
+        if finish is not None:
+            sparsity[name.split(" ")[0]] = finish()["weight_weighted"]
     times: dict[str, list[float]] = {name: [] for name in variants}
     cpu: dict[str, list[float]] = {name: [] for name in variants}
     for _ in range(args.repeats):

@@ -17,7 +17,7 @@ from ..linear import linear_weight
 
 
 @torch.no_grad()
-def balanced_split(rows: torch.Tensor, experts: int, *, iterations: int = 10, seed: int = 0) -> torch.Tensor:
+def balanced_split(rows: torch.Tensor, experts: int, *, iterations: int = 4, seed: int = 0) -> torch.Tensor:
     """(F, H) neuron rows -> (F,) expert index, each expert holding floor or ceil of F / experts neurons.
 
     Balanced k-means on unit-normalised rows (cosine similarity): each round assigns the (neuron, expert) pairs in
