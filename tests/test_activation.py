@@ -22,6 +22,7 @@ from sparse_nlp.activation.calibrate import Histogram, zero_fractions
 from sparse_nlp.activation.experts import balanced_split
 from sparse_nlp.errors import ConfigError, MetadataError, UnsupportedModelError
 from sparse_nlp.targets import model_targets
+from sparse_nlp.targets_docs import support_rows
 
 from .conftest import ENCODERS, FAMILIES, VOCAB, tiny_inputs, tiny_model
 from .test_families import MOE, NEW_FAMILIES, family_model, moe_model
@@ -235,6 +236,24 @@ def test_mixture_of_experts_families_accept_teal_and_refuse_ffn_methods_on_fused
         else:
             with pytest.raises(UnsupportedModelError, match="fused mixture-of-experts"):
                 check_activation(model, spec)
+
+
+@pytest.mark.parametrize("family", ALL_FAMILIES + MOE)
+def test_the_support_table_says_which_methods_each_family_accepts(family):
+    model = _model(family) if family not in MOE else moe_model(family)
+    cell = dict((t, c) for t, _, c in support_rows())[model.config.model_type]["activation"]
+    claimed = set(cell.split(";")[0].removeprefix("yes: ").split(", "))
+    accepted = set()
+    for method in ("teal", "cats", "moefication"):
+        try:
+            check_activation(
+                model,
+                ActivationSparsity(method=method, options={"experts": 4} if method == "moefication" else {}),
+            )
+            accepted.add(method)
+        except UnsupportedModelError:
+            pass
+    assert claimed == accepted
 
 
 @pytest.mark.parametrize(
