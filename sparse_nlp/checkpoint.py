@@ -52,6 +52,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoConfig, PreTrainedModel
 
+from .activation.apply import restore_activation
 from .attention.apply import apply_attention
 from .errors import CheckpointError, CompactFormatError, MetadataError
 from .formats import compact as compact_format
@@ -1178,6 +1179,11 @@ def _load_folder(folder: Path, model_class: type | None, name: str, **kwargs: An
         sparsity = read_metadata(model.config)
         if sparsity is not None and sparsity.attention is not None:
             apply_attention(model, sparsity.attention)
+        if sparsity is not None and sparsity.activation is not None:
+            try:
+                restore_activation(model, sparsity.activation)
+            except MetadataError as err:
+                raise MetadataError(f"{name}/{err}") from None
     return model
 
 

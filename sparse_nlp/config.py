@@ -5,7 +5,7 @@ A config has one slot per kind of coupling it reduces:
 - ``weights``    neuron to neuron: a list of weight-pruning rules (method, sparsity, pattern, targets);
 - ``attention``  token to token: a sparse attention pattern and kernel;
 - ``structured`` whole units: attention heads and FFN neurons removed;
-- ``activation`` token to FFN neuron: dynamic activation sparsity (reserved, not built yet).
+- ``activation`` token to neuron, per token: dynamic activation sparsity (TEAL, CATS thresholds).
 
 Configs round-trip through JSON exactly (``SparsityConfig.from_dict(c.to_dict()) == c``), carry a
 format version, and validation errors name the field and the bad value. Names of methods and patterns
@@ -24,7 +24,14 @@ from typing import Any, Literal
 
 from .errors import AttentionPatternError, ConfigError, PatternError, RegistryError
 from .pruning.patterns import NM, parse_pattern
-from .registry import ATTENTION_KERNELS, ATTENTION_PATTERNS, PRUNING_METHODS, STRUCTURED_SCORES, suggest
+from .registry import (
+    ACTIVATION_METHODS,
+    ATTENTION_KERNELS,
+    ATTENTION_PATTERNS,
+    PRUNING_METHODS,
+    STRUCTURED_SCORES,
+    suggest,
+)
 
 FORMAT_VERSION = 1
 """Version of the config / checkpoint metadata format this release writes and the newest it reads."""
@@ -227,17 +234,84 @@ class StructuredSparsity:
             raise ConfigError(f"{path}.score: {err}") from None
 
 
+ALLOCATIONS: tuple[str, ...] = ("uniform", "greedy")
+"""How TEAL spreads its sparsity over the Linear inputs of a block: the same everywhere, or greedily by output error."""
+
+
 @dataclass
 class ActivationSparsity:
-    """Dynamic activation sparsity / routing between tokens and FFN neurons (reserved for a later release)."""
+    """Dynamic activation sparsity: per token, inputs below a calibrated magnitude threshold are set to zero.
 
-    method: str = "topk"
-    options: dict[str, Any] = field(default_factory=dict)
+    ``teal`` thresholds the input of every targeted Linear layer (TEAL); ``cats`` thresholds the gate activation
+    ``act(gate(x))`` of gated FFNs (CATS). Thresholds come from quantiles of activation magnitudes on calibration
+    data, so `sparsity` is the fraction of values zeroed on data like it. ``moefication`` splits each FFN's neurons
+    into experts and keeps a few per token; there `sparsity` is the fraction of experts skipped.
+    """
+
+    method: str = field(
+        default="teal", metadata={"help": "Registered activation method: teal, cats or moefication."}
+    )
+    sparsity: float = field(
+        default=0.5,
+        metadata={
+            "help": "Fraction of activations set to zero (moefication: of experts skipped), in [0, 1)."
+        },
+    )
+    targets: list[str] = field(
+        default_factory=lambda: ["all-linear"],
+        metadata={
+            "help": 'Groups ("attention", "ffn", "all-linear") and/or regexes "re:<regex>" of Linear layers; '
+            "for cats, the FFNs that hold a selected layer."
+        },
+    )
+    exclude: list[str] = field(default_factory=list, metadata={"help": "Regexes of module names left dense."})
+    options: dict[str, Any] = field(
+        default_factory=dict,
+        metadata={"help": 'Method options; teal: {"allocation": "uniform" | "greedy", "step": 0.05}.'},
+    )
+
+    def __post_init__(self) -> None:
+        if isinstance(self.targets, str):
+            self.targets = [self.targets]
+        if isinstance(self.exclude, str):
+            self.exclude = [self.exclude]
+
+    def problems(self, path: str = "activation") -> list[str]:
+        """Every bad field, each named (empty when the part is valid)."""
+        out: list[str] = []
+        method = None
+        try:
+            method = ACTIVATION_METHODS.get(self.method)
+        except RegistryError as err:
+            out.append(f"{path}.method: {err}")
+        try:
+            _check_fraction(f"{path}.sparsity", self.sparsity)
+        except ConfigError as err:
+            out.append(str(err).replace("of weights to remove", "of activations to zero"))
+        if not isinstance(self.targets, list) or not self.targets:
+            out.append(f"{path}.targets is empty; give a group ({', '.join(TARGET_GROUPS)}) or 're:<regex>'.")
+        else:
+            for i, target in enumerate(self.targets):
+                if not isinstance(target, str) or (
+                    not target.startswith("re:") and target not in TARGET_GROUPS
+                ):
+                    out.append(
+                        f"{path}.targets[{i}] is {target!r}: use a group ({', '.join(TARGET_GROUPS)}) or a regex "
+                        f"written 're:<regex>'.{suggest(str(target), list(TARGET_GROUPS))}"
+                    )
+        if not isinstance(self.exclude, list) or not all(isinstance(x, str) for x in self.exclude):
+            out.append(f"{path}.exclude must be a list of regexes, got {self.exclude!r}.")
+        if not isinstance(self.options, dict):
+            out.append(f"{path}.options must be a mapping, got {self.options!r}.")
+        elif method is not None:
+            out.extend(method.option_problems(self.options, f"{path}.options"))
+        return out
 
     def validate(self, path: str = "activation") -> None:
-        raise ConfigError(
-            f"{path}: dynamic activation sparsity is not available in this release; remove the field."
-        )
+        """Raise `ConfigError` naming every bad field at once."""
+        found = self.problems(path)
+        if found:
+            raise ConfigError(found[0] if len(found) == 1 else f"{len(found)} problems: " + " ".join(found))
 
 
 @dataclass

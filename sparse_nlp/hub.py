@@ -326,6 +326,8 @@ def render_model_card(
             tags.append(f"{_tag(getattr(attention, 'pattern', 'sparse'))}-attention")
         if structured is not None:
             tags.append("structured-pruning")
+        if config.activation is not None:
+            tags.append(f"{_tag(config.activation.method)}-activation-sparsity")
     if compact:
         tags.append("sparse-nlp-compact")
     data_ids = list(datasets or [])
@@ -354,6 +356,8 @@ def render_model_card(
         weight_rules=weights,
         attention=attention,
         structured=structured,
+        activation=config.activation if config is not None else None,
+        activation_measured=measured.activation,
         recipe_json=config.to_json() if config is not None else None,
         groups=groups,
         masked_modules=sum(1 for r in measured.rows if r.masked),

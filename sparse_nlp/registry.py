@@ -93,3 +93,7 @@ ATTENTION_KERNELS: Registry = Registry("attention kernel", filled_by=("sparse_nl
 STRUCTURED_SCORES: Registry = Registry(
     "structured importance score", filled_by=("sparse_nlp.structured.scores",)
 )
+# Dynamic activation sparsity methods: sparse_nlp.activation.methods.ActivationMethod subclasses.
+ACTIVATION_METHODS: Registry = Registry(
+    "activation sparsity method", filled_by=("sparse_nlp.activation.methods",)
+)

@@ -12,6 +12,7 @@ from typing import Any
 from torch import nn
 from tqdm.auto import tqdm
 
+from .activation.apply import calibrate_activation, check_activation, remove_activation
 from .attention.apply import apply_attention, check_pattern, extend_for, remove_attention
 from .config import SparsityConfig, WeightSparsity
 from .errors import ConfigError, UnsupportedModelError
@@ -107,13 +108,22 @@ def sparsify(
             f"{what} needs calibration data: pass data=[texts...] "
             "(and tokenizer=...) to sparsify, or --calibration on the command line."
         )
+    if config.activation is not None:  # a method the family refuses, or no data, fails before any change
+        check_activation(model, config.activation)
+        if data is None:
+            raise ConfigError(
+                f"activation method {config.activation.method!r} needs calibration data: pass data=[texts...] "
+                "(and tokenizer=...) to sparsify, or --calibration on the command line."
+            )
     if needs_data:
         check_calibration_plans(plans)
     store = None
     if offload_dir is not None or getattr(model, "__dict__", {}).get("_sparse_nlp_block_store") is not None:
         check_offloadable(model, plans)
-        if config.attention is not None or config.structured is not None:
-            raise ConfigError("offload_dir supports weight rules only (no attention or structured part).")
+        if config.attention is not None or config.structured is not None or config.activation is not None:
+            raise ConfigError(
+                "offload_dir supports weight rules only (no attention, structured or activation part)."
+            )
         if experts:
             raise ConfigError(
                 "offload_dir does not prune fused mixture-of-experts parameters; exclude them or prune in memory."
@@ -154,8 +164,19 @@ def sparsify(
     if config.attention is not None:
         apply_attention(model, config.attention)
 
+    extra = {}
+    if config.activation is not None:  # calibrated on the model as pruned above
+        extra["activation"] = calibrate_activation(
+            model,
+            config.activation,
+            data,
+            tokenizer=tokenizer,
+            num_samples=num_samples,
+            seq_len=seq_len,
+            progress=progress,
+        )
     merged = config if previous is None else _merge(previous, config)
-    write_metadata(model, merged)
+    write_metadata(model, merged, **extra)
     logger.info("sparsified %d layers of %s", len(plans), type(model).__name__)
     return model
 
@@ -211,10 +232,12 @@ def _merge(previous: SparsityConfig, new: SparsityConfig) -> SparsityConfig:
 
 
 def to_dense(model: nn.Module) -> nn.Module:
-    """Remove every trace of sparse_nlp: masks, hooks, metadata and attention settings. Weights keep their values.
+    """Remove every trace of sparse_nlp: masks, hooks, metadata, activation thresholds and attention settings.
+    Weights keep their values.
 
     Structurally pruned layers keep their smaller shapes (they are plain modules already).
     """
+    remove_activation(model)
     for _, module in list(masked_modules(model)):
         detach_mask(module)
     for _, module, _, _ in list(masked_experts(model)):

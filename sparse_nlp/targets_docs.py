@@ -24,11 +24,27 @@ COLUMNS = (*FEATURES, "runtime", "activation")
 """The table's feature columns: `FEATURES` (what `sparsify` applies or refuses per family), then the sparse runtime
 (`sparse_nlp.runtime.convert`, which packs any pruned Linear layer) and dynamic activation sparsity."""
 
-ACTIVATION_CELL = (
-    "not yet: dynamic activation sparsity is not in this release (a config's `activation` part is refused)"
-)
-"""The activation column while `sparse_nlp.config.ActivationSparsity` refuses every value (a test checks that it
-still does; once it does not, this column must say per family what applies)."""
+
+def activation_cell(entry: ModelTargets) -> str:
+    """The activation column of one family: which activation methods `sparsify` accepts (`check_activation` gives
+    the same answer; a test checks it on every family with a tiny model) and why the others are refused."""
+    if entry.inferred:
+        return "no: needs an exact entry (use_targets / --targets-file)"
+    accepted, refused = ["teal"], []
+    fused_only = bool(entry.experts) and not entry.ffn_out
+    if fused_only:
+        refused.append(
+            "cats and moefication: the FFNs are fused experts (teal thresholds the attention layers)"
+        )
+    else:
+        if entry.gated:
+            accepted.append("cats")
+        else:
+            refused.append("cats: the FFN is not gated")
+        accepted.append("moefication")
+    note = "; cats and moefication on the shared expert only" if entry.experts and not fused_only else ""
+    return f"yes: {', '.join(accepted)}{note}" + (f"; no: {'; '.join(refused)}" if refused else "")
+
 
 _INFERRED = ModelTargets(
     layers="(inferred)",
@@ -52,7 +68,9 @@ Save and load (`sparse_nlp.save_pretrained` / `from_pretrained`, and plain trans
 without sparse attention), `to_dense` and `report` work on every family that `sparsify` accepts.
 The sparse runtime column: `sparse_nlp.runtime.convert` packs every pruned `nn.Linear` (and GPT-2 `Conv1D`)
 of any model; for each family in the table a test checks that the packed model's logits equal the masked
-dense model's.
+dense model's. The activation sparsity column names the methods of `ActivationSparsity` (`teal`, `cats`,
+`moefication`; see [Activation sparsity](features/activation-sparsity.md)) that `sparsify` accepts for the family;
+a test checks each cell against the code on a tiny model of every family.
 
 """
 
@@ -126,7 +144,7 @@ training.
 
 def _cell(entry: ModelTargets, feature: str) -> str:
     if feature == "activation":
-        return ACTIVATION_CELL
+        return activation_cell(entry)
     if feature == "runtime":
         if entry.experts:
             return (

@@ -8,13 +8,11 @@ import torch
 
 import sparse_nlp
 from sparse_nlp import runtime
-from sparse_nlp.config import ActivationSparsity, SparsityConfig
-from sparse_nlp.errors import ConfigError
+from sparse_nlp.config import SparsityConfig
 from sparse_nlp.pruning.experts import masked_experts
 from sparse_nlp.pruning.masking import masked_modules
 from sparse_nlp.runtime import kernels
 from sparse_nlp.targets import TARGETS
-from sparse_nlp.targets_docs import ACTIVATION_CELL, support_rows
 
 from .conftest import DECODERS, tiny_inputs, tiny_model
 from .test_families import INFERRED, MOE, NEW_DECODERS, NEW_FAMILIES, family_model, moe_model
@@ -72,10 +70,3 @@ def test_converted_logits_equal_the_masked_model_on_inferred_layouts(model_type)
     runtime.convert(model, methods=("native",))
     assert len(runtime.converted_layers(model)) == pruned > 0
     torch.testing.assert_close(outputs(), expected, rtol=0, atol=1e-5)
-
-
-def test_the_activation_column_says_what_the_config_does():
-    # the support table says activation sparsity is not in this release; that holds while the config refuses it
-    with pytest.raises(ConfigError, match="activation"):
-        SparsityConfig(activation=ActivationSparsity()).validate()
-    assert all(cells["activation"] == ACTIVATION_CELL for _, _, cells in support_rows())

@@ -1,0 +1,103 @@
+"""MoEfication (Zhang et al., 2022) without fine-tuning: FFN neurons split into experts, a router picks a few per token.
+
+Each targeted FFN's intermediate neurons are split into ``experts`` groups of (nearly) equal size by balanced
+k-means on the rows of the FFN's first projection (the gate rows of a gated FFN): neurons whose input weights
+point the same way share an expert. The *similarity* router scores expert e for a token x as ``x . c_e``, with
+``c_e`` the mean of the expert's (unit-normalised) rows, and keeps the ``top_k`` best; the outputs of the other
+experts' neurons are set to zero by a forward hook on the FFN's activation module (computed in full, then zeroed:
+there is no expert-skipping kernel). The expert map (neuron -> expert) is saved; the centroids are rebuilt from it.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..linear import linear_weight
+
+
+@torch.no_grad()
+def balanced_split(rows: torch.Tensor, experts: int, *, iterations: int = 4, seed: int = 0) -> torch.Tensor:
+    """(F, H) neuron rows -> (F,) expert index, each expert holding floor or ceil of F / experts neurons.
+
+    Balanced k-means on unit-normalised rows (cosine similarity): each round assigns the (neuron, expert) pairs in
+    order of decreasing similarity while the expert has room, then moves each centroid to its neurons' mean.
+    """
+    count = rows.shape[0]
+    unit = nn.functional.normalize(rows.float(), dim=1)  # (F, H)
+    g = torch.Generator().manual_seed(seed)
+    centroids = unit[torch.randperm(count, generator=g)[:experts]].clone()  # (E, H)
+    capacity = torch.full((experts,), count // experts, dtype=torch.long)
+    capacity[: count % experts] += 1
+    assign = torch.zeros(count, dtype=torch.long)
+    for _ in range(iterations):
+        scores = unit @ centroids.t()  # (F, E)
+        order = torch.argsort(scores.reshape(-1), descending=True)
+        left = capacity.clone()
+        done = torch.zeros(count, dtype=torch.bool)
+        for flat in order.tolist():
+            f, e = divmod(flat, experts)
+            if done[f] or left[e] == 0:
+                continue
+            assign[f] = e
+            done[f] = True
+            left[e] -= 1
+            if bool(done.all()):
+                break
+        for e in range(experts):
+            members = unit[assign == e]
+            if members.numel():
+                centroids[e] = nn.functional.normalize(members.mean(0), dim=0)
+    return assign
+
+
+def neuron_rows(first: nn.Module, width: int) -> torch.Tensor:
+    """(width, H): the input weights of the FFN's intermediate neurons (the first `width` rows of its first
+    projection: the gate rows of a fused gate/up projection)."""
+    return linear_weight(first).detach()[:width]
+
+
+def centroids(rows: torch.Tensor, assign: torch.Tensor, experts: int) -> torch.Tensor:
+    """(E, H) router centroids: the mean unit row of each expert."""
+    unit = nn.functional.normalize(rows.float(), dim=1)
+    out = torch.zeros(experts, rows.shape[1])
+    out.index_add_(0, assign, unit)
+    return out / torch.bincount(assign, minlength=experts).clamp(min=1).unsqueeze(1)
+
+
+class ExpertRouter:
+    """The hooks of one FFN: the first projection's input picks the experts, the activation output is zeroed."""
+
+    def __init__(
+        self, first: nn.Module, act: nn.Module, assign: torch.Tensor, experts: int, top_k: int
+    ) -> None:
+        width = assign.numel()
+        self.assign = assign
+        self.top_k = top_k
+        self.experts = experts
+        self.centroids = centroids(neuron_rows(first, width), assign, experts)  # (E, H)
+        self.keep: torch.Tensor | None = None
+        self.handles = [
+            first.register_forward_pre_hook(self._route),
+            act.register_forward_hook(self._zero),
+        ]
+
+    def _route(self, module: nn.Module, args: tuple) -> None:
+        x = args[0]  # (..., H)
+        if self.top_k >= self.experts:
+            self.keep = None
+            return
+        scores = x.float() @ self.centroids.t().to(x.device)  # (..., E)
+        chosen = scores.topk(self.top_k, dim=-1).indices  # (..., k)
+        experts = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, chosen, True)  # (..., E)
+        self.keep = experts[..., self.assign.to(x.device)]  # (..., F)
+
+    def _zero(self, module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
+        keep, self.keep = self.keep, None
+        if keep is None or keep.shape != out.shape:
+            return out
+        return torch.where(keep, out, torch.zeros((), dtype=out.dtype, device=out.device))
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()

@@ -1,0 +1,381 @@
+"""Dynamic activation sparsity (TEAL, CATS): calibration, hooks, saving, family support, and the batch-1 kernel."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+import transformers
+
+import sparse_nlp
+from sparse_nlp import ActivationSparsity, SparsityConfig, WeightSparsity
+from sparse_nlp.activation import (
+    ActivationLinear,
+    accelerate,
+    activation_state,
+    check_activation,
+    kernel,
+    revert,
+)
+from sparse_nlp.activation.calibrate import Histogram, zero_fractions
+from sparse_nlp.activation.experts import balanced_split
+from sparse_nlp.errors import ConfigError, MetadataError, UnsupportedModelError
+from sparse_nlp.targets import model_targets
+from sparse_nlp.targets_docs import support_rows
+
+from .conftest import ENCODERS, FAMILIES, VOCAB, tiny_inputs, tiny_model
+from .test_families import MOE, NEW_FAMILIES, family_model, moe_model
+
+ALL_FAMILIES = FAMILIES + NEW_FAMILIES
+
+
+def id_data(seed: int, n: int = 32, length: int = 24) -> torch.Tensor:
+    """(n, length) random token ids: calibration data of a tiny model."""
+    return torch.randint(3, VOCAB, (n, length), generator=torch.Generator().manual_seed(seed))
+
+
+def logits(model, inputs) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**inputs).logits
+
+
+def sparse(model, method: str = "teal", sparsity: float = 0.5, **kwargs):
+    spec = ActivationSparsity(method=method, sparsity=sparsity, **kwargs)
+    return sparse_nlp.sparsify(model, SparsityConfig(activation=spec), data=id_data(5), progress=False)
+
+
+def measured(model, seed: int) -> float:
+    """The fraction of zeros of the thresholded tensors on data the thresholds were not calibrated on."""
+    state = activation_state(model)
+    record = model.config.sparse_nlp["activation"]
+    names = record.get("thresholds") or record.get("expert_maps")
+    sites = {n: model.base_model.get_submodule(n) for n in names}
+    where = "input" if state.where == "input" else "output"
+    batches = [{"input_ids": b, "attention_mask": torch.ones_like(b)} for b in id_data(seed).split(8)]
+    return zero_fractions(model, sites, where, batches)[1]
+
+
+# ---- calibration -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "family,method,target",
+    [
+        ("llama", "teal", 0.25),
+        ("llama", "teal", 0.5),
+        ("llama", "cats", 0.5),
+        ("bert", "teal", 0.4),
+        ("llama", "moefication", 0.5),
+        ("gpt2", "moefication", 0.75),
+    ],
+)
+def test_thresholds_hit_the_target_on_held_back_data(family, method, target):
+    options = {"experts": 8} if method == "moefication" else {}
+    model = sparse(tiny_model(family), method, target, options=options)
+    record = model.config.sparse_nlp["activation"]
+    assert abs(record["measured"]["sparsity"] - target) < 0.02  # on the calibration data, all sites applied
+    assert abs(record["measured"]["weight_weighted"] - target) < 0.02
+    assert abs(measured(model, seed=99) - target) < 0.02  # on other data
+
+
+def test_greedy_allocation_keeps_each_blocks_budget_and_varies_the_layers():
+    model = tiny_model("llama")
+    sparse(model, "teal", 0.5, options={"allocation": "greedy", "step": 0.1, "samples": 2})
+    record = model.config.sparse_nlp["activation"]
+    allocated = record["allocated"]
+    for block in range(2):
+        names = [n for n in allocated if n.startswith(f"layers.{block}.")]
+        weights = {n: model.base_model.get_submodule(n).weight.numel() for n in names}
+        mean = sum(allocated[n] * weights[n] for n in names) / sum(weights.values())
+        assert mean == pytest.approx(0.5, abs=1e-6)
+        assert len({allocated[n] for n in names}) > 1  # not uniform
+    assert record["measured"]["weight_weighted"] == pytest.approx(0.5, abs=0.05)
+
+
+def test_balanced_split_recovers_clusters_with_equal_sizes():
+    g = torch.Generator().manual_seed(0)
+    centers = torch.randn(4, 16, generator=g) * 5
+    truth = torch.arange(40) % 4
+    rows = centers[truth] + 0.1 * torch.randn(40, 16, generator=g)
+    assign = balanced_split(rows, 4)
+    assert torch.bincount(assign, minlength=4).tolist() == [10, 10, 10, 10]
+    for e in range(4):  # each expert holds exactly one cluster
+        assert len(set(truth[assign == e].tolist())) == 1
+    assert torch.bincount(balanced_split(rows[:38], 4), minlength=4).tolist() == [10, 10, 9, 9]
+
+
+def test_moefication_has_no_kernel_and_says_so():
+    model = sparse(tiny_model("llama"), "moefication", 0.5, options={"experts": 4})
+    with pytest.raises(ValueError, match="no\nexpert-skipping kernel|expert-skipping kernel"):
+        accelerate(model)
+
+
+def test_histogram_quantile_is_close_to_the_exact_one():
+    values = torch.randn(100_000, generator=torch.Generator().manual_seed(0))
+    hist = Histogram()
+    hist.add(values)
+    for q in (0.1, 0.5, 0.9):
+        t = hist.threshold(q)
+        assert float((values.abs() <= t).float().mean()) == pytest.approx(q, abs=0.002)
+        assert hist.fraction_below(t) == pytest.approx(q, abs=0.002)
+    assert hist.threshold(0.0) == 0.0
+
+
+# ---- applying ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "family,method",
+    [
+        ("llama", "teal"),
+        ("llama", "cats"),
+        ("bert", "teal"),
+        ("llama", "moefication"),
+        ("bert", "moefication"),
+    ],
+)
+def test_zero_sparsity_equals_the_dense_model_exactly(family, method):
+    model = tiny_model(family)
+    inputs = tiny_inputs()
+    dense = logits(model, inputs)
+    sparse(model, method, 0.0)
+    assert activation_state(model) is not None
+    assert torch.equal(logits(model, inputs), dense)
+
+
+def test_thresholds_change_the_outputs_and_to_dense_removes_them():
+    model = tiny_model("llama")
+    inputs = tiny_inputs()
+    dense = logits(model, inputs)
+    sparse(model, "teal", 0.5)
+    assert not torch.allclose(logits(model, inputs), dense, atol=1e-4)
+    sparse_nlp.to_dense(model)
+    assert activation_state(model) is None
+    assert torch.equal(logits(model, inputs), dense)
+
+
+@pytest.mark.parametrize("method", ["teal", "cats", "moefication"])
+def test_save_and_load_restore_identical_outputs(tmp_path, method):
+    model = tiny_model("llama")
+    options = {"experts": 8} if method == "moefication" else {}
+    spec = ActivationSparsity(method=method, sparsity=0.4, options=options)
+    config = SparsityConfig(weights=[WeightSparsity(method="wanda", sparsity=0.5)], activation=spec)
+    sparse_nlp.sparsify(model, config, data=id_data(5), progress=False)
+    inputs = tiny_inputs()
+    before = logits(model, inputs)
+    sparse_nlp.save_pretrained(model, tmp_path / "ck")
+    loaded = sparse_nlp.from_pretrained(tmp_path / "ck")
+    assert activation_state(loaded).thresholds == activation_state(model).thresholds
+    assert torch.equal(logits(loaded, inputs), before)
+    target = 0.375 if method == "moefication" else 0.4  # 5 of 8 experts kept
+    assert sparse_nlp.report(loaded).activation["sparsity"] == pytest.approx(target, abs=0.02)
+
+
+def test_plain_transformers_loads_the_dense_model_and_the_config_marks_it(tmp_path):
+    model = tiny_model("llama")
+    inputs = tiny_inputs()
+    dense = logits(model, inputs)
+    sparse(model, "teal", 0.5)
+    sparse_nlp.save_pretrained(model, tmp_path / "ck")
+    plain = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ck")
+    assert torch.equal(logits(plain, inputs), dense)  # the dense model, not the thresholded one
+    assert plain.config.sparse_nlp["activation"]["method"] == "teal"
+    assert plain.config.sparse_nlp["activation"]["thresholds"]
+
+
+def test_a_damaged_threshold_record_is_named_on_load(tmp_path):
+    import json
+
+    model = sparse(tiny_model("llama"), "teal", 0.5)
+    sparse_nlp.save_pretrained(model, tmp_path / "ck")
+    path = tmp_path / "ck" / "config.json"
+    raw = json.loads(path.read_text())
+    name = next(iter(raw["sparse_nlp"]["activation"]["thresholds"]))
+    raw["sparse_nlp"]["activation"]["thresholds"][name] = -1.0
+    path.write_text(json.dumps(raw))
+    with pytest.raises(MetadataError, match="thresholds"):
+        sparse_nlp.from_pretrained(tmp_path / "ck", check_hashes=False)
+
+
+# ---- families and bad options ----------------------------------------------------------------------------
+
+
+def _model(family: str):
+    return tiny_model(family) if family in FAMILIES else family_model(family)
+
+
+@pytest.mark.parametrize("family", ALL_FAMILIES)
+def test_every_family_accepts_teal_and_moefication_and_accepts_or_refuses_cats_clearly(family):
+    model = _model(family)
+    _, sites = check_activation(model, ActivationSparsity(method="teal"))
+    assert sites
+    _, sites = check_activation(model, ActivationSparsity(method="moefication", options={"experts": 4}))
+    assert len(sites) == model.config.num_hidden_layers
+    entry = model_targets(model)
+    if entry.gated:
+        _, sites = check_activation(model, ActivationSparsity(method="cats"))
+        assert len(sites) == model.config.num_hidden_layers
+        sparse(model, "cats", 0.5)
+        assert abs(model.config.sparse_nlp["activation"]["measured"]["sparsity"] - 0.5) < 0.05
+    else:
+        with pytest.raises(UnsupportedModelError, match="needs a gated FFN.*use method 'teal'"):
+            check_activation(model, ActivationSparsity(method="cats"))
+
+
+@pytest.mark.parametrize("family", MOE)
+def test_mixture_of_experts_families_accept_teal_and_refuse_ffn_methods_on_fused_experts(family):
+    model = moe_model(family)
+    _, sites = check_activation(model, ActivationSparsity(method="teal"))
+    assert any("self_attn" in n for n in sites)
+    for method in ("cats", "moefication"):
+        spec = ActivationSparsity(method=method, options={"experts": 4} if method == "moefication" else {})
+        if model_targets(model).ffn_out:  # a shared expert: a plain gated FFN beside the fused experts
+            _, sites = check_activation(model, spec)
+            assert all("shared_expert" in n for n in sites)
+        else:
+            with pytest.raises(UnsupportedModelError, match="fused mixture-of-experts"):
+                check_activation(model, spec)
+
+
+@pytest.mark.parametrize("family", ALL_FAMILIES + MOE)
+def test_the_support_table_says_which_methods_each_family_accepts(family):
+    model = _model(family) if family not in MOE else moe_model(family)
+    cell = dict((t, c) for t, _, c in support_rows())[model.config.model_type]["activation"]
+    claimed = set(cell.split(";")[0].removeprefix("yes: ").split(", "))
+    accepted = set()
+    for method in ("teal", "cats", "moefication"):
+        try:
+            check_activation(
+                model,
+                ActivationSparsity(method=method, options={"experts": 4} if method == "moefication" else {}),
+            )
+            accepted.add(method)
+        except UnsupportedModelError:
+            pass
+    assert claimed == accepted
+
+
+@pytest.mark.parametrize(
+    "activation,match",
+    [
+        ({"sparsity": 1.0}, r"activation\.sparsity"),
+        ({"method": "moe"}, r"activation\.method.*Known: cats, moefication, teal"),
+        ({"options": {"allocation": "greed"}}, r"activation\.options\.allocation.*Did you mean 'greedy'"),
+        ({"options": {"steps": 0.1}}, r"activation\.options\.steps is not an option"),
+        ({"method": "cats", "options": {"allocation": "uniform"}}, r"not an option of 'cats'"),
+        ({"targets": ["fnn"]}, r"activation\.targets\[0\].*Did you mean 'ffn'"),
+        ({"method": "moefication", "options": {"experts": 4, "top_k": 5}}, r"top_k is 5, larger than"),
+        ({"method": "moefication", "options": {"experts": 1}}, r"experts must be an integer >= 2"),
+        ({"method": "moefication", "options": {"router": "mlp"}}, r"router must be one of similarity"),
+    ],
+)
+def test_bad_options_fail_before_the_model_changes(activation, match):
+    model = tiny_model("llama")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    config = {"weights": [{"method": "magnitude", "sparsity": 0.5}], "activation": activation}
+    with pytest.raises(ConfigError, match=match):
+        sparse_nlp.sparsify(model, config, data=id_data(5), progress=False)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert activation_state(model) is None and not hasattr(model.config, "sparse_nlp")
+
+
+def test_every_bad_field_is_named_at_once():
+    with pytest.raises(ConfigError) as err:
+        SparsityConfig.from_dict({"activation": {"method": "tael", "sparsity": 2, "targets": ["x"]}})
+    message = str(err.value)
+    for field in ("activation.method", "activation.sparsity", "activation.targets[0]"):
+        assert field in message
+
+
+@pytest.mark.parametrize("family", ENCODERS[:1])
+def test_a_refused_method_leaves_the_model_unchanged(family):
+    model = tiny_model(family)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    config = SparsityConfig(
+        weights=[WeightSparsity(method="magnitude", sparsity=0.5)],
+        activation=ActivationSparsity(method="cats"),
+    )
+    with pytest.raises(UnsupportedModelError, match="gated FFN"):
+        sparse_nlp.sparsify(model, config, data=id_data(5), progress=False)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_activation_sparsity_needs_data():
+    model = tiny_model("llama")
+    with pytest.raises(ConfigError, match="needs calibration data"):
+        sparse_nlp.sparsify(model, SparsityConfig(activation=ActivationSparsity()), progress=False)
+    assert activation_state(model) is None
+
+
+# ---- the batch-1 kernel ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("isa", ["portable", "native"])
+@pytest.mark.parametrize("tokens,inp,out", [(1, 37, 53), (1, 64, 24), (3, 70, 19), (1, 5, 200)])
+def test_kernel_equals_the_dense_product_of_the_zeroed_input(monkeypatch, isa, tokens, inp, out):
+    if kernel.ops() is None:
+        pytest.skip(f"native kernel unavailable: {kernel.status()}")
+    if isa == "portable":
+        monkeypatch.setenv(kernel.ENV_ISA, "portable")
+        assert kernel.best_isa() == 0
+    g = torch.Generator().manual_seed(tokens * inp + out)
+    x = torch.randn(tokens, inp, generator=g)
+    wt = torch.randn(inp, out, generator=g).contiguous()
+    bias = torch.randn(out, generator=g)
+    for threshold in (0.0, 0.7, 10.0):
+        y = kernel.activation_linear(x, wt, bias, threshold)
+        reference = torch.where(x.abs() > threshold, x, 0.0) @ wt + bias
+        assert torch.allclose(y, reference, atol=1e-5, rtol=1e-5)
+    y = kernel.activation_linear(x, wt, None, 0.5)
+    assert torch.allclose(y, torch.where(x.abs() > 0.5, x, 0.0) @ wt, atol=1e-5, rtol=1e-5)
+
+
+def test_without_a_compiler_one_warning_and_the_dense_path(monkeypatch, caplog):
+    monkeypatch.setenv("SPARSE_NLP_NATIVE", "0")
+    kernel._reset()
+    try:
+        with caplog.at_level(logging.WARNING):
+            assert kernel.ops() is None
+            assert kernel.ops() is None
+        warnings = [r for r in caplog.records if "activation-sparse kernel is unavailable" in r.message]
+        assert len(warnings) == 1
+        x, wt = torch.randn(1, 9), torch.randn(9, 4)
+        y = kernel.activation_linear(x, wt, None, 0.3)
+        assert torch.allclose(y, torch.where(x.abs() > 0.3, x, 0.0) @ wt)
+    finally:
+        kernel._reset()
+
+
+@pytest.mark.parametrize("family,method", [("llama", "teal"), ("llama", "cats"), ("gpt2", "teal")])
+def test_accelerated_layers_decode_like_the_hooks(family, method):
+    model = sparse(tiny_model(family), method, 0.5)
+    ids = tiny_inputs(batch=1, length=6)["input_ids"]
+    with torch.no_grad():
+        hooked_prefill = model(input_ids=ids).logits
+        hooked_step = model(input_ids=ids[:, :1]).logits  # one token: the kernel path once accelerated
+    count = accelerate(model)
+    assert count > 0
+    assert any(isinstance(m, ActivationLinear) for m in model.modules())
+    with torch.no_grad():
+        assert torch.allclose(model(input_ids=ids).logits, hooked_prefill, atol=1e-5)
+        assert torch.allclose(model(input_ids=ids[:, :1]).logits, hooked_step, atol=1e-5)
+    assert set(model.state_dict()) == set(tiny_model(family).state_dict())
+    revert(model)
+    assert not any(isinstance(m, ActivationLinear) for m in model.modules())
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, hooked_prefill)
+
+
+def test_report_and_card_state_the_measured_activation_sparsity():
+    from sparse_nlp.hub import render_model_card
+
+    model = sparse(tiny_model("llama"), "teal", 0.4)
+    summary = sparse_nlp.report(model).activation
+    assert summary["method"] == "teal" and summary["tokens"] == 32 * 24
+    assert summary["sparsity"] == model.config.sparse_nlp["activation"]["measured"]["sparsity"]
+    assert "activation sparsity (teal" in str(sparse_nlp.report(model))
+    card = str(render_model_card(model, "org/tiny"))
+    assert f"{summary['sparsity'] * 100:.2f}% of their values were zero" in card
+    assert "loads the **dense** model" in card
+    assert sparse_nlp.report(tiny_model("llama")).activation is None
