@@ -62,7 +62,7 @@ class BandPlan:
     band_additive: torch.Tensor | None = None  # `band_mask`, once built
     key_ok: torch.Tensor | None = None  # (B, nb, c + left + right) bool: keys each block may see
     span: int = 0  # left + right: query i of a block sees window columns i to i + span
-    band_alive: torch.Tensor | None = None  # (B, 1, nb, c) rows with an allowed band key
+    band_alive_rows: torch.Tensor | None = None  # `band_alive`, once built
     g_cols: torch.Tensor | None = None  # (B, 1, nb, c, g) bool: global key columns each query sees
     row_open: torch.Tensor | None = None  # (B, 1, g) global query rows with an allowed key
     native: tuple | None = None  # the native kernel's masks: band, column ranges, global columns, global rows
@@ -74,6 +74,14 @@ class BandPlan:
         if self.band_additive is None:
             self.band_additive = _additive(self.band_bool, self.dtype).unsqueeze(1)
         return self.band_additive
+
+    @property
+    def band_alive(self) -> torch.Tensor:
+        """(B, 1, nb, c) bool: rows with an allowed band key; built on first use (the native forward never reads
+        it)."""
+        if self.band_alive_rows is None:
+            self.band_alive_rows = self.band_bool.any(dim=-1).unsqueeze(1)
+        return self.band_alive_rows
 
 
 def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -110,7 +118,6 @@ def build_plan(
     in_band = (j - i >= 0) & (j - i <= left + right)  # (c, W): key raw = block*c + j - left
     mask = in_band.view(1, 1, c, width) & key_ok.unsqueeze(2)  # (B, nb, c, W)
     plan = BandPlan(c=c, nb=nb, width=width, dtype=dtype, key_ok=key_ok, span=left + right)
-    plan.band_alive = mask.any(dim=-1).unsqueeze(1)
     if flags is not None:
         count = flags.sum(dim=1)  # (B,)
         g = int(count.max())
