@@ -265,14 +265,21 @@ def _native_inputs(plan: BandPlan) -> None:
         return
     bsz, nb, c, width = plan.band_bool.shape
     mask = plan.band_bool.reshape(bsz, nb * c, width).contiguous()
-    # each row's first and last + 1 allowed column (argmax gives the first maximum; (0, 0) when none), and
-    # whether every column between them is allowed (the kernel then reads no mask inside the range)
-    alive = mask.any(dim=-1)
-    first = mask.to(torch.uint8).argmax(dim=-1)
-    last = width - mask.flip(-1).to(torch.uint8).argmax(dim=-1)
-    solid = mask.sum(dim=-1) == last - first
+    # each row's first and last + 1 allowed column ((0, 0) when none), and whether every column between them is
+    # allowed (the kernel then reads no mask inside the range). Query i of a block sees the window columns i to
+    # i + span that its block's key_ok allows: found from per-block scans of key_ok, not from the (N, W) mask.
+    key_ok, span = plan.key_ok, plan.span  # (B, nb, W) bool
+    col = torch.arange(width, device=mask.device)
+    after = torch.where(key_ok, col, width).flip(-1).cummin(dim=-1).values.flip(-1)  # first allowed >= j
+    before = torch.where(key_ok, col, -1).cummax(dim=-1).values  # last allowed <= j
+    seen = F.pad(key_ok.cumsum(dim=-1), (1, 0))  # (B, nb, W + 1) allowed columns before j
+    i = torch.arange(c, device=mask.device)
+    first, last = after[..., i], before[..., i + span] + 1  # (B, nb, c)
+    count = seen[..., i + span + 1] - seen[..., i]
+    alive = count > 0
+    solid = count == last - first
     ranges = (
-        torch.stack([first, last, solid.long()], dim=-1).mul_(alive.unsqueeze(-1)).contiguous()
+        torch.stack([first, last, solid.long()], dim=-1).mul_(alive.unsqueeze(-1)).reshape(bsz, nb * c, 3)
     )  # (B, N, 3)
     if plan.g:
         g_mask = plan.g_cols.reshape(bsz, nb * c, plan.g).contiguous()

@@ -59,11 +59,29 @@ class BandPlan:
     g_valid: torch.Tensor | None = None  # (B, g)
     row_mask: torch.Tensor | None = None  # (B, 1, g, N) additive: what global queries see
     row_alive: torch.Tensor | bool = True
-    band_mask: torch.Tensor | None = None  # (B, 1, nb, c, c + left + right) additive, band columns only
-    band_alive: torch.Tensor | None = None  # (B, 1, nb, c) rows with an allowed band key
+    band_additive: torch.Tensor | None = None  # `band_mask`, once built
+    key_ok: torch.Tensor | None = None  # (B, nb, c + left + right) bool: keys each block may see
+    span: int = 0  # left + right: query i of a block sees window columns i to i + span
+    band_alive_rows: torch.Tensor | None = None  # `band_alive`, once built
     g_cols: torch.Tensor | None = None  # (B, 1, nb, c, g) bool: global key columns each query sees
     row_open: torch.Tensor | None = None  # (B, 1, g) global query rows with an allowed key
     native: tuple | None = None  # the native kernel's masks: band, column ranges, global columns, global rows
+
+    @property
+    def band_mask(self) -> torch.Tensor:
+        """(B, 1, nb, c, c + left + right) additive, band columns only; built on first use (the native forward
+        never reads it)."""
+        if self.band_additive is None:
+            self.band_additive = _additive(self.band_bool, self.dtype).unsqueeze(1)
+        return self.band_additive
+
+    @property
+    def band_alive(self) -> torch.Tensor:
+        """(B, 1, nb, c) bool: rows with an allowed band key; built on first use (the native forward never reads
+        it)."""
+        if self.band_alive_rows is None:
+            self.band_alive_rows = self.band_bool.any(dim=-1).unsqueeze(1)
+        return self.band_alive_rows
 
 
 def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -99,9 +117,7 @@ def build_plan(
     j = torch.arange(width, device=device).view(1, width)
     in_band = (j - i >= 0) & (j - i <= left + right)  # (c, W): key raw = block*c + j - left
     mask = in_band.view(1, 1, c, width) & key_ok.unsqueeze(2)  # (B, nb, c, W)
-    plan = BandPlan(c=c, nb=nb, width=width, dtype=dtype)
-    plan.band_mask = _additive(mask, dtype).unsqueeze(1)
-    plan.band_alive = mask.any(dim=-1).unsqueeze(1)
+    plan = BandPlan(c=c, nb=nb, width=width, dtype=dtype, key_ok=key_ok, span=left + right)
     if flags is not None:
         count = flags.sum(dim=1)  # (B,)
         g = int(count.max())

@@ -70,7 +70,7 @@ void chunk_keys_scalar(const at::Tensor& k, at::Tensor& kt) {
 
 // ---- portable back end: 16 floats in an array --------------------------------------------------------------------
 namespace portable {
-constexpr int kScoreRows = 4, kScoreChunks = 1, kMixAcc = 4;
+constexpr int kScoreRows = 4, kScoreChunks = 1, kMixAcc = 4, kMixCols = 0;
 struct F {
   float x[kChunk];
 };
@@ -141,7 +141,7 @@ inline void chunk_keys(const at::Tensor& k, at::Tensor& kt) { chunk_keys_scalar(
 #pragma GCC target("avx2,fma")
 #endif
 namespace avx2 {
-constexpr int kScoreRows = 4, kScoreChunks = 1, kMixAcc = 4;
+constexpr int kScoreRows = 4, kScoreChunks = 1, kMixAcc = 4, kMixCols = 1;
 struct F {
   __m256 lo, hi;
 };
@@ -211,7 +211,51 @@ inline Mask mask_bits(const bool* row, int64_t col, int64_t width) {
   const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + col));
   return ~static_cast<Mask>(_mm_movemask_epi8(_mm_cmpeq_epi8(bytes, _mm_setzero_si128()))) & 0xFFFFu;
 }
-inline void chunk_keys(const at::Tensor& k, at::Tensor& kt) { chunk_keys_scalar(k, kt); }
+// 8 x 8 block transpose in registers: r[i] lane j -> r[j] lane i.
+inline void transpose8(__m256 r[8]) {
+  __m256 t[8], u[8];
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 8; i += 4) {
+    u[i] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+    u[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+    u[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+    u[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+  }
+  for (int i = 0; i < 4; ++i) {
+    r[i] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x20);
+    r[i + 4] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x31);
+  }
+}
+// Full chunks by 8 x 8 register transposes (head sizes are multiples of 8); a last partial chunk one key at a time.
+void chunk_keys(const at::Tensor& k, at::Tensor& kt) {
+  const int64_t heads = k.size(0), n = k.size(1), dim = k.size(2), chunks = kt.size(1);
+  const float* kp = k.data_ptr<float>();
+  float* out = kt.data_ptr<float>();
+  const int64_t sH = k.stride(0), sN = k.stride(1);
+  at::parallel_for(0, heads * chunks, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t h = t / chunks, ch = t % chunks;
+      float* dst = out + t * dim * kChunk;
+      const int64_t valid = std::max<int64_t>(0, std::min<int64_t>(kChunk, n - ch * kChunk));
+      const float* src = kp + h * sH + ch * kChunk * sN;
+      if (valid < kChunk) {
+        for (int64_t l = 0; l < kChunk; ++l)
+          for (int64_t d = 0; d < dim; ++d) dst[d * kChunk + l] = l < valid ? src[l * sN + d] : 0.f;
+        continue;
+      }
+      for (int64_t l0 = 0; l0 < kChunk; l0 += 8)
+        for (int64_t d0 = 0; d0 < dim; d0 += 8) {
+          __m256 r[8];
+          for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(src + (l0 + i) * sN + d0);
+          transpose8(r);
+          for (int i = 0; i < 8; ++i) _mm256_storeu_ps(dst + (d0 + i) * kChunk + l0, r[i]);
+        }
+    }
+  });
+}
 #define SPARSE_NLP_BAND_BODY
 #include "band_attention.cpp"
 #undef SPARSE_NLP_BAND_BODY
@@ -230,7 +274,7 @@ inline void chunk_keys(const at::Tensor& k, at::Tensor& kt) { chunk_keys_scalar(
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,fma")
 #endif
 namespace avx512 {
-constexpr int kScoreRows = 8, kScoreChunks = 3, kMixAcc = 16;
+constexpr int kScoreRows = 8, kScoreChunks = 3, kMixAcc = 16, kMixCols = 0;
 struct F {
   __m512 v;
 };
@@ -468,15 +512,17 @@ __attribute__((noinline)) void scores(const float* qs, const Source& src, float*
                                       const Bits& bits) {
   constexpr int RS = kScoreRows, NC = kScoreChunks;
   static_assert(kRows % RS == 0, "row groups must split a tile");
-  for (int r0 = 0; r0 < kRows; r0 += RS) {
-    int64_t chunk = src.first;
-    for (; chunk + NC <= src.last; chunk += NC)
+  // chunk runs outside, row groups inside: a run's keys (NC x D x 16 floats) stay in L1 for the tile's other rows
+  int64_t chunk = src.first;
+  for (; chunk + NC <= src.last; chunk += NC)
+    for (int r0 = 0; r0 < kRows; r0 += RS)
       score_tile<D, RS, NC>(qs, r0, src.kt, chunk, S + (chunk - src.first) * kChunk, ss, full, bits);
-    if (NC > 2 && src.last - chunk == 2)
+  if (NC > 2 && src.last - chunk == 2)
+    for (int r0 = 0; r0 < kRows; r0 += RS)
       score_tile<D, RS, 2>(qs, r0, src.kt, chunk, S + (chunk - src.first) * kChunk, ss, full, bits);
-    else if (NC > 1 && src.last - chunk == 1)
+  else if (NC > 1 && src.last - chunk == 1)
+    for (int r0 = 0; r0 < kRows; r0 += RS)
       score_tile<D, RS, 1>(qs, r0, src.kt, chunk, S + (chunk - src.first) * kChunk, ss, full, bits);
-  }
 }
 
 // One row's softmax numerators over `count` chunks of s: its max into *row_max (NaN when a score is NaN, which
@@ -507,26 +553,34 @@ inline void row_softmax(float* s, int64_t count, float* row_max, float* row_sum)
   *row_sum = hsum(sum);
 }
 
-// acc[r] += sum over the source's keys of P[r][key] * V[key] (P: S with row stride ss, column 0 = chunk first).
-template <int D, int R>
+// acc[r * V + j] += sum over the source's keys of P[r][key] * V[key][16 j, 16 j + 16), for the tile's kRows rows
+// (P: S with row stride ss, column 0 = chunk first). Register tiles of R rows x VB vectors of value columns; column
+// blocks outside, row groups inside, so a block's slice of the value rows stays in L1 for the tile's other rows.
+template <int D, int R, int VB>
 __attribute__((noinline)) void mix(const float* S, int64_t ss, const Source& src, F* acc) {
   constexpr int V = D / 16;
-  F a[R][V];
-  _Pragma("GCC unroll 16") for (int r = 0; r < R; ++r)
-    _Pragma("GCC unroll 16") for (int j = 0; j < V; ++j) a[r][j] = acc[r * V + j];
+  static_assert(kRows % R == 0 && V % VB == 0, "P x V register tiles must split a tile");
   const int64_t k0 = src.first * kChunk, k1 = std::min(src.last * kChunk, src.keys);
-  const float* vrow = src.v + k0 * src.v_stride;
   const int64_t stride = src.v_stride;
-  for (int64_t col = 0; col < k1 - k0; ++col, vrow += stride) {
-    F vv[V];
-    _Pragma("GCC unroll 16") for (int j = 0; j < V; ++j) vv[j] = load(vrow + 16 * j);
-    _Pragma("GCC unroll 16") for (int r = 0; r < R; ++r) {
-      const F p = set1(S[r * ss + col]);
-      _Pragma("GCC unroll 16") for (int j = 0; j < V; ++j) a[r][j] = fmadd(p, vv[j], a[r][j]);
+  for (int j0 = 0; j0 < V; j0 += VB) {
+    for (int r0 = 0; r0 < kRows; r0 += R) {
+      F a[R][VB];
+      _Pragma("GCC unroll 16") for (int r = 0; r < R; ++r)
+        _Pragma("GCC unroll 16") for (int j = 0; j < VB; ++j) a[r][j] = acc[(r0 + r) * V + j0 + j];
+      const float* vrow = src.v + k0 * stride + 16 * j0;
+      const float* p = S + r0 * ss;
+      for (int64_t col = 0; col < k1 - k0; ++col, vrow += stride) {
+        F vv[VB];
+        _Pragma("GCC unroll 16") for (int j = 0; j < VB; ++j) vv[j] = load(vrow + 16 * j);
+        _Pragma("GCC unroll 16") for (int r = 0; r < R; ++r) {
+          const F pb = set1(p[r * ss + col]);
+          _Pragma("GCC unroll 16") for (int j = 0; j < VB; ++j) a[r][j] = fmadd(pb, vv[j], a[r][j]);
+        }
+      }
+      _Pragma("GCC unroll 16") for (int r = 0; r < R; ++r)
+        _Pragma("GCC unroll 16") for (int j = 0; j < VB; ++j) acc[(r0 + r) * V + j0 + j] = a[r][j];
     }
   }
-  _Pragma("GCC unroll 16") for (int r = 0; r < R; ++r)
-    _Pragma("GCC unroll 16") for (int j = 0; j < V; ++j) acc[r * V + j] = a[r][j];
 }
 
 template <int D>
@@ -534,9 +588,10 @@ void run(const at::Tensor& q, const at::Tensor& kt, const at::Tensor& v, const a
          const at::Tensor& ranges, const at::Tensor& ktg, const at::Tensor& vg, const at::Tensor& gmask,
          at::Tensor& out, at::Tensor& lse, int64_t n, int64_t c, int64_t left, float scale) {
   constexpr int V = D / 16;
-  // rows per P x V register tile: kMixAcc accumulators, 1 to 8 rows
-  constexpr int R = kMixAcc / V >= kRows ? kRows : (kMixAcc / V >= 1 ? kMixAcc / V : 1);
-  static_assert(kRows % R == 0, "P x V row groups must split a tile");
+  // P x V register tiles: VB vectors of value columns (kMixCols, or the whole row when 0) x R rows (kMixAcc
+  // accumulators, 1 to 8 rows)
+  constexpr int VB = kMixCols > 0 && kMixCols < V ? kMixCols : V;
+  constexpr int R = kMixAcc / VB >= kRows ? kRows : (kMixAcc / VB >= 1 ? kMixAcc / VB : 1);
   const int64_t heads = q.size(0), n_pad = q.size(1), width = mask.size(1), g = vg.size(1);
   const int64_t g_chunks = (g + kChunk - 1) / kChunk, k_chunks = kt.size(1);
   const float* qp = q.data_ptr<float>();
@@ -561,6 +616,7 @@ void run(const at::Tensor& q, const at::Tensor& kt, const at::Tensor& v, const a
     std::vector<float> Sbuf(kRows * ss);
     float* S = Sbuf.data();
     alignas(64) float qs[kRows * D];
+    F acc[kRows * V];  // the tile's P x V sums
     for (int64_t task = begin; task < end; ++task) {
       const int64_t h = task / tiles, i0 = (task % tiles) * kRows;
       const int rows = static_cast<int>(std::min<int64_t>(kRows, n_pad - i0));
@@ -608,20 +664,16 @@ void run(const at::Tensor& q, const at::Tensor& kt, const at::Tensor& v, const a
             });
       for (int r = 0; r < kRows; ++r)
         row_softmax(S + r * ss, nb_chunks + (g ? g_chunks : 0), &row_max[r], &row_sum[r]);
-      for (int r0 = 0; r0 < kRows; r0 += R) {
-        F acc[R * V];
-        for (int x = 0; x < R * V; ++x) acc[x] = zero();
-        mix<D, R>(S + r0 * ss, ss, band, acc);
-        if (g) mix<D, R>(S + r0 * ss + g_col, ss, glob, acc);
-        for (int r = 0; r < R && r0 + r < rows; ++r) {
-          const int row = r0 + r;
-          const int64_t i = i0 + row;
-          const float sum = row_sum[row];
-          const F inv = set1(sum > 0.f ? 1.f / sum : 0.f);
-          float* orow = op + h * osH + i * osN;
-          for (int j = 0; j < V; ++j) store(orow + 16 * j, mul(acc[r * V + j], inv));
-          lp[h * lsH + i * lsN] = sum > 0.f ? row_max[row] + std::log(sum) : kNegInf;
-        }
+      for (int x = 0; x < kRows * V; ++x) acc[x] = zero();
+      mix<D, R, VB>(S, ss, band, acc);
+      if (g) mix<D, R, VB>(S + g_col, ss, glob, acc);
+      for (int row = 0; row < rows; ++row) {
+        const int64_t i = i0 + row;
+        const float sum = row_sum[row];
+        const F inv = set1(sum > 0.f ? 1.f / sum : 0.f);
+        float* orow = op + h * osH + i * osN;
+        for (int j = 0; j < V; ++j) store(orow + 16 * j, mul(acc[row * V + j], inv));
+        lp[h * lsH + i * lsN] = sum > 0.f ? row_max[row] + std::log(sum) : kNegInf;
       }
     }
   });
