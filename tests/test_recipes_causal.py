@@ -252,7 +252,10 @@ def _recipe(task: str = "wikitext2", **stage) -> dict:
 @pytest.mark.parametrize(
     "data, message",
     [
-        (_recipe(task="wikitext3"), r"task must be a GLUE task .*text corpus \(wikitext2.*\.txt file.*Did you mean 'wikitext2'"),
+        (
+            _recipe(task="wikitext3"),
+            r"task must be a GLUE task .*text corpus \(wikitext2.*\.txt file.*Did you mean 'wikitext2'",
+        ),
         (_recipe(split="dev"), r"stages\[0\]\.split of text task 'wikitext2' must be one of test, valid"),
         (_recipe(task="notes.txt", split="test"), r"stages\[0\]\.split .*left out"),
         (_recipe(task="sst2", perplexity={"context": 64}), r"stages\[0\]\.perplexity is for text tasks"),
