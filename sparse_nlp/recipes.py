@@ -29,6 +29,27 @@ A ``structured`` stage removes attention heads and FFN neurons in stages while i
         distillation: {temperature: 2.0, alpha: 0.9}
         training: {max_steps: 600, learning_rate: 1.0e-4, batch_size: 32}
 
+A ``oneshot`` stage prunes in one pass (any registered method, with calibration data), and a ``prune`` stage
+without ``sparsity`` and ``schedule`` recovers: it trains with the masks the model carries, kept exact. With a
+text task (``wikitext2``, ``tinyshakespeare``, a ``.txt`` file) the same stages train a causal decoder::
+
+    model: smollm2
+    task: wikitext2
+    max_length: 128
+    stages:
+      - name: wanda24
+        type: oneshot
+        sparsity: {weights: [{method: wanda, sparsity: 0.5, pattern: "2:4", targets: [all-linear]}]}
+        calibration: {num_samples: 16, seq_len: 512}
+      - name: recover
+        type: prune
+        teacher: start
+        distillation: {temperature: 1.0, alpha: 1.0}
+        training: {max_steps: 150, learning_rate: 1.0e-4, batch_size: 4}
+      - name: eval
+        type: evaluate
+        perplexity: {context: 1024, max_windows: 4}
+
 Parsing reuses the config machinery of `sparse_nlp.config`: an unknown or mistyped key fails with its
 path (``stages[1].shedule``) and a suggestion. Recipes name registered methods only; nothing in a recipe
 imports or executes code. The recipe is saved next to every checkpoint a run writes (``recipe.yaml``).
@@ -332,8 +353,10 @@ def is_teacher_folder(teacher: str) -> bool:
 class Recipe:
     """A run: a starting model, a task and the stages applied in order.
 
-    ``task`` is a GLUE task name (``mrpc``) or a description of your own data (a mapping, see
-    `sparse_nlp.evaluation.custom.TaskSpec`).
+    ``task`` is a GLUE task name (``mrpc``), a description of your own data (a mapping, see
+    `sparse_nlp.evaluation.custom.TaskSpec`), or a text corpus (``wikitext2``, ``tinyshakespeare`` or a ``.txt``
+    file: a causal decoder is trained on windows of ``max_length`` tokens and scored by perplexity; see
+    `sparse_nlp.evaluation.causal`).
     """
 
     model: str
@@ -567,9 +590,11 @@ FSDP_ENV = "ACCELERATE_USE_FSDP"
 
 
 def check_not_fsdp(recipe: Recipe) -> None:
-    """Refuse to prune under FSDP: the masks, movement scores and the zero-keeping optimizer hook work on whole
-    (replicated) parameters, and FSDP shards them, so the masks would be wrong or fail mid-run. Dense
-    fine-tuning and evaluation stages run under FSDP unchanged; data parallelism (DDP) runs every stage.
+    """Refuse recipes that prune under accelerate's FSDP plugin. The pruning state itself handles parameters
+    sharded by FSDP2 (`sparse_nlp.pruning.masking.mask_like_weight`, `GradualPruner` scoring gathered weights;
+    tested with ``fully_shard`` on 2 CPU processes), but a recipe also hands the model from stage to stage
+    (teacher copies, one-shot calibration, ``save_pretrained`` of every stage), which is not written for a
+    sharded model, and accelerate cannot run its FSDP plugin on CPU to test it.
 
     Raises:
         ConfigError: Running under ``accelerate launch`` with FSDP and the recipe has a stage that prunes.
@@ -580,8 +605,9 @@ def check_not_fsdp(recipe: Recipe) -> None:
     if pruning:
         raise ConfigError(
             f"stages {pruning} prune, and this run is under accelerate's FSDP plugin ({FSDP_ENV}=true): "
-            "sparse_nlp keeps masks on whole parameters and does not support sharded ones yet. Launch "
-            "with data parallelism (accelerate launch --multi_gpu, without --use_fsdp) or on one process."
+            "recipes hand whole models from stage to stage and do not support sharded ones yet. Launch with "
+            "data parallelism (accelerate launch --multi_gpu, without --use_fsdp) or on one process; a "
+            "hand-written loop can prune FSDP2-sharded parameters with GradualPruner."
         )
 
 
