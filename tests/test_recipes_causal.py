@@ -258,6 +258,10 @@ def _recipe(task: str = "wikitext2", **stage) -> dict:
         ),
         (_recipe(split="dev"), r"stages\[0\]\.split of text task 'wikitext2' must be one of test, valid"),
         (_recipe(task="notes.txt", split="test"), r"stages\[0\]\.split .*left out"),
+        (
+            _recipe(task="tinyshakespeare", split="test"),
+            r"stages\[0\]\.split .*must be one of train, got 'test'",
+        ),
         (_recipe(task="sst2", perplexity={"context": 64}), r"stages\[0\]\.perplexity is for text tasks"),
         (_recipe(perplexity={"context": 1}), r"stages\[0\]\.perplexity\.context must be >= 2"),
         (_recipe(perplexity={"contxt": 64}), r"stages\[0\]\.perplexity\.contxt.*Did you mean 'context'"),
