@@ -5,6 +5,11 @@ protocol, measured sparsity), the process's peak resident memory, the CPU model,
 average before and after every stage, the date and the commit; prints the Markdown rows of the results page.
 
     python benchmarks/causal_recovery.py --data-dir DATA --out runs/smollm2-24-recover --threads 2
+
+``--checkpoint DIR`` scores a Trainer checkpoint a training stage wrote (``OUT/<stage>/trainer/checkpoint-N``)
+under the protocol of the recipe's last evaluate stage, with the recipe's starting model's tokenizer, and checks
+that its pruned weights still hold the pattern of the one-shot stage's checkpoint (``--pattern-from DIR``):
+a run cut short by a time budget is still measured, as what it is (N steps of a longer schedule).
 """
 
 from __future__ import annotations
@@ -30,7 +35,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data-dir", default=None)
     p.add_argument("--out", required=True)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--checkpoint", default=None, help="score this Trainer checkpoint instead of running")
+    p.add_argument("--pattern-from", default=None, help="with --checkpoint: the one-shot stage's checkpoint")
     args = p.parse_args(argv)
+    if args.checkpoint:
+        return score_checkpoint(args, argv)
 
     import logging
 
@@ -77,6 +86,65 @@ def main(argv: list[str] | None = None) -> int:
             stage.get("block_sparsity", "-"),
             "|",
         )
+    return 0
+
+
+def score_checkpoint(args: argparse.Namespace, argv: list[str] | None) -> int:
+    """Perplexity of a Trainer checkpoint (weights only) under the recipe's protocol; zeros checked."""
+    import torch
+    from safetensors.torch import load_file
+
+    from sparse_nlp import from_pretrained
+    from sparse_nlp.evaluation.causal import evaluate_text, load_causal_lm
+    from sparse_nlp.recipes import load_recipe
+
+    torch.set_num_threads(args.threads)
+    recipe = load_recipe(args.recipe)
+    protocol = [s for s in recipe.stages if s.type == "evaluate"][-1].perplexity
+    load_before = os.getloadavg()
+    model, tokenizer = load_causal_lm(recipe.model, recipe.task)
+    state = load_file(str(Path(args.checkpoint) / "model.safetensors"))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.endswith("lm_head.weight")]  # tied to the embeddings
+    if missing or unexpected:
+        raise SystemExit(
+            f"checkpoint does not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}"
+        )
+    same_zeros = None
+    if args.pattern_from:
+        pruned = from_pretrained(args.pattern_from)
+        reference = dict(pruned.named_parameters())
+        same_zeros = all(
+            torch.equal(reference[n] == 0, p == 0)
+            for n, p in model.named_parameters()
+            if ".layers." in n and p.dim() == 2
+        )
+    start = time.perf_counter()
+    result = evaluate_text(
+        model,
+        tokenizer,
+        recipe.task,
+        split=None,
+        data_dir=args.data_dir,
+        context=protocol.context,
+        stride=protocol.stride,
+        max_windows=protocol.max_windows,
+        progress=False,
+    )
+    record = {
+        "command": "python " + " ".join(["benchmarks/causal_recovery.py", *(argv or sys.argv[1:])]),
+        "checkpoint": Path(args.checkpoint).name,
+        "same_zeros_as_oneshot": same_zeros,
+        "cpu": cpu_model(),
+        "threads": args.threads,
+        "date": time.strftime("%Y-%m-%d", time.gmtime()),
+        "load_before": load_before,
+        "load_after": os.getloadavg(),
+        "eval_seconds": round(time.perf_counter() - start, 1),
+        "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "result": result,
+    }
+    print(json.dumps(record, indent=2))
     return 0
 
 
