@@ -29,6 +29,27 @@ A ``structured`` stage removes attention heads and FFN neurons in stages while i
         distillation: {temperature: 2.0, alpha: 0.9}
         training: {max_steps: 600, learning_rate: 1.0e-4, batch_size: 32}
 
+A ``oneshot`` stage prunes in one pass (any registered method, with calibration data), and a ``prune`` stage
+without ``sparsity`` and ``schedule`` recovers: it trains with the masks the model carries, kept exact. With a
+text task (``wikitext2``, ``tinyshakespeare``, a ``.txt`` file) the same stages train a causal decoder::
+
+    model: smollm2
+    task: wikitext2
+    max_length: 128
+    stages:
+      - name: wanda24
+        type: oneshot
+        sparsity: {weights: [{method: wanda, sparsity: 0.5, pattern: "2:4", targets: [all-linear]}]}
+        calibration: {num_samples: 16, seq_len: 512}
+      - name: recover
+        type: prune
+        teacher: start
+        distillation: {temperature: 1.0, alpha: 1.0}
+        training: {max_steps: 150, learning_rate: 1.0e-4, batch_size: 4}
+      - name: eval
+        type: evaluate
+        perplexity: {context: 1024, max_windows: 4}
+
 Parsing reuses the config machinery of `sparse_nlp.config`: an unknown or mistyped key fails with its
 path (``stages[1].shedule``) and a suggestion. Recipes name registered methods only; nothing in a recipe
 imports or executes code. The recipe is saved next to every checkpoint a run writes (``recipe.yaml``).
@@ -48,10 +69,13 @@ from typing import Any
 
 from .config import SparsityConfig, StructuredSparsity, _build
 from .errors import ConfigError
+from .evaluation.corpora import PERPLEXITY_TASKS, is_text_task
 from .evaluation.custom import TaskSpec
 from .evaluation.glue import EVALUABLE
 from .models import resolve_device
 from .pruning import movement as _movement  # noqa: F401  (registers the training-time method 'movement')
+from .pruning.calibration import CUTS, CorpusWindows
+from .pruning.masking import masked_modules
 from .pruning.schedules import CubicSchedule
 from .registry import suggest
 from .report import measured_sparsity
@@ -61,7 +85,11 @@ from .training.structured import StructuredSchedule
 
 logger = logging.getLogger(__name__)
 
-STAGE_TYPES = ("finetune", "prune", "structured", "evaluate")
+STAGE_TYPES = ("finetune", "prune", "oneshot", "structured", "evaluate")
+TEACHER_START = "start"
+"""The ``teacher`` value naming the model the run started from (the recipe's model, or ``--start-from``)."""
+TEXT_SPLITS = {"wikitext2": ("test", "valid"), "tinyshakespeare": ("train",)}
+"""The splits an evaluate stage of a text task may score (WikiText-2 trains on valid: score test)."""
 RECIPE_FILE = "recipe.yaml"
 RESULTS_FILE = "results.json"
 
@@ -105,24 +133,87 @@ class TrainingSettings:
 
 
 @dataclass
+class CalibrationSettings:
+    """Calibration data of a ``oneshot`` stage (Wanda, SparseGPT, OWL profiles need activations).
+
+    Attributes:
+        source: A corpus (``wikitext2``: its valid split, ``tinyshakespeare``), a ``.txt`` file or a GLUE task
+            (its training sentences); default: the recipe's task.
+        num_samples: Calibration samples.
+        seq_len: Tokens per sample; default: the recipe's ``max_length``.
+        cut: How a corpus becomes samples: ``random`` windows (seeded), ``even``-ly spaced windows, or ``lines``.
+        seed: Seed of the random windows.
+    """
+
+    source: str | None = None
+    num_samples: int = 128
+    seq_len: int | None = None
+    cut: str = "random"
+    seed: int = 0
+
+    def validate(self, path: str) -> None:
+        if self.num_samples < 1:
+            raise ConfigError(f"{path}.num_samples must be >= 1, got {self.num_samples!r}.")
+        if self.seq_len is not None and self.seq_len < 2:
+            raise ConfigError(f"{path}.seq_len must be >= 2, got {self.seq_len!r}.")
+        if self.cut not in CUTS:
+            raise ConfigError(
+                f"{path}.cut must be one of {', '.join(CUTS)}, got {self.cut!r}.{suggest(self.cut, list(CUTS))}"
+            )
+
+
+@dataclass
+class PerplexitySettings:
+    """The perplexity protocol of an ``evaluate`` stage of a text task (see `sparse_nlp.evaluation.perplexity`).
+
+    Attributes:
+        context: Tokens per window; default 1024, or the model's positions when it has fewer.
+        stride: Tokens between window starts; default ``context`` (no overlap).
+        max_windows: Score only the first N windows; default all.
+    """
+
+    context: int | None = None
+    stride: int | None = None
+    max_windows: int | None = None
+
+    def validate(self, path: str) -> None:
+        if self.context is not None and self.context < 2:
+            raise ConfigError(f"{path}.context must be >= 2 tokens, got {self.context!r}.")
+        if self.stride is not None and (
+            self.stride < 1 or (self.context is not None and self.stride > self.context)
+        ):
+            raise ConfigError(f"{path}.stride must be in [1, context], got {self.stride!r}.")
+        if self.max_windows is not None and self.max_windows < 1:
+            raise ConfigError(f"{path}.max_windows must be >= 1, got {self.max_windows!r}.")
+
+
+@dataclass
 class Stage:
     """One step of a recipe.
 
     Attributes:
         name: Folder name of the stage's output under ``--out``.
         type: ``finetune`` (dense training), ``prune`` (gradual weight pruning, optionally distilled),
+            ``oneshot`` (one-shot pruning by any registered method: magnitude, Wanda, SparseGPT),
             ``structured`` (gradual removal of heads and FFN neurons, optionally distilled) or ``evaluate``.
         training: Optimisation settings (finetune, prune, structured).
-        sparsity: Weight rules with their final sparsity (prune); methods ``magnitude`` or ``movement``.
+        sparsity: Weight rules with their final sparsity (prune: methods ``magnitude`` or ``movement``; oneshot:
+            any registered method). A prune stage without ``sparsity`` and ``schedule`` is a recovery: it
+            trains the model with the masks it already carries (from a oneshot stage or a pruned
+            ``--start-from`` model), kept exact.
         schedule: When the masks change (prune).
+        calibration: Calibration data (oneshot).
         structured: Final head / FFN budgets, score and scope (structured).
         removal: When units are removed: ``stages``, ``steps_per_stage``, ``start_step``, ``score_batches``
             (structured).
         distillation: Distil from a teacher (prune, structured; omit for no teacher).
-        teacher: Name of an earlier training stage whose model is the teacher, or a model folder (any
-            value with a ``/``, e.g. ``runs/minilm-sst2-dense-epoch/dense``; relative to the working directory);
-            default: the model as it was before this stage.
-        split: Split to evaluate (evaluate).
+        teacher: Name of an earlier training stage whose model is the teacher, ``start`` (the model the run
+            started from: the recipe's model or ``--start-from``), or a model folder (any value with a ``/``,
+            e.g. ``runs/minilm-sst2-dense-epoch/dense``; relative to the working directory); default: the model
+            as it was before this stage.
+        split: Split to evaluate (evaluate): ``dev`` (default) or ``train`` for GLUE; for a text task ``test``
+            (WikiText-2's default) or ``valid``, ``train`` for Tiny Shakespeare, none for a ``.txt`` file.
+        perplexity: The perplexity protocol (evaluate, text tasks).
     """
 
     name: str
@@ -134,7 +225,14 @@ class Stage:
     removal: StructuredSchedule | None = None
     distillation: DistillationConfig | None = None
     teacher: str | None = None
-    split: str = "dev"
+    split: str | None = None
+    calibration: CalibrationSettings | None = None
+    perplexity: PerplexitySettings | None = None
+
+    @property
+    def is_recovery(self) -> bool:
+        """A prune stage without sparsity rules: training that keeps the masks the model already has."""
+        return self.type == "prune" and self.sparsity is None and self.schedule is None
 
     def validate(self, path: str) -> None:
         if self.type not in STAGE_TYPES:
@@ -148,7 +246,8 @@ class Stage:
             )
         needs = {
             "finetune": ("training",),
-            "prune": ("training", "sparsity", "schedule"),
+            "prune": ("training",) if self.is_recovery else ("training", "sparsity", "schedule"),
+            "oneshot": ("sparsity",),
             "structured": ("training", "structured", "removal"),
             "evaluate": (),
         }[self.type]
@@ -158,6 +257,7 @@ class Stage:
         unused = {
             "finetune": ("sparsity", "schedule", "structured", "removal", "distillation", "teacher"),
             "prune": ("structured", "removal"),
+            "oneshot": ("training", "schedule", "structured", "removal", "distillation", "teacher"),
             "structured": ("sparsity", "schedule"),
             "evaluate": (
                 "training",
@@ -169,6 +269,10 @@ class Stage:
                 "teacher",
             ),
         }[self.type]
+        unused += {
+            "oneshot": ("split", "perplexity"),
+            "evaluate": ("calibration",),
+        }.get(self.type, ("calibration", "split", "perplexity"))
         for key in unused:
             if getattr(self, key) is not None:
                 raise ConfigError(f"{path}.{key} has no meaning in a {self.type} stage; remove it.")
@@ -194,8 +298,28 @@ class Stage:
                 )
         if self.structured is not None:
             self._validate_structured(path)
-        if self.split not in ("dev", "train", "validation"):
-            raise ConfigError(f"{path}.split must be dev or train, got {self.split!r}.")
+        if self.calibration is not None:
+            self.calibration.validate(f"{path}.calibration")
+        if self.perplexity is not None:
+            self.perplexity.validate(f"{path}.perplexity")
+
+    def validate_for_task(self, task: str, path: str) -> None:
+        """The checks that depend on the recipe's task (a split the task has, perplexity only for text)."""
+        if not is_text_task(task):
+            if self.split not in (None, "dev", "train", "validation"):
+                raise ConfigError(f"{path}.split must be dev or train, got {self.split!r}.")
+            if self.perplexity is not None:
+                raise ConfigError(
+                    f"{path}.perplexity is for text tasks ({', '.join(PERPLEXITY_TASKS)}, a .txt file); "
+                    f"task {task!r} is scored by its own metric. Remove it."
+                )
+        elif self.split is not None:
+            splits = TEXT_SPLITS.get(task, ())
+            if self.split not in splits:
+                choices = f"one of {', '.join(splits)}" if splits else "left out (a .txt file is one text)"
+                raise ConfigError(
+                    f"{path}.split of text task {task!r} must be {choices}, got {self.split!r}."
+                )
 
     def _validate_structured(self, path: str) -> None:
         self.structured.validate(f"{path}.structured")
@@ -229,8 +353,10 @@ def is_teacher_folder(teacher: str) -> bool:
 class Recipe:
     """A run: a starting model, a task and the stages applied in order.
 
-    ``task`` is a GLUE task name (``mrpc``) or a description of your own data (a mapping, see
-    `sparse_nlp.evaluation.custom.TaskSpec`).
+    ``task`` is a GLUE task name (``mrpc``), a description of your own data (a mapping, see
+    `sparse_nlp.evaluation.custom.TaskSpec`), or a text corpus (``wikitext2``, ``tinyshakespeare`` or a ``.txt``
+    file: a causal decoder is trained on windows of ``max_length`` tokens and scored by perplexity; see
+    `sparse_nlp.evaluation.causal`).
     """
 
     model: str
@@ -244,11 +370,13 @@ class Recipe:
             self.task = TaskSpec.from_dict(self.task, "task")
         elif isinstance(self.task, TaskSpec):
             self.task.validate("task")
-        elif not isinstance(self.task, str) or self.task not in EVALUABLE:
+        elif not is_text_task(self.task) and (not isinstance(self.task, str) or self.task not in EVALUABLE):
+            known = [*EVALUABLE, *PERPLEXITY_TASKS]
             raise ConfigError(
-                f"task must be a GLUE task ({', '.join(EVALUABLE)}) or a description of your own data (a mapping "
-                f"with kind, data_files or dataset, text, label), got {self.task!r}."
-                f"{suggest(self.task, EVALUABLE) if isinstance(self.task, str) else ''}"
+                f"task must be a GLUE task ({', '.join(EVALUABLE)}), a text corpus ({', '.join(PERPLEXITY_TASKS)}) "
+                "or a .txt file (a causal LM), or a description of your own data (a mapping with kind, data_files "
+                f"or dataset, text, label), got {self.task!r}."
+                f"{suggest(self.task, known) if isinstance(self.task, str) else ''}"
             )
         if self.max_length < 8:
             raise ConfigError(f"max_length must be >= 8, got {self.max_length!r}.")
@@ -257,8 +385,15 @@ class Recipe:
         names = set()
         for i, stage in enumerate(self.stages):
             stage.validate(f"stages[{i}]")
+            stage.validate_for_task(self.task, f"stages[{i}]")
+            if stage.name == TEACHER_START:
+                raise ConfigError(
+                    f"stages[{i}].name {TEACHER_START!r} is reserved: teacher: {TEACHER_START} names the model the "
+                    "run started from. Rename the stage."
+                )
             if (
                 stage.teacher is not None
+                and stage.teacher != TEACHER_START
                 and not is_teacher_folder(stage.teacher)
                 and stage.teacher not in names
             ):
@@ -450,6 +585,32 @@ def _training_args(settings: TrainingSettings, output_dir: Path, seed: int, prog
     )
 
 
+FSDP_ENV = "ACCELERATE_USE_FSDP"
+"""Set by ``accelerate launch`` with the FSDP plugin (``--use_fsdp`` or an FSDP config file)."""
+
+
+def check_not_fsdp(recipe: Recipe) -> None:
+    """Refuse recipes that prune under accelerate's FSDP plugin. The pruning state itself handles parameters
+    sharded by FSDP2 (`sparse_nlp.pruning.masking.mask_like_weight`, `GradualPruner` scoring gathered weights;
+    tested with ``fully_shard`` on 2 CPU processes), but a recipe also hands the model from stage to stage
+    (teacher copies, one-shot calibration, ``save_pretrained`` of every stage), which is not written for a
+    sharded model, and accelerate cannot run its FSDP plugin on CPU to test it.
+
+    Raises:
+        ConfigError: Running under ``accelerate launch`` with FSDP and the recipe has a stage that prunes.
+    """
+    if os.environ.get(FSDP_ENV, "false").strip().lower() not in ("1", "true", "yes"):
+        return
+    pruning = [s.name for s in recipe.stages if s.type not in ("finetune", "evaluate")]
+    if pruning:
+        raise ConfigError(
+            f"stages {pruning} prune, and this run is under accelerate's FSDP plugin ({FSDP_ENV}=true): "
+            "recipes hand whole models from stage to stage and do not support sharded ones yet. Launch with "
+            "data parallelism (accelerate launch --multi_gpu, without --use_fsdp) or on one process; a "
+            "hand-written loop can prune FSDP2-sharded parameters with GradualPruner."
+        )
+
+
 def _device_name(device) -> str:
     import torch
 
@@ -487,11 +648,15 @@ def run_recipe(
 ) -> dict[str, Any]:
     """Run every stage of `recipe`, writing checkpoints, ``recipe.yaml`` and ``results.json`` under `out`.
 
+    A GLUE task trains a sequence classifier on the task's rows; a text task (`is_text_task`: ``wikitext2``,
+    ``tinyshakespeare``, a ``.txt`` file) trains a causal decoder on windows of ``max_length`` tokens of the
+    corpus (`sparse_nlp.evaluation.causal`) and its evaluate stages report perplexity with the protocol.
+
     Args:
         recipe: A validated `Recipe`.
-        out: Output folder: ``<out>/<stage name>/`` per training stage, ``<out>/results.json``.
-        data_dir: Local GLUE data directory (default ``$SPARSE_NLP_DATA_DIR``, then the Hub); a described
-            task reads its own files.
+        out: Output folder: ``<out>/<stage name>/`` per training or oneshot stage, ``<out>/results.json``.
+        data_dir: Local data directory: GLUE TSVs, text corpora (default ``$SPARSE_NLP_DATA_DIR``, then the
+            Hub); a described task reads its own files.
         start_from: An already fine-tuned model: finetune stages are skipped and the run starts from it.
         resume: Resume a prune/finetune stage from its latest Trainer checkpoint when there is one.
         progress: Show progress bars.
@@ -503,11 +668,13 @@ def run_recipe(
         sparsity and metrics.
     """
     import torch
-    from transformers import DataCollatorWithPadding, Trainer
+    from transformers import DataCollatorWithPadding, Trainer, default_data_collator
 
     from .checkpoint import recover, save_pretrained
+    from .evaluation import causal
     from .evaluation.data import resolve_data_dir
     from .evaluation.tasks import encode_glue, evaluate_glue, load_for_task, load_rows, task_info
+    from .sparsify import sparsify
     from .training.callback import SparsityCallback, StructuredCallback
     from .training.distillation import Distiller
     from .training.pruner import GradualPruner
@@ -515,12 +682,18 @@ def run_recipe(
     from .training.structured import StructuredPruner
 
     recipe.validate()
+    text_task = is_text_task(recipe.task)
     device = resolve_device(device)
     if device.type == "cuda" and device.index is not None:  # the Trainer trains on the current CUDA device
         torch.cuda.set_device(device)
-    task_info(recipe.task)
+    check_not_fsdp(recipe)
+    if not text_task:
+        task_info(recipe.task)
     resolve_data_dir(data_dir)  # a missing directory fails before any work
-    trains = any(s.type != "evaluate" and not (s.type == "finetune" and start_from) for s in recipe.stages)
+    trains = any(
+        s.type not in ("evaluate", "oneshot") and not (s.type == "finetune" and start_from)
+        for s in recipe.stages
+    )
     if isinstance(
         recipe.task, TaskSpec
     ):  # bad columns or labels of your own data fail before the model loads
@@ -541,7 +714,11 @@ def run_recipe(
     recipe.save(out / RECIPE_FILE)
     torch.manual_seed(recipe.seed)
     source = str(start_from) if start_from is not None else recipe.model
-    model, tokenizer = load_for_task(source, recipe.task)
+
+    def load(name: str):  # (model, tokenizer) for the recipe's task
+        return causal.load_causal_lm(name, recipe.task) if text_task else load_for_task(name, recipe.task)
+
+    model, tokenizer = load(source)
     model.to(device)  # before any pruner is built, so masks and movement scores live beside the weights
     results: dict[str, Any] = {
         "model": source,
@@ -550,15 +727,28 @@ def run_recipe(
         "seed": recipe.seed,
         "stages": [],
     }
-    collator = DataCollatorWithPadding(tokenizer)
+    if text_task:
+        results["train_text"] = causal.training_split(recipe.task)
+    # text windows all have max_length tokens: no padding (and decoders often have no pad token)
+    collator = default_data_collator if text_task else DataCollatorWithPadding(tokenizer)
     train_cache: dict[int | None, list] = {}
-    stage_models: dict[str, str] = {}  # stage name -> folder of the model it wrote
+    stage_models: dict[str, str] = {TEACHER_START: source}  # stage name -> folder of the model it wrote
 
     def train_rows(limit: int | None) -> list:
         if limit not in train_cache:
-            train_cache[limit] = encode_glue(
-                tokenizer, recipe.task, "train", data_dir=data_dir, max_length=recipe.max_length, limit=limit
-            )
+            if text_task:
+                train_cache[limit] = causal.text_windows(
+                    tokenizer, recipe.task, max_length=recipe.max_length, data_dir=data_dir, limit=limit
+                )
+            else:
+                train_cache[limit] = encode_glue(
+                    tokenizer,
+                    recipe.task,
+                    "train",
+                    data_dir=data_dir,
+                    max_length=recipe.max_length,
+                    limit=limit,
+                )
         return train_cache[limit]
 
     def write_results() -> None:
@@ -567,7 +757,12 @@ def run_recipe(
     # every data file the run will need is read up front: a missing one fails before hours of training
     if trains:
         train_rows(None)
-    encode_glue(tokenizer, recipe.task, "dev", data_dir=data_dir, max_length=recipe.max_length, limit=1)
+    if text_task:
+        for stage in recipe.stages:
+            if stage.type == "evaluate":
+                causal.check_eval_split(recipe.task, stage.split, data_dir)
+    else:
+        encode_glue(tokenizer, recipe.task, "dev", data_dir=data_dir, max_length=recipe.max_length, limit=1)
 
     for stage in recipe.stages:
         record: dict[str, Any] = {"name": stage.name, "type": stage.type}
@@ -577,19 +772,65 @@ def run_recipe(
             stage_models[stage.name] = str(start_from)
             results["stages"].append(record)
             continue
-        if stage.type == "evaluate":
+        if stage.type == "evaluate" and text_task:
+            protocol = stage.perplexity or PerplexitySettings()
+            record.update(
+                causal.evaluate_text(
+                    model,
+                    tokenizer,
+                    recipe.task,
+                    split=stage.split,
+                    data_dir=data_dir,
+                    context=protocol.context,
+                    stride=protocol.stride,
+                    max_windows=protocol.max_windows,
+                    progress=progress,
+                )
+            )
+            record.update(measured_sparsity(model))
+        elif stage.type == "evaluate":
             record.update(
                 evaluate_glue(
                     model,
                     tokenizer,
                     recipe.task,
                     data_dir=data_dir,
-                    split=stage.split,
+                    split=stage.split or "dev",
                     max_length=recipe.max_length,
                     progress=progress,
                 )
             )
             record.update(measured_sparsity(model))
+        elif stage.type == "oneshot":
+            stage_dir = out / stage.name
+            calibration = stage.calibration or CalibrationSettings()
+            calibration_source = calibration.source or recipe.task
+            data = (
+                CorpusWindows(calibration_source, calibration.cut, calibration.seed, data_dir)
+                if is_text_task(calibration_source)
+                else calibration_source
+            )
+            sparsify(
+                model,
+                stage.sparsity,
+                data=data,
+                tokenizer=tokenizer,
+                num_samples=calibration.num_samples,
+                seq_len=calibration.seq_len or recipe.max_length,
+                progress=progress,
+            )
+            record.update(measured_sparsity(model))
+            record["calibration"] = {
+                "source": calibration_source,
+                "num_samples": calibration.num_samples,
+                "seq_len": calibration.seq_len or recipe.max_length,
+                "cut": calibration.cut,
+                "seed": calibration.seed,
+            }
+            save_pretrained(model, stage_dir, tokenizer=tokenizer)
+            recipe.save(stage_dir / RECIPE_FILE)
+            stage_models[stage.name] = str(stage_dir)
+            record["checkpoint"] = str(stage_dir)
         else:
             stage_dir = out / stage.name
             settings = stage.training
@@ -597,12 +838,20 @@ def run_recipe(
             callbacks, loss_func, pruner, structured = [], None, None, None
             if stage.distillation is not None:
                 teacher = (
-                    load_for_task(stage_models.get(stage.teacher, stage.teacher), recipe.task)[0]
+                    load(stage_models.get(stage.teacher, stage.teacher))[0]
                     if stage.teacher
                     else copy.deepcopy(model)
                 ).to(device)
-                loss_func = Distiller(model, teacher, stage.distillation)
-            if stage.type == "prune":
+                loss_func = Distiller(model, teacher, stage.distillation)  # casts it to teacher_dtype
+                del teacher
+            if stage.is_recovery:
+                if not any(True for _ in masked_modules(model)):
+                    raise ConfigError(
+                        f"stage {stage.name!r} is a prune stage without sparsity (a recovery that keeps the "
+                        "model's masks), but the model has no masks: add sparsity and schedule, or run a oneshot "
+                        "or prune stage (or --start-from a pruned model) before it."
+                    )
+            elif stage.type == "prune":
                 pruner = GradualPruner(model, stage.sparsity, stage.schedule)
                 callbacks.append(SparsityCallback(pruner))
             elif stage.type == "structured":
@@ -630,6 +879,8 @@ def run_recipe(
             record.update(steps=trainer.state.global_step, train_loss=round(float(output.training_loss), 4))
             if pruner is not None:
                 record.update(sparsity=round(pruner.sparsity(), 4), mask_frozen_after=stage.schedule.end_step)
+            elif stage.is_recovery:
+                record.update(measured_sparsity(model), masks="kept")
             if structured is not None:
                 record.update(structured.summary())
             save_pretrained(model, stage_dir, tokenizer=tokenizer)

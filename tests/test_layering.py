@@ -32,8 +32,10 @@ LAZY_IMPORTS = {
         "Trainer) loads only when a recipe runs, not when one is loaded or validated"
         for target in (
             "sparse_nlp.checkpoint",
+            "sparse_nlp.evaluation.causal",
             "sparse_nlp.evaluation.data",
             "sparse_nlp.evaluation.tasks",
+            "sparse_nlp.sparsify",
             "sparse_nlp.training.callback",
             "sparse_nlp.training.distillation",
             "sparse_nlp.training.pruner",

@@ -16,7 +16,7 @@ def add_parser(subparsers) -> None:
     p.add_argument(
         "--data-dir",
         default=None,
-        help="local GLUE data directory (default $SPARSE_NLP_DATA_DIR, then the Hub)",
+        help="local data directory: GLUE TSVs, WikiText-2, Tiny Shakespeare (default $SPARSE_NLP_DATA_DIR, then the Hub)",
     )
     p.add_argument(
         "--start-from",

@@ -12,10 +12,15 @@ masked too, so the optimizer state of a pruned weight stays zero.
 
 A model copied with ``copy.deepcopy`` keeps its mask buffers but is not tracked; call `track_masks` on the
 copy (``sparse_nlp.from_pretrained`` and ``sparsify`` do this themselves).
+
+Sharded parameters (FSDP2's ``fully_shard`` turns each weight into a ``DTensor`` holding one shard per
+process): the mask buffer stays whole and identical on every process, and is laid out as the weight (same
+device mesh and placements, each process cutting its own shard, no communication) where it multiplies it.
 """
 
 from __future__ import annotations
 
+import sys
 import weakref
 from collections.abc import Iterator
 
@@ -30,6 +35,33 @@ _MASKED_MODULES: weakref.WeakSet[nn.Module] = weakref.WeakSet()
 _HOOK_HANDLE = None
 
 
+def is_sharded(tensor: torch.Tensor) -> bool:
+    """Whether `tensor` is a ``DTensor`` (a parameter sharded by FSDP2 or tensor parallelism).
+
+    No DTensor can exist before ``torch.distributed.tensor`` is imported, so this never imports it.
+    """
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(tensor, module.DTensor)
+
+
+def mask_like_weight(module: nn.Module, weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """`mask` laid out as `weight`: itself for a plain tensor; for a sharded weight, a ``DTensor`` with the
+    weight's mesh and placements, built from the whole mask every process holds (cached on the module)."""
+    if not is_sharded(weight) or is_sharded(mask):
+        return mask
+    cached = module.__dict__.get("_sparse_nlp_sharded_mask")
+    if cached is not None and cached[0] is mask and cached[1]() is weight:
+        return cached[2]
+    from torch.distributed.tensor import distribute_tensor  # only reached once DTensors exist
+
+    # src_data_rank=None: every process cuts its shard from its own (identical) copy, no communication
+    sharded = distribute_tensor(
+        mask.to(weight.device), weight.device_mesh, weight.placements, src_data_rank=None
+    )
+    module.__dict__["_sparse_nlp_sharded_mask"] = (mask, weakref.ref(weight), sharded)
+    return sharded
+
+
 def _after_optimizer_step(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
     if not _MASKED_MODULES:
         return
@@ -38,7 +70,7 @@ def _after_optimizer_step(optimizer: torch.optim.Optimizer, args, kwargs) -> Non
         for module in list(_MASKED_MODULES):
             mask = module._buffers.get(MASK_BUFFER)
             if mask is not None and id(module.weight) in stepped:
-                module.weight.mul_(mask)
+                module.weight.mul_(mask_like_weight(module, module.weight, mask))
 
 
 def _ensure_hook() -> None:
@@ -49,7 +81,7 @@ def _ensure_hook() -> None:
 
 def _mask_grad(module: nn.Module, grad: torch.Tensor) -> torch.Tensor:
     mask = getattr(module, MASK_BUFFER, None)
-    return grad if mask is None else grad * mask
+    return grad if mask is None else grad * mask_like_weight(module, grad, mask)
 
 
 def attach_mask(module: nn.Module, mask: torch.Tensor) -> None:
@@ -76,7 +108,7 @@ def attach_mask(module: nn.Module, mask: torch.Tensor) -> None:
     _MASKED_MODULES.add(module)
     _ensure_hook()
     with torch.no_grad():
-        weight.mul_(mask)
+        weight.mul_(mask_like_weight(module, weight, mask))
 
 
 def track_masks(model: nn.Module) -> int:
@@ -115,6 +147,6 @@ def apply_masks(model: nn.Module) -> int:
     """Multiply every masked weight by its mask (for code that wrote weights by hand). Returns the count."""
     count = 0
     for _, module in masked_modules(model):
-        module.weight.mul_(module._buffers[MASK_BUFFER])
+        module.weight.mul_(mask_like_weight(module, module.weight, module._buffers[MASK_BUFFER]))
         count += 1
     return count

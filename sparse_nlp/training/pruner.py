@@ -32,7 +32,7 @@ from ..config import SparsityConfig, WeightSparsity
 from ..errors import ConfigError, UnsupportedModelError
 from ..metadata import read_metadata, write_metadata
 from ..pruning.experts import SUFFIX, ExpertPlan, attach_expert_mask, select_experts
-from ..pruning.masking import attach_mask, detach_mask, get_mask
+from ..pruning.masking import attach_mask, detach_mask, get_mask, is_sharded
 from ..pruning.masks import global_masks, select_mask
 from ..pruning.methods import get_method
 from ..pruning.movement import (
@@ -247,6 +247,12 @@ class GradualPruner:
 
     @torch.no_grad()
     def _update_masks(self, step: int) -> None:
+        movement = self._movement_plans()
+        if movement and is_sharded(movement[0].module.weight):
+            raise ConfigError(
+                "movement pruning of sharded (FSDP) parameters is not supported: its scores follow the gradient of "
+                "each whole weight. Use method magnitude, or data parallelism instead of FSDP."
+            )
         self._follow_weights()
         by_rule: dict[int, list[LayerPlan]] = {}
         for plan in self.plans:
@@ -282,7 +288,11 @@ class GradualPruner:
     def _scores_of(self, plan: LayerPlan) -> torch.Tensor:
         if plan.name in self.scores:
             return self.scores[plan.name].detach()
-        return plan.method.score(linear_weight(plan.module), None)
+        weight = linear_weight(plan.module)
+        # FSDP2: score the whole weight (gathered), so every process picks the same mask
+        if is_sharded(weight):
+            weight = weight.full_tensor()
+        return plan.method.score(weight, None)
 
     def _set_mask(self, plan: LayerPlan, mask_oi: torch.Tensor) -> None:
         module = plan.module
