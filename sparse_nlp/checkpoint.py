@@ -1347,8 +1347,8 @@ def _load_packed(
     has_masks = bool(file_masks or decoded)
 
     def check(rel: str, weight: torch.Tensor, decoded_mask: torch.Tensor | None) -> torch.Tensor:
-        if rel in file_masks:
-            mask, where = file_masks[rel], mask_path
+        if rel in file_masks:  # taken out: the packed layer keeps its own copy
+            mask, where = file_masks.pop(rel), mask_path
         elif decoded_mask is not None:
             mask, where = decoded_mask, source.where
         elif not has_masks:
@@ -1358,7 +1358,7 @@ def _load_packed(
         _verify_mask(rel, weight, mask, where, folder, recorded_zeros)
         return mask
 
-    load_packed(model, source, plan, check)
+    load_packed(model, source, plan, check, pack=convert)
     model.eval()
     if model.can_generate() and (folder / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(folder)

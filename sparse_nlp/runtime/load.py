@@ -133,7 +133,12 @@ def _check_shape(key: str, tensor: torch.Tensor, expected: torch.Size, where: st
 
 
 def load_packed(
-    model: nn.Module, source: TensorSource, plan: LoadPlan, check_mask: MaskCheck, **convert_kwargs: Any
+    model: nn.Module,
+    source: TensorSource,
+    plan: LoadPlan,
+    check_mask: MaskCheck,
+    pack: Callable[..., nn.Module] = convert,
+    **convert_kwargs: Any,
 ) -> nn.Module:
     """Fill the empty `model` from `source` following `plan`, packing each masked layer as soon as it is loaded.
 
@@ -142,7 +147,8 @@ def load_packed(
         source: the checkpoint's tensors.
         plan: from `plan_load`.
         check_mask: validates each decoded layer and returns the mask to attach (see `MaskCheck`).
-        **convert_kwargs: passed to `convert` for every layer (its defaults otherwise).
+        pack: the conversion, called as ``pack(model, modules=[name], **convert_kwargs)`` (default: `convert`).
+        **convert_kwargs: passed to `pack` for every layer (its defaults otherwise).
 
     Returns:
         `model`, loaded and converted.
@@ -167,8 +173,8 @@ def load_packed(
         del weight
         attach_mask(module, mask)
         del module, mask
-        convert(model, modules=[module_name], **convert_kwargs)
-    convert(model, modules=plan.others, **convert_kwargs)
+        pack(model, modules=[module_name], **convert_kwargs)
+    pack(model, modules=plan.others, **convert_kwargs)
     return model
 
 
