@@ -118,21 +118,26 @@ def test_runtime_load_nm_checkpoint_and_tied_embeddings(tmp_path, monkeypatch):
 
 
 def test_runtime_load_holds_one_dense_layer_at_a_time(tmp_path, monkeypatch):
-    """Each masked layer's dense temporary is gone (packed and dropped) before the next layer is decoded."""
+    """Each masked layer's dense module (its weight and mask) is gone, packed and dropped, before the next layer is
+    decoded."""
     _, _, compact = _checkpoints(tmp_path, "bert", sparsity=0.9)
-    decode = load_module.decode_entry
+    decode, attach = load_module.decode_entry, load_module.attach_mask
     alive: list[weakref.ref] = []
     checked = []
 
-    def tracked(key, entry, stored, where):
+    def tracked_decode(key, entry, stored, where):
         weight, mask = decode(key, entry, stored, where)
-        if mask is not None:  # a masked layer: every earlier one must be freed by now
+        if mask is not None:  # a masked layer: every earlier dense layer must be freed by now
             gc.collect()
             checked.append(sum(r() is not None for r in alive))
-            alive.append(weakref.ref(weight))
         return weight, mask
 
-    monkeypatch.setattr(load_module, "decode_entry", tracked)
+    def tracked_attach(module, mask):
+        alive.extend([weakref.ref(module), weakref.ref(module.weight)])
+        attach(module, mask)
+
+    monkeypatch.setattr(load_module, "decode_entry", tracked_decode)
+    monkeypatch.setattr(load_module, "attach_mask", tracked_attach)
     fast = sparse_nlp.from_pretrained(compact, runtime="sparse", check_hashes=False)
     assert len(checked) == len(runtime.converted_layers(fast)) >= 8
     assert checked == [0] * len(checked)

@@ -154,15 +154,17 @@ def load_packed(
         `model`, loaded and converted.
     """
     layer_keys = {key for key, _ in plan.layers.values()}
-    for key, holders in plan.owners.items():  # embeddings, norms, biases, unmasked weights: as stored
-        if key in layer_keys:
-            continue
+    # embeddings, norms, biases, unmasked weights: as stored. Each key leaves the plan once set, so that the plan
+    # holds no module that `pack` replaces (a replaced layer must be freed, with its dense weight).
+    for key in [k for k in plan.owners if k not in layer_keys]:
         tensor, _ = decode_entry(key, source.entries[key], source, source.where)
-        if holders:
-            module, name, is_param = holders[0]
+        if plan.owners[key]:
+            module, name, is_param = plan.owners[key][0]
             current = module._parameters[name] if is_param else module._buffers[name]
             _check_shape(key, tensor, current.shape, source.where)
+            del module, current
         _set(plan, key, tensor)
+        plan.owners.pop(key)
         del tensor
     for module_name, (key, rel) in plan.layers.items():  # one dense temporary at a time
         weight, mask = decode_entry(key, source.entries[key], source, source.where)
@@ -173,6 +175,7 @@ def load_packed(
         del weight
         attach_mask(module, mask)
         del module, mask
+        plan.owners.pop(key)
         pack(model, modules=[module_name], **convert_kwargs)
     pack(model, modules=plan.others, **convert_kwargs)
     return model
