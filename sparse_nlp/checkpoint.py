@@ -1317,6 +1317,9 @@ def _load_packed(
     kwargs = dict(kwargs)
     kwargs.pop("dtype", None)
     config, meta, _ = _prepared_config(folder, name, kwargs, compact)
+    sparsity = read_metadata(config)
+    if sparsity is not None and sparsity.activation is not None:
+        return None  # activation sparsity is restored on the dense model, before conversion
     mask_path = folder / MASKS_FILE
     file_masks = load_masks(mask_path) if mask_path.is_file() else {}
     names = list((meta or {}).get("masked_modules", []))
@@ -1362,7 +1365,6 @@ def _load_packed(
     model.eval()
     if model.can_generate() and (folder / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(folder)
-    sparsity = read_metadata(model.config)
     if sparsity is not None and sparsity.attention is not None:
         apply_attention(model, sparsity.attention)
     return model
