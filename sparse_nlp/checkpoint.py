@@ -47,16 +47,17 @@ from typing import Any
 
 import torch
 import transformers
+from accelerate import init_empty_weights
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import AutoConfig, PreTrainedModel
+from transformers import AutoConfig, GenerationConfig, PreTrainedModel
 
 from .activation.apply import restore_activation
 from .attention.apply import apply_attention
 from .errors import CheckpointError, CompactFormatError, MetadataError
 from .formats import compact as compact_format
-from .formats.compact import ATTN_MARKER, HEADER_KEY, is_compact, nonzero_entries
+from .formats.compact import ATTN_MARKER, HEADER_KEY, is_compact, mask_owner, nonzero_entries, parse_header
 from .formats.manifest import (
     CHECKPOINT_PATTERNS,
     COMPACT_FILE,
@@ -76,6 +77,7 @@ from .pruning.experts import attach_expert_mask, masked_experts
 from .pruning.masking import MASK_BUFFER, attach_mask, masked_modules
 from .pruning.offloaded import block_store
 from .runtime.convert import convert
+from .runtime.load import load_packed, plan_load
 from .structured.shapes import load_structured
 from .targets import base_relative_name, resolve_module
 
@@ -1044,26 +1046,27 @@ def from_pretrained(
         raise FileNotFoundError(
             f"checkpoint folder {name!r} does not exist (and it is not a Hub repository id)."
         )
-    model = _load_any(path_or_id, model_class, name, kwargs)
-    if runtime == "sparse":
-        convert(model)
-    return model
+    return _load_any(path_or_id, model_class, name, kwargs, runtime)
 
 
 def _load_any(
-    path_or_id: str | os.PathLike, model_class: type | None, name: str, kwargs: dict[str, Any]
+    path_or_id: str | os.PathLike,
+    model_class: type | None,
+    name: str,
+    kwargs: dict[str, Any],
+    runtime: str | None = None,
 ) -> PreTrainedModel:
     """A Hub id downloaded and loaded, or a local folder loaded without mixing two saves' files."""
     check_hashes = kwargs.pop("check_hashes", None)
     if not _is_local(path_or_id):
         folder = download(name, **kwargs)
         kwargs = {k: v for k, v in kwargs.items() if k not in _HUB_KEYS}
-        return _load_checked(folder, model_class, name, check_hashes, kwargs)
+        return _load_checked(folder, model_class, name, check_hashes, kwargs, runtime)
     folder = Path(path_or_id)
     for _attempt in range(_OPTIMISTIC_TRIES):  # a save switching the folder in mid-load: load it again
         before = folder_state(folder)
         try:
-            model = _load_checked(folder, model_class, name, check_hashes, dict(kwargs))
+            model = _load_checked(folder, model_class, name, check_hashes, dict(kwargs), runtime)
         except (OSError, ValueError, RuntimeError, SafetensorError):
             if before is not None and folder_state(folder) == before:
                 raise  # the folder did not change: the error is the checkpoint's own
@@ -1073,23 +1076,33 @@ def _load_any(
         if before is None:
             break
     with _save_lock(folder, shared=True):  # saves keep coming: wait for the current one, hold the next off
-        return _load_checked(folder, model_class, name, check_hashes, dict(kwargs))
+        return _load_checked(folder, model_class, name, check_hashes, dict(kwargs), runtime)
 
 
 _OPTIMISTIC_TRIES = 3
 
 
 def _load_checked(
-    folder: Path, model_class: type | None, name: str, check_hashes: bool | None, kwargs: dict[str, Any]
+    folder: Path,
+    model_class: type | None,
+    name: str,
+    check_hashes: bool | None,
+    kwargs: dict[str, Any],
+    runtime: str | None = None,
 ) -> PreTrainedModel:
     """Verify and load one checkpoint folder (the body of `from_pretrained`)."""
     raw = verify_checkpoint(folder, check_hashes=check_hashes)
-    if raw is not None and "compact" in raw:
+    packed = _load_packed(folder, raw, model_class, name, kwargs) if runtime == "sparse" else None
+    if packed is not None:
+        model = packed
+    elif raw is not None and "compact" in raw:
         _uncompact_config(kwargs.get("config"), raw["compact"])
         with expanded(folder) as dense:
             model = _load_folder(dense, model_class, name, **kwargs)
     else:
         model = _load_folder(folder, model_class, name, **kwargs)
+    if runtime == "sparse" and packed is None:  # loaded dense: pack it now
+        convert(model)
     meta = getattr(model.config, METADATA_KEY, None)
     if isinstance(meta, dict):  # facts about the files on disk, not about the model in memory
         for key in ("files", "tokenizer_files", "compact", "sha256", "save_id", "kept_zeros"):
@@ -1148,13 +1161,19 @@ def load_config(path_or_id: str | os.PathLike, name: str | None = None, **kwargs
         raise
 
 
-def _load_folder(folder: Path, model_class: type | None, name: str, **kwargs: Any) -> PreTrainedModel:
-    """Load a verified local dense checkpoint folder; `name` is what error messages call it."""
-    path_or_id = folder
+def _prepared_config(
+    path_or_id: str | os.PathLike, name: str, kwargs: dict[str, Any], compact: Any = None
+) -> tuple[Any, dict[str, Any] | None, bool]:
+    """(config, raw sparse_nlp metadata, trust_remote_code) for loading a folder; pops what it uses from `kwargs`.
+
+    `compact` is the ``compact`` metadata of a compact folder read in place (its config is turned into the dense one).
+    """
     # config overrides (num_labels, ...) go into the config: transformers refuses them beside config=
     overrides = {k: kwargs.pop(k) for k in _CONFIG_OVERRIDES if k in kwargs}
     trust = kwargs.pop("trust_remote_code", False) is True
     config = kwargs.pop("config", None) or load_config(path_or_id, name, trust_remote_code=trust)
+    if compact is not None:
+        _uncompact_config(config, compact)
     for key, value in overrides.items():
         setattr(config, key, value)
     try:
@@ -1162,6 +1181,13 @@ def _load_folder(folder: Path, model_class: type | None, name: str, **kwargs: An
         read_metadata(config)
     except MetadataError as err:
         raise MetadataError(f"{name}/config.json: {err}") from None
+    return config, meta, trust
+
+
+def _load_folder(folder: Path, model_class: type | None, name: str, **kwargs: Any) -> PreTrainedModel:
+    """Load a verified local dense checkpoint folder; `name` is what error messages call it."""
+    path_or_id = folder
+    config, meta, trust = _prepared_config(path_or_id, name, kwargs)
     cls = model_class or _model_class(config)
     if (
         meta is not None and meta.get("structured") is not None
@@ -1184,6 +1210,163 @@ def _load_folder(folder: Path, model_class: type | None, name: str, **kwargs: An
                 restore_activation(model, sparsity.activation)
             except MetadataError as err:
                 raise MetadataError(f"{name}/{err}") from None
+    return model
+
+
+# ---- load straight into the sparse runtime --------------------------------------------------------------
+
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+class _StreamedTensors:
+    """The tensors of safetensors files, each read on access with plain file reads into a new tensor.
+
+    No memory map: a mapped file's pages count as the process's memory once touched, which would add the size
+    of the file to the peak of a load. Implements `runtime.load.TensorSource`.
+    """
+
+    def __init__(self, paths: list[Path], error: type[Exception], what: str) -> None:
+        self.where = str(paths[0]) if len(paths) == 1 else f"{paths[0].parent} ({len(paths)} weight files)"
+        self.metadata: dict[str, str] = {}
+        self._at: dict[str, tuple[Path, int, torch.dtype, tuple[int, ...]]] = {}
+        for path in paths:
+            if not path.is_file():
+                raise CheckpointError(f"{path}: {what} is missing.")
+            try:  # the library's own checks of the header first, with the messages of a dense read
+                with safe_open(str(path), framework="pt") as f:
+                    self.metadata.update(f.metadata() or {})
+            except (SafetensorError, OSError, RuntimeError) as err:
+                raise error(f"{path}: {what} is damaged ({err}).") from None
+            header = check_safetensors(path)
+            with open(path, "rb") as f:
+                base = 8 + int.from_bytes(f.read(8), "little")
+            for key, info in header.items():
+                if key == "__metadata__":
+                    continue
+                dtype = _SAFETENSORS_DTYPES.get(info["dtype"])
+                start, end = info["data_offsets"]
+                shape = tuple(int(d) for d in info["shape"])
+                if dtype is None or end - start != math.prod(shape) * dtype.itemsize:
+                    raise error(
+                        f"{path}: tensor {key!r} ({info['dtype']}, {list(shape)}) cannot be read here."
+                    )
+                self._at[key] = (path, base + start, dtype, shape)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        path, offset, dtype, shape = self._at[name]  # KeyError: the files lack it
+        out = torch.empty(shape, dtype=dtype)
+        if out.numel():
+            buffer = memoryview(out.reshape(-1).view(torch.uint8).numpy())
+            with open(path, "rb") as f:
+                f.seek(offset)
+                if f.readinto(buffer) != len(buffer):
+                    raise CheckpointError(f"{path}: tensor {name!r} is cut short; the file is truncated.")
+        return out
+
+    def dense_entries(self) -> dict[str, dict[str, Any]]:
+        """Header entries (as a compact file's) for every tensor, all stored dense."""
+        return {
+            k: {"encoding": "dense", "shape": list(shape), "dtype": str(dtype).removeprefix("torch.")}
+            for k, (_, _, dtype, shape) in self._at.items()
+        }
+
+
+_PACKED_KWARGS = {"config", "trust_remote_code", "dtype", *_CONFIG_OVERRIDES}
+
+
+def _load_packed(
+    folder: Path, raw: dict[str, Any] | None, model_class: type | None, name: str, kwargs: dict[str, Any]
+) -> PreTrainedModel | None:
+    """`from_pretrained(..., runtime="sparse")` without a dense copy of the model (`runtime.load`), or None where
+    that path does not apply (the caller then loads dense and converts)."""
+    if set(kwargs) - _PACKED_KWARGS or kwargs.get("trust_remote_code") is True:
+        return None
+    if kwargs.get("dtype") not in (None, "auto", "float32", torch.float32):
+        return None
+    if raw is not None and raw.get("structured") is not None:
+        return None
+    compact = raw.get("compact") if raw is not None and "compact" in raw else None
+    if compact is not None:
+        _, file = compact_format.dense_config({METADATA_KEY: dict(raw)})
+        path = folder / file
+        if not path.is_file():
+            raise CheckpointError(
+                f"{path}: compact weight file is missing (config.json says the checkpoint is compact)."
+            )
+        source = _StreamedTensors([path], CompactFormatError, "compact weight file")
+        source.entries = parse_header(source.metadata.get(HEADER_KEY), str(path))
+        decoded = {mask_owner(k, e) for k, e in source.entries.items() if e.get("encoding") != "dense"}
+    else:
+        files = dense_weight_files(folder)
+        if not files:
+            return None
+        source = _StreamedTensors(files, CheckpointError, "weight file")
+        source.entries = source.dense_entries()
+        decoded = set()
+    kwargs = dict(kwargs)
+    kwargs.pop("dtype", None)
+    config, meta, _ = _prepared_config(folder, name, kwargs, compact)
+    sparsity = read_metadata(config)
+    if sparsity is not None and sparsity.activation is not None:
+        return None  # activation sparsity is restored on the dense model, before conversion
+    mask_path = folder / MASKS_FILE
+    file_masks = load_masks(mask_path) if mask_path.is_file() else {}
+    names = list((meta or {}).get("masked_modules", []))
+    unlisted = sorted((set(file_masks) | decoded) - set(names))
+    if unlisted:
+        raise CheckpointError(
+            f"{mask_path if file_masks else source.where}: holds masks for {unlisted[:3]}, which config.json "
+            f"({METADATA_KEY}.masked_modules) does not list; the list was shortened or the files come from "
+            "different saves."
+        )
+    cls = model_class or _model_class(config)
+    with init_empty_weights():
+        build = getattr(cls, "_from_config", None)
+        model = build(config) if build is not None else cls.from_config(config)
+    model.tie_weights()  # tied tensors share one Parameter (outside the context, which would copy it on assignment)
+    module_names = {id(m): n for n, m in model.named_modules()}
+    masked = {}
+    for rel in names:
+        try:
+            masked[rel] = module_names[id(resolve_module(model, rel))]
+        except KeyError:
+            return None  # a fused-expert parameter or a module this model lacks: the dense path reports it
+    plan, reason = plan_load(model, source.entries, masked)
+    if plan is None:
+        logger.info("%s: loading dense, then converting (%s)", name, reason)
+        return None
+    recorded_zeros = (meta or {}).get("kept_zeros")
+    has_masks = bool(file_masks or decoded)
+
+    def check(rel: str, weight: torch.Tensor, decoded_mask: torch.Tensor | None) -> torch.Tensor:
+        if rel in file_masks:  # taken out: the packed layer keeps its own copy
+            mask, where = file_masks.pop(rel), mask_path
+        elif decoded_mask is not None:
+            mask, where = decoded_mask, source.where
+        elif not has_masks:
+            mask, where = weight != 0, folder
+        else:
+            raise CheckpointError(f"{mask_path}: no mask for {rel!r}, which config.json lists as masked.")
+        _verify_mask(rel, weight, mask, where, folder, recorded_zeros)
+        return mask
+
+    load_packed(model, source, plan, check, pack=convert)
+    model.eval()
+    if model.can_generate() and (folder / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(folder)
+    if sparsity is not None and sparsity.attention is not None:
+        apply_attention(model, sparsity.attention)
     return model
 
 
@@ -1220,29 +1403,44 @@ def restore_masks(
             raise CheckpointError(f"{mask_path}: no mask for {rel!r}, which config.json lists as masked.")
         else:
             mask = masks[rel]
-        if tuple(mask.shape) != tuple(weight.shape):
-            raise CheckpointError(
-                f"{mask_path or path_or_id}: mask of {rel!r} has shape {tuple(mask.shape)} but the weight has "
-                f"{tuple(weight.shape)}; the checkpoint files disagree."
-            )
-        stray = int(nonzero_entries(weight)[~mask.cpu().numpy()].sum())
-        if stray:
-            raise CheckpointError(
-                f"{path_or_id}: {rel!r} has {stray} nonzero weights where its mask says pruned; "
-                "the weights and the mask file come from different saves."
-            )
-        if recorded_zeros is not None and param_name is None:  # recorded since the integrity checks
-            zeros = int((mask.to(weight.device) & (weight.detach() == 0)).sum())
-            if zeros > recorded_zeros.get(rel, 0):
-                raise CheckpointError(
-                    f"{mask_path or path_or_id}: the mask of {rel!r} keeps {zeros} weights that are 0.0 but the "
-                    f"save recorded {recorded_zeros.get(rel, 0)} ({METADATA_KEY}.kept_zeros); a mask bit was "
-                    "flipped from pruned to kept (such a weight could grow back in fine-tuning)."
-                )
+        _verify_mask(
+            rel, weight, mask, mask_path or path_or_id, path_or_id, recorded_zeros, param_name is None
+        )
         if param_name is None:
             attach_mask(module, mask)
         else:
             attach_expert_mask(module, param_name, mask)
+
+
+def _verify_mask(
+    rel: str,
+    weight: torch.Tensor,
+    mask: torch.Tensor,
+    mask_where: Any,
+    path_or_id: Any,
+    recorded_zeros: dict[str, int] | None,
+    count_zeros: bool = True,
+) -> None:
+    """Raise `CheckpointError` when a mask does not fit its weight (shape, nonzero pruned weights, flipped bits)."""
+    if tuple(mask.shape) != tuple(weight.shape):
+        raise CheckpointError(
+            f"{mask_where}: mask of {rel!r} has shape {tuple(mask.shape)} but the weight has "
+            f"{tuple(weight.shape)}; the checkpoint files disagree."
+        )
+    stray = int(nonzero_entries(weight)[~mask.cpu().numpy()].sum())
+    if stray:
+        raise CheckpointError(
+            f"{path_or_id}: {rel!r} has {stray} nonzero weights where its mask says pruned; "
+            "the weights and the mask file come from different saves."
+        )
+    if recorded_zeros is not None and count_zeros:  # recorded since the integrity checks
+        zeros = int((mask.to(weight.device) & (weight.detach() == 0)).sum())
+        if zeros > recorded_zeros.get(rel, 0):
+            raise CheckpointError(
+                f"{mask_where}: the mask of {rel!r} keeps {zeros} weights that are 0.0 but the "
+                f"save recorded {recorded_zeros.get(rel, 0)} ({METADATA_KEY}.kept_zeros); a mask bit was "
+                "flipped from pruned to kept (such a weight could grow back in fine-tuning)."
+            )
 
 
 def _expert_owner(model: nn.Module, rel: str) -> tuple[nn.Module | None, str | None]:

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -330,6 +331,49 @@ def parse_header(raw: str | None, where: str) -> dict[str, Any]:
     return entries
 
 
+def decode_entry(
+    key: str, entry: dict[str, Any], stored: Mapping[str, torch.Tensor], where: str
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Decode one tensor of a compact file from its header `entry`: (weight, mask or None when stored dense).
+
+    `stored` maps the file's tensor names to tensors (a dict, or a reader that loads each on access and raises
+    KeyError for a name the file lacks); `where` names the file in errors.
+
+    Raises:
+        CompactFormatError: tensors missing or disagreeing with the header, or an unknown encoding.
+    """
+    try:
+        shape = tuple(int(s) for s in entry["shape"])
+        encoding = entry["encoding"]
+        if encoding == "dense":
+            weight, mask = stored[key], None
+        elif encoding == "bitmask":
+            weight, mask = decode_bitmask(stored[f"{key}.__mask"], stored[f"{key}.__values"], shape)
+        elif encoding == "nm":
+            n, m, axis = int(entry["n"]), int(entry["m"]), int(entry["axis"])
+            weight, mask = decode_nm(stored[f"{key}.__values"], stored[f"{key}.__idx"], shape, n, m, axis)
+        else:
+            raise CompactFormatError(f"{where}: tensor {key!r} has unknown encoding {encoding!r}.")
+    except KeyError as err:
+        raise CompactFormatError(
+            f"{where}: tensor {key!r}: missing {err} in the file or its header."
+        ) from None
+    except (ValueError, RuntimeError) as err:
+        if isinstance(err, CompactFormatError):
+            raise
+        raise CompactFormatError(f"{where}: tensor {key!r} disagrees with its header ({err}).") from None
+    if tuple(weight.shape) != shape:
+        raise CompactFormatError(
+            f"{where}: tensor {key!r} has shape {tuple(weight.shape)} but the header records {shape}."
+        )
+    return weight, mask
+
+
+def mask_owner(key: str, entry: dict[str, Any]) -> str:
+    """The base-relative module name a decoded mask of tensor `key` belongs to."""
+    return entry.get("module") or key.removesuffix(".weight")
+
+
 def decode_state(
     stored: dict[str, torch.Tensor], raw_header: str | None, where: str
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
@@ -341,33 +385,10 @@ def decode_state(
     entries = parse_header(raw_header, where)
     state, masks = {}, {}
     for key, entry in entries.items():
-        try:
-            shape = tuple(int(s) for s in entry["shape"])
-            encoding = entry["encoding"]
-            if encoding == "dense":
-                weight, mask = stored[key], None
-            elif encoding == "bitmask":
-                weight, mask = decode_bitmask(stored[f"{key}.__mask"], stored[f"{key}.__values"], shape)
-            elif encoding == "nm":
-                n, m, axis = int(entry["n"]), int(entry["m"]), int(entry["axis"])
-                weight, mask = decode_nm(stored[f"{key}.__values"], stored[f"{key}.__idx"], shape, n, m, axis)
-            else:
-                raise CompactFormatError(f"{where}: tensor {key!r} has unknown encoding {encoding!r}.")
-        except KeyError as err:
-            raise CompactFormatError(
-                f"{where}: tensor {key!r}: missing {err} in the file or its header."
-            ) from None
-        except (ValueError, RuntimeError) as err:
-            if isinstance(err, CompactFormatError):
-                raise
-            raise CompactFormatError(f"{where}: tensor {key!r} disagrees with its header ({err}).") from None
-        if tuple(weight.shape) != shape:
-            raise CompactFormatError(
-                f"{where}: tensor {key!r} has shape {tuple(weight.shape)} but the header records {shape}."
-            )
+        weight, mask = decode_entry(key, entry, stored, where)
         state[key] = weight
         if mask is not None:
-            masks[entry.get("module") or key.removesuffix(".weight")] = mask
+            masks[mask_owner(key, entry)] = mask
     return state, masks
 
 
