@@ -1,11 +1,13 @@
 """Sparse-weight Linear layers on the CPU against dense fp32 torch, measured side by side in one run.
 
 Part ``layers``: y = x W^T + b for MiniLM (384x1536, 1536x384, 384x384) and SmolLM2-135M (576x1536, 1536x576)
-shapes (out x in), sparsity 50-95%, 1 / 16 / 128 / 512 tokens, unstructured, 2:4 and block 4x4 masks; columns:
-dense F.linear ms, and the speed-up (dense time / time) of the native kernel (`sparse_nlp.runtime`), torch's CSR
-matmul and torch's BSR (4x4 blocks) matmul, at 1 and 2 threads.
+shapes (out x in), sparsity 50-95%, 1 / 16 / 128 / 512 tokens, unstructured, 2:4 and block masks (``blockRxC``,
+default 4x4); columns: dense F.linear ms, and the speed-up (dense time / time) of the native kernel
+(`sparse_nlp.runtime`: compressed rows, or the block kernel for block masks), torch's CSR matmul and torch's BSR
+(4x4 blocks) matmul, at 1 and 2 threads.
 
-Part ``minilm``: the real all-MiniLM-L6-v2, every encoder Linear magnitude-pruned (90%, 80%, 2:4), converted with
+Part ``minilm``: the real all-MiniLM-L6-v2, every encoder Linear magnitude-pruned (90%, 80%, 2:4, or a block
+pattern such as ``block4x4:90``), converted with
 `sparse_nlp.runtime.convert` (autotuned) against the same masked model run dense, at batch 1 x 128 and 32 x 128;
 with the largest relative difference of the outputs.
 
@@ -16,12 +18,21 @@ native kernel only, so no dense copy is kept for a dense-timed bucket), with ``k
 (`compact_checkpoint`, as ``sparse-nlp compact`` writes it) with ``from_pretrained(path, runtime="sparse")``,
 against loading the dense checkpoint of the same model, and the compact one without the runtime.
 
+Part ``decode``: batch-1 greedy decoding and a prefill of a decoder pruned per model name (70, 50, 2:4), converted
+against the same masked model run dense: SmolLM2-135M pruned by one-shot Wanda on WikiText-2 valid windows
+(``--decoder smollm2``, needs ``--data-dir`` or ``$SPARSE_NLP_DATA_DIR``), or a random llama of its shape pruned by
+magnitude (``--decoder random``). Part ``sst2``: SST-2 dev predictions of a converted classifier against the masked
+dense one (``--sst2-model``, default MiniLM 90% with a seeded untrained head).
+
 Every call is timed with the candidates interleaved (one call of each per round) and the median is reported,
-because the machine may be shared; the CPU model, ISA, threads and load average are printed with every table.
+because the machine may be shared; the CPU model, ISA, threads, clock and load average are printed with every
+table. ``--clock cpu`` times 1-thread calls by the thread's CPU time instead of elapsed time.
 
     HF_HUB_OFFLINE=1 python benchmarks/sparse_runtime.py --part layers --threads 1,2
     HF_HUB_OFFLINE=1 python benchmarks/sparse_runtime.py --part minilm --threads 1,2
     HF_HUB_OFFLINE=1 python benchmarks/sparse_runtime.py --part memory --threads 1
+    HF_HUB_OFFLINE=1 python benchmarks/sparse_runtime.py --part decode --decoder smollm2 --models 70,50,2:4 --threads 1
+    HF_HUB_OFFLINE=1 python benchmarks/sparse_runtime.py --part sst2 --threads 1
 """
 
 from __future__ import annotations
