@@ -10,19 +10,17 @@ input. The library holds AVX-512F, AVX2+FMA and portable code paths and runs the
 from __future__ import annotations
 
 import logging
-import os
 import threading
 from pathlib import Path
 
 import torch
 
-from ..native import NativeBuildError, build_library
+from ..native import ISAS, NativeBuildError, build_library, env_isa_cap
 
 logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).resolve().parents[1] / "runtime" / "kernels" / "activation_linear.cpp"
 FLAGS = ("-O3",)
-ISAS = ("portable", "avx2", "avx512")
 ENV_ISA = "SPARSE_NLP_RUNTIME_ISA"
 
 _LOCK = threading.Lock()
@@ -64,12 +62,8 @@ def best_isa() -> int:
     if "cpu_isa" not in _STATE:
         _STATE["cpu_isa"] = int(op.cpu_isa())
     isa = int(_STATE["cpu_isa"])  # type: ignore[arg-type]
-    forced = os.environ.get(ENV_ISA, "").strip().lower()
-    if forced:
-        if forced not in ISAS:
-            raise ValueError(f"{ENV_ISA}={forced!r} is not one of {', '.join(ISAS)}.")
-        isa = min(isa, ISAS.index(forced))
-    return isa
+    cap = env_isa_cap(ENV_ISA)
+    return isa if cap is None else min(isa, cap)
 
 
 def activation_linear(

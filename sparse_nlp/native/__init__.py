@@ -21,15 +21,19 @@ from .build import (
     openmp_runtimes,
     private_dir,
 )
+from .isa import ISAS, env_isa_cap, isa_index
 
 __all__ = [
     "ENV_CACHE",
     "ENV_SWITCH",
+    "ISAS",
     "NativeBuildError",
     "build_library",
     "cache_root",
     "check_owned",
     "compiler_missing_reason",
+    "env_isa_cap",
+    "isa_index",
     "native_disabled_reason",
     "openmp_flags",
     "openmp_runtimes",

@@ -18,13 +18,12 @@ from pathlib import Path
 
 import torch
 
-from ...native import NativeBuildError, build_library
+from ...native import ISAS, NativeBuildError, build_library, env_isa_cap
 
 logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("sparse_linear.cpp")
 FLAGS = ("-O3",)
-ISAS = ("portable", "avx2", "avx512")
 ENV_ISA = "SPARSE_NLP_RUNTIME_ISA"
 
 _LOCK = threading.Lock()
@@ -84,31 +83,29 @@ def best_isa() -> int:
     if "cpu_isa" not in _STATE:
         _STATE["cpu_isa"] = int(op.cpu_isa())
     isa = _STATE["cpu_isa"]
-    forced = (raw or "").strip().lower()
-    if forced:
-        if forced not in ISAS:
-            raise ValueError(f"{ENV_ISA}={forced!r} is not one of {', '.join(ISAS)}.")
-        isa = min(isa, ISAS.index(forced))
+    cap = env_isa_cap(ENV_ISA)
+    isa = isa if cap is None else min(isa, cap)
     _ISA_MEMO[raw] = isa
     return isa
 
 
-def sparse_linear():
-    """The op itself (``torch.ops.sparse_nlp_runtime.sparse_linear.default``: no overload lookup per call), or
-    None where the kernel is unavailable."""
-    if "sparse_linear" not in _STATE:
+def _overload(name: str):
+    """``torch.ops.sparse_nlp_runtime.<name>.default`` (the overload itself: no lookup per call), or None where the
+    kernel is unavailable; looked up once."""
+    if name not in _STATE:
         op = ops()
-        _STATE["sparse_linear"] = None if op is None else op.sparse_linear.default
-    return _STATE["sparse_linear"]
+        _STATE[name] = None if op is None else getattr(op, name).default
+    return _STATE[name]
+
+
+def sparse_linear():
+    """The compressed-rows op, or None where the kernel is unavailable."""
+    return _overload("sparse_linear")
 
 
 def block_linear():
-    """The block-sparse op (``torch.ops.sparse_nlp_runtime.block_linear.default``), or None where the kernel is
-    unavailable."""
-    if "block_linear" not in _STATE:
-        op = ops()
-        _STATE["block_linear"] = None if op is None else op.block_linear.default
-    return _STATE["block_linear"]
+    """The block-sparse op, or None where the kernel is unavailable."""
+    return _overload("block_linear")
 
 
 def source_digest() -> str:

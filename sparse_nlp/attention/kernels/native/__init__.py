@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,9 +30,12 @@ from pathlib import Path
 import torch
 
 from ....native import (
+    ISAS,
     NativeBuildError,
     build_library,
     compiler_missing_reason,
+    env_isa_cap,
+    isa_index,
     native_disabled_reason,
     openmp_flags,
 )
@@ -45,7 +47,6 @@ NAME = "band_attention"
 SOURCE = Path(__file__).with_name("band_attention.cpp")
 FLAGS = ("-O3",)
 HEAD_SIZES = (16, 32, 64, 128)
-ISAS = ("portable", "avx2", "avx512")  # the kernel's code paths, in its numbering
 ENV_SWITCH = "SPARSE_NLP_NATIVE"
 ENV_CACHE = "SPARSE_NLP_CACHE"
 ENV_ISA = "SPARSE_NLP_BAND_ISA"
@@ -67,16 +68,12 @@ def unavailable_reason() -> str | None:
 
 
 def _isa_cap(name: str) -> int:
-    key = name.strip().lower()
-    if key not in ISAS:
-        raise ValueError(f"{ENV_ISA}={name!r} is not one of {', '.join(ISAS)}.")
-    return ISAS.index(key)
+    return isa_index(name, ENV_ISA)
 
 
 def _env_cap() -> int | None:
     """The path ``$SPARSE_NLP_BAND_ISA`` caps the kernel at, or None."""
-    forced = os.environ.get(ENV_ISA, "").strip()
-    return _isa_cap(forced) if forced else None
+    return env_isa_cap(ENV_ISA)
 
 
 def _build():
