@@ -12,8 +12,8 @@ Blocks (`BSRWeight`): where the mask is made of whole, aligned R x C blocks (R i
 - ``rowptr``: int32 (out_features / R + 1,), the first block of each block row;
 - ``cols``: uint16 / int32 (blocks,), the block column (input column / C);
 - ``vals``: fp32 (blocks, C, R), each block column by column.
-The block kernel reuses each input it loads for R output rows: at 90% block sparsity it is several times faster
-than the compressed-rows kernel at the same sparsity (docs/results/runtime.md).
+The block kernel reuses each input it loads for R output rows, so it is faster than the compressed-rows kernel at
+the same sparsity (docs/results/runtime.md).
 
 `pack_weight` picks the format from the mask.
 """

@@ -46,7 +46,7 @@ int64_t vector_width(int64_t isa) { return isa == kAvx512 ? 16 : 8; }
 
 // ---- one output row over one token panel: out[0:NV*W] = bias + sum_j v[j] * panel[c[j], 0:NV*W] --------------
 // The panel and `out` are 64-byte aligned and a panel row is a whole number of vectors, so panel rows are read with
-// aligned loads (an unaligned panel made every 64-byte row span two cache lines: about 1.4x slower at 90%).
+// aligned loads (an unaligned panel makes every 64-byte row span two cache lines).
 
 template <int NV, typename I>
 inline void row_portable(int32_t begin, int32_t end, const I* cols, const float* vals, const float* panel, float bias,
@@ -384,9 +384,9 @@ void spmm(const float* x, const int32_t* rowptr, const I* cols, const float* val
                      [&](int64_t cb, int64_t ce) { work(0, n_panels, bounds[cb], bounds[ce]); });
 }
 
-// Tokens per panel: 32 (4 AVX2 vectors, 2 AVX-512 vectors); the last panel of a call is narrower. Measured on an
-// AVX2 EPYC at 80-90% sparsity and 128 tokens, 32 tokens per panel ran 1.0-1.2x faster than 16 (the index and
-// weight loads are shared by more tokens). SPARSE_NLP_RUNTIME_NV overrides the vector count (1-4), for tuning.
+// Tokens per panel: 32 (4 AVX2 vectors, 2 AVX-512 vectors); the last panel of a call is narrower. More tokens per
+// panel share each index and weight load among more tokens. SPARSE_NLP_RUNTIME_NV overrides the vector count (1-4),
+// for tuning (benchmarks/sparse_runtime.py compares widths when run with it set).
 int64_t panel_vectors(int64_t tokens, int64_t W) {
   int64_t nv = 32 / W;
   if (const char* e = std::getenv("SPARSE_NLP_RUNTIME_NV")) nv = std::max(1, std::min(4, std::atoi(e)));
