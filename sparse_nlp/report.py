@@ -8,6 +8,7 @@ on the calibration data when the thresholds were calibrated (recorded in the mod
 from __future__ import annotations
 
 import json
+import weakref
 from dataclasses import asdict, dataclass, field
 
 from torch import nn
@@ -133,13 +134,16 @@ def report(model: nn.Module) -> SparsityReport:
 
     out = SparsityReport()
     totals = {g: GroupTotal() for g in ("attention", "ffn", "other", "linear", "model")}
-    seen: set[int] = set()
-    # a model whose blocks are on disk (sequential onloading) is read one block at a time
+    # Tied weights count once. A model whose blocks are on disk (sequential onloading) is read one block
+    # at a time and each block's tensors are freed before the next is read, so a bare id() could be
+    # reused by a later tensor; the weak reference tells a tied weight from a new one at a reused address.
+    seen: dict[int, weakref.ref] = {}
     for name, module in named_modules_onloaded(model):
         for p in module.parameters(recurse=False):
-            if id(p) in seen:  # tied weights count once
+            known = seen.get(id(p))
+            if known is not None and known() is p:
                 continue
-            seen.add(id(p))
+            seen[id(p)] = weakref.ref(p)
             totals["model"].numel += p.numel()
             totals["model"].nonzeros += int((p.detach() != 0).sum())
         if not is_prunable(module):

@@ -233,3 +233,31 @@ def test_tied_lm_head_is_refused_not_pruned_with_the_embeddings():
         {"weights": [{"targets": ["all-linear", "re:lm_head"], "exclude": ["lm_head$"]}]},
         progress=False,
     )
+
+
+def test_report_counts_every_tensor_of_blocks_read_one_at_a_time(monkeypatch):
+    """Blocks read from disk are freed before the next is read; a reused address is not a tied weight."""
+    import importlib
+
+    # sparse_nlp.report is also the name of a function the package exports
+    report_module = importlib.import_module("sparse_nlp.report")
+    model = tiny_model("llama")
+    expected = sum(p.numel() for p in model.parameters())
+    layers = model.model.layers
+
+    def walk(model):
+        # what sequential onloading does: each layer gets fresh tensors while it is walked, freed after
+        saved = {}
+        for name, module in model.named_modules():
+            if name.startswith("model.layers.") and module is not layers and name.count(".") >= 2:
+                for pname, p in list(module.named_parameters(recurse=False)):
+                    saved[(name, pname)] = p
+                    setattr(module, pname, torch.nn.Parameter(p.detach().clone()))
+                yield name, module
+                for pname, _ in list(module.named_parameters(recurse=False)):
+                    setattr(module, pname, saved.pop((name, pname)))
+            else:
+                yield name, module
+
+    monkeypatch.setattr(report_module, "named_modules_onloaded", walk)
+    assert report_module.report(model).groups["model"].numel == expected
