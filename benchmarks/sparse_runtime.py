@@ -201,7 +201,7 @@ def minilm(args) -> list[dict]:
     from sparse_nlp import sparsify
     from sparse_nlp.config import SparsityConfig
     from sparse_nlp.models import resolve_model
-    from sparse_nlp.runtime import convert, converted_layers
+    from sparse_nlp.runtime import FusedActivation, convert, converted_layers, unfuse_activations
 
     base = transformers.AutoModel.from_pretrained(resolve_model("minilm"), dtype=torch.float32).eval()
     rows = []
@@ -223,12 +223,19 @@ def minilm(args) -> list[dict]:
             start = time.perf_counter()
             convert(fast, tokens=[b * args.seq for b in _ints(args.batch)])
             convert_s = time.perf_counter() - start
+            unfused = copy.deepcopy(fast)  # the same packed layers, the GELU run by torch after the layer
+            unfuse_activations(unfused)
             plans = [layer.plan for layer in converted_layers(fast).values()]
+            fused = sum(1 for m in fast.modules() if isinstance(m, FusedActivation))
             print(
-                f"\n## MiniLM {name}, {threads} thread(s): {len(plans)} of 36 Linear layers packed ({convert_s:.1f} s to convert, autotune cache included)\n{header(threads)}\n"
+                f"\n## MiniLM {name}, {threads} thread(s): {len(plans)} of 36 Linear layers packed, {fused} GELUs fused "
+                f"({convert_s:.1f} s to convert, autotune cache included)\n{header(threads)}\n"
             )
-            print("| model | batch x seq | dense ms | converted ms | speed-up | max rel. diff |")
-            print("|---|---|---|---|---|---|")
+            print(
+                "| model | batch x seq | dense ms | converted ms | speed-up | without fused GELU: ms | speed-up "
+                "| max rel. diff |"
+            )
+            print("|---|---|---|---|---|---|---|---|")
             for batch in _ints(args.batch):
                 g = torch.Generator().manual_seed(0)
                 ids = torch.randint(1000, 20000, (batch, args.seq), generator=g)
@@ -237,8 +244,10 @@ def minilm(args) -> list[dict]:
                     ref = dense(input_ids=ids, attention_mask=mask).last_hidden_state
                     out = fast(input_ids=ids, attention_mask=mask).last_hidden_state
                     diff = float((out - ref).abs().max() / ref.abs().max())
+                    runners = _model_runners(dense, fast, ids, mask)
+                    runners["unfused"] = _model_runners(dense, unfused, ids, mask)["fast"]
                     t = time_interleaved(
-                        _model_runners(dense, fast, ids, mask),
+                        runners,
                         rounds=args.rounds if batch == 1 else max(3, args.rounds // 3),
                         warmup=1,
                     )
@@ -250,13 +259,15 @@ def minilm(args) -> list[dict]:
                     "dense_ms": t["dense"] * 1e3,
                     "converted_ms": t["fast"] * 1e3,
                     "speedup": t["dense"] / t["fast"],
+                    "unfused_ms": t["unfused"] * 1e3,
+                    "unfused_speedup": t["dense"] / t["unfused"],
                     "max_rel_diff": diff,
                     "methods": sorted({m for p in plans for m in p.values()}),
                 }
                 rows.append(row)
                 print(
                     f"| {name} | {batch} x {args.seq} | {row['dense_ms']:.1f} | {row['converted_ms']:.1f} | "
-                    f"{row['speedup']:.2f} | {diff:.1e} |",
+                    f"{row['speedup']:.2f} | {row['unfused_ms']:.1f} | {row['unfused_speedup']:.2f} | {diff:.1e} |",
                     flush=True,
                 )
             print(f"\nload average after: {', '.join(f'{v:.2f}' for v in os.getloadavg())}")

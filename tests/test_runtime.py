@@ -526,3 +526,134 @@ def test_converts_a_model_with_structured_removal_and_sparse_attention():
     assert min(min(layer.in_features, layer.out_features) for layer in layers.values()) == 16
     with torch.no_grad():
         torch.testing.assert_close(model(**inputs).logits, ref, rtol=0, atol=1e-5)
+
+
+# ---- a fused activation (GELU applied by the kernel) -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_kernels_apply_gelu_on_every_isa(threads):
+    op = _ops()
+    gelu = kernels.ACTIVATIONS["gelu"]
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for (out_f, in_f), sparsity in (((37, 53), 0.5), ((130, 29), 0.9), ((64, 96), 0.0)):
+            weight, mask = _weight(out_f, in_f, sparsity, seed=out_f)
+            csr = CSRWeight.from_dense(weight, mask)
+            bias = torch.randn(out_f)
+            for tokens in (1, 2, 9, 150):
+                x = torch.randn(tokens, in_f) * 2
+                ref = torch.nn.functional.gelu(x.double() @ weight.double().t() + bias.double()).float()
+                for isa in _isas():
+                    y = op.sparse_linear(x, csr.rowptr, csr.cols, csr.vals, bias, in_f, isa, gelu)
+                    scale = max(1.0, float(ref.abs().max()))
+                    torch.testing.assert_close(y, ref, rtol=0, atol=1e-5 * scale, msg=f"isa {isa}, {tokens}")
+        for block in ((2, 4), (4, 4), (8, 1)):
+            weight, mask = _block_weight(40, 64, block, 0.7, seed=block[0])
+            packed = runtime.BSRWeight.from_dense(weight, mask, block)
+            bias = torch.randn(40)
+            for tokens in (1, 2, 5, 33):
+                x = torch.randn(tokens, 64) * 2
+                ref = torch.nn.functional.gelu(x.double() @ weight.double().t() + bias.double()).float()
+                for isa in _isas():
+                    torch.testing.assert_close(
+                        packed.run(x, bias, isa, gelu),
+                        ref,
+                        rtol=0,
+                        atol=1e-5 * max(1.0, float(ref.abs().max())),
+                        msg=f"block {block}, isa {isa}, {tokens}",
+                    )
+        with pytest.raises(RuntimeError, match="unknown activation"):
+            op.sparse_linear(x[:, :53], csr.rowptr, csr.cols, csr.vals, None, 53, 0, 7)
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_kernels_take_inputs_of_any_leading_shape():
+    op = _ops()
+    weight, mask = _weight(24, 40, 0.8)
+    csr = CSRWeight.from_dense(weight, mask)
+    x = torch.randn(2, 3, 40)
+    y = op.sparse_linear(x, csr.rowptr, csr.cols, csr.vals, None, 40, 0)
+    assert y.shape == (2, 3, 24)
+    torch.testing.assert_close(
+        y.reshape(6, 24), op.sparse_linear(x.reshape(6, 40), csr.rowptr, csr.cols, csr.vals, None, 40, 0)
+    )
+    with pytest.raises(RuntimeError, match="features"):
+        op.sparse_linear(torch.randn(2, 39), csr.rowptr, csr.cols, csr.vals, None, 40, 0)
+
+
+@pytest.mark.parametrize("method", runtime.METHODS)
+def test_every_method_applies_a_fused_gelu(method):
+    if method == "native":
+        _ops()
+    layer = _masked_linear()
+    packed = runtime.pack(layer, dict.fromkeys(runtime.BUCKETS, method), get_mask(layer))
+    packed.activation = "gelu"
+    x = torch.randn(3, 5, 40)
+    with torch.no_grad():
+        torch.testing.assert_close(packed(x), torch.nn.functional.gelu(layer(x)), rtol=0, atol=1e-5)
+
+
+def test_bert_gelu_is_fused_into_the_packed_layer_and_reverted():
+    _ops()
+    model = tiny_model("bert")
+    _prune_all_linear(model)
+    inputs = tiny_inputs()
+    keys = set(model.state_dict())
+    with torch.no_grad():
+        ref = model(**inputs).logits
+    runtime.convert(model, methods=("native",))
+    fused = [m for m in model.modules() if isinstance(m, runtime.FusedActivation)]
+    assert len(fused) == model.config.num_hidden_layers
+    layers = runtime.converted_layers(model)
+    assert {n for n, m in layers.items() if m.activation == "gelu"} == {
+        n for n in layers if n.endswith("intermediate.dense")
+    }
+    with torch.no_grad():
+        torch.testing.assert_close(model(**inputs).logits, ref, rtol=0, atol=1e-5)
+    assert set(model.state_dict()) == keys  # the stand-in holds no tensors
+    runtime.revert(model)
+    assert not any(isinstance(m, runtime.FusedActivation) for m in model.modules())
+    act = model.bert.encoder.layer[0].intermediate.intermediate_act_fn
+    assert runtime.fusion.activation_kind(act) == "gelu"
+    with torch.no_grad():
+        torch.testing.assert_close(model(**inputs).logits, ref, rtol=0, atol=1e-5)
+
+
+class _Intermediate(nn.Module):
+    """An ``*Intermediate``-like module: `dense` then `intermediate_act_fn`, and optionally `dense`'s output again."""
+
+    def __init__(self, act: nn.Module, reuse: bool) -> None:
+        super().__init__()
+        self.dense = nn.Linear(16, 32)
+        self.intermediate_act_fn = act
+        self.reuse = reuse
+
+    def forward(self, x):
+        h = self.dense(x)
+        return self.intermediate_act_fn(h) + (h if self.reuse else 0)
+
+
+@pytest.mark.parametrize(
+    ("act", "reuse", "fused"),
+    [
+        (nn.GELU(), False, True),
+        (nn.GELU(), True, False),
+        (nn.GELU(approximate="tanh"), False, False),
+        (nn.ReLU(), False, False),
+    ],
+)
+def test_only_an_exact_gelu_that_only_follows_the_layer_is_fused(act, reuse, fused):
+    _ops()
+    model = nn.Sequential(_Intermediate(act, reuse))
+    _prune_all_linear(model)
+    x = torch.randn(2, 7, 16)
+    with torch.no_grad():
+        ref = model(x)
+    runtime.convert(model, methods=("native",))
+    assert isinstance(model[0].intermediate_act_fn, runtime.FusedActivation) is fused
+    assert (model[0].dense.activation == "gelu") is fused
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), ref, rtol=0, atol=1e-5)

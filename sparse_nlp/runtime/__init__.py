@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from .convert import MAX_DENSITY, convert, converted_layers, pack, revert
 from .formats import BSRWeight, CSRWeight, pack_weight
+from .fusion import FusedActivation, fuse_activations, unfuse_activations
 from .layer import BUCKETS, METHODS, SparseLinear, SparseRuntimeError, bucket_of
 
 __all__ = [
@@ -18,12 +19,15 @@ __all__ = [
     "METHODS",
     "BSRWeight",
     "CSRWeight",
+    "FusedActivation",
     "SparseLinear",
     "SparseRuntimeError",
     "bucket_of",
     "convert",
     "converted_layers",
+    "fuse_activations",
     "pack",
     "pack_weight",
     "revert",
+    "unfuse_activations",
 ]

@@ -11,6 +11,7 @@ from torch import nn
 from ..pruning.masking import MASK_BUFFER, attach_mask
 from . import autotune, kernels
 from .formats import pack_weight
+from .fusion import fuse_activations, unfuse_activations
 from .layer import BUCKETS, METHODS, SparseLinear, SparseRuntimeError
 
 logger = logging.getLogger(__name__)
@@ -62,6 +63,7 @@ def convert(
     margin: float = 1.1,
     keep_masks: bool = True,
     use_cache: bool = True,
+    fuse: bool = True,
 ) -> nn.Module:
     """Replace the sparse Linear (and Conv1D) layers of `model` by packed inference layers; returns `model`.
 
@@ -81,6 +83,8 @@ def convert(
         keep_masks: keep each layer's mask buffer, so `save_pretrained` writes the masks (costs 1 byte per
             weight; without it, a saved converted model records no masks for these layers).
         use_cache: read and write the on-disk autotune cache.
+        fuse: fold the exact GELU after a packed feed-forward layer of BERT-style encoders into the layer's kernel
+            (`fuse_activations`; checked on a random input before it is kept).
 
     Raises:
         SparseRuntimeError: a parameter that is not fp32 on the CPU, or an unknown method or module name.
@@ -125,7 +129,13 @@ def convert(
             continue
         _set_module(model, name, pack(module, plan, mask, keep_mask=keep_masks))
         converted += 1
-    logger.info("sparse_nlp: runtime.convert packed %d layers (%s)", converted, kernels.status())
+    fused = fuse_activations(model) if fuse else 0
+    logger.info(
+        "sparse_nlp: runtime.convert packed %d layers, fused %d activations (%s)",
+        converted,
+        fused,
+        kernels.status(),
+    )
     return model
 
 
@@ -135,7 +145,9 @@ def converted_layers(model: nn.Module) -> dict[str, SparseLinear]:
 
 
 def revert(model: nn.Module) -> nn.Module:
-    """Replace every `SparseLinear` by the dense layer it came from (masks re-attached); returns `model`."""
+    """Replace every `SparseLinear` by the dense layer it came from (masks re-attached, fused activations put back);
+    returns `model`."""
+    unfuse_activations(model)
     conv1d = _conv1d_class()
     for name, layer in converted_layers(model).items():
         has_bias = layer.bias is not None

@@ -69,9 +69,12 @@ class CSRWeight(_Packed):
 
     kind = "csr"
 
-    def run(self, x: torch.Tensor, bias: torch.Tensor | None, isa: int) -> torch.Tensor:
-        """y = x W^T + b by the native kernel; x (T, in) fp32 -> (T, out)."""
-        return kernels.sparse_linear()(x, self.rowptr, self.cols, self.vals, bias, self.shape[1], isa)
+    def run(self, x: torch.Tensor, bias: torch.Tensor | None, isa: int, activation: int = 0) -> torch.Tensor:
+        """y = act(x W^T + b) by the native kernel; x (..., in) fp32 -> (..., out). `activation` is a code of
+        `kernels.ACTIVATIONS` (0: none)."""
+        return kernels.sparse_linear()(
+            x, self.rowptr, self.cols, self.vals, bias, self.shape[1], isa, activation
+        )
 
     @classmethod
     def from_dense(cls, weight: torch.Tensor, mask: torch.Tensor | None = None) -> CSRWeight:
@@ -162,11 +165,11 @@ class BSRWeight(_Packed):
     def kind(self) -> str:
         return f"bsr{self.block[0]}x{self.block[1]}"
 
-    def run(self, x: torch.Tensor, bias: torch.Tensor | None, isa: int) -> torch.Tensor:
-        """y = x W^T + b by the native block kernel; x (T, in) fp32 -> (T, out)."""
+    def run(self, x: torch.Tensor, bias: torch.Tensor | None, isa: int, activation: int = 0) -> torch.Tensor:
+        """y = act(x W^T + b) by the native block kernel; x (..., in) fp32 -> (..., out)."""
         rows, cols = self.block
         return kernels.block_linear()(
-            x, self.rowptr, self.cols, self.vals, bias, self.shape[1], rows, cols, isa
+            x, self.rowptr, self.cols, self.vals, bias, self.shape[1], rows, cols, isa, activation
         )
 
     @classmethod

@@ -70,12 +70,15 @@ class SparseLinear(nn.Module):
             int, str
         ] = {}  # token count -> method, memoized (the per-call cost matters at batch 1)
         self._set_csr(csr)
+        self.activation: str | None = None
+        """An activation applied to the output (``"gelu"``), set by `fuse_activations`; None: the plain product."""
         self.bias = None if bias is None else nn.Parameter(bias.detach().to(torch.float32).clone())
         if mask is not None:  # kept so that the checkpoint writer saves the mask (save_pretrained)
             self.register_buffer(MASK_BUFFER, mask.detach().to(torch.bool).clone(), persistent=False)
 
     def _set_csr(self, csr: CSRWeight | BSRWeight) -> None:
         self.csr = csr
+        self._fp32 = csr.vals.dtype is torch.float32
         self.register_buffer("rowptr", csr.rowptr, persistent=False)
         self.register_buffer("cols", csr.cols, persistent=False)
         self.register_buffer("vals", csr.vals, persistent=False)
@@ -88,6 +91,7 @@ class SparseLinear(nn.Module):
         """Keep the packed weight's tensors the layer's buffers after ``.to()`` / ``.share_memory()`` etc."""
         result = super()._apply(fn, recurse)
         self.csr = replace(self.csr, rowptr=self.rowptr, cols=self.cols, vals=self.vals)
+        self._fp32 = self.vals.dtype is torch.float32
         return result
 
     # ---- the dense view: what state_dict, save_pretrained and user code read ----------------------------------
@@ -140,16 +144,23 @@ class SparseLinear(nn.Module):
         return method
 
     def _product(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        # the per-call cost matters at batch-1 decoding (one call per layer per token): the native op takes x of
+        # any shape, and nothing here goes through nn.Module attribute lookup but `bias`, passed in
+        method = self._methods.get(x.numel() // self.in_features) or self.method_for(
+            x.numel() // self.in_features
+        )
+        if method == "native":
+            act = 0 if self.activation is None else kernels.ACTIVATIONS[self.activation]
+            return self.csr.run(x, bias, kernels.best_isa(), act)  # (..., N)
         x2d = x.reshape(-1, self.in_features)  # (T, K)
-        method = self.method_for(x2d.shape[0])
-        if method == "native" and kernels.ops() is not None:
-            y = self.csr.run(x2d, bias, kernels.best_isa())
-        elif method == "torch_csr":
+        if method == "torch_csr":
             y = (self._torch_csr @ x2d.t()).t()  # (T, N)
             y = y + bias if bias is not None else y.contiguous()
         else:
             weight = self.dense_weight if self.dense_weight is not None else self.csr.to_dense()
             y = F.linear(x2d, weight, bias)
+        if self.activation is not None:  # "gelu", the only one fused
+            y = F.gelu(y)
         return y.view(*x.shape[:-1], self.out_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -157,7 +168,7 @@ class SparseLinear(nn.Module):
             x.dtype is not torch.float32
             or x.device.type != "cpu"
             or x.shape[-1] != self.in_features
-            or self.vals.dtype is not torch.float32
+            or not self._fp32
         ):
             self._refuse(x)
         if torch.is_grad_enabled() and (
@@ -189,6 +200,7 @@ class SparseLinear(nn.Module):
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
             f"format={self.csr.kind}, density={self.csr.density:.3f}, plan={{{plan}}}"
+            + (f", activation={self.activation}" if self.activation is not None else "")
         )
 
 

@@ -26,6 +26,10 @@ SOURCE = Path(__file__).with_name("sparse_linear.cpp")
 FLAGS = ("-O3",)
 ENV_ISA = "SPARSE_NLP_RUNTIME_ISA"
 
+ACTIVATIONS = {"gelu": 1}
+"""Activations the kernels apply to their output tile before writing it (the op's ``activation`` code; 0: none).
+``gelu`` is the erf form (``torch.nn.functional.gelu`` with ``approximate="none"``)."""
+
 _LOCK = threading.Lock()
 _STATE: dict[str, object] = {}
 _ISA_MEMO: dict[str | None, int] = {}
@@ -127,6 +131,7 @@ def _reset() -> None:
 
 
 __all__ = [
+    "ACTIVATIONS",
     "ENV_ISA",
     "ISAS",
     "best_isa",

@@ -12,6 +12,8 @@
 // One token (GEMV, batch-1 decoding): each row is a dot product of its values with the gathered inputs; the speed
 // is set by the bytes of values and (narrow) column indices read.
 // Blocks (`block_linear`): the same token panels; each panel row that a block reads feeds the block's R rows.
+// An optional activation (GELU) is applied to each tile of outputs before it is written, in place of a separate
+// pass over the output.
 // Column indices are uint16 when in_features <= 65535, else int32; row offsets are int32.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -43,6 +45,75 @@ int64_t best_isa() {
 }
 
 int64_t vector_width(int64_t isa) { return isa == kAvx512 ? 16 : 8; }
+
+// ---- activation epilogue: applied to each tile of outputs while it is in L1, before it is written -------------
+// GELU in its erf form, x / 2 * (1 + erf(x / sqrt 2)). The vector path takes erf from Abramowitz & Stegun 7.1.26
+// (absolute error below 1.5e-7; the form of torch's own vectorized CPU GELU) and exp from a Cephes-style
+// polynomial; the portable path calls std::erf.
+enum Activation : int64_t { kNone = 0, kGelu = 1 };
+
+using ActFn = void (*)(float*, int64_t);  // in place over n floats
+
+void gelu_portable(float* x, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) x[i] = 0.5f * x[i] * (1.f + std::erf(x[i] * 0.70710678118654752f));
+}
+
+#ifdef SPARSE_NLP_X86
+__attribute__((target("avx2,fma"), always_inline)) inline __m256 exp_avx2(__m256 x) {
+  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.3f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  x = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);  // x - n ln 2, ln 2 in two parts
+  x = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), x);
+  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
+  y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.f)));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(y, _mm256_castsi256_ps(e));  // * 2^n
+}
+
+__attribute__((target("avx2,fma"), always_inline)) inline __m256 gelu8(__m256 x) {
+  const __m256 one = _mm256_set1_ps(1.f), sign = _mm256_set1_ps(-0.f);
+  const __m256 z = _mm256_mul_ps(x, _mm256_set1_ps(0.70710678118654752f));
+  const __m256 az = _mm256_andnot_ps(sign, z);
+  const __m256 t = _mm256_div_ps(one, _mm256_fmadd_ps(_mm256_set1_ps(0.3275911f), az, one));
+  __m256 r = _mm256_set1_ps(1.061405429f);
+  r = _mm256_fmadd_ps(r, t, _mm256_set1_ps(-1.453152027f));
+  r = _mm256_fmadd_ps(r, t, _mm256_set1_ps(1.421413741f));
+  r = _mm256_fmadd_ps(r, t, _mm256_set1_ps(-0.284496736f));
+  r = _mm256_fmadd_ps(r, t, _mm256_set1_ps(0.254829592f));
+  r = _mm256_mul_ps(r, t);
+  const __m256 erf_abs = _mm256_fnmadd_ps(r, exp_avx2(_mm256_mul_ps(_mm256_xor_ps(sign, az), az)), one);
+  const __m256 erf = _mm256_or_ps(erf_abs, _mm256_and_ps(sign, z));  // erf is odd
+  return _mm256_mul_ps(_mm256_mul_ps(_mm256_set1_ps(0.5f), x), _mm256_add_ps(one, erf));
+}
+
+__attribute__((target("avx2,fma"))) void gelu_avx2(float* x, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(x + i, gelu8(_mm256_loadu_ps(x + i)));
+  if (i < n) {  // the tail through a full vector, so every element takes the same path
+    alignas(32) float tail[8] = {0.f};
+    std::memcpy(tail, x + i, (n - i) * sizeof(float));
+    _mm256_store_ps(tail, gelu8(_mm256_load_ps(tail)));
+    std::memcpy(x + i, tail, (n - i) * sizeof(float));
+  }
+}
+#endif
+
+// The activation's kernel for the ISA, nullptr for none (AVX-512 machines run the AVX2 one).
+ActFn act_kernel(int64_t activation, int64_t isa) {
+  TORCH_CHECK(activation == kNone || activation == kGelu, "sparse_linear: unknown activation ", activation);
+  if (activation == kNone) return nullptr;
+#ifdef SPARSE_NLP_X86
+  if (isa != kPortable) return &gelu_avx2;
+#endif
+  (void)isa;
+  return &gelu_portable;
+}
 
 // ---- one output row over one token panel: out[0:NV*W] = bias + sum_j v[j] * panel[c[j], 0:NV*W] --------------
 // The panel and `out` are 64-byte aligned and a panel row is a whole number of vectors, so panel rows are read with
@@ -279,7 +350,7 @@ std::vector<int64_t> balanced_rows(const int32_t* rowptr, int64_t rows, int64_t 
 
 template <typename I>
 void gemv(const float* x, const int32_t* rowptr, const I* cols, const float* vals, const float* bias, float* y,
-          int64_t rows, int64_t tokens, int64_t K, int64_t isa) {
+          int64_t rows, int64_t tokens, int64_t K, int64_t isa, ActFn act) {
   const DotFn<I> dot = dot_kernel<I>(isa);
   const int64_t nnz = rowptr[rows];
   // below ~16k multiply-adds per token the threads cost more than they save
@@ -291,6 +362,7 @@ void gemv(const float* x, const int32_t* rowptr, const I* cols, const float* val
       float* yt = y + t * rows;
       for (int64_t n = bounds[cb]; n < bounds[ce]; ++n)
         yt[n] = dot(rowptr[n], rowptr[n + 1], cols, vals, xt) + (bias ? bias[n] : 0.f);
+      if (act) act(yt + bounds[cb], bounds[ce] - bounds[cb]);
     }
   });
 }
@@ -302,13 +374,14 @@ void gemv(const float* x, const int32_t* rowptr, const I* cols, const float* val
   template <int NV, typename I>                                                                                     \
   void NAME(const int32_t* rowptr, const I* cols, const float* vals, const float* bias, const float* panel,         \
             float* tile, float* y_panel, int64_t rows, int64_t row_begin, int64_t row_end, int64_t real,            \
-            TransposeFn transpose) {                                                                                \
+            TransposeFn transpose, ActFn act) {                                                                     \
     constexpr int64_t width = NV * W;                                                                               \
     for (int64_t n0 = row_begin; n0 < row_end; n0 += 8) {                                                           \
       const int64_t count = std::min<int64_t>(8, row_end - n0);                                                     \
       for (int64_t r = 0; r < count; ++r)                                                                           \
         ROW<NV, I>(rowptr[n0 + r], rowptr[n0 + r + 1], cols, vals, panel, bias ? bias[n0 + r] : 0.f,                \
                    tile + r * width);                                                                               \
+      if (act) act(tile, count * width);                                                                            \
       transpose(tile, width, y_panel + n0, rows, count, real);                                                      \
     }                                                                                                               \
   }
@@ -322,7 +395,7 @@ SPARSE_NLP_PANEL_ROWS(__attribute__((target("avx512f,avx2,fma"))) panel_rows_avx
 
 template <typename I>
 using PanelFn = void (*)(const int32_t*, const I*, const float*, const float*, const float*, float*, float*, int64_t,
-                         int64_t, int64_t, int64_t, TransposeFn);
+                         int64_t, int64_t, int64_t, TransposeFn, ActFn);
 
 #define SPARSE_NLP_PICK_NV(NAME, NV) \
   (NV) == 1 ? &NAME<1, I> : (NV) == 2 ? &NAME<2, I> : (NV) == 3 ? &NAME<3, I> : &NAME<4, I>
@@ -352,7 +425,7 @@ void pack_panel(const float* src, int64_t real, int64_t K, int64_t width, float*
 // 4x slower per panel).
 template <typename I>
 void spmm(const float* x, const int32_t* rowptr, const I* cols, const float* vals, const float* bias, float* y,
-          int64_t rows, int64_t tokens, int64_t K, int64_t panel_tokens, int64_t W, int64_t isa) {
+          int64_t rows, int64_t tokens, int64_t K, int64_t panel_tokens, int64_t W, int64_t isa, ActFn act) {
   const int64_t n_panels = (tokens + panel_tokens - 1) / panel_tokens;
   const int64_t last_tokens = tokens - (n_panels - 1) * panel_tokens;
   const int64_t last_nv = (last_tokens + W - 1) / W;
@@ -374,7 +447,7 @@ void spmm(const float* x, const int32_t* rowptr, const I* cols, const float* val
       const int64_t real = is_last ? last_tokens : panel_tokens;
       pack_panel(x + p * panel_tokens * K, real, K, width, panel.ptr, transpose);
       (is_last ? last : full)(rowptr, cols, vals, bias, panel.ptr, tile.ptr, y + p * panel_tokens * rows, rows,
-                              row_begin, row_end, real, transpose);
+                              row_begin, row_end, real, transpose, act);
     }
   };
   if (by_panels)
@@ -393,16 +466,17 @@ int64_t panel_vectors(int64_t tokens, int64_t W) {
   return std::max<int64_t>(1, std::min(nv, (tokens + W - 1) / W));
 }
 
-at::Tensor sparse_linear(const at::Tensor& x, const at::Tensor& rowptr, const at::Tensor& cols,
-                         const at::Tensor& vals, const c10::optional<at::Tensor>& bias, int64_t in_features,
-                         int64_t isa) {
+at::Tensor sparse_linear_2d(const at::Tensor& x, const at::Tensor& rowptr, const at::Tensor& cols,
+                            const at::Tensor& vals, const c10::optional<at::Tensor>& bias, int64_t in_features,
+                            int64_t isa, int64_t activation) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.device().is_cpu(),
-              "sparse_linear: x must be a 2-D fp32 CPU tensor");
+              "sparse_linear: x must be an fp32 CPU tensor");
   TORCH_CHECK(x.size(1) == in_features, "sparse_linear: x has ", x.size(1), " features, the weight ", in_features);
   TORCH_CHECK(rowptr.scalar_type() == at::kInt && vals.scalar_type() == at::kFloat, "sparse_linear: bad CSR dtypes");
   TORCH_CHECK(cols.scalar_type() == at::kUInt16 || cols.scalar_type() == at::kInt, "sparse_linear: bad index dtype");
   TORCH_CHECK(rowptr.is_contiguous() && cols.is_contiguous() && vals.is_contiguous(), "sparse_linear: CSR not contiguous");
   if (isa < 0 || isa > best_isa()) isa = best_isa();
+  const ActFn act = act_kernel(activation, isa);
   const int64_t rows = rowptr.size(0) - 1, tokens = x.size(0), K = in_features;
   const float* b = nullptr;
   at::Tensor bias_c;
@@ -420,9 +494,9 @@ at::Tensor sparse_linear(const at::Tensor& x, const at::Tensor& rowptr, const at
   if (tokens == 1) {
     at::Tensor y = at::empty({1, rows}, x.options());
     if (narrow)
-      gemv(xc.data_ptr<float>(), rp, static_cast<const uint16_t*>(c), v, b, y.data_ptr<float>(), rows, 1, K, isa);
+      gemv(xc.data_ptr<float>(), rp, static_cast<const uint16_t*>(c), v, b, y.data_ptr<float>(), rows, 1, K, isa, act);
     else
-      gemv(xc.data_ptr<float>(), rp, static_cast<const int32_t*>(c), v, b, y.data_ptr<float>(), rows, 1, K, isa);
+      gemv(xc.data_ptr<float>(), rp, static_cast<const int32_t*>(c), v, b, y.data_ptr<float>(), rows, 1, K, isa, act);
     return y;
   }
   const int64_t W = vector_width(isa);
@@ -431,10 +505,10 @@ at::Tensor sparse_linear(const at::Tensor& x, const at::Tensor& rowptr, const at
   at::Tensor y = at::empty({tokens, rows}, x.options());
   if (narrow)
     spmm(xc.data_ptr<float>(), rp, static_cast<const uint16_t*>(c), v, b, y.data_ptr<float>(), rows, tokens, K, TB, W,
-         isa);
+         isa, act);
   else
     spmm(xc.data_ptr<float>(), rp, static_cast<const int32_t*>(c), v, b, y.data_ptr<float>(), rows, tokens, K, TB, W,
-         isa);
+         isa, act);
   return y;
 }
 
@@ -494,13 +568,14 @@ __attribute__((target("avx2,fma"), always_inline)) inline void brow_avx2(int32_t
   template <int R, int NV, typename I>                                                                             \
   void NAME(const int32_t* browptr, const I* bcols, const float* vals, int64_t C, const float* bias,              \
             const float* panel, float* tile, float* y_panel, int64_t rows, int64_t rb_begin, int64_t rb_end,       \
-            int64_t real, TransposeFn transpose) {                                                                 \
+            int64_t real, TransposeFn transpose, ActFn act) {                                                      \
     constexpr int64_t width = NV * 8, per_tile = 8 / R;                                                           \
     for (int64_t rb0 = rb_begin; rb0 < rb_end; rb0 += per_tile) {                                                  \
       const int64_t count = std::min<int64_t>(per_tile, rb_end - rb0);                                             \
       for (int64_t q = 0; q < count; ++q)                                                                          \
         BROW<R, NV, I>(browptr[rb0 + q], browptr[rb0 + q + 1], bcols, vals, C, panel,                              \
                        bias ? bias + (rb0 + q) * R : nullptr, tile + q * R * width);                               \
+      if (act) act(tile, count * R * width);                                                                       \
       transpose(tile, width, y_panel + rb0 * R, rows, count * R, real);                                            \
     }                                                                                                              \
   }
@@ -513,7 +588,7 @@ SPARSE_NLP_BLOCK_ROWS(__attribute__((target("avx2,fma"))) block_rows_avx2, brow_
 
 template <typename I>
 using BlockFn = void (*)(const int32_t*, const I*, const float*, int64_t, const float*, const float*, float*, float*,
-                         int64_t, int64_t, int64_t, int64_t, TransposeFn);
+                         int64_t, int64_t, int64_t, int64_t, TransposeFn, ActFn);
 
 template <typename I>
 BlockFn<I> block_kernel(int64_t isa, int64_t R) {
@@ -587,7 +662,7 @@ __attribute__((target("avx2,fma"))) void bgemv_avx2(const float* x, const int32_
 
 template <typename I>
 void block_gemv(const float* x, const int32_t* browptr, const I* bcols, const float* vals, const float* bias,
-                float* y, int64_t rows, int64_t tokens, int64_t K, int64_t R, int64_t C, int64_t isa) {
+                float* y, int64_t rows, int64_t tokens, int64_t K, int64_t R, int64_t C, int64_t isa, ActFn act) {
   using Fn = void (*)(const float*, const int32_t*, const I*, const float*, int64_t, const float*, float*, int64_t,
                       int64_t);
   Fn fn = R == 2 ? &bgemv_portable<2, I> : R == 4 ? &bgemv_portable<4, I> : &bgemv_portable<8, I>;
@@ -599,14 +674,16 @@ void block_gemv(const float* x, const int32_t* browptr, const I* bcols, const fl
   const int64_t chunks = work < 16384 ? 1 : std::min<int64_t>(at::get_num_threads() * 2, row_blocks);
   const auto bounds = balanced_rows(browptr, row_blocks, std::max<int64_t>(chunks, 1));
   at::parallel_for(0, static_cast<int64_t>(bounds.size()) - 1, 1, [&](int64_t cb, int64_t ce) {
-    for (int64_t t = 0; t < tokens; ++t)
+    for (int64_t t = 0; t < tokens; ++t) {
       fn(x + t * K, browptr, bcols, vals, C, bias, y + t * rows, bounds[cb], bounds[ce]);
+      if (act) act(y + t * rows + bounds[cb] * R, (bounds[ce] - bounds[cb]) * R);
+    }
   });
 }
 
 template <typename I>
 void block_spmm(const float* x, const int32_t* browptr, const I* bcols, const float* vals, const float* bias,
-                float* y, int64_t rows, int64_t tokens, int64_t K, int64_t R, int64_t C, int64_t isa) {
+                float* y, int64_t rows, int64_t tokens, int64_t K, int64_t R, int64_t C, int64_t isa, ActFn act) {
   const int64_t width = 8 * (R == 2 ? 4 : R == 4 ? 2 : 1);  // tokens per panel
   const int64_t n_panels = (tokens + width - 1) / width;
   const BlockFn<I> fn = block_kernel<I>(isa, R);
@@ -623,7 +700,7 @@ void block_spmm(const float* x, const int32_t* browptr, const I* bcols, const fl
       const int64_t real = std::min(width, tokens - p * width);
       pack_panel(x + p * width * K, real, K, width, panel.ptr, transpose);
       fn(browptr, bcols, vals, C, bias, panel.ptr, tile.ptr, y + p * width * rows, rows, rb_begin, rb_end, real,
-         transpose);
+         transpose, act);
     }
   };
   if (by_panels)
@@ -633,11 +710,11 @@ void block_spmm(const float* x, const int32_t* browptr, const I* bcols, const fl
                      [&](int64_t cb, int64_t ce) { work(0, n_panels, bounds[cb], bounds[ce]); });
 }
 
-at::Tensor block_linear(const at::Tensor& x, const at::Tensor& browptr, const at::Tensor& bcols,
-                        const at::Tensor& vals, const c10::optional<at::Tensor>& bias, int64_t in_features,
-                        int64_t block_rows, int64_t block_cols, int64_t isa) {
+at::Tensor block_linear_2d(const at::Tensor& x, const at::Tensor& browptr, const at::Tensor& bcols,
+                           const at::Tensor& vals, const c10::optional<at::Tensor>& bias, int64_t in_features,
+                           int64_t block_rows, int64_t block_cols, int64_t isa, int64_t activation) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.device().is_cpu(),
-              "block_linear: x must be a 2-D fp32 CPU tensor");
+              "block_linear: x must be an fp32 CPU tensor");
   TORCH_CHECK(x.size(1) == in_features, "block_linear: x has ", x.size(1), " features, the weight ", in_features);
   TORCH_CHECK(block_rows == 2 || block_rows == 4 || block_rows == 8, "block_linear: block rows must be 2, 4 or 8");
   TORCH_CHECK(block_cols >= 1 && in_features % block_cols == 0, "block_linear: bad block columns");
@@ -648,6 +725,7 @@ at::Tensor block_linear(const at::Tensor& x, const at::Tensor& browptr, const at
   const int64_t rows = (browptr.size(0) - 1) * block_rows, tokens = x.size(0);
   TORCH_CHECK(vals.numel() == bcols.numel() * block_rows * block_cols, "block_linear: values do not match blocks");
   if (isa < 0 || isa > best_isa()) isa = best_isa();
+  const ActFn act = act_kernel(activation, isa);
   const float* b = nullptr;
   at::Tensor bias_c;
   if (bias.has_value() && bias->defined()) {
@@ -662,22 +740,53 @@ at::Tensor block_linear(const at::Tensor& x, const at::Tensor& browptr, const at
     if (bcols.scalar_type() == at::kUInt16)
       block_gemv(xc.data_ptr<float>(), browptr.data_ptr<int32_t>(), static_cast<const uint16_t*>(bcols.data_ptr()),
                  vals.data_ptr<float>(), b, y.data_ptr<float>(), rows, tokens, in_features, block_rows, block_cols,
-                 isa);
+                 isa, act);
     else
       block_gemv(xc.data_ptr<float>(), browptr.data_ptr<int32_t>(), static_cast<const int32_t*>(bcols.data_ptr()),
                  vals.data_ptr<float>(), b, y.data_ptr<float>(), rows, tokens, in_features, block_rows, block_cols,
-                 isa);
+                 isa, act);
     return y;
   }
   if (bcols.scalar_type() == at::kUInt16)
     block_spmm(xc.data_ptr<float>(), browptr.data_ptr<int32_t>(), static_cast<const uint16_t*>(bcols.data_ptr()),
                vals.data_ptr<float>(), b, y.data_ptr<float>(), rows, tokens, in_features, block_rows, block_cols,
-               isa);
+               isa, act);
   else
     block_spmm(xc.data_ptr<float>(), browptr.data_ptr<int32_t>(), static_cast<const int32_t*>(bcols.data_ptr()),
                vals.data_ptr<float>(), b, y.data_ptr<float>(), rows, tokens, in_features, block_rows, block_cols,
-               isa);
+               isa, act);
   return y;
+}
+
+// The ops take x of any shape (..., in_features) and return (..., out_features): the reshapes cost far less here
+// than in Python, which matters at batch-1 decoding (one call per layer per token).
+std::vector<int64_t> out_sizes(const at::Tensor& x, int64_t rows) {
+  std::vector<int64_t> sizes(x.sizes().begin(), x.sizes().end());
+  sizes.back() = rows;
+  return sizes;
+}
+
+at::Tensor sparse_linear(const at::Tensor& x, const at::Tensor& rowptr, const at::Tensor& cols,
+                         const at::Tensor& vals, const c10::optional<at::Tensor>& bias, int64_t in_features,
+                         int64_t isa, int64_t activation) {
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == in_features, "sparse_linear: x has ", x.dim() ? x.size(-1) : 0,
+              " features, the weight ", in_features);
+  if (x.dim() == 2) return sparse_linear_2d(x, rowptr, cols, vals, bias, in_features, isa, activation);
+  const at::Tensor y =
+      sparse_linear_2d(x.reshape({-1, in_features}), rowptr, cols, vals, bias, in_features, isa, activation);
+  return y.view(out_sizes(x, y.size(1)));
+}
+
+at::Tensor block_linear(const at::Tensor& x, const at::Tensor& browptr, const at::Tensor& bcols,
+                        const at::Tensor& vals, const c10::optional<at::Tensor>& bias, int64_t in_features,
+                        int64_t block_rows, int64_t block_cols, int64_t isa, int64_t activation) {
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == in_features, "block_linear: x has ", x.dim() ? x.size(-1) : 0,
+              " features, the weight ", in_features);
+  if (x.dim() == 2)
+    return block_linear_2d(x, browptr, bcols, vals, bias, in_features, block_rows, block_cols, isa, activation);
+  const at::Tensor y = block_linear_2d(x.reshape({-1, in_features}), browptr, bcols, vals, bias, in_features,
+                                       block_rows, block_cols, isa, activation);
+  return y.view(out_sizes(x, y.size(1)));
 }
 
 int64_t cpu_isa() { return best_isa(); }
@@ -685,10 +794,12 @@ int64_t cpu_isa() { return best_isa(); }
 }  // namespace
 
 TORCH_LIBRARY(sparse_nlp_runtime, m) {
-  m.def("sparse_linear(Tensor x, Tensor rowptr, Tensor cols, Tensor vals, Tensor? bias, int in_features, int isa) -> Tensor");
+  m.def(
+      "sparse_linear(Tensor x, Tensor rowptr, Tensor cols, Tensor vals, Tensor? bias, int in_features, int isa, "
+      "int activation=0) -> Tensor");
   m.def(
       "block_linear(Tensor x, Tensor browptr, Tensor bcols, Tensor vals, Tensor? bias, int in_features, "
-      "int block_rows, int block_cols, int isa) -> Tensor");
+      "int block_rows, int block_cols, int isa, int activation=0) -> Tensor");
   m.def("cpu_isa() -> int", &cpu_isa);
 }
 
