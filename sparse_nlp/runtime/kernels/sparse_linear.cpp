@@ -420,9 +420,10 @@ void pack_panel(const float* src, int64_t real, int64_t K, int64_t width, float*
   }
 }
 
-// Each thread packs a token panel itself, right before it runs its output rows over it, so the panel is in L1/L2
-// when the rows' random column accesses hit it (packing all panels up front left them in DRAM at 4,096 tokens,
-// 4x slower per panel).
+// With many panels each thread packs a token panel itself, right before it runs its output rows over it, so the
+// panel is in L1/L2 when the rows' random column accesses hit it (packing all panels up front left them in DRAM at
+// 4,096 tokens, 4x slower per panel). With fewer panels than 4 per thread the threads split the output rows, and
+// the panels (fewer than 4 per thread, in L2/L3) are packed once for all of them.
 template <typename I>
 void spmm(const float* x, const int32_t* rowptr, const I* cols, const float* vals, const float* bias, float* y,
           int64_t rows, int64_t tokens, int64_t K, int64_t panel_tokens, int64_t W, int64_t isa, ActFn act) {
@@ -438,23 +439,42 @@ void spmm(const float* x, const int32_t* rowptr, const I* cols, const float* val
   const int64_t chunks = by_panels ? 1 : std::min<int64_t>(threads, (rows + 7) / 8);
   const auto bounds = balanced_rows(rowptr, rows, std::max<int64_t>(chunks, 1));
   const TransposeFn transpose = transpose_kernel(isa);
-  auto work = [&](int64_t pb, int64_t pe, int64_t row_begin, int64_t row_end) {
-    AlignedFloats tile(8 * panel_tokens);
-    AlignedFloats panel(K * panel_tokens);
-    for (int64_t p = pb; p < pe; ++p) {
-      const bool is_last = p == n_panels - 1;
-      const int64_t width = is_last ? last_nv * W : panel_tokens;  // tokens in this panel, padded to vectors
-      const int64_t real = is_last ? last_tokens : panel_tokens;
-      pack_panel(x + p * panel_tokens * K, real, K, width, panel.ptr, transpose);
-      (is_last ? last : full)(rowptr, cols, vals, bias, panel.ptr, tile.ptr, y + p * panel_tokens * rows, rows,
-                              row_begin, row_end, real, transpose, act);
-    }
+  auto pack = [&](int64_t p, float* panel) {
+    const bool is_last = p == n_panels - 1;
+    pack_panel(x + p * panel_tokens * K, is_last ? last_tokens : panel_tokens, K, is_last ? last_nv * W : panel_tokens,
+               panel, transpose);
   };
-  if (by_panels)
-    at::parallel_for(0, n_panels, 1, [&](int64_t pb, int64_t pe) { work(pb, pe, 0, rows); });
-  else
-    at::parallel_for(0, static_cast<int64_t>(bounds.size()) - 1, 1,
-                     [&](int64_t cb, int64_t ce) { work(0, n_panels, bounds[cb], bounds[ce]); });
+  auto rows_over = [&](int64_t p, const float* panel, float* tile, int64_t row_begin, int64_t row_end) {
+    const bool is_last = p == n_panels - 1;
+    (is_last ? last : full)(rowptr, cols, vals, bias, panel, tile, y + p * panel_tokens * rows, rows, row_begin,
+                            row_end, is_last ? last_tokens : panel_tokens, transpose, act);
+  };
+  if (by_panels || chunks == 1) {
+    auto work = [&](int64_t pb, int64_t pe) {
+      AlignedFloats tile(8 * panel_tokens);
+      AlignedFloats panel(K * panel_tokens);
+      for (int64_t p = pb; p < pe; ++p) {
+        pack(p, panel.ptr);
+        rows_over(p, panel.ptr, tile.ptr, 0, rows);
+      }
+    };
+    if (by_panels)
+      at::parallel_for(0, n_panels, 1, work);
+    else
+      work(0, n_panels);
+    return;
+  }
+  // threads over the rows of a few panels: the panels are packed once and shared (the threads pack them together),
+  // not packed again by every thread
+  AlignedFloats panels(n_panels * K * panel_tokens);
+  at::parallel_for(0, n_panels, 1, [&](int64_t pb, int64_t pe) {
+    for (int64_t p = pb; p < pe; ++p) pack(p, panels.ptr + p * K * panel_tokens);
+  });
+  at::parallel_for(0, static_cast<int64_t>(bounds.size()) - 1, 1, [&](int64_t cb, int64_t ce) {
+    AlignedFloats tile(8 * panel_tokens);
+    for (int64_t p = 0; p < n_panels; ++p)
+      rows_over(p, panels.ptr + p * K * panel_tokens, tile.ptr, bounds[cb], bounds[ce]);
+  });
 }
 
 // Tokens per panel: 32 (4 AVX2 vectors, 2 AVX-512 vectors); the last panel of a call is narrower. More tokens per
@@ -693,21 +713,37 @@ void block_spmm(const float* x, const int32_t* browptr, const I* bcols, const fl
   const bool by_panels = n_panels >= 4 * threads;
   const int64_t chunks = by_panels ? 1 : std::min<int64_t>(threads, (row_blocks + 7) / 8);
   const auto bounds = balanced_rows(browptr, row_blocks, std::max<int64_t>(chunks, 1));
-  auto work = [&](int64_t pb, int64_t pe, int64_t rb_begin, int64_t rb_end) {
-    AlignedFloats tile(8 * width);
-    AlignedFloats panel(K * width);
-    for (int64_t p = pb; p < pe; ++p) {
-      const int64_t real = std::min(width, tokens - p * width);
-      pack_panel(x + p * width * K, real, K, width, panel.ptr, transpose);
-      fn(browptr, bcols, vals, C, bias, panel.ptr, tile.ptr, y + p * width * rows, rows, rb_begin, rb_end, real,
-         transpose, act);
-    }
+  auto pack = [&](int64_t p, float* panel) {
+    pack_panel(x + p * width * K, std::min(width, tokens - p * width), K, width, panel, transpose);
   };
-  if (by_panels)
-    at::parallel_for(0, n_panels, 1, [&](int64_t pb, int64_t pe) { work(pb, pe, 0, row_blocks); });
-  else
-    at::parallel_for(0, static_cast<int64_t>(bounds.size()) - 1, 1,
-                     [&](int64_t cb, int64_t ce) { work(0, n_panels, bounds[cb], bounds[ce]); });
+  auto rows_over = [&](int64_t p, const float* panel, float* tile, int64_t rb_begin, int64_t rb_end) {
+    fn(browptr, bcols, vals, C, bias, panel, tile, y + p * width * rows, rows, rb_begin, rb_end,
+       std::min(width, tokens - p * width), transpose, act);
+  };
+  if (by_panels || chunks == 1) {
+    auto work = [&](int64_t pb, int64_t pe) {
+      AlignedFloats tile(8 * width);
+      AlignedFloats panel(K * width);
+      for (int64_t p = pb; p < pe; ++p) {
+        pack(p, panel.ptr);
+        rows_over(p, panel.ptr, tile.ptr, 0, row_blocks);
+      }
+    };
+    if (by_panels)
+      at::parallel_for(0, n_panels, 1, work);
+    else
+      work(0, n_panels);
+    return;
+  }
+  // as in spmm: a few panels, packed once and shared by the threads that split the row blocks
+  AlignedFloats panels(n_panels * K * width);
+  at::parallel_for(0, n_panels, 1, [&](int64_t pb, int64_t pe) {
+    for (int64_t p = pb; p < pe; ++p) pack(p, panels.ptr + p * K * width);
+  });
+  at::parallel_for(0, static_cast<int64_t>(bounds.size()) - 1, 1, [&](int64_t cb, int64_t ce) {
+    AlignedFloats tile(8 * width);
+    for (int64_t p = 0; p < n_panels; ++p) rows_over(p, panels.ptr + p * K * width, tile.ptr, bounds[cb], bounds[ce]);
+  });
 }
 
 at::Tensor block_linear_2d(const at::Tensor& x, const at::Tensor& browptr, const at::Tensor& bcols,
