@@ -587,9 +587,10 @@ def test_kernels_take_inputs_of_any_leading_shape():
         op.sparse_linear(torch.randn(2, 39), csr.rowptr, csr.cols, csr.vals, None, 40, 0)
 
 
-def test_bert_gelu_is_fused_into_the_packed_layer_and_reverted():
+@pytest.mark.parametrize("family", ["bert", "distilbert"])
+def test_encoder_gelu_is_fused_into_the_packed_layer_and_reverted(family):
     _ops()
-    model = tiny_model("bert")
+    model = tiny_model(family)
     _prune_all_linear(model)
     inputs = tiny_inputs()
     keys = set(model.state_dict())
@@ -597,18 +598,20 @@ def test_bert_gelu_is_fused_into_the_packed_layer_and_reverted():
         ref = model(**inputs).logits
     runtime.convert(model, methods=("native",))
     fused = [m for m in model.modules() if isinstance(m, runtime.FusedActivation)]
-    assert len(fused) == model.config.num_hidden_layers
+    assert len(fused) == model.config.num_hidden_layers > 0
     layers = runtime.converted_layers(model)
     assert {n for n, m in layers.items() if m.activation == "gelu"} == {
-        n for n in layers if n.endswith("intermediate.dense")
+        n for n in layers if n.endswith(("intermediate.dense", "ffn.lin1"))
     }
     with torch.no_grad():
         torch.testing.assert_close(model(**inputs).logits, ref, rtol=0, atol=1e-5)
     assert set(model.state_dict()) == keys  # the stand-in holds no tensors
     runtime.revert(model)
     assert not any(isinstance(m, runtime.FusedActivation) for m in model.modules())
-    act = model.bert.encoder.layer[0].intermediate.intermediate_act_fn
-    assert runtime.fusion.activation_kind(act) == "gelu"
+    pairs = runtime.fusion.PAIRS
+    acts = [getattr(m, a) for m in model.modules() for lin, a in pairs if hasattr(m, lin) and hasattr(m, a)]
+    assert len(acts) == len(fused)
+    assert all(runtime.fusion.activation_kind(act) == "gelu" for act in acts)
     with torch.no_grad():
         torch.testing.assert_close(model(**inputs).logits, ref, rtol=0, atol=1e-5)
 
