@@ -9,61 +9,27 @@ input. The library holds AVX-512F, AVX2+FMA and portable code paths and runs the
 
 from __future__ import annotations
 
-import logging
-import threading
 from pathlib import Path
 
 import torch
 
-from ..native import ISAS, NativeBuildError, build_library, env_isa_cap
-
-logger = logging.getLogger(__name__)
+from ..native import NativeKernel, build_library
 
 SOURCE = Path(__file__).resolve().parents[1] / "runtime" / "kernels" / "activation_linear.cpp"
 FLAGS = ("-O3",)
 ENV_ISA = "SPARSE_NLP_RUNTIME_ISA"
 
-_LOCK = threading.Lock()
-_STATE: dict[str, object] = {}
-
-
-def ops():
-    """``torch.ops.sparse_nlp_activation`` (built on first call), or None where it cannot be built (one warning)."""
-    if "op" in _STATE:
-        return _STATE["op"]
-    with _LOCK:
-        if "op" not in _STATE:
-            op, reason = None, None
-            try:
-                build_library("activation_linear", SOURCE, FLAGS)
-                op = torch.ops.sparse_nlp_activation
-            except NativeBuildError as err:
-                reason = str(err)
-                logger.warning(
-                    "sparse_nlp: the native activation-sparse kernel is unavailable (%s); layers run the dense "
-                    "product on the zeroed input",
-                    reason,
-                )
-            _STATE["reason"] = reason
-            _STATE["op"] = op
-        return _STATE["op"]
-
-
-def status() -> str:
-    """'ready (<isa>)' once built, else why the native kernel is not used."""
-    return f"ready ({ISAS[best_isa()]})" if ops() is not None else str(_STATE["reason"])
-
-
-def best_isa() -> int:
-    """The code path used: the CPU's best (0 portable, 1 AVX2+FMA, 2 AVX-512F), capped by ``$SPARSE_NLP_RUNTIME_ISA``."""
-    op = ops()
-    if op is None:
-        return 0
-    if "cpu_isa" not in _STATE:
-        _STATE["cpu_isa"] = int(op.cpu_isa())
-    isa = int(_STATE["cpu_isa"])  # type: ignore[arg-type]
-    cap = env_isa_cap(ENV_ISA)
-    return isa if cap is None else min(isa, cap)
+_KERNEL = NativeKernel(
+    "sparse_nlp_activation",
+    lambda: build_library("activation_linear", SOURCE, FLAGS),
+    what="activation-sparse",
+    fallback="layers run the dense product on the zeroed input",
+    env_isa=ENV_ISA,
+)
+ops = _KERNEL.ops
+status = _KERNEL.status
+best_isa = _KERNEL.best_isa
+_reset = _KERNEL.reset
 
 
 def activation_linear(
@@ -79,9 +45,3 @@ def activation_linear(
         out = kept @ weight_t  # (T, out)
         return out if bias is None else out + bias
     return op.activation_linear(x, weight_t, bias, float(threshold), best_isa())
-
-
-def _reset() -> None:
-    """Forget the build result (tests)."""
-    with _LOCK:
-        _STATE.clear()

@@ -22,12 +22,14 @@ from .build import (
     private_dir,
 )
 from .isa import ISAS, env_isa_cap, isa_index
+from .kernel import NativeKernel
 
 __all__ = [
     "ENV_CACHE",
     "ENV_SWITCH",
     "ISAS",
     "NativeBuildError",
+    "NativeKernel",
     "build_library",
     "cache_root",
     "check_owned",

@@ -420,6 +420,38 @@ void pack_panel(const float* src, int64_t real, int64_t K, int64_t width, float*
   }
 }
 
+// Runs `rows_over(p, panel, tile, begin, end)` over every token panel p, after `pack(p, panel)`, for the row ranges
+// of `bounds` (all `rows` when the threads split the panels). Panels and tiles hold `panel_floats` / `tile_floats`.
+template <typename Pack, typename Rows>
+void over_panels(int64_t n_panels, int64_t panel_floats, int64_t tile_floats, bool by_panels,
+                 const std::vector<int64_t>& bounds, int64_t rows, Pack pack, Rows rows_over) {
+  if (by_panels || bounds.size() == 2) {
+    auto work = [&](int64_t pb, int64_t pe) {
+      AlignedFloats tile(tile_floats);
+      AlignedFloats panel(panel_floats);
+      for (int64_t p = pb; p < pe; ++p) {
+        pack(p, panel.ptr);
+        rows_over(p, panel.ptr, tile.ptr, 0, rows);
+      }
+    };
+    if (by_panels)
+      at::parallel_for(0, n_panels, 1, work);
+    else
+      work(0, n_panels);
+    return;
+  }
+  // threads over the rows of a few panels: the panels are packed once and shared (the threads pack them together),
+  // not packed again by every thread
+  AlignedFloats panels(n_panels * panel_floats);
+  at::parallel_for(0, n_panels, 1, [&](int64_t pb, int64_t pe) {
+    for (int64_t p = pb; p < pe; ++p) pack(p, panels.ptr + p * panel_floats);
+  });
+  at::parallel_for(0, static_cast<int64_t>(bounds.size()) - 1, 1, [&](int64_t cb, int64_t ce) {
+    AlignedFloats tile(tile_floats);
+    for (int64_t p = 0; p < n_panels; ++p) rows_over(p, panels.ptr + p * panel_floats, tile.ptr, bounds[cb], bounds[ce]);
+  });
+}
+
 // With many panels each thread packs a token panel itself, right before it runs its output rows over it, so the
 // panel is in L1/L2 when the rows' random column accesses hit it (packing all panels up front left them in DRAM at
 // 4,096 tokens, 4x slower per panel). With fewer panels than 4 per thread the threads split the output rows, and
@@ -449,32 +481,7 @@ void spmm(const float* x, const int32_t* rowptr, const I* cols, const float* val
     (is_last ? last : full)(rowptr, cols, vals, bias, panel, tile, y + p * panel_tokens * rows, rows, row_begin,
                             row_end, is_last ? last_tokens : panel_tokens, transpose, act);
   };
-  if (by_panels || chunks == 1) {
-    auto work = [&](int64_t pb, int64_t pe) {
-      AlignedFloats tile(8 * panel_tokens);
-      AlignedFloats panel(K * panel_tokens);
-      for (int64_t p = pb; p < pe; ++p) {
-        pack(p, panel.ptr);
-        rows_over(p, panel.ptr, tile.ptr, 0, rows);
-      }
-    };
-    if (by_panels)
-      at::parallel_for(0, n_panels, 1, work);
-    else
-      work(0, n_panels);
-    return;
-  }
-  // threads over the rows of a few panels: the panels are packed once and shared (the threads pack them together),
-  // not packed again by every thread
-  AlignedFloats panels(n_panels * K * panel_tokens);
-  at::parallel_for(0, n_panels, 1, [&](int64_t pb, int64_t pe) {
-    for (int64_t p = pb; p < pe; ++p) pack(p, panels.ptr + p * K * panel_tokens);
-  });
-  at::parallel_for(0, static_cast<int64_t>(bounds.size()) - 1, 1, [&](int64_t cb, int64_t ce) {
-    AlignedFloats tile(8 * panel_tokens);
-    for (int64_t p = 0; p < n_panels; ++p)
-      rows_over(p, panels.ptr + p * K * panel_tokens, tile.ptr, bounds[cb], bounds[ce]);
-  });
+  over_panels(n_panels, K * panel_tokens, 8 * panel_tokens, by_panels, bounds, rows, pack, rows_over);
 }
 
 // Tokens per panel: 32 (4 AVX2 vectors, 2 AVX-512 vectors); the last panel of a call is narrower. More tokens per
@@ -720,30 +727,7 @@ void block_spmm(const float* x, const int32_t* browptr, const I* bcols, const fl
     fn(browptr, bcols, vals, C, bias, panel, tile, y + p * width * rows, rows, rb_begin, rb_end,
        std::min(width, tokens - p * width), transpose, act);
   };
-  if (by_panels || chunks == 1) {
-    auto work = [&](int64_t pb, int64_t pe) {
-      AlignedFloats tile(8 * width);
-      AlignedFloats panel(K * width);
-      for (int64_t p = pb; p < pe; ++p) {
-        pack(p, panel.ptr);
-        rows_over(p, panel.ptr, tile.ptr, 0, row_blocks);
-      }
-    };
-    if (by_panels)
-      at::parallel_for(0, n_panels, 1, work);
-    else
-      work(0, n_panels);
-    return;
-  }
-  // as in spmm: a few panels, packed once and shared by the threads that split the row blocks
-  AlignedFloats panels(n_panels * K * width);
-  at::parallel_for(0, n_panels, 1, [&](int64_t pb, int64_t pe) {
-    for (int64_t p = pb; p < pe; ++p) pack(p, panels.ptr + p * K * width);
-  });
-  at::parallel_for(0, static_cast<int64_t>(bounds.size()) - 1, 1, [&](int64_t cb, int64_t ce) {
-    AlignedFloats tile(8 * width);
-    for (int64_t p = 0; p < n_panels; ++p) rows_over(p, panels.ptr + p * K * width, tile.ptr, bounds[cb], bounds[ce]);
-  });
+  over_panels(n_panels, K * width, 8 * width, by_panels, bounds, row_blocks, pack, rows_over);
 }
 
 at::Tensor block_linear_2d(const at::Tensor& x, const at::Tensor& browptr, const at::Tensor& bcols,
