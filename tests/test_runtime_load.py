@@ -121,7 +121,7 @@ def test_runtime_load_holds_one_dense_layer_at_a_time(tmp_path, monkeypatch):
     """Each masked layer's dense module (its weight and mask) is gone, packed and dropped, before the next layer is
     decoded."""
     _, _, compact = _checkpoints(tmp_path, "bert", sparsity=0.9)
-    decode, attach = load_module.decode_entry, load_module.attach_mask
+    decode, attach = load_module.decode_entry, load_module.give_mask
     alive: list[weakref.ref] = []
     checked = []
 
@@ -137,7 +137,7 @@ def test_runtime_load_holds_one_dense_layer_at_a_time(tmp_path, monkeypatch):
         attach(module, mask)
 
     monkeypatch.setattr(load_module, "decode_entry", tracked_decode)
-    monkeypatch.setattr(load_module, "attach_mask", tracked_attach)
+    monkeypatch.setattr(load_module, "give_mask", tracked_attach)
     fast = sparse_nlp.from_pretrained(compact, runtime="sparse", check_hashes=False)
     assert len(checked) == len(runtime.converted_layers(fast)) >= 8
     assert checked == [0] * len(checked)
@@ -287,3 +287,21 @@ def test_mask_check_counts_negative_zero_as_pruned():
         checkpoint_module._verify_mask("m", weight, mask, "where", "path", {})
     with pytest.raises(CheckpointError, match="nonzero weights"):
         checkpoint_module._verify_mask("m", weight, ~mask, "where", "path", None)
+
+
+def test_runtime_load_layer_left_dense_is_masked_as_a_dense_load(tmp_path, monkeypatch):
+    """A layer the conversion leaves dense (too dense to pack) keeps its mask, zeros and zero-keeping hooks."""
+    from sparse_nlp.pruning.masking import masked_modules
+
+    model, _, compact = _checkpoints(tmp_path, "bert", sparsity=0.2)  # density 0.8 > MAX_DENSITY
+    fast = sparse_nlp.from_pretrained(compact, runtime="sparse", check_hashes=False)
+    assert not runtime.converted_layers(fast)
+    masked = dict(masked_modules(fast))
+    assert masked.keys() == dict(masked_modules(model)).keys()
+    fast.train()
+    optimizer = torch.optim.SGD(fast.parameters(), lr=1.0)
+    fast(**tiny_inputs()).logits.sum().backward()
+    optimizer.step()
+    for name, module in masked.items():
+        assert torch.equal(get_mask(module), get_mask(model.get_submodule(name))), name
+        assert not bool(module.weight[~get_mask(module)].any()), name

@@ -36,7 +36,7 @@ from torch import nn
 
 from ..errors import CheckpointError
 from ..formats.compact import decode_entry
-from ..pruning.masking import attach_mask
+from ..pruning.masking import MASK_BUFFER, attach_mask
 from .convert import _packable, convert
 
 logger = logging.getLogger(__name__)
@@ -145,6 +145,16 @@ def release_free_memory() -> bool:
     return True
 
 
+def give_mask(module: nn.Module, mask: torch.Tensor) -> None:
+    """Hand `mask` to the layer about to be packed, as its mask buffer (what `convert` packs by).
+
+    Not `attach_mask`: a packed layer replaces the module at once, so it needs no zero-keeping hooks, and its weight
+    is not multiplied by the mask (a float copy of the mask per layer), because packing by the mask keeps only the
+    kept entries whatever the pruned ones hold. A layer that `pack` leaves dense gets `attach_mask` afterwards.
+    """
+    module.register_buffer(MASK_BUFFER, mask.to(torch.bool), persistent=False)
+
+
 def _set(plan: LoadPlan, key: str, tensor: torch.Tensor) -> None:
     """Put `tensor` wherever the model holds `key` (one Parameter shared by tied holders)."""
     holders = plan.owners[key]
@@ -206,10 +216,16 @@ def load_packed(
         mask = check_mask(rel, weight, mask)
         _set(plan, key, weight)
         del weight
-        attach_mask(module, mask)
+        give_mask(module, mask)
         del module, mask
         plan.owners.pop(key)
         pack(model, modules=[module_name], **convert_kwargs)
+        layer = model.get_submodule(module_name)
+        if (
+            layer._buffers.get(MASK_BUFFER) is not None
+        ):  # left dense by `pack`: masked as a dense load masks it
+            attach_mask(layer, layer._buffers[MASK_BUFFER])
+        del layer
         release_free_memory()  # this layer's temporaries, freed between packed tensors
     pack(model, modules=plan.others, **convert_kwargs)
     release_free_memory()
