@@ -71,7 +71,7 @@ from .formats.manifest import (
     safetensors_problem,
     with_manifest,
 )
-from .formats.masks import decode_masks, encode_masks, mask_metadata, pack_bits
+from .formats.masks import check_masks, encode_masks, mask_metadata, pack_bits, unpack_bits
 from .metadata import raw_metadata, read_metadata, write_metadata
 from .pruning.experts import attach_expert_mask, masked_experts
 from .pruning.masking import MASK_BUFFER, attach_mask, get_mask, masked_modules
@@ -106,6 +106,12 @@ def save_masks(model: nn.Module, path: Path) -> int:
 
 def load_masks(path: Path) -> dict[str, torch.Tensor]:
     """Read a mask file written by `write_masks`: bool masks by base-relative module name."""
+    return {name: unpack_bits(bits, shape) for name, (bits, shape) in load_packed_masks(path).items()}
+
+
+def load_packed_masks(path: Path) -> dict[str, tuple[torch.Tensor, tuple[int, ...]]]:
+    """Read a mask file written by `write_masks`, checked but not unpacked: (packed bits, shape) by base-relative
+    module name (`unpack_bits` gives the bool mask; a loader unpacks one layer's at a time)."""
     try:
         packed = load_file(str(path))
         with safe_open(str(path), framework="pt") as f:
@@ -116,7 +122,7 @@ def load_masks(path: Path) -> dict[str, torch.Tensor]:
             f"{path}: mask file is damaged or not a sparse_nlp mask file ({err})."
         ) from None
     try:
-        return decode_masks(packed, shapes)
+        return check_masks(packed, shapes)
     except ValueError as err:
         raise CheckpointError(f"{path}: {err}") from None
 
@@ -1321,7 +1327,7 @@ def _load_packed(
     if sparsity is not None and sparsity.activation is not None:
         return None  # activation sparsity is restored on the dense model, before conversion
     mask_path = folder / MASKS_FILE
-    file_masks = load_masks(mask_path) if mask_path.is_file() else {}
+    file_masks = load_packed_masks(mask_path) if mask_path.is_file() else {}  # unpacked layer by layer
     names = list((meta or {}).get("masked_modules", []))
     unlisted = sorted((set(file_masks) | decoded) - set(names))
     if unlisted:
@@ -1350,8 +1356,8 @@ def _load_packed(
     has_masks = bool(file_masks or decoded)
 
     def check(rel: str, weight: torch.Tensor, decoded_mask: torch.Tensor | None) -> torch.Tensor:
-        if rel in file_masks:  # taken out: the packed layer keeps its own copy
-            mask, where = file_masks.pop(rel), mask_path
+        if rel in file_masks:
+            mask, where = unpack_bits(*file_masks.pop(rel)), mask_path
         elif decoded_mask is not None:
             mask, where = decoded_mask, source.where
         elif not has_masks:
