@@ -16,7 +16,8 @@ Linear layers hold dense (weight + bias) against the bytes of the converted laye
 native kernel only, so no dense copy is kept for a dense-timed bucket), with ``keep_masks=True`` and ``False``;
 (b) the peak resident size (growth of VmHWM over the process after its imports) of loading the compact checkpoint
 (`compact_checkpoint`, as ``sparse-nlp compact`` writes it) with ``from_pretrained(path, runtime="sparse")``,
-against loading the dense checkpoint of the same model, and the compact one without the runtime.
+against loading the dense checkpoint of the same model, and the compact one without the runtime. Each child runs
+with the first of ``--threads`` (``OMP_NUM_THREADS``), so the autotune plans it reads are those of that thread count.
 
 Part ``decode``: batch-1 greedy decoding and a prefill of a decoder pruned per model name (70, 50, 2:4), converted
 against the same masked model run dense: SmolLM2-135M pruned by one-shot Wanda on WikiText-2 valid windows
@@ -536,12 +537,14 @@ def memory(args) -> list[dict]:
 
     def child(*argv: str) -> dict:
         cmd = [sys.executable, __file__, "--memory-child", *argv]
-        done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads)}  # the autotune plans are per thread count
+        done = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
         if done.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stderr[-2000:]}")
         return json.loads(done.stdout.strip().splitlines()[-1])
 
-    torch.set_num_threads(_ints(args.threads)[0])
+    threads = _ints(args.threads)[0]
+    torch.set_num_threads(threads)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         model = transformers.AutoModel.from_pretrained(resolve_model("minilm"), dtype=torch.float32).eval()

@@ -57,7 +57,7 @@ from .activation.apply import restore_activation
 from .attention.apply import apply_attention
 from .errors import CheckpointError, CompactFormatError, MetadataError
 from .formats import compact as compact_format
-from .formats.compact import ATTN_MARKER, HEADER_KEY, is_compact, mask_owner, nonzero_entries, parse_header
+from .formats.compact import ATTN_MARKER, HEADER_KEY, is_compact, mask_owner, parse_header
 from .formats.manifest import (
     CHECKPOINT_PATTERNS,
     COMPACT_FILE,
@@ -71,10 +71,10 @@ from .formats.manifest import (
     safetensors_problem,
     with_manifest,
 )
-from .formats.masks import decode_masks, encode_masks, mask_metadata, pack_bits
+from .formats.masks import check_masks, encode_masks, mask_metadata, pack_bits, unpack_bits
 from .metadata import raw_metadata, read_metadata, write_metadata
 from .pruning.experts import attach_expert_mask, masked_experts
-from .pruning.masking import MASK_BUFFER, attach_mask, masked_modules
+from .pruning.masking import MASK_BUFFER, attach_mask, get_mask, masked_modules
 from .pruning.offloaded import block_store
 from .runtime.convert import convert
 from .runtime.load import load_packed, plan_load
@@ -97,8 +97,8 @@ def write_masks(masks: dict[str, torch.Tensor], path: Path) -> int:
 
 def save_masks(model: nn.Module, path: Path) -> int:
     masks = {
-        base_relative_name(model, name): module._buffers["weight_mask"]
-        for name, module in masked_modules(model)
+        base_relative_name(model, name): get_mask(module)
+        for name, module in masked_modules(model, derived=True)
     }
     masks.update((base_relative_name(model, name), mask) for name, _, _, mask in masked_experts(model))
     return write_masks(masks, path)
@@ -106,6 +106,12 @@ def save_masks(model: nn.Module, path: Path) -> int:
 
 def load_masks(path: Path) -> dict[str, torch.Tensor]:
     """Read a mask file written by `write_masks`: bool masks by base-relative module name."""
+    return {name: unpack_bits(bits, shape) for name, (bits, shape) in load_packed_masks(path).items()}
+
+
+def load_packed_masks(path: Path) -> dict[str, tuple[torch.Tensor, tuple[int, ...]]]:
+    """Read a mask file written by `write_masks`, checked but not unpacked: (packed bits, shape) by base-relative
+    module name (`unpack_bits` gives the bool mask; a loader unpacks one layer's at a time)."""
     try:
         packed = load_file(str(path))
         with safe_open(str(path), framework="pt") as f:
@@ -116,7 +122,7 @@ def load_masks(path: Path) -> dict[str, torch.Tensor]:
             f"{path}: mask file is damaged or not a sparse_nlp mask file ({err})."
         ) from None
     try:
-        return decode_masks(packed, shapes)
+        return check_masks(packed, shapes)
     except ValueError as err:
         raise CheckpointError(f"{path}: {err}") from None
 
@@ -504,8 +510,8 @@ def _streamed_weights(store: Any) -> Iterator[None]:
 def kept_zeros(model: nn.Module) -> dict[str, int]:
     """Masked module (base-relative) -> how many weights its mask keeps that are exactly 0.0 (only nonzero counts)."""
     out = {}
-    for name, module in masked_modules(model):
-        mask = module._buffers["weight_mask"]
+    for name, module in masked_modules(model, derived=True):
+        mask = get_mask(module)
         count = int((mask.bool() & (module.weight.detach() == 0)).sum())
         if count:
             out[base_relative_name(model, name)] = count
@@ -1321,7 +1327,7 @@ def _load_packed(
     if sparsity is not None and sparsity.activation is not None:
         return None  # activation sparsity is restored on the dense model, before conversion
     mask_path = folder / MASKS_FILE
-    file_masks = load_masks(mask_path) if mask_path.is_file() else {}
+    file_masks = load_packed_masks(mask_path) if mask_path.is_file() else {}  # unpacked layer by layer
     names = list((meta or {}).get("masked_modules", []))
     unlisted = sorted((set(file_masks) | decoded) - set(names))
     if unlisted:
@@ -1350,8 +1356,8 @@ def _load_packed(
     has_masks = bool(file_masks or decoded)
 
     def check(rel: str, weight: torch.Tensor, decoded_mask: torch.Tensor | None) -> torch.Tensor:
-        if rel in file_masks:  # taken out: the packed layer keeps its own copy
-            mask, where = file_masks.pop(rel), mask_path
+        if rel in file_masks:
+            mask, where = unpack_bits(*file_masks.pop(rel)), mask_path
         elif decoded_mask is not None:
             mask, where = decoded_mask, source.where
         elif not has_masks:
@@ -1427,14 +1433,21 @@ def _verify_mask(
             f"{mask_where}: mask of {rel!r} has shape {tuple(mask.shape)} but the weight has "
             f"{tuple(weight.shape)}; the checkpoint files disagree."
         )
-    stray = int(nonzero_entries(weight)[~mask.cpu().numpy()].sum())
+    keep = mask.to(device=weight.device, dtype=torch.bool)
+    nonzero = (
+        weight.detach() != 0
+    )  # +0.0 and -0.0 are zero; bool temporaries only (a load checks layer by layer)
+    # count_nonzero, not sum: a bool sum makes an int64 copy of the whole tensor first
+    kept_nonzero = int(torch.count_nonzero(nonzero.logical_and_(keep)))
+    stray = int(torch.count_nonzero(weight.detach())) - kept_nonzero
+    del nonzero
     if stray:
         raise CheckpointError(
             f"{path_or_id}: {rel!r} has {stray} nonzero weights where its mask says pruned; "
             "the weights and the mask file come from different saves."
         )
     if recorded_zeros is not None and count_zeros:  # recorded since the integrity checks
-        zeros = int((mask.to(weight.device) & (weight.detach() == 0)).sum())
+        zeros = int(torch.count_nonzero(keep)) - kept_nonzero
         if zeros > recorded_zeros.get(rel, 0):
             raise CheckpointError(
                 f"{mask_where}: the mask of {rel!r} keeps {zeros} weights that are 0.0 but the "

@@ -74,7 +74,8 @@ def write_metadata(model: nn.Module, config: SparsityConfig, **extra: Any) -> di
         library_version=__version__,
         config=config.to_dict(),
         # Linear modules by name, then fused expert parameters by parameter name (mixture-of-experts)
-        masked_modules=[base_relative_name(model, n) for n, _ in masked_modules(model)] + expert_names(model),
+        masked_modules=[base_relative_name(model, n) for n, _ in masked_modules(model, derived=True)]
+        + expert_names(model),
     )
     meta.update(extra)
     setattr(model.config, METADATA_KEY, meta)

@@ -651,3 +651,44 @@ def test_only_an_exact_gelu_that_only_follows_the_layer_is_fused(act, reuse, fus
     assert (model[0].dense.activation == "gelu") is fused
     with torch.no_grad():
         torch.testing.assert_close(model(x), ref, rtol=0, atol=1e-5)
+
+
+# ---- the mask of a packed layer --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("conv1d", [False, True])
+def test_packed_layer_records_its_mask_without_storing_it(conv1d):
+    """The packed index is the mask: `get_mask` rebuilds it exactly (a kept exact zero included, Conv1D layout
+    too) while the layer holds no mask tensor (a bool mask would cost 1 byte per weight)."""
+    from transformers.pytorch_utils import Conv1D
+
+    from sparse_nlp.pruning.masking import MASK_BUFFER, masked_modules
+
+    layer = Conv1D(48, 64) if conv1d else nn.Linear(64, 48)  # Conv1D weight (in, out)
+    weight, mask = _weight(48, 64, 0.8)
+    mask[0, :4] = True
+    with torch.no_grad():
+        layer.weight.copy_(weight.t() if conv1d else weight)
+        layer.weight[0, 0] = 0.0  # kept, but exactly zero
+    wmask = mask.t().contiguous() if conv1d else mask
+    attach_mask(layer, wmask)
+    model = nn.Sequential(layer)
+    runtime.convert(model, methods=("native",))
+    packed = model[0]
+    assert isinstance(packed, SparseLinear) and packed.keeps_mask
+    assert MASK_BUFFER not in packed._buffers
+    held = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in packed.buffers()}
+    assert sum(held.values()) == packed.csr.nbytes()  # rowptr, cols, vals: nothing per weight beyond them
+    assert torch.equal(get_mask(packed), wmask)
+    assert [n for n, _ in masked_modules(model, derived=True)] == ["0"]
+    assert not list(masked_modules(model))  # the buffer-only view is unchanged
+    runtime.revert(model)
+    assert torch.equal(get_mask(model[0]), wmask)
+
+
+def test_packed_layer_refuses_a_mask_it_was_not_packed_by():
+    weight, mask = _weight(16, 32, 0.7)
+    other = mask.clone()
+    other[0, 0] = not bool(other[0, 0])
+    with pytest.raises(SparseRuntimeError, match="packed by"):
+        SparseLinear(runtime.pack_weight(weight, mask), None, {1: "native"}, mask=other)

@@ -121,7 +121,7 @@ def test_runtime_load_holds_one_dense_layer_at_a_time(tmp_path, monkeypatch):
     """Each masked layer's dense module (its weight and mask) is gone, packed and dropped, before the next layer is
     decoded."""
     _, _, compact = _checkpoints(tmp_path, "bert", sparsity=0.9)
-    decode, attach = load_module.decode_entry, load_module.attach_mask
+    decode, attach = load_module.decode_entry, load_module.give_mask
     alive: list[weakref.ref] = []
     checked = []
 
@@ -137,7 +137,7 @@ def test_runtime_load_holds_one_dense_layer_at_a_time(tmp_path, monkeypatch):
         attach(module, mask)
 
     monkeypatch.setattr(load_module, "decode_entry", tracked_decode)
-    monkeypatch.setattr(load_module, "attach_mask", tracked_attach)
+    monkeypatch.setattr(load_module, "give_mask", tracked_attach)
     fast = sparse_nlp.from_pretrained(compact, runtime="sparse", check_hashes=False)
     assert len(checked) == len(runtime.converted_layers(fast)) >= 8
     assert checked == [0] * len(checked)
@@ -234,3 +234,74 @@ def test_runtime_load_weight_nonzero_where_the_mask_prunes(tmp_path):
     for kwargs in ({}, {"runtime": "sparse"}):
         with pytest.raises(CheckpointError, match=r"nonzero weights where its mask says pruned"):
             sparse_nlp.from_pretrained(folder, **kwargs)
+
+
+def test_runtime_load_saves_the_same_checkpoint(tmp_path):
+    """A model loaded into the runtime (masks rebuilt from the packed index) saves the tensors and masks of the
+    checkpoint it came from."""
+    from safetensors.torch import load_file
+
+    model, dense, compact = _checkpoints(tmp_path, "llama", sparsity=0.8)
+    fast = sparse_nlp.from_pretrained(compact, runtime="sparse", check_hashes=False)
+    layers = runtime.converted_layers(fast)
+    assert layers and all(not any(b.dtype == torch.bool for b in m.buffers()) for m in layers.values())
+    sparse_nlp.save_pretrained(fast, tmp_path / "again")
+    before, after = (
+        load_file(dense / "model.safetensors"),
+        load_file(tmp_path / "again" / "model.safetensors"),
+    )
+    assert before.keys() == after.keys()
+    for key in before:
+        assert torch.equal(before[key], after[key]), key
+    masks = checkpoint_module.MASKS_FILE
+    assert (
+        checkpoint_module.load_masks(dense / masks).keys()
+        == checkpoint_module.load_masks(tmp_path / "again" / masks).keys()
+    )
+    for name, mask in checkpoint_module.load_masks(dense / masks).items():
+        assert torch.equal(mask, checkpoint_module.load_masks(tmp_path / "again" / masks)[name]), name
+    meta = [json.loads((d / "config.json").read_text())["sparse_nlp"] for d in (dense, tmp_path / "again")]
+    assert meta[0]["masked_modules"] == meta[1]["masked_modules"]
+    assert meta[0].get("kept_zeros") == meta[1].get("kept_zeros")
+
+
+def test_runtime_load_hands_free_memory_back_after_each_layer(tmp_path, monkeypatch):
+    """The freed temporaries of each layer are handed back (glibc malloc_trim; a no-op returning False elsewhere)."""
+    _, _, compact = _checkpoints(tmp_path, "bert", sparsity=0.9)
+    real, calls = load_module.release_free_memory, []
+    monkeypatch.setattr(load_module, "release_free_memory", lambda: calls.append(real()) or calls[-1])
+    fast = sparse_nlp.from_pretrained(compact, runtime="sparse", check_hashes=False)
+    assert len(calls) == len(runtime.converted_layers(fast)) + 1
+    import platform
+    import sys
+
+    glibc = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
+    assert calls == [glibc] * len(calls)
+
+
+def test_mask_check_counts_negative_zero_as_pruned():
+    weight = torch.tensor([[1.0, -0.0], [0.0, 2.0]])
+    mask = torch.tensor([[True, False], [True, True]])
+    checkpoint_module._verify_mask("m", weight, mask, "where", "path", {"m": 1})  # one kept zero, recorded
+    with pytest.raises(CheckpointError, match="flipped"):
+        checkpoint_module._verify_mask("m", weight, mask, "where", "path", {})
+    with pytest.raises(CheckpointError, match="nonzero weights"):
+        checkpoint_module._verify_mask("m", weight, ~mask, "where", "path", None)
+
+
+def test_runtime_load_layer_left_dense_is_masked_as_a_dense_load(tmp_path, monkeypatch):
+    """A layer the conversion leaves dense (too dense to pack) keeps its mask, zeros and zero-keeping hooks."""
+    from sparse_nlp.pruning.masking import masked_modules
+
+    model, _, compact = _checkpoints(tmp_path, "bert", sparsity=0.2)  # density 0.8 > MAX_DENSITY
+    fast = sparse_nlp.from_pretrained(compact, runtime="sparse", check_hashes=False)
+    assert not runtime.converted_layers(fast)
+    masked = dict(masked_modules(fast))
+    assert masked.keys() == dict(masked_modules(model)).keys()
+    fast.train()
+    optimizer = torch.optim.SGD(fast.parameters(), lr=1.0)
+    fast(**tiny_inputs()).logits.sum().backward()
+    optimizer.step()
+    for name, module in masked.items():
+        assert torch.equal(get_mask(module), get_mask(model.get_submodule(name))), name
+        assert not bool(module.weight[~get_mask(module)].any()), name

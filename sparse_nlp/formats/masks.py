@@ -40,12 +40,14 @@ def mask_metadata(shapes: dict[str, list[int]]) -> dict[str, str]:
     return {"format": FORMAT, "shapes": json.dumps(shapes)}
 
 
-def decode_masks(packed: dict[str, torch.Tensor], shapes: dict[str, list[int]]) -> dict[str, torch.Tensor]:
-    """Inverse of `encode_masks` given the parsed ``shapes`` header entry.
+def check_masks(
+    packed: dict[str, torch.Tensor], shapes: dict[str, list[int]]
+) -> dict[str, tuple[torch.Tensor, tuple[int, ...]]]:
+    """The packed bits of each mask with its shape, checked but not unpacked (`unpack_bits` each when needed: a
+    bool mask is 8 times its packed bytes).
 
     Raises:
-        ValueError: the names of the tensors and of the shapes disagree, or a mask's byte count does not
-            fit its shape (the message names the mask; the caller adds the file name).
+        ValueError: as `decode_masks`.
     """
     missing = sorted(set(packed) ^ set(shapes))
     if missing:
@@ -57,5 +59,15 @@ def decode_masks(packed: dict[str, torch.Tensor], shapes: dict[str, list[int]]) 
             raise ValueError(
                 f"mask {k!r} holds {v.numel()} bytes but its recorded shape {shape} needs {(int(np.prod(shape)) + 7) // 8}."
             )
-        out[k] = unpack_bits(v, shape)
+        out[k] = (v, shape)
     return out
+
+
+def decode_masks(packed: dict[str, torch.Tensor], shapes: dict[str, list[int]]) -> dict[str, torch.Tensor]:
+    """Inverse of `encode_masks` given the parsed ``shapes`` header entry.
+
+    Raises:
+        ValueError: the names of the tensors and of the shapes disagree, or a mask's byte count does not
+            fit its shape (the message names the mask; the caller adds the file name).
+    """
+    return {k: unpack_bits(v, shape) for k, (v, shape) in check_masks(packed, shapes).items()}

@@ -131,14 +131,27 @@ def detach_mask(module: nn.Module) -> None:
     _MASKED_MODULES.discard(module)
 
 
+def derives_mask(module: nn.Module) -> bool:
+    """Whether `module` records a keep-mask it rebuilds on demand instead of holding a mask buffer (a layer packed
+    by `sparse_nlp.runtime.convert`: its packed index is the mask; it defines ``keeps_mask`` and
+    ``derived_mask()``)."""
+    return bool(getattr(module, "keeps_mask", False)) and callable(getattr(module, "derived_mask", None))
+
+
 def get_mask(module: nn.Module) -> torch.Tensor | None:
-    return module._buffers.get(MASK_BUFFER)
+    """The keep-mask of `module` (layout of its weight): its mask buffer, or the mask a packed layer rebuilds
+    (a new tensor on each call), or None."""
+    mask = module._buffers.get(MASK_BUFFER)
+    if mask is None and derives_mask(module):
+        mask = module.derived_mask()
+    return mask
 
 
-def masked_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
-    """(name, module) of every module that carries a mask, in model order."""
+def masked_modules(model: nn.Module, derived: bool = False) -> Iterator[tuple[str, nn.Module]]:
+    """(name, module) of every module that carries a mask buffer, in model order; with `derived`, also the packed
+    layers that record a mask without a buffer (`derives_mask`; read their masks with `get_mask`)."""
     for name, module in model.named_modules():
-        if MASK_BUFFER in module._buffers and module._buffers[MASK_BUFFER] is not None:
+        if module._buffers.get(MASK_BUFFER) is not None or (derived and derives_mask(module)):
             yield name, module
 
 

@@ -10,7 +10,7 @@ from torch import nn
 
 from ..pruning.masking import MASK_BUFFER, attach_mask
 from . import autotune, kernels
-from .formats import pack_weight
+from .formats import BSRWeight, CSRWeight, pack_weight
 from .fusion import fuse_activations, unfuse_activations
 from .layer import BUCKETS, METHODS, SparseLinear, SparseRuntimeError
 
@@ -39,17 +39,30 @@ def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
-def pack(
-    module: nn.Module, plan: dict[int, str], mask: torch.Tensor | None, keep_mask: bool = True
-) -> SparseLinear:
-    """A `SparseLinear` with `module`'s masked weight (nn.Linear or Conv1D) and bias."""
-    transposed = not isinstance(module, nn.Linear)
+def _pack_module(module: nn.Module, mask: torch.Tensor | None) -> CSRWeight | BSRWeight:
+    """`module`'s weight (nn.Linear or Conv1D) packed by `mask` (its layout; None: by the nonzeros)."""
     weight = module.weight.detach()
-    weight = weight.t() if transposed else weight  # (out, in)
-    keep = None if mask is None else (mask.t() if transposed else mask)
-    csr = pack_weight(weight, keep)
+    if isinstance(module, nn.Linear):
+        return pack_weight(weight, mask)
+    return pack_weight(weight.t(), None if mask is None else mask.t())  # (out, in)
+
+
+def pack(
+    module: nn.Module,
+    plan: dict[int, str],
+    mask: torch.Tensor | None,
+    keep_mask: bool = True,
+    packed: CSRWeight | BSRWeight | None = None,
+) -> SparseLinear:
+    """A `SparseLinear` with `module`'s masked weight (nn.Linear or Conv1D) and bias; `packed`: the weight already
+    packed by `mask` (`_pack_module`), so that it is not packed twice."""
+    csr = _pack_module(module, mask) if packed is None else packed
     return SparseLinear(
-        csr, module.bias, plan, transposed=transposed, mask=mask if keep_mask and mask is not None else None
+        csr,
+        module.bias,
+        plan,
+        transposed=not isinstance(module, nn.Linear),
+        mask=mask if keep_mask and mask is not None else None,
     )
 
 
@@ -80,8 +93,9 @@ def convert(
         modules: names of the modules to consider (default: every nn.Linear / Conv1D).
         max_density: layers denser than this stay dense without timing.
         margin: how much faster than dense a sparse method must be.
-        keep_masks: keep each layer's mask buffer, so `save_pretrained` writes the masks (costs 1 byte per
-            weight; without it, a saved converted model records no masks for these layers).
+        keep_masks: each packed layer records its mask, so `save_pretrained` writes the masks (no memory: the
+            packed index is the mask, `SparseLinear.derived_mask`); without it, a saved converted model records no
+            masks for these layers.
         use_cache: read and write the on-disk autotune cache.
         fuse: fold the exact GELU after a packed feed-forward layer of BERT-style encoders into the layer's kernel
             (`fuse_activations`; checked on a random input before it is kept).
@@ -117,17 +131,18 @@ def convert(
                 "load the model in float32 on the CPU (dtype=torch.float32)."
             )
         mask = module._buffers.get(MASK_BUFFER)
-        kept = int(mask.sum()) if mask is not None else int(torch.count_nonzero(weight))
+        kept = int(torch.count_nonzero(mask if mask is not None else weight))  # no int64 copy (as sum)
         if kept > max_density * weight.numel():
             continue
+        csr = _pack_module(module, mask)
         if len(methods) == 1:
             plan = dict.fromkeys(buckets, methods[0])
         else:
-            probe = pack(module, dict.fromkeys(buckets, "native"), mask, keep_mask=False).csr
-            plan = autotune.choose(probe, module.bias, buckets, methods, margin=margin, use_cache=use_cache)
+            plan = autotune.choose(csr, module.bias, buckets, methods, margin=margin, use_cache=use_cache)
         if set(plan.values()) == {"dense"} and len(methods) > 1:
             continue
-        _set_module(model, name, pack(module, plan, mask, keep_mask=keep_masks))
+        _set_module(model, name, pack(module, plan, mask, keep_mask=keep_masks, packed=csr))
+        del csr
         converted += 1
     fused = fuse_activations(model) if fuse else 0
     logger.info(
@@ -161,7 +176,7 @@ def revert(model: nn.Module) -> nn.Module:
             dense.weight.copy_(layer.weight)
             if has_bias:
                 dense.bias.copy_(layer.bias)
-        mask = layer._buffers.get(MASK_BUFFER)
+        mask = layer.derived_mask()
         if mask is not None:
             attach_mask(dense, mask)
         _set_module(model, name, dense)

@@ -82,18 +82,20 @@ class CSRWeight(_Packed):
         an entry, so the mask comes back from `mask_dense`."""
         w, keep = _keep_mask(weight, mask)
         out_f, in_f = w.shape
-        counts = keep.sum(dim=1, dtype=torch.int64)  # (out,)
+        rows, cols = keep.nonzero(as_tuple=True)  # row-major: ascending columns within each row
+        # per-row counts from the kept rows: a sum over the (out, in) mask would make an int64 copy of it first
+        counts = torch.bincount(rows, minlength=out_f)  # (out,)
         rowptr = torch.zeros(out_f + 1, dtype=torch.int64)
         rowptr[1:] = torch.cumsum(counts, 0)
         if int(rowptr[-1]) >= 2**31:
             raise ValueError(f"weight {tuple(w.shape)} has too many kept entries for int32 row offsets")
-        rows, cols = keep.nonzero(as_tuple=True)  # row-major: ascending columns within each row
+        vals = w[rows, cols].contiguous()  # (nnz,), in the same order as w[keep]
         del rows
         col_dtype = torch.uint16 if in_f <= NARROW_LIMIT else torch.int32
         return cls(
             rowptr=rowptr.to(torch.int32),
             cols=cols.to(torch.int32).to(col_dtype).contiguous(),
-            vals=w[keep].contiguous(),
+            vals=vals,
             shape=(int(out_f), int(in_f)),
         )
 

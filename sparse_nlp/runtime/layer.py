@@ -3,7 +3,9 @@
 The layer holds the weight packed (`CSRWeight`, or `BSRWeight` for block-sparse masks), its bias, and a plan: which product to run for each token-count
 bucket (``native``: this package's kernel, ``torch_csr``: torch's sparse CSR matmul, ``dense``: ``F.linear`` on
 the masked dense weight, kept only when the plan uses it). ``weight`` reads as the masked dense weight (built on
-access), and ``state_dict`` writes it under the usual key, so a converted model saves a normal checkpoint.
+access), and ``state_dict`` writes it under the usual key, so a converted model saves a normal checkpoint. A layer
+packed by a keep-mask records it without storing it: the packed index is the mask (`SparseLinear.derived_mask`,
+read by `sparse_nlp.pruning.masking.get_mask`), so `save_pretrained` writes the masks too.
 Forward only: a backward through the layer raises `SparseRuntimeError`.
 """
 
@@ -16,7 +18,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import SparseRuntimeError
-from ..pruning.masking import MASK_BUFFER
 from . import kernels
 from .formats import BSRWeight, CSRWeight, pack_weight
 
@@ -73,8 +74,28 @@ class SparseLinear(nn.Module):
         self.activation: str | None = None
         """An activation applied to the output (``"gelu"``), set by `fuse_activations`; None: the plain product."""
         self.bias = None if bias is None else nn.Parameter(bias.detach().to(torch.float32).clone())
-        if mask is not None:  # kept so that the checkpoint writer saves the mask (save_pretrained)
-            self.register_buffer(MASK_BUFFER, mask.detach().to(torch.bool).clone(), persistent=False)
+        self.keeps_mask = mask is not None
+        """Whether the layer records its keep-mask, so that `save_pretrained` writes it (`derived_mask`)."""
+        if mask is not None and (
+            tuple(mask.shape[::-1] if transposed else mask.shape) != csr.shape
+            or int(torch.count_nonzero(mask)) != csr.nnz
+        ):  # a cheap check (no dense temporaries): the full one would double the transient memory of a load
+            raise SparseRuntimeError(
+                "the mask given to SparseLinear differs from the one its weight was packed by; pack the weight "
+                "with that mask (pack_weight(weight, mask))."
+            )
+
+    def derived_mask(self) -> torch.Tensor | None:
+        """The keep-mask in the layout of ``weight`` (bool), rebuilt from the packed index; None when the layer
+        records no mask.
+
+        The packed entries are exactly the kept weights of the mask the layer was packed by (a kept exact zero
+        stays an entry), so the mask costs no memory of its own; `sparse_nlp.pruning.masking.get_mask` reads it.
+        """
+        if not self.keeps_mask:
+            return None
+        mask = self.csr.mask_dense()  # (out, in)
+        return mask.t().contiguous() if self.transposed else mask
 
     def _set_csr(self, csr: CSRWeight | BSRWeight) -> None:
         self.csr = csr
@@ -118,7 +139,7 @@ class SparseLinear(nn.Module):
             if tuple(weight.shape) != self.csr.shape:
                 error_msgs.append(f"{key}: shape {tuple(weight.shape)} does not match {self.csr.shape}")
             else:
-                mask = self._buffers.get(MASK_BUFFER)
+                mask = self.csr.mask_dense() if self.keeps_mask else None  # (out, in)
                 self._set_csr(pack_weight(weight, mask))
         if self.bias is not None:
             if prefix + "bias" in state_dict:

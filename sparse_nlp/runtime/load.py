@@ -7,6 +7,12 @@ Linear weight is decoded (from the compact encoding or the dense file) into one 
 checked, attached and packed by `convert` on its own, and the temporary is dropped before the next layer. The
 peak memory is the packed model plus one layer, never a dense copy of the whole model.
 
+Each layer's temporaries (its dense weight, mask and index tensors) are freed between long-lived packed tensors.
+glibc's allocator keeps such freed gaps resident (its mmap threshold rises once a large block is freed, so later
+temporaries of a few MB come from the heap), which grew the resident size of a MiniLM load by about a fifth of a
+dense copy; where the C library is glibc, the free pages are handed back after each layer (``malloc_trim``), a
+no-op elsewhere (`release_free_memory`).
+
 The result equals loading the model dense and calling `convert` on it: same tensors, same masks, and the same
 per-layer plan (`convert` is called for each layer with the same arguments, so the autotune sees the same packed
 weight). `plan_load` returns None where this path does not apply (a tensor the model lacks, a model tensor the
@@ -16,7 +22,11 @@ caller then loads dense and converts, as before.
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import logging
+import platform
+import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -26,7 +36,7 @@ from torch import nn
 
 from ..errors import CheckpointError
 from ..formats.compact import decode_entry
-from ..pruning.masking import attach_mask
+from ..pruning.masking import MASK_BUFFER, attach_mask
 from .convert import _packable, convert
 
 logger = logging.getLogger(__name__)
@@ -112,6 +122,39 @@ def plan_load(
     return plan, ""
 
 
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    """glibc's ``malloc_trim``, or None (another C library or system, or not found)."""
+    if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
+        return None
+    try:
+        trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return None
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    return trim
+
+
+def release_free_memory() -> bool:
+    """Hand the free pages of the C heap back to the system (glibc ``malloc_trim(0)``); False where that is not
+    available (then nothing is done: memory use only, never results, depends on it)."""
+    trim = _malloc_trim()
+    if trim is None:
+        return False
+    trim(0)
+    return True
+
+
+def give_mask(module: nn.Module, mask: torch.Tensor) -> None:
+    """Hand `mask` to the layer about to be packed, as its mask buffer (what `convert` packs by).
+
+    Not `attach_mask`: a packed layer replaces the module at once, so it needs no zero-keeping hooks, and its weight
+    is not multiplied by the mask (a float copy of the mask per layer), because packing by the mask keeps only the
+    kept entries whatever the pruned ones hold. A layer that `pack` leaves dense gets `attach_mask` afterwards.
+    """
+    module.register_buffer(MASK_BUFFER, mask.to(torch.bool), persistent=False)
+
+
 def _set(plan: LoadPlan, key: str, tensor: torch.Tensor) -> None:
     """Put `tensor` wherever the model holds `key` (one Parameter shared by tied holders)."""
     holders = plan.owners[key]
@@ -173,12 +216,20 @@ def load_packed(
         mask = check_mask(rel, weight, mask)
         _set(plan, key, weight)
         del weight
-        attach_mask(module, mask)
+        give_mask(module, mask)
         del module, mask
         plan.owners.pop(key)
         pack(model, modules=[module_name], **convert_kwargs)
+        layer = model.get_submodule(module_name)
+        if (
+            layer._buffers.get(MASK_BUFFER) is not None
+        ):  # left dense by `pack`: masked as a dense load masks it
+            attach_mask(layer, layer._buffers[MASK_BUFFER])
+        del layer
+        release_free_memory()  # this layer's temporaries, freed between packed tensors
     pack(model, modules=plan.others, **convert_kwargs)
+    release_free_memory()
     return model
 
 
-__all__ = ["LoadPlan", "MaskCheck", "TensorSource", "load_packed", "plan_load"]
+__all__ = ["LoadPlan", "MaskCheck", "TensorSource", "load_packed", "plan_load", "release_free_memory"]
