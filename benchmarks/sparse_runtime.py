@@ -311,9 +311,11 @@ def sst2(args) -> list[dict]:
 
     threads = _ints(args.threads)[0]
     torch.set_num_threads(threads)
-    if args.sst2_model:
+    if args.sst2_model:  # a checkpoint of this package (masks restored) or any transformers classifier
+        from sparse_nlp import from_pretrained
+
         source, untrained = args.sst2_model, False
-        dense = transformers.AutoModelForSequenceClassification.from_pretrained(source, dtype=torch.float32)
+        dense = from_pretrained(source, transformers.AutoModelForSequenceClassification, dtype=torch.float32)
     else:
         source, untrained = resolve_model("minilm"), True
         torch.manual_seed(0)
