@@ -307,8 +307,24 @@ def test_not_sparse_enough_stays_dense():
     assert type(model[0]) is nn.Linear
 
 
+def test_autotune_decisions_of_a_busy_machine_stay_in_memory(tmp_path, monkeypatch):
+    monkeypatch.setattr(autotune, "cache_path", lambda: tmp_path / "tune.json")
+    monkeypatch.setattr(autotune.os, "getloadavg", lambda: (float((os.cpu_count() or 1) + 3), 0.0, 0.0))
+    autotune.clear_memory_cache()
+    csr = CSRWeight.from_dense(*_weight(64, 96, 0.9))
+    plan = autotune.choose(csr, None, (16,), ("dense", "torch_csr"))
+    assert autotune.machine_busy() and not (tmp_path / "tune.json").exists()
+    assert autotune.choose(csr, None, (16,), ("dense", "torch_csr")) == plan  # this process keeps it
+    monkeypatch.setattr(autotune.os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+    autotune.clear_memory_cache()
+    autotune.choose(csr, None, (16,), ("dense", "torch_csr"))
+    assert not autotune.machine_busy() and (tmp_path / "tune.json").exists()
+    autotune.clear_memory_cache()
+
+
 def test_autotune_cache_is_reused(tmp_path, monkeypatch):
     monkeypatch.setattr(autotune, "cache_path", lambda: tmp_path / "tune.json")
+    monkeypatch.setattr(autotune, "machine_busy", lambda: False)
     autotune.clear_memory_cache()
     weight, mask = _weight(64, 96, 0.9)
     csr = CSRWeight.from_dense(weight, mask)
@@ -475,6 +491,7 @@ def test_bench_command_with_sparse_runtime(tmp_path, capsys, monkeypatch):
     from sparse_nlp.config import SparsityConfig
 
     monkeypatch.setattr(autotune, "cache_path", lambda: tmp_path / "tune.json")
+    monkeypatch.setattr(autotune, "machine_busy", lambda: False)  # the cache is written whatever the load
     model = tiny_model("bert")
     sparse_nlp.sparsify(model, SparsityConfig.magnitude(0.9), progress=False)
     sparse_nlp.save_pretrained(model, tmp_path / "m90")

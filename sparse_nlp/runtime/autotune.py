@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import logging
 import os
 import platform
 import tempfile
@@ -25,6 +26,8 @@ import torch.nn.functional as F
 
 from . import kernels
 from .formats import BSRWeight, CSRWeight
+
+logger = logging.getLogger(__name__)
 
 CACHE_FILE = "runtime_autotune.json"
 COLD_BYTES = 96 << 20
@@ -148,6 +151,15 @@ def time_methods(
     return {name: min(ts) for name, ts in times.items()}
 
 
+def machine_busy() -> bool:
+    """Whether other work competes for the CPU: the 1-minute load average above the CPU count (False where the
+    platform has no load average). Timings taken then are not written to the disk cache."""
+    try:
+        return os.getloadavg()[0] > (os.cpu_count() or 1)
+    except (AttributeError, OSError):
+        return False
+
+
 def choose(
     csr: CSRWeight | BSRWeight,
     bias: torch.Tensor | None,
@@ -187,8 +199,15 @@ def choose(
         fresh[k] = best
     if fresh:
         _MEMO.update(fresh)
-        if use_cache:
+        if use_cache and not machine_busy():
             _write_cache(fresh)
+        elif use_cache:  # a busy machine's timings would be kept for good: this process uses them, no other
+            logger.info(
+                "sparse_nlp: the machine is busy (load average above the CPU count); %d autotune decisions are kept "
+                "for this process only, not written to %s",
+                len(fresh),
+                cache_path(),
+            )
     return plan
 
 
@@ -197,4 +216,13 @@ def clear_memory_cache() -> None:
     _MEMO.clear()
 
 
-__all__ = ["CACHE_FILE", "cache_path", "choose", "clear_memory_cache", "cpu_model", "key", "time_methods"]
+__all__ = [
+    "CACHE_FILE",
+    "cache_path",
+    "choose",
+    "clear_memory_cache",
+    "cpu_model",
+    "key",
+    "machine_busy",
+    "time_methods",
+]
