@@ -167,9 +167,7 @@ class SparseLinear(nn.Module):
     def _product(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         # the per-call cost matters at batch-1 decoding (one call per layer per token): the native op takes x of
         # any shape, and nothing here goes through nn.Module attribute lookup but `bias`, passed in
-        method = self._methods.get(x.numel() // self.in_features) or self.method_for(
-            x.numel() // self.in_features
-        )
+        method = self.method_for(x.numel() // self.in_features)  # memoized per token count
         if method == "native":
             act = 0 if self.activation is None else kernels.ACTIVATIONS[self.activation]
             return self.csr.run(x, bias, kernels.best_isa(), act)  # (..., N)

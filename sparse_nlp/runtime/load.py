@@ -190,7 +190,9 @@ def load_packed(
         source: the checkpoint's tensors.
         plan: from `plan_load`.
         check_mask: validates each decoded layer and returns the mask to attach (see `MaskCheck`).
-        pack: the conversion, called as ``pack(model, modules=[name], **convert_kwargs)`` (default: `convert`).
+        pack: the conversion, called as ``pack(model, modules=[name], fuse=False, **convert_kwargs)`` for each
+            layer and ``pack(model, modules=others, **convert_kwargs)`` at the end, which also fuses the activations
+            (default: `convert`).
         **convert_kwargs: passed to `pack` for every layer (its defaults otherwise).
 
     Returns:
@@ -219,7 +221,9 @@ def load_packed(
         give_mask(module, mask)
         del module, mask
         plan.owners.pop(key)
-        pack(model, modules=[module_name], **convert_kwargs)
+        pack(
+            model, modules=[module_name], **{**convert_kwargs, "fuse": False}
+        )  # fused once, by the last call
         layer = model.get_submodule(module_name)
         if (
             layer._buffers.get(MASK_BUFFER) is not None
