@@ -206,6 +206,131 @@ def test_block_pruned_model_converts_to_blocks(tmp_path, monkeypatch):
         torch.testing.assert_close(model(**inputs).logits, ref, rtol=0, atol=1e-5)
 
 
+def _nm_weight(out_f: int, in_f: int, n: int, m: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """A weight masked to exactly n of every m consecutive inputs per row, with one kept exact zero."""
+    g = torch.Generator().manual_seed(seed)
+    keep = torch.rand(out_f, in_f // m, m, generator=g).argsort(dim=2)[..., :n]
+    mask = torch.zeros(out_f, in_f // m, m, dtype=torch.bool).scatter_(2, keep, True).reshape(out_f, in_f)
+    weight = torch.randn(out_f, in_f, generator=g) * mask
+    weight[tuple(mask.nonzero()[0].tolist())] = 0.0
+    return weight, mask
+
+
+NM_PATTERNS = [(1, 4), (2, 4), (1, 8), (2, 8), (3, 8), (4, 8)]
+
+
+@pytest.mark.parametrize("pattern", NM_PATTERNS)
+def test_nm_masks_pack_as_nm_and_round_trip(pattern):
+    n, m = pattern
+    for out_f, in_f in ((13, 16), (8, 8), (1, 24), (40, 64)):
+        weight, mask = _nm_weight(out_f, in_f, n, m, seed=out_f)
+        packed = runtime.pack_weight(weight, mask)
+        assert isinstance(packed, runtime.NMWeight)
+        assert packed.pattern == runtime.formats.nm_pattern(mask)  # groups of 4 first: a 2:4 mask is also 4:8
+        if m == 4:
+            assert packed.pattern == pattern
+        packed = runtime.NMWeight.from_dense(weight, mask, pattern)
+        assert packed.kind == f"nm{n}:{m}" and packed.nnz == int(mask.sum())
+        assert packed.idx.shape == (-(-out_f // 8), in_f // m, n) and packed.idx.dtype == torch.int32
+        assert torch.equal(packed.to_dense(), weight)
+        assert torch.equal(packed.mask_dense(), mask)  # the kept exact zero included
+        assert torch.equal(packed.clone().to_dense(), weight)
+        assert packed.to_torch_csr().to_dense().equal(weight)
+    weight, mask = _nm_weight(384, 384, n, m)
+    assert runtime.pack_weight(weight, mask).nbytes() < CSRWeight.from_dense(weight, mask).nbytes()
+
+
+def test_masks_that_are_not_nm_pack_as_rows():
+    weight, mask = _nm_weight(16, 32, 2, 4)
+    assert runtime.formats.nm_pattern(mask) == (2, 4)
+    uneven = mask.clone()
+    uneven[3, :4] = torch.tensor([True, False, False, False])  # one group keeps 1 of 4
+    assert runtime.formats.nm_pattern(uneven) is None
+    assert isinstance(runtime.pack_weight(weight * uneven, uneven), CSRWeight)
+    dense_side = torch.ones(16, 32, dtype=torch.bool)
+    dense_side[:, ::4] = False  # 3:4 keeps more than half: not worth a sparse kernel
+    assert runtime.formats.nm_pattern(dense_side) is None
+    assert runtime.formats.nm_pattern(_nm_weight(16, 30, 1, 2)[1]) is None  # 30 inputs: no group of 4 or 8
+    with pytest.raises(ValueError, match="not 2:4"):
+        runtime.NMWeight.from_dense(weight * uneven, uneven, (2, 4))
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("pattern", NM_PATTERNS)
+def test_nm_kernel_matches_dense_on_every_isa(pattern, threads):
+    _ops()
+    n, m = pattern
+    gelu = kernels.ACTIVATIONS["gelu"]
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for out_f, in_f in ((13, 16), (1, 8), (130, 96), (64, 512)):
+            weight, mask = _nm_weight(out_f, in_f, n, m, seed=out_f + in_f)
+            packed = runtime.NMWeight.from_dense(weight, mask, pattern)
+            bias = torch.randn(out_f)
+            for tokens in (1, 2, 5, 8, 9, 33, 150):  # every count of tokens per pass, and their remainders
+                x = torch.randn(tokens, in_f)
+                ref = (x.double() @ weight.double().t() + bias.double()).float()
+                scale = max(1.0, float(ref.abs().max()))
+                for isa in _isas():
+                    torch.testing.assert_close(
+                        packed.run(x, bias, isa), ref, rtol=0, atol=1e-5 * scale, msg=f"isa {isa}, {tokens}"
+                    )
+                    torch.testing.assert_close(
+                        packed.run(x, None, isa), ref - bias, rtol=0, atol=1e-5 * scale
+                    )
+                    torch.testing.assert_close(
+                        packed.run(x, bias, isa, gelu),
+                        torch.nn.functional.gelu(ref.double()).float(),
+                        rtol=0,
+                        atol=1e-5 * scale,
+                        msg=f"gelu, isa {isa}, {tokens}",
+                    )
+            x = torch.randn(2, 3, in_f)  # any leading shape
+            assert packed.run(x, bias, 0).shape == (2, 3, out_f)
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_nm_kernel_refuses_bad_input():
+    op = _ops()
+    weight, mask = _nm_weight(16, 32, 2, 4)
+    packed = runtime.NMWeight.from_dense(weight, mask, (2, 4))
+    x = torch.randn(3, 32)
+    with pytest.raises(RuntimeError, match="unsupported pattern 3:4"):
+        op.nm_linear(x, packed.idx, packed.vals, None, 32, 16, 3, 4, 0)
+    with pytest.raises(RuntimeError, match="do not match"):
+        op.nm_linear(x, packed.idx, packed.vals[:1], None, 32, 16, 2, 4, 0)
+    with pytest.raises(RuntimeError, match="features"):
+        op.nm_linear(torch.randn(3, 31), packed.idx, packed.vals, None, 32, 16, 2, 4, 0)
+
+
+def test_nm_pruned_model_converts_to_nm(tmp_path, monkeypatch):
+    import sparse_nlp
+    from sparse_nlp.config import SparsityConfig
+
+    _ops()
+    monkeypatch.setenv("SPARSE_NLP_CACHE", str(tmp_path))
+    model = tiny_model("llama")
+    sparse_nlp.sparsify(
+        model, SparsityConfig.magnitude(0.5, pattern="2:4", targets="all-linear"), progress=False
+    )
+    inputs = tiny_inputs()
+    with torch.no_grad():
+        ref = model(**inputs).logits
+    runtime.convert(model, methods=("native",))
+    layers = runtime.converted_layers(model)
+    assert layers and all(layer.csr.kind == "nm2:4" for layer in layers.values())
+    assert all("idx" in dict(layer.named_buffers()) for layer in layers.values())
+    with torch.no_grad():
+        torch.testing.assert_close(model(**inputs).logits, ref, rtol=0, atol=1e-5)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    model.load_state_dict(state)  # reloading the dense view keeps the N:M format
+    assert all(layer.csr.kind == "nm2:4" for layer in runtime.converted_layers(model).values())
+    with torch.no_grad():
+        torch.testing.assert_close(model(**inputs).logits, ref, rtol=0, atol=1e-5)
+
+
 def test_kernel_wide_input_uses_int32_indices():
     op = _ops()
     torch.manual_seed(0)

@@ -1,4 +1,4 @@
-"""Sparse execution on the CPU: pruned Linear layers packed into compressed rows (or blocks) and run by native kernels.
+"""Sparse execution on the CPU: pruned Linear layers packed into compressed rows (blocks, N:M groups) and run by native kernels.
 
 ``sparse_nlp.runtime.convert(model)`` replaces the sparse Linear layers of a model (in place) by `SparseLinear`
 layers that pick, per layer and token count, the fastest of a native C++ kernel (AVX-512 / AVX2+FMA / portable,
@@ -9,7 +9,7 @@ disk). The converted model is for inference (forward, ``generate``); it still sa
 from __future__ import annotations
 
 from .convert import MAX_DENSITY, convert, converted_layers, pack, revert
-from .formats import BSRWeight, CSRWeight, pack_weight
+from .formats import BSRWeight, CSRWeight, NMWeight, PackedWeight, pack_weight
 from .fusion import FusedActivation, fuse_activations, unfuse_activations
 from .layer import BUCKETS, METHODS, SparseLinear, SparseRuntimeError, bucket_of
 
@@ -20,6 +20,8 @@ __all__ = [
     "BSRWeight",
     "CSRWeight",
     "FusedActivation",
+    "NMWeight",
+    "PackedWeight",
     "SparseLinear",
     "SparseRuntimeError",
     "bucket_of",

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from . import kernels
-from .formats import BSRWeight, CSRWeight
+from .formats import PackedWeight
 
 logger = logging.getLogger(__name__)
 
@@ -81,7 +81,7 @@ def _write_cache(entries: dict[str, str]) -> None:
 
 
 def key(
-    csr: CSRWeight | BSRWeight, has_bias: bool, bucket: int, threads: int, isa: str, methods: Sequence[str]
+    csr: PackedWeight, has_bias: bool, bucket: int, threads: int, isa: str, methods: Sequence[str]
 ) -> str:
     out_f, in_f = csr.shape
     return (
@@ -91,9 +91,7 @@ def key(
     )
 
 
-def _runners(
-    csr: CSRWeight | BSRWeight, bias: torch.Tensor | None, methods: Sequence[str]
-) -> dict[str, Callable]:
+def _runners(csr: PackedWeight, bias: torch.Tensor | None, methods: Sequence[str]) -> dict[str, Callable]:
     runners: dict[str, Callable] = {}
     if "dense" in methods:
         dense = csr.to_dense()
@@ -119,7 +117,7 @@ class _Rotate:
 
 
 def _cold_runners(
-    csr: CSRWeight | BSRWeight, bias: torch.Tensor | None, methods: Sequence[str]
+    csr: PackedWeight, bias: torch.Tensor | None, methods: Sequence[str]
 ) -> dict[str, Callable]:
     """Runners that each use the next of several weight copies (made oldest-first, so the first used are out of
     cache)."""
@@ -161,7 +159,7 @@ def machine_busy() -> bool:
 
 
 def choose(
-    csr: CSRWeight | BSRWeight,
+    csr: PackedWeight,
     bias: torch.Tensor | None,
     buckets: Sequence[int],
     methods: Sequence[str] = ("dense", "torch_csr", "native"),

@@ -10,7 +10,7 @@ from torch import nn
 
 from ..pruning.masking import MASK_BUFFER, attach_mask
 from . import autotune, kernels
-from .formats import BSRWeight, CSRWeight, pack_weight
+from .formats import PackedWeight, pack_weight
 from .fusion import fuse_activations, unfuse_activations
 from .layer import BUCKETS, METHODS, SparseLinear, SparseRuntimeError
 
@@ -39,7 +39,7 @@ def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
-def _pack_module(module: nn.Module, mask: torch.Tensor | None) -> CSRWeight | BSRWeight:
+def _pack_module(module: nn.Module, mask: torch.Tensor | None) -> PackedWeight:
     """`module`'s weight (nn.Linear or Conv1D) packed by `mask` (its layout; None: by the nonzeros)."""
     weight = module.weight.detach()
     if isinstance(module, nn.Linear):
@@ -52,7 +52,7 @@ def pack(
     plan: dict[int, str],
     mask: torch.Tensor | None,
     keep_mask: bool = True,
-    packed: CSRWeight | BSRWeight | None = None,
+    packed: PackedWeight | None = None,
 ) -> SparseLinear:
     """A `SparseLinear` with `module`'s masked weight (nn.Linear or Conv1D) and bias; `packed`: the weight already
     packed by `mask` (`_pack_module`), so that it is not packed twice."""

@@ -4,8 +4,7 @@ Compressed rows (`CSRWeight`): a weight (out_features, in_features) with keep-ma
 - ``rowptr``: int32 (out_features + 1,), the start of each row's entries;
 - ``cols``: uint16 (nnz,) when in_features <= 65535, else int32, the kept columns, ascending in each row;
 - ``vals``: fp32 (nnz,), the kept weights.
-At 90% sparsity that is 6 bytes per kept weight, 0.15x of the dense fp32 bytes. N:M weights use this format too
-(their zeros are skipped the same way; there is no dedicated N:M kernel).
+At 90% sparsity that is 6 bytes per kept weight, 0.15x of the dense fp32 bytes.
 
 Blocks (`BSRWeight`): where the mask is made of whole, aligned R x C blocks (R in 2, 4, 8; the pattern
 ``block:RxC`` of the pruner), the kept blocks are stored block row by block row:
@@ -15,7 +14,15 @@ Blocks (`BSRWeight`): where the mask is made of whole, aligned R x C blocks (R i
 The block kernel reuses each input it loads for R output rows, so it is faster than the compressed-rows kernel at
 the same sparsity (docs/results/runtime.md).
 
-`pack_weight` picks the format from the mask.
+N:M (`NMWeight`): where every group of M consecutive inputs (M in 4, 8) of every row keeps exactly N weights (N <= M /
+2: 1:4, 2:4, 1:8 ... 4:8), the rows are stored in blocks of 8:
+- ``vals``: fp32 (ceil(out_features / 8), in_features / M, N, 8), the s-th kept weight of each group for each of the
+  block's 8 rows (padding rows past the last hold zeros);
+- ``idx``: int32 (ceil(out_features / 8), in_features / M, N), their positions in the group, 4 bits per row.
+That is 4.5 bytes per kept weight (0.56x of dense at 2:4). The N:M kernel gives the 8 rows of a block their inputs by
+vector permutes instead of gathering them, and runs at any token count without packing the tokens.
+
+`pack_weight` picks the format from the mask: blocks, then N:M, then compressed rows.
 """
 
 from __future__ import annotations
@@ -34,10 +41,11 @@ BLOCK_COLS = (8, 4, 2, 1)
 
 
 class _Packed:
-    """What every packed format shares: `rowptr`, `cols`, `vals` tensors and `shape` (out_features, in_features)."""
+    """What every packed format shares: its tensors (`FIELDS`, ``vals`` among them) and `shape` (out_features,
+    in_features)."""
 
-    rowptr: torch.Tensor
-    cols: torch.Tensor
+    FIELDS: tuple[str, ...] = ("rowptr", "cols", "vals")
+    """The names of the format's tensors (a packed layer holds them as buffers)."""
     vals: torch.Tensor
     shape: tuple[int, int]
 
@@ -50,12 +58,16 @@ class _Packed:
     def density(self) -> float:
         return self.nnz / max(1, self.shape[0] * self.shape[1])
 
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The format's tensors by name (`FIELDS`)."""
+        return {name: getattr(self, name) for name in self.FIELDS}
+
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.rowptr, self.cols, self.vals))
+        return sum(t.numel() * t.element_size() for t in self.tensors().values())
 
     def clone(self):
         """A copy with its own index and value tensors."""
-        return replace(self, rowptr=self.rowptr.clone(), cols=self.cols.clone(), vals=self.vals.clone())
+        return replace(self, **{name: t.clone() for name, t in self.tensors().items()})
 
 
 @dataclass
@@ -225,12 +237,144 @@ class BSRWeight(_Packed):
         return CSRWeight.from_dense(self.to_dense(), self.mask_dense()).to_torch_csr()
 
 
-def pack_weight(weight: torch.Tensor, mask: torch.Tensor | None = None) -> CSRWeight | BSRWeight:
-    """`weight` (out, in) packed as blocks where its keep-mask is made of whole aligned blocks (`block_shape`),
-    else as compressed rows."""
+NM_GROUPS = (4, 8)
+"""The group sizes M the N:M kernel runs, in order of preference (a 2:4 mask is also 4:8; 2:4 runs faster)."""
+NM_SHIFTS = torch.arange(8, dtype=torch.int64) * 4
+"""Bit offset of each row's position in an `NMWeight` ``idx`` entry."""
+
+
+def nm_pattern(mask: torch.Tensor) -> tuple[int, int] | None:
+    """(N, M) when every group of M consecutive inputs of every row of `mask` (out, in) keeps exactly N entries,
+    with M in `NM_GROUPS` and 1 <= N <= M / 2; else None."""
+    out_f, in_f = mask.shape
+    for m in NM_GROUPS:
+        if in_f % m or out_f == 0:
+            continue
+        n = int(mask[0, :m].sum())
+        if _is_nm(mask, n, m):
+            return n, m
+    return None
+
+
+def _is_nm(mask: torch.Tensor, n: int, m: int) -> bool:
+    """Whether `mask` (out, in) keeps exactly `n` of every `m` consecutive inputs of every row (1 <= n <= m / 2)."""
+    out_f, in_f = mask.shape
+    if not (m in NM_GROUPS and 1 <= n <= m // 2) or in_f % m or out_f == 0:
+        return False
+    counts = mask.reshape(out_f, in_f // m, m).sum(dim=2, dtype=torch.int32)  # (out, in / M)
+    return bool((counts == n).all())
+
+
+@dataclass
+class NMWeight(_Packed):
+    """A weight whose keep-mask is N:M along the inputs, in blocks of 8 rows; `shape` is (out_features,
+    in_features), `pattern` is (N, M)."""
+
+    idx: torch.Tensor  # (ceil(out / 8), in / M, N) int32: 4 bits per row, row r in bits 4r..4r+3
+    vals: torch.Tensor  # (ceil(out / 8), in / M, N, 8) fp32
+    shape: tuple[int, int]
+    pattern: tuple[int, int]
+
+    FIELDS = ("idx", "vals")
+
+    @property
+    def kind(self) -> str:
+        return f"nm{self.pattern[0]}:{self.pattern[1]}"
+
+    @property
+    def nnz(self) -> int:
+        """Kept weights (kept exact zeros included; the padding rows of the last block not)."""
+        n, m = self.pattern
+        return self.shape[0] * self.shape[1] // m * n
+
+    def run(self, x: torch.Tensor, bias: torch.Tensor | None, isa: int, activation: int = 0) -> torch.Tensor:
+        """y = act(x W^T + b) by the native N:M kernel; x (..., in) fp32 -> (..., out)."""
+        n, m = self.pattern
+        return kernels.nm_linear()(
+            x, self.idx, self.vals, bias, self.shape[1], self.shape[0], n, m, isa, activation
+        )
+
+    @classmethod
+    def from_dense(
+        cls, weight: torch.Tensor, mask: torch.Tensor | None, pattern: tuple[int, int]
+    ) -> NMWeight:
+        """Pack `weight` (out, in) whose keep-mask keeps exactly N of every M consecutive inputs of every row."""
+        w, keep = _keep_mask(weight, mask)
+        out_f, in_f = w.shape
+        n, m = pattern
+        if not _is_nm(keep, n, m):
+            raise ValueError(f"the mask of weight {tuple(w.shape)} is not {n}:{m} along its inputs")
+        groups, blocks = in_f // m, -(-out_f // 8)
+        # the kept positions of each group, ascending (a stable sort of the kept flags puts them first)
+        pos = keep.reshape(out_f, groups, m).to(torch.uint8).argsort(dim=2, descending=True, stable=True)
+        pos = pos[..., :n]  # (out, G, N)
+        vals = torch.gather(w.reshape(out_f, groups, m), 2, pos)  # (out, G, N)
+        pad = blocks * 8 - out_f
+        if pad:
+            vals = torch.cat([vals, vals.new_zeros(pad, groups, n)])
+            pos = torch.cat([pos, pos.new_zeros(pad, groups, n)])
+        vals = vals.reshape(blocks, 8, groups, n).permute(0, 2, 3, 1).contiguous()  # (B, G, N, 8)
+        packed = (pos.reshape(blocks, 8, groups, n).permute(0, 2, 3, 1) << NM_SHIFTS).sum(dim=3)  # (B, G, N)
+        packed = torch.where(packed >= 2**31, packed - 2**32, packed).to(torch.int32)  # the same 32 bits
+        return cls(
+            idx=packed.contiguous(), vals=vals, shape=(int(out_f), int(in_f)), pattern=(int(n), int(m))
+        )
+
+    def _positions(self) -> torch.Tensor:
+        """The kept positions (out, G, N) int64, each within its group."""
+        pos = (self.idx.to(torch.int64).unsqueeze(3) >> NM_SHIFTS) & 15  # (B, G, N, 8)
+        blocks, groups, n, _ = pos.shape
+        return pos.permute(0, 3, 1, 2).reshape(blocks * 8, groups, n)[: self.shape[0]]
+
+    def _scatter(self, src: torch.Tensor) -> torch.Tensor:
+        out_f, in_f = self.shape
+        n, m = self.pattern
+        dense = torch.zeros(out_f, in_f // m, m, dtype=src.dtype)
+        return dense.scatter_(2, self._positions(), src).reshape(out_f, in_f)
+
+    def to_dense(self) -> torch.Tensor:
+        """The masked dense weight (out, in) fp32."""
+        blocks, groups, n, _ = self.vals.shape
+        vals = self.vals.permute(0, 3, 1, 2).reshape(blocks * 8, groups, n)[: self.shape[0]]
+        return self._scatter(vals)
+
+    def mask_dense(self) -> torch.Tensor:
+        """The keep-mask (out, in) bool."""
+        n = self.pattern[0]
+        return self._scatter(torch.ones(self.shape[0], self.shape[1] // self.pattern[1], n, dtype=torch.bool))
+
+    def to_torch_csr(self) -> torch.Tensor:
+        """torch's own sparse CSR tensor of the same weight, for the torch CSR path."""
+        return CSRWeight.from_dense(self.to_dense(), self.mask_dense()).to_torch_csr()
+
+
+PackedWeight = CSRWeight | BSRWeight | NMWeight
+"""Any packed format."""
+
+
+def pack_weight(weight: torch.Tensor, mask: torch.Tensor | None = None) -> PackedWeight:
+    """`weight` (out, in) packed as blocks where its keep-mask is made of whole aligned blocks (`block_shape`), as
+    N:M where it keeps N of every M inputs (`nm_pattern`), else as compressed rows."""
     w, keep = _keep_mask(weight, mask)
     block = block_shape(keep)
-    return BSRWeight.from_dense(w, keep, block) if block is not None else CSRWeight.from_dense(w, keep)
+    if block is not None:
+        return BSRWeight.from_dense(w, keep, block)
+    pattern = nm_pattern(keep)
+    if pattern is not None:
+        return NMWeight.from_dense(w, keep, pattern)
+    return CSRWeight.from_dense(w, keep)
 
 
-__all__ = ["BLOCK_COLS", "BLOCK_ROWS", "NARROW_LIMIT", "BSRWeight", "CSRWeight", "block_shape", "pack_weight"]
+__all__ = [
+    "BLOCK_COLS",
+    "BLOCK_ROWS",
+    "NARROW_LIMIT",
+    "NM_GROUPS",
+    "BSRWeight",
+    "CSRWeight",
+    "NMWeight",
+    "PackedWeight",
+    "block_shape",
+    "nm_pattern",
+    "pack_weight",
+]

@@ -1,7 +1,7 @@
 """`SparseLinear`: a packed drop-in for ``nn.Linear`` (and transformers' ``Conv1D``) for CPU inference.
 
-The layer holds the weight packed (`CSRWeight`, or `BSRWeight` for block-sparse masks), its bias, and a plan: which product to run for each token-count
-bucket (``native``: this package's kernel, ``torch_csr``: torch's sparse CSR matmul, ``dense``: ``F.linear`` on
+The layer holds the weight packed (`CSRWeight`; `BSRWeight` for block-sparse masks, `NMWeight` for N:M ones), its
+bias, and a plan: which product to run for each token-count bucket (``native``: this package's kernel, ``torch_csr``: torch's sparse CSR matmul, ``dense``: ``F.linear`` on
 the masked dense weight, kept only when the plan uses it). ``weight`` reads as the masked dense weight (built on
 access), and ``state_dict`` writes it under the usual key, so a converted model saves a normal checkpoint. A layer
 packed by a keep-mask records it without storing it: the packed index is the mask (`SparseLinear.derived_mask`,
@@ -19,10 +19,12 @@ from torch import nn
 
 from ..errors import SparseRuntimeError
 from . import kernels
-from .formats import BSRWeight, CSRWeight, pack_weight
+from .formats import PackedWeight, pack_weight
 
 METHODS = ("native", "torch_csr", "dense")
 BUCKETS = (1, 16, 128, 512)
+PACKED_BUFFERS = ("rowptr", "cols", "idx", "vals")
+"""Buffer names of the packed formats' tensors (`PackedWeight.FIELDS`)."""
 """Token counts the plan is made for; a call with T tokens uses the bucket nearest to T on a log scale."""
 
 
@@ -52,7 +54,7 @@ class SparseLinear(nn.Module):
 
     def __init__(
         self,
-        csr: CSRWeight | BSRWeight,
+        csr: PackedWeight,
         bias: torch.Tensor | None,
         plan: dict[int, str],
         *,
@@ -97,12 +99,13 @@ class SparseLinear(nn.Module):
         mask = self.csr.mask_dense()  # (out, in)
         return mask.t().contiguous() if self.transposed else mask
 
-    def _set_csr(self, csr: CSRWeight | BSRWeight) -> None:
+    def _set_csr(self, csr: PackedWeight) -> None:
         self.csr = csr
         self._fp32 = csr.vals.dtype is torch.float32
-        self.register_buffer("rowptr", csr.rowptr, persistent=False)
-        self.register_buffer("cols", csr.cols, persistent=False)
-        self.register_buffer("vals", csr.vals, persistent=False)
+        for name in [n for n in self._buffers if n in PACKED_BUFFERS and n not in csr.FIELDS]:
+            del self._buffers[name]  # a repack into another format
+        for name, tensor in csr.tensors().items():
+            self.register_buffer(name, tensor, persistent=False)
         methods = set(self.plan.values())
         dense = csr.to_dense() if "dense" in methods else None
         self.register_buffer("dense_weight", dense, persistent=False)
@@ -111,7 +114,7 @@ class SparseLinear(nn.Module):
     def _apply(self, fn, recurse=True):
         """Keep the packed weight's tensors the layer's buffers after ``.to()`` / ``.share_memory()`` etc."""
         result = super()._apply(fn, recurse)
-        self.csr = replace(self.csr, rowptr=self.rowptr, cols=self.cols, vals=self.vals)
+        self.csr = replace(self.csr, **{name: self._buffers[name] for name in self.csr.FIELDS})
         self._fp32 = self.vals.dtype is torch.float32
         return result
 

@@ -56,6 +56,11 @@ def block_linear():
     return _overload("block_linear")
 
 
+def nm_linear():
+    """The N:M op, or None where the kernel is unavailable."""
+    return _overload("nm_linear")
+
+
 def source_digest() -> str:
     """A short digest of the kernel source: autotune decisions are keyed by it, so a changed kernel re-tunes."""
     return _KERNEL.cached("digest", lambda: hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:12])  # type: ignore[return-value]
@@ -73,6 +78,7 @@ __all__ = [
     "block_linear",
     "isa_name",
     "load_seconds",
+    "nm_linear",
     "ops",
     "source_digest",
     "sparse_linear",

@@ -1,5 +1,5 @@
-// Sparse-weight linear layers for CPUs: y = x W^T + b with W in compressed rows (CSR) or in blocks of 2, 4 or 8
-// rows (BSR), fp32.
+// Sparse-weight linear layers for CPUs: y = x W^T + b with W in compressed rows (CSR), in blocks of 2, 4 or 8
+// rows (BSR), or N:M (N kept in every group of M inputs), fp32.
 //
 // One source, three code paths chosen at run time: AVX-512F, AVX2+FMA (x86-64, via target attributes and
 // __builtin_cpu_supports) and portable C++ (any CPU; the compiler vectorizes it for its baseline ISA).
@@ -778,6 +778,183 @@ at::Tensor block_linear_2d(const at::Tensor& x, const at::Tensor& browptr, const
   return y;
 }
 
+// ---- N:M weights (`nm_linear`) ----------------------------------------------------------------------------------
+// In every group of M consecutive inputs (M = 4 or 8) each output row keeps exactly N weights (N <= M / 2). Rows go
+// in blocks of 8: vals (row blocks, G, N, 8) holds the s-th kept weight of group g for each of the block's 8 rows, and
+// idx (row blocks, G, N) int32 their positions in the group, 4 bits per row (row r in bits 4r..4r+3); rows past the
+// last are padding with zero weights. The AVX2 path vectorizes over the 8 rows: per token and group it loads the
+// group's M inputs once (4 floats into both halves, or 8 floats), gives each row its input with one permute (in-lane
+// for M = 4, across lanes for M = 8; the permutes read the low 2 or 3 bits of each lane of the shifted positions)
+// and multiplies it by the 8 rows' weights. A group's weights and positions are loaded once for up to 8 tokens. x
+// and y stay in their own layouts: no token panels, no transposes. AVX-512 machines run the AVX2 path.
+
+void nm_block_portable(const float* x, int64_t K, int64_t M, int64_t N, const float* vals, const int32_t* idx,
+                       int64_t G, const float* bias, float* y, int64_t count) {
+  (void)K;
+  for (int64_t r = 0; r < count; ++r) {
+    float acc = bias ? bias[r] : 0.f;
+    for (int64_t g = 0; g < G; ++g)
+      for (int64_t s = 0; s < N; ++s) {
+        const int64_t pos = (static_cast<uint32_t>(idx[g * N + s]) >> (4 * r)) & 15u;
+        acc += vals[(g * N + s) * 8 + r] * x[g * M + pos];
+      }
+    y[r] = acc;
+  }
+}
+
+#ifdef SPARSE_NLP_X86
+// T tokens (rows of x, K apart) through one block of 8 rows (`count` of them real), into y (rows `ldy` apart).
+template <int T, int M, int N>
+__attribute__((target("avx2,fma"))) void nm_block_avx2(const float* x, int64_t K, const float* vals, const int32_t* idx,
+                                                      int64_t G, const float* bias, float* y, int64_t ldy,
+                                                      int64_t count, ActFn act) {
+  alignas(32) float start[8] = {0.f};
+  if (bias) std::memcpy(start, bias, count * sizeof(float));
+  __m256 acc[T];
+  for (int t = 0; t < T; ++t) acc[t] = _mm256_load_ps(start);
+  const __m256i shifts = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
+  for (int64_t g = 0; g < G; ++g) {
+    __m256 v[N];
+    __m256i c[N];
+    for (int s = 0; s < N; ++s) {
+      v[s] = _mm256_loadu_ps(vals + (g * N + s) * 8);
+      c[s] = _mm256_srlv_epi32(_mm256_set1_epi32(idx[g * N + s]), shifts);
+    }
+    for (int t = 0; t < T; ++t) {
+      if constexpr (M == 4) {
+        const __m256 in = _mm256_broadcast_ps(reinterpret_cast<const __m128*>(x + t * K + 4 * g));
+        for (int s = 0; s < N; ++s) acc[t] = _mm256_fmadd_ps(v[s], _mm256_permutevar_ps(in, c[s]), acc[t]);
+      } else {
+        const __m256 in = _mm256_loadu_ps(x + t * K + 8 * g);
+        for (int s = 0; s < N; ++s) acc[t] = _mm256_fmadd_ps(v[s], _mm256_permutevar8x32_ps(in, c[s]), acc[t]);
+      }
+    }
+  }
+  for (int t = 0; t < T; ++t) {
+    float* out = y + t * ldy;
+    if (count == 8) {
+      _mm256_storeu_ps(out, acc[t]);
+    } else {
+      alignas(32) float tail[8];
+      _mm256_store_ps(tail, acc[t]);
+      std::memcpy(out, tail, count * sizeof(float));
+    }
+    if (act) act(out, count);
+  }
+}
+
+// Tokens per pass over a block's weights: 8 accumulators, or 6 where N = 3, 4 need 8 registers for the group.
+template <int M, int N>
+constexpr int64_t nm_tokens() {
+  return N <= 2 ? 8 : 6;
+}
+
+template <int M, int N>
+void nm_tokens_avx2(int64_t T, const float* x, int64_t K, const float* vals, const int32_t* idx, int64_t G,
+                    const float* bias, float* y, int64_t ldy, int64_t count, ActFn act) {
+#define SPARSE_NLP_NM_T(n) \
+  case n:                  \
+    return nm_block_avx2<n, M, N>(x, K, vals, idx, G, bias, y, ldy, count, act);
+  switch (T) {
+    SPARSE_NLP_NM_T(1)
+    SPARSE_NLP_NM_T(2)
+    SPARSE_NLP_NM_T(3)
+    SPARSE_NLP_NM_T(4)
+    SPARSE_NLP_NM_T(5)
+    SPARSE_NLP_NM_T(6)
+    SPARSE_NLP_NM_T(7)
+    default:
+      return nm_block_avx2<8, M, N>(x, K, vals, idx, G, bias, y, ldy, count, act);
+  }
+#undef SPARSE_NLP_NM_T
+}
+#endif
+
+using NmFn = void (*)(int64_t, const float*, int64_t, const float*, const int32_t*, int64_t, const float*, float*,
+                      int64_t, int64_t, ActFn);
+
+// The AVX2 kernel and its tokens per pass for (N, M), or nullptr (the portable path).
+NmFn nm_kernel(int64_t n, int64_t m, int64_t isa, int64_t* per_pass) {
+  *per_pass = 1;
+#ifdef SPARSE_NLP_X86
+  if (isa != kPortable) {
+#define SPARSE_NLP_NM(M_, N_)                  \
+  if (m == M_ && n == N_) {                    \
+    *per_pass = nm_tokens<M_, N_>();           \
+    return &nm_tokens_avx2<M_, N_>;            \
+  }
+    SPARSE_NLP_NM(4, 1)
+    SPARSE_NLP_NM(4, 2)
+    SPARSE_NLP_NM(8, 1)
+    SPARSE_NLP_NM(8, 2)
+    SPARSE_NLP_NM(8, 3)
+    SPARSE_NLP_NM(8, 4)
+#undef SPARSE_NLP_NM
+  }
+#endif
+  (void)n, (void)m, (void)isa;
+  return nullptr;
+}
+
+at::Tensor nm_linear_2d(const at::Tensor& x, const at::Tensor& idx, const at::Tensor& vals,
+                        const c10::optional<at::Tensor>& bias, int64_t in_features, int64_t out_features, int64_t n,
+                        int64_t m, int64_t isa, int64_t activation) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.device().is_cpu(),
+              "nm_linear: x must be an fp32 CPU tensor");
+  TORCH_CHECK(x.size(1) == in_features, "nm_linear: x has ", x.size(1), " features, the weight ", in_features);
+  TORCH_CHECK((m == 4 || m == 8) && n >= 1 && n <= m / 2 && in_features % m == 0,
+              "nm_linear: unsupported pattern ", n, ":", m, " for ", in_features, " inputs");
+  const int64_t G = in_features / m, blocks = (out_features + 7) / 8;
+  TORCH_CHECK(idx.scalar_type() == at::kInt && vals.scalar_type() == at::kFloat && idx.is_contiguous() &&
+                  vals.is_contiguous(),
+              "nm_linear: idx must be contiguous int32 and vals contiguous fp32");
+  TORCH_CHECK(idx.numel() == blocks * G * n && vals.numel() == blocks * G * n * 8,
+              "nm_linear: idx / vals do not match a ", out_features, " x ", in_features, " weight at ", n, ":", m);
+  if (isa < 0 || isa > best_isa()) isa = best_isa();
+  const ActFn act = act_kernel(activation, isa);
+  const float* b = nullptr;
+  at::Tensor bias_c;
+  if (bias.has_value() && bias->defined()) {
+    bias_c = bias->contiguous();
+    TORCH_CHECK(bias_c.numel() == out_features && bias_c.scalar_type() == at::kFloat, "nm_linear: bad bias");
+    b = bias_c.data_ptr<float>();
+  }
+  const int64_t tokens = x.size(0);
+  at::Tensor y = at::empty({tokens, out_features}, x.options());
+  if (tokens == 0 || out_features == 0) return y;
+  const at::Tensor xc = x.contiguous();
+  const float* xp = xc.data_ptr<float>();
+  const float* vp = vals.data_ptr<float>();
+  const int32_t* ip = idx.data_ptr<int32_t>();
+  float* yp = y.data_ptr<float>();
+  int64_t per_pass = 1;
+  const NmFn fn = nm_kernel(n, m, isa, &per_pass);
+  // threads take blocks of rows; a call too small to share (a small layer at batch-1 decoding) stays on one thread
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, G * n * 8 * tokens));
+  at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
+    for (int64_t t0 = 0; t0 < tokens; t0 += per_pass) {
+      const int64_t T = std::min(per_pass, tokens - t0);
+      for (int64_t rb = b0; rb < b1; ++rb) {
+        const int64_t count = std::min<int64_t>(8, out_features - rb * 8);
+        const float* v = vp + rb * G * n * 8;
+        const int32_t* ix = ip + rb * G * n;
+        const float* bb = b ? b + rb * 8 : nullptr;
+        if (fn) {
+          fn(T, xp + t0 * in_features, in_features, v, ix, G, bb, yp + t0 * out_features + rb * 8, out_features,
+             count, act);
+        } else {
+          for (int64_t t = t0; t < t0 + T; ++t) {
+            float* out = yp + t * out_features + rb * 8;
+            nm_block_portable(xp + t * in_features, in_features, m, n, v, ix, G, bb, out, count);
+            if (act) act(out, count);
+          }
+        }
+      }
+    }
+  });
+  return y;
+}
+
 // The ops take x of any shape (..., in_features) and return (..., out_features): the reshapes cost far less here
 // than in Python, which matters at batch-1 decoding (one call per layer per token).
 std::vector<int64_t> out_sizes(const at::Tensor& x, int64_t rows) {
@@ -809,6 +986,17 @@ at::Tensor block_linear(const at::Tensor& x, const at::Tensor& browptr, const at
   return y.view(out_sizes(x, y.size(1)));
 }
 
+at::Tensor nm_linear(const at::Tensor& x, const at::Tensor& idx, const at::Tensor& vals,
+                     const c10::optional<at::Tensor>& bias, int64_t in_features, int64_t out_features, int64_t n,
+                     int64_t m, int64_t isa, int64_t activation) {
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == in_features, "nm_linear: x has ", x.dim() ? x.size(-1) : 0,
+              " features, the weight ", in_features);
+  if (x.dim() == 2) return nm_linear_2d(x, idx, vals, bias, in_features, out_features, n, m, isa, activation);
+  const at::Tensor y =
+      nm_linear_2d(x.reshape({-1, in_features}), idx, vals, bias, in_features, out_features, n, m, isa, activation);
+  return y.view(out_sizes(x, y.size(1)));
+}
+
 int64_t cpu_isa() { return best_isa(); }
 
 }  // namespace
@@ -820,10 +1008,14 @@ TORCH_LIBRARY(sparse_nlp_runtime, m) {
   m.def(
       "block_linear(Tensor x, Tensor browptr, Tensor bcols, Tensor vals, Tensor? bias, int in_features, "
       "int block_rows, int block_cols, int isa, int activation=0) -> Tensor");
+  m.def(
+      "nm_linear(Tensor x, Tensor idx, Tensor vals, Tensor? bias, int in_features, int out_features, int n, int m, "
+      "int isa, int activation=0) -> Tensor");
   m.def("cpu_isa() -> int", &cpu_isa);
 }
 
 TORCH_LIBRARY_IMPL(sparse_nlp_runtime, CPU, m) {
   m.impl("sparse_linear", &sparse_linear);
   m.impl("block_linear", &block_linear);
+  m.impl("nm_linear", &nm_linear);
 }
