@@ -115,6 +115,14 @@ ActFn act_kernel(int64_t activation, int64_t isa) {
   return &gelu_portable;
 }
 
+// The bias as a contiguous fp32 tensor of `rows` values (held alive by `hold`), or nullptr when there is none.
+const float* bias_data(const c10::optional<at::Tensor>& bias, int64_t rows, at::Tensor& hold, const char* op) {
+  if (!bias.has_value() || !bias->defined()) return nullptr;
+  hold = bias->contiguous();
+  TORCH_CHECK(hold.numel() == rows && hold.scalar_type() == at::kFloat, op, ": bad bias");
+  return hold.data_ptr<float>();
+}
+
 // ---- one output row over one token panel: out[0:NV*W] = bias + sum_j v[j] * panel[c[j], 0:NV*W] --------------
 // The panel and `out` are 64-byte aligned and a panel row is a whole number of vectors, so panel rows are read with
 // aligned loads (an unaligned panel makes every 64-byte row span two cache lines).
@@ -505,13 +513,8 @@ at::Tensor sparse_linear_2d(const at::Tensor& x, const at::Tensor& rowptr, const
   if (isa < 0 || isa > best_isa()) isa = best_isa();
   const ActFn act = act_kernel(activation, isa);
   const int64_t rows = rowptr.size(0) - 1, tokens = x.size(0), K = in_features;
-  const float* b = nullptr;
   at::Tensor bias_c;
-  if (bias.has_value() && bias->defined()) {
-    bias_c = bias->contiguous();
-    TORCH_CHECK(bias_c.numel() == rows && bias_c.scalar_type() == at::kFloat, "sparse_linear: bad bias");
-    b = bias_c.data_ptr<float>();
-  }
+  const float* b = bias_data(bias, rows, bias_c, "sparse_linear");
   const at::Tensor xc = x.contiguous();
   const int32_t* rp = rowptr.data_ptr<int32_t>();
   const float* v = vals.data_ptr<float>();
@@ -746,13 +749,8 @@ at::Tensor block_linear_2d(const at::Tensor& x, const at::Tensor& browptr, const
   TORCH_CHECK(vals.numel() == bcols.numel() * block_rows * block_cols, "block_linear: values do not match blocks");
   if (isa < 0 || isa > best_isa()) isa = best_isa();
   const ActFn act = act_kernel(activation, isa);
-  const float* b = nullptr;
   at::Tensor bias_c;
-  if (bias.has_value() && bias->defined()) {
-    bias_c = bias->contiguous();
-    TORCH_CHECK(bias_c.numel() == rows && bias_c.scalar_type() == at::kFloat, "block_linear: bad bias");
-    b = bias_c.data_ptr<float>();
-  }
+  const float* b = bias_data(bias, rows, bias_c, "block_linear");
   at::Tensor y = at::empty({tokens, rows}, x.options());
   if (tokens == 0) return y;
   const at::Tensor xc = x.contiguous();
@@ -912,13 +910,8 @@ at::Tensor nm_linear_2d(const at::Tensor& x, const at::Tensor& idx, const at::Te
               "nm_linear: idx / vals do not match a ", out_features, " x ", in_features, " weight at ", n, ":", m);
   if (isa < 0 || isa > best_isa()) isa = best_isa();
   const ActFn act = act_kernel(activation, isa);
-  const float* b = nullptr;
   at::Tensor bias_c;
-  if (bias.has_value() && bias->defined()) {
-    bias_c = bias->contiguous();
-    TORCH_CHECK(bias_c.numel() == out_features && bias_c.scalar_type() == at::kFloat, "nm_linear: bad bias");
-    b = bias_c.data_ptr<float>();
-  }
+  const float* b = bias_data(bias, out_features, bias_c, "nm_linear");
   const int64_t tokens = x.size(0);
   at::Tensor y = at::empty({tokens, out_features}, x.options());
   if (tokens == 0 || out_features == 0) return y;
