@@ -6,6 +6,9 @@ first ``--max-windows`` non-overlapping windows of ``--context`` tokens, dense f
 calibrated on ``--samples`` random windows of ``--seq-len`` tokens from WikiText-2 *valid*. Each row gives the
 activation sparsity measured on the calibration data and the ratio to dense perplexity.
 
+Encoder quality (``--stsb``): MiniLM's STS-B dev Spearman under the same settings, thresholds calibrated on SST-2
+train sentences (encoders run many tokens at once, where zeroed inputs save no time with dense products).
+
 Speed: batch-1 greedy decoding of ``--new-tokens`` tokens after a short prompt, tokens/s of the dense model and of
 each ``--speed`` setting on the same model (thresholds calibrated as above), accelerated (`sparse_nlp.activation.
 accelerate`: the kernel that reads only the weight rows of kept inputs) and, for reference, with the hooks alone
@@ -176,6 +179,71 @@ def quality(args, header: dict) -> list[dict]:
     return rows
 
 
+def stsb_rows(args) -> list[dict]:
+    """The encoder (``--encoder``, default MiniLM) scored by STS-B dev Spearman x100 (mean pooling, cosine) under
+    each ``--stsb`` setting, thresholds (and Wanda weights) calibrated on the first ``--encoder-samples`` SST-2
+    train sentences (at most 128 tokens). A setting the model cannot take (CATS needs a gated FFN) is recorded with
+    the error it raised."""
+    from sparse_nlp import ActivationSparsity, SparsityConfig, WeightSparsity, sparsify
+    from sparse_nlp.errors import ConfigError, UnsupportedModelError
+    from sparse_nlp.evaluation.data import calibration_texts
+    from sparse_nlp.evaluation.embeddings import stsb_scores
+    from sparse_nlp.models import load_model
+
+    texts = calibration_texts("sst2", data_dir=args.data_dir, limit=args.encoder_samples)
+    rows = []
+    for setting in ["dense", *[s for s in args.stsb.split(",") if s]]:
+        model, tokenizer = load_model(args.encoder)
+        model.eval()
+        row: dict = {"setting": setting}
+        finish = None
+        if setting != "dense":
+            weights, method, sparsity, allocation = parse_setting(setting)
+            calib = dict(
+                data=texts, tokenizer=tokenizer, num_samples=args.encoder_samples, seq_len=128, progress=False
+            )
+            options = {"allocation": allocation} if method == "teal" else {}
+            start = time.perf_counter()
+            try:
+                if weights:
+                    rule = WeightSparsity(method="wanda", sparsity=weights)
+                    sparsify(model, SparsityConfig(weights=[rule]), **calib)
+                spec = ActivationSparsity(method=method, sparsity=sparsity, options=options)
+                sparsify(model, SparsityConfig(activation=spec), **calib)
+            except (ConfigError, UnsupportedModelError) as exc:
+                row["refused"] = str(exc)
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+                continue
+            row["calibrate_seconds"] = round(time.perf_counter() - start, 1)
+            finish = count_zeros(model)  # measured on the scored STS-B sentences
+        scores = stsb_scores(model, tokenizer, data_dir=args.data_dir)
+        if finish is not None:
+            row.update(finish())
+        row.update(
+            spearman=round(scores["spearman"], 2), pearson=round(scores["pearson"], 2), pairs=scores["pairs"]
+        )
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
+def stsb_table(rows: list[dict]) -> str:
+    dense = next(r["spearman"] for r in rows if r["setting"] == "dense")
+    lines = [
+        "| setting | measured activation sparsity (values / weight-weighted) | STS-B Spearman | of dense |",
+        "| --- | ---: | ---: | ---: |",
+    ]
+    for r in rows:
+        if "refused" in r:
+            lines.append(f"| {r['setting']} | refused: {r['refused']} | - | - |")
+            continue
+        s = r.get("measured_activation_sparsity")
+        measured = "-" if s is None else f"{s:.1%} / {r['weight_weighted']:.1%}"
+        lines.append(f"| {r['setting']} | {measured} | {r['spearman']:.2f} | {r['spearman'] / dense:.1%} |")
+    return "\n".join(lines)
+
+
 def decode_seconds(model, prompt, new_tokens: int) -> tuple[float, float]:
     """(wall seconds, CPU seconds of this process) of one greedy generation of `new_tokens` tokens."""
     import torch
@@ -343,6 +411,13 @@ def main() -> int:
     p.add_argument(
         "--greedy-samples", type=int, default=1, help="calibration samples the greedy search runs on"
     )
+    p.add_argument(
+        "--stsb",
+        default="",
+        help="encoder rows scored by STS-B, e.g. 'teal:0.4,teal:0.5,moefication:0.5' ('' for none)",
+    )
+    p.add_argument("--encoder", default="minilm", help="the encoder of the --stsb rows")
+    p.add_argument("--encoder-samples", type=int, default=128, help="SST-2 calibration sentences (--stsb)")
     p.add_argument("--out", default="activation_sparsity.json")
     args = p.parse_args()
     import torch
@@ -356,6 +431,7 @@ def main() -> int:
         "loadavg_start": [round(x, 2) for x in os.getloadavg()],
     }
     print(json.dumps(header), flush=True)
+    encoder_rows = stsb_rows(args) if args.stsb else []
     quality_rows = quality(args, header) if args.settings else []
     speed_rows = speed(args) if args.speed else []
     kernel = kernel_rows(args) if args.speed else []
@@ -363,8 +439,11 @@ def main() -> int:
     save(args, header, quality_rows, speed_rows)
     data = json.loads(Path(args.out).read_text())
     data["kernel"] = kernel
+    data["stsb"] = encoder_rows
     Path(args.out).write_text(json.dumps(data, indent=2))
     print(table(quality_rows, speed_rows, kernel))
+    if encoder_rows:
+        print(stsb_table(encoder_rows))
     return 0
 
 
