@@ -1020,6 +1020,7 @@ def from_pretrained(
     path_or_id: str | os.PathLike,
     model_class: type | None = None,
     runtime: str | None = None,
+    runtime_options: dict[str, Any] | None = None,
     **kwargs: Any,
 ) -> PreTrainedModel:
     """Load a checkpoint written by `save_pretrained` (local folder or Hub id) with its masks and settings.
@@ -1032,6 +1033,10 @@ def from_pretrained(
         model_class: A transformers class or Auto class; default: the class in ``config.architectures``.
         runtime: ``"sparse"`` packs the sparse Linear layers for fast CPU inference after loading
             (`sparse_nlp.runtime.convert`); None (default) keeps the dense layers.
+        runtime_options: With ``runtime="sparse"``, options of `sparse_nlp.runtime.convert`: ``tokens``,
+            ``methods``, ``max_density``, ``margin``, ``use_cache``. E.g. ``{"methods": ["native"]}`` keeps no
+            dense copy of any packed layer (the autotune cannot then choose the dense product for a token count
+            where it is faster), which bounds the memory of the loaded model by its packed size.
         **kwargs: Passed to the class's ``from_pretrained`` (``dtype``, ...); ``revision``, ``cache_dir``,
             ``token``, ``local_files_only`` and ``force_download`` go to the Hub download.
             ``check_hashes=False`` skips the SHA-256 check of the files (see `verify_checkpoint`);
@@ -1048,6 +1053,16 @@ def from_pretrained(
     name = str(path_or_id)
     if runtime not in (None, "dense", "sparse"):
         raise CheckpointError(f"runtime must be 'sparse' or 'dense' (or None), got {runtime!r}.")
+    options = dict(runtime_options or {})
+    if options and runtime != "sparse":
+        raise CheckpointError("runtime_options apply to runtime='sparse' only.")
+    unknown = sorted(set(options) - set(RUNTIME_OPTIONS))
+    if unknown:
+        raise CheckpointError(
+            f"runtime_options: unknown {unknown}; choose from {', '.join(RUNTIME_OPTIONS)} "
+            "(see sparse_nlp.runtime.convert)."
+        )
+    runtime = None if runtime is None else (runtime, options)
     if not _is_local(path_or_id) and not _looks_like_hub_id(name):
         raise FileNotFoundError(
             f"checkpoint folder {name!r} does not exist (and it is not a Hub repository id)."
@@ -1055,12 +1070,16 @@ def from_pretrained(
     return _load_any(path_or_id, model_class, name, kwargs, runtime)
 
 
+RUNTIME_OPTIONS = ("tokens", "methods", "max_density", "margin", "use_cache")
+"""The options of `sparse_nlp.runtime.convert` that ``from_pretrained(..., runtime_options=...)`` passes on."""
+
+
 def _load_any(
     path_or_id: str | os.PathLike,
     model_class: type | None,
     name: str,
     kwargs: dict[str, Any],
-    runtime: str | None = None,
+    runtime: tuple[str, dict[str, Any]] | None = None,
 ) -> PreTrainedModel:
     """A Hub id downloaded and loaded, or a local folder loaded without mixing two saves' files."""
     check_hashes = kwargs.pop("check_hashes", None)
@@ -1094,11 +1113,13 @@ def _load_checked(
     name: str,
     check_hashes: bool | None,
     kwargs: dict[str, Any],
-    runtime: str | None = None,
+    runtime: tuple[str, dict[str, Any]] | None = None,
 ) -> PreTrainedModel:
-    """Verify and load one checkpoint folder (the body of `from_pretrained`)."""
+    """Verify and load one checkpoint folder (the body of `from_pretrained`); `runtime` is (mode, convert
+    options)."""
     raw = verify_checkpoint(folder, check_hashes=check_hashes)
-    packed = _load_packed(folder, raw, model_class, name, kwargs) if runtime == "sparse" else None
+    mode, options = runtime if runtime is not None else (None, {})
+    packed = _load_packed(folder, raw, model_class, name, kwargs, options) if mode == "sparse" else None
     if packed is not None:
         model = packed
     elif raw is not None and "compact" in raw:
@@ -1107,8 +1128,8 @@ def _load_checked(
             model = _load_folder(dense, model_class, name, **kwargs)
     else:
         model = _load_folder(folder, model_class, name, **kwargs)
-    if runtime == "sparse" and packed is None:  # loaded dense: pack it now
-        convert(model)
+    if mode == "sparse" and packed is None:  # loaded dense: pack it now
+        convert(model, **options)
     meta = getattr(model.config, METADATA_KEY, None)
     if isinstance(meta, dict):  # facts about the files on disk, not about the model in memory
         for key in ("files", "tokenizer_files", "compact", "sha256", "save_id", "kept_zeros"):
@@ -1292,7 +1313,12 @@ _PACKED_KWARGS = {"config", "trust_remote_code", "dtype", *_CONFIG_OVERRIDES}
 
 
 def _load_packed(
-    folder: Path, raw: dict[str, Any] | None, model_class: type | None, name: str, kwargs: dict[str, Any]
+    folder: Path,
+    raw: dict[str, Any] | None,
+    model_class: type | None,
+    name: str,
+    kwargs: dict[str, Any],
+    options: dict[str, Any],
 ) -> PreTrainedModel | None:
     """`from_pretrained(..., runtime="sparse")` without a dense copy of the model (`runtime.load`), or None where
     that path does not apply (the caller then loads dense and converts)."""
@@ -1367,7 +1393,7 @@ def _load_packed(
         _verify_mask(rel, weight, mask, where, folder, recorded_zeros)
         return mask
 
-    load_packed(model, source, plan, check, pack=convert)
+    load_packed(model, source, plan, check, pack=convert, **options)
     model.eval()
     if model.can_generate() and (folder / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(folder)

@@ -305,3 +305,26 @@ def test_runtime_load_layer_left_dense_is_masked_as_a_dense_load(tmp_path, monke
     for name, module in masked.items():
         assert torch.equal(get_mask(module), get_mask(model.get_submodule(name))), name
         assert not bool(module.weight[~get_mask(module)].any()), name
+
+
+def test_runtime_options_reach_convert_on_both_load_paths(tmp_path):
+    """``runtime_options`` go to `convert` whether the checkpoint loads layer by layer or dense first; a plan of
+    native products only keeps no dense copy of any layer. Unknown options, and options without the sparse runtime,
+    are refused before loading."""
+    _, dense, compact = _checkpoints(tmp_path, "llama")
+    options = {"methods": ["native"], "tokens": [1, 16]}
+    loads = [
+        sparse_nlp.from_pretrained(dense, runtime="sparse", runtime_options=options),
+        sparse_nlp.from_pretrained(compact, runtime="sparse", runtime_options=options),
+        sparse_nlp.from_pretrained(
+            compact, runtime="sparse", runtime_options=options, attn_implementation="eager"
+        ),  # dense load, then convert
+    ]
+    for fast in loads:
+        layers = runtime.converted_layers(fast)
+        assert layers and all(layer.plan == {1: "native", 16: "native"} for layer in layers.values())
+        assert all(layer.dense_weight is None for layer in layers.values())
+    with pytest.raises(CheckpointError, match=r"unknown \['fuse'\]"):
+        sparse_nlp.from_pretrained(compact, runtime="sparse", runtime_options={"fuse": False})
+    with pytest.raises(CheckpointError, match="runtime='sparse' only"):
+        sparse_nlp.from_pretrained(compact, runtime_options={"methods": ["native"]})
