@@ -45,7 +45,7 @@ def _weight(out_f: int, in_f: int, sparsity: float, seed: int = 0) -> tuple[torc
 
 def test_csr_round_trip_keeps_mask_and_values():
     weight, mask = _weight(7, 19, 0.6)
-    weight[mask.nonzero()[0].tolist()] = 0.0  # a kept exact zero stays an entry
+    weight[tuple(mask.nonzero()[0].tolist())] = 0.0  # a kept exact zero stays an entry
     csr = CSRWeight.from_dense(weight, mask)
     assert csr.cols.dtype == torch.uint16 and csr.rowptr.dtype == torch.int32
     assert csr.nnz == int(mask.sum())
