@@ -53,7 +53,7 @@ def test_bitmask_round_trip_is_exact_with_kept_zeros(dtype):
     weight = torch.randn(7, 13, generator=g).to(dtype)
     mask = torch.rand(7, 13, generator=g) > 0.8
     weight = weight * mask
-    weight[mask.nonzero()[0].tolist()] = 0.0  # a kept weight that is exactly zero must stay "kept"
+    weight[tuple(mask.nonzero()[0].tolist())] = 0.0  # a kept weight that is exactly zero must stay "kept"
     parts = encode_bitmask(weight, mask)
     assert parts["values"].numel() == int(mask.sum())
     w2, m2 = decode_bitmask(parts["mask"], parts["values"], tuple(weight.shape))
