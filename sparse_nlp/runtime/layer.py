@@ -23,8 +23,6 @@ from .formats import PackedWeight, pack_weight
 
 METHODS = ("native", "torch_csr", "dense")
 BUCKETS = (1, 16, 128, 512)
-PACKED_BUFFERS = ("rowptr", "cols", "idx", "vals")
-"""Buffer names of the packed formats' tensors (`PackedWeight.FIELDS`)."""
 """Token counts the plan is made for; a call with T tokens uses the bucket nearest to T on a log scale."""
 
 
@@ -100,10 +98,11 @@ class SparseLinear(nn.Module):
         return mask.t().contiguous() if self.transposed else mask
 
     def _set_csr(self, csr: PackedWeight) -> None:
+        previous = getattr(self, "csr", None)
+        for name in set(previous.FIELDS if previous is not None else ()) - set(csr.FIELDS):
+            del self._buffers[name]  # a repack into another format
         self.csr = csr
         self._fp32 = csr.vals.dtype is torch.float32
-        for name in [n for n in self._buffers if n in PACKED_BUFFERS and n not in csr.FIELDS]:
-            del self._buffers[name]  # a repack into another format
         for name, tensor in csr.tensors().items():
             self.register_buffer(name, tensor, persistent=False)
         methods = set(self.plan.values())

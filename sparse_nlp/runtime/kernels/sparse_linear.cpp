@@ -786,9 +786,8 @@ at::Tensor block_linear_2d(const at::Tensor& x, const at::Tensor& browptr, const
 // and multiplies it by the 8 rows' weights. A group's weights and positions are loaded once for up to 8 tokens. x
 // and y stay in their own layouts: no token panels, no transposes. AVX-512 machines run the AVX2 path.
 
-void nm_block_portable(const float* x, int64_t K, int64_t M, int64_t N, const float* vals, const int32_t* idx,
-                       int64_t G, const float* bias, float* y, int64_t count) {
-  (void)K;
+void nm_block_portable(const float* x, int64_t M, int64_t N, const float* vals, const int32_t* idx, int64_t G,
+                       const float* bias, float* y, int64_t count) {
   for (int64_t r = 0; r < count; ++r) {
     float acc = bias ? bias[r] : 0.f;
     for (int64_t g = 0; g < G; ++g)
@@ -842,10 +841,7 @@ __attribute__((target("avx2,fma"))) void nm_block_avx2(const float* x, int64_t K
 }
 
 // Tokens per pass over a block's weights: 8 accumulators, or 6 where N = 3, 4 need 8 registers for the group.
-template <int M, int N>
-constexpr int64_t nm_tokens() {
-  return N <= 2 ? 8 : 6;
-}
+constexpr int64_t nm_tokens(int64_t n) { return n <= 2 ? 8 : 6; }
 
 template <int M, int N>
 void nm_tokens_avx2(int64_t T, const float* x, int64_t K, const float* vals, const int32_t* idx, int64_t G,
@@ -878,7 +874,7 @@ NmFn nm_kernel(int64_t n, int64_t m, int64_t isa, int64_t* per_pass) {
   if (isa != kPortable) {
 #define SPARSE_NLP_NM(M_, N_)                  \
   if (m == M_ && n == N_) {                    \
-    *per_pass = nm_tokens<M_, N_>();           \
+    *per_pass = nm_tokens(N_);                 \
     return &nm_tokens_avx2<M_, N_>;            \
   }
     SPARSE_NLP_NM(4, 1)
@@ -938,7 +934,7 @@ at::Tensor nm_linear_2d(const at::Tensor& x, const at::Tensor& idx, const at::Te
         } else {
           for (int64_t t = t0; t < t0 + T; ++t) {
             float* out = yp + t * out_features + rb * 8;
-            nm_block_portable(xp + t * in_features, in_features, m, n, v, ix, G, bb, out, count);
+            nm_block_portable(xp + t * in_features, m, n, v, ix, G, bb, out, count);
             if (act) act(out, count);
           }
         }
