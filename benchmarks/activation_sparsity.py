@@ -1,4 +1,5 @@
-"""Dynamic activation sparsity (TEAL, CATS) on a pretrained decoder: WikiText-2 perplexity and batch-1 decoding.
+"""Dynamic activation sparsity (TEAL, CATS, MoEfication) on a pretrained decoder: WikiText-2 perplexity and batch-1
+decoding.
 
 Quality: the model (default ``smollm2``: SmolLM2-135M-Instruct) scored by WikiText-2 *test* perplexity over the
 first ``--max-windows`` non-overlapping windows of ``--context`` tokens, dense first, then each ``--settings`` entry
@@ -10,9 +11,12 @@ Encoder quality (``--stsb``): MiniLM's STS-B dev Spearman under the same setting
 train sentences (encoders run many tokens at once, where zeroed inputs save no time with dense products).
 
 Speed: batch-1 greedy decoding of ``--new-tokens`` tokens after a short prompt, tokens/s of the dense model and of
-each ``--speed`` setting on the same model (thresholds calibrated as above), accelerated (`sparse_nlp.activation.
-accelerate`: the kernel that reads only the weight rows of kept inputs) and, for reference, with the hooks alone
-(the dense product on the zeroed input). Runs are interleaved, ``--repeats`` each; the median counts.
+each ``--speed`` setting on the same model (thresholds calibrated as above; ``moefication:0.75`` keeps 4 of 16
+experts), accelerated (`sparse_nlp.activation.accelerate`: the kernel that reads only the weight rows of kept
+inputs, and for MoEfication only the kept experts' rows) and, for reference, with the hooks alone (the dense
+product on the zeroed input). ``--ceiling`` adds the model with the blocks' Linear layers replaced by zero-cost
+stand-ins: the speed-up that no sparsity of those layers can beat. Runs are interleaved, ``--repeats`` each; the
+median counts.
 
     python benchmarks/activation_sparsity.py --data-dir DATA --max-windows 8 --samples 16 --seq-len 512 \\
         --settings teal:0.25,teal:0.4,teal:0.5,cats:0.5 --speed teal:0.4,teal:0.5,cats:0.5 --threads 1
@@ -309,6 +313,29 @@ def kernel_rows(args) -> list[dict]:
     return rows
 
 
+def zero_cost_blocks(model):
+    """`model` with every Linear layer of its blocks (not the ``lm_head``) replaced by a stand-in that returns zeros
+    of the right shape at almost no cost: the decoding speed no activation or weight sparsity of those layers can
+    beat (everything else, the ``lm_head``, attention over the cache, norms and Python overhead, still runs)."""
+    import torch
+    from torch import nn
+
+    class Zero(nn.Module):
+        def __init__(self, out_features: int) -> None:
+            super().__init__()
+            self.out_features = out_features
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x.new_zeros(*x.shape[:-1], self.out_features)
+
+    head = model.get_output_embeddings()
+    for name, module in list(model.named_modules()):
+        if isinstance(module, nn.Linear) and module is not head:
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, Zero(module.out_features))
+    return model
+
+
 def speed(args) -> list[dict]:
     import copy
 
@@ -320,6 +347,8 @@ def speed(args) -> list[dict]:
     variants = {"dense": base}
     sparsity = {}
     cache: dict = {}
+    if args.ceiling:
+        variants["ceiling"] = zero_cost_blocks(copy.deepcopy(base))
     for setting in [s for s in args.speed.split(",") if s]:
         for mode in ("hooks", "accelerated"):
             model = copy.deepcopy(base)
@@ -406,6 +435,11 @@ def main() -> int:
     p.add_argument("--max-windows", type=int, default=8, help="perplexity over the first N test windows")
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument(
+        "--ceiling",
+        action="store_true",
+        help="also decode with the blocks' Linear layers at zero cost: the speed-up no sparsity of them can beat",
+    )
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--greedy-step", type=float, default=0.1, help="TEAL greedy allocation step")
     p.add_argument(

@@ -12,6 +12,7 @@ import sparse_nlp
 from sparse_nlp import ActivationSparsity, SparsityConfig, WeightSparsity
 from sparse_nlp.activation import (
     ActivationLinear,
+    ExpertRowsLinear,
     accelerate,
     activation_state,
     check_activation,
@@ -19,7 +20,7 @@ from sparse_nlp.activation import (
     revert,
 )
 from sparse_nlp.activation.calibrate import Histogram, zero_fractions
-from sparse_nlp.activation.experts import balanced_split
+from sparse_nlp.activation.experts import ExpertRouter, balanced_split
 from sparse_nlp.errors import ConfigError, MetadataError, UnsupportedModelError
 from sparse_nlp.targets import model_targets
 from sparse_nlp.targets_docs import support_rows
@@ -103,12 +104,6 @@ def test_balanced_split_recovers_clusters_with_equal_sizes():
     for e in range(4):  # each expert holds exactly one cluster
         assert len(set(truth[assign == e].tolist())) == 1
     assert torch.bincount(balanced_split(rows[:38], 4), minlength=4).tolist() == [10, 10, 9, 9]
-
-
-def test_moefication_has_no_kernel_and_says_so():
-    model = sparse(tiny_model("llama"), "moefication", 0.5, options={"experts": 4})
-    with pytest.raises(ValueError, match="no\nexpert-skipping kernel|expert-skipping kernel"):
-        accelerate(model)
 
 
 def test_histogram_quantile_is_close_to_the_exact_one():
@@ -365,6 +360,52 @@ def test_accelerated_layers_decode_like_the_hooks(family, method):
     assert not any(isinstance(m, ActivationLinear) for m in model.modules())
     with torch.no_grad():
         assert torch.equal(model(input_ids=ids).logits, hooked_prefill)
+
+
+@pytest.mark.parametrize("family", ["llama", "bert", "gpt2"])
+def test_accelerated_moefication_skips_experts_and_decodes_like_the_hooks(family):
+    model = sparse(tiny_model(family), "moefication", 0.5, options={"experts": 4})
+    inputs = tiny_inputs(batch=1, length=6)
+    step = {k: v[:, :1] for k, v in inputs.items()}  # one token: the expert-skipping path once accelerated
+    hooked_all, hooked_step = logits(model, inputs), logits(model, step)
+    assert accelerate(model) > 0
+    rows = [m for m in model.modules() if isinstance(m, ExpertRowsLinear)]
+    assert rows and any(isinstance(m, ActivationLinear) for m in model.modules())
+    assert torch.allclose(logits(model, inputs), hooked_all, atol=1e-5)
+    assert torch.allclose(logits(model, step), hooked_step, atol=1e-5)
+    # the first projection computes the kept experts' neurons only: every other output is an exact zero
+    first = rows[0]
+    x = torch.randn(1, 1, first.in_features)
+    with torch.no_grad():
+        y = first(x)
+    kept = first.router.keep.reshape(-1)
+    assert int(kept.sum()) == first.out_features // 2  # 2 of 4 experts of equal size
+    assert torch.all(y.reshape(-1)[~kept] == 0)
+    assert torch.allclose(y.reshape(-1)[kept], first.original[0](x).reshape(-1)[kept], atol=1e-6)
+    assert set(model.state_dict()) == set(tiny_model(family).state_dict())
+    revert(model)
+    assert not any(isinstance(m, ExpertRowsLinear | ActivationLinear) for m in model.modules())
+    assert torch.equal(logits(model, inputs), hooked_all)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_expert_rows_equal_the_dense_rows_of_the_kept_experts_with_uneven_experts(bias):
+    torch.manual_seed(0)
+    layer, act = torch.nn.Linear(8, 10, bias=bias), torch.nn.Identity()
+    assign = torch.tensor([2, 0, 1, 0, 2, 1, 0, 2, 0, 1])  # experts of 4, 3 and 3 neurons
+    router = ExpertRouter(layer, act, assign, experts=3, top_k=2)
+    fast = ExpertRowsLinear(layer, router, routes=True)
+    for seed in range(5):
+        x = torch.randn(1, 1, 8, generator=torch.Generator().manual_seed(seed))
+        with torch.no_grad():
+            y, dense = fast(x), layer(x)
+        kept = torch.zeros(3, dtype=torch.bool)
+        kept[router.choose(x.reshape(-1))] = True
+        keep = kept[assign]
+        assert torch.equal(router.keep.reshape(-1), keep)  # handed to the activation hook
+        assert torch.allclose(y.reshape(-1), torch.where(keep, dense.reshape(-1), 0.0), atol=1e-6)
+        assert torch.all(y.reshape(-1)[~keep] == 0)
+    router.remove()
 
 
 def test_report_and_card_state_the_measured_activation_sparsity():

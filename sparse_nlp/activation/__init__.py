@@ -1,7 +1,8 @@
-"""Dynamic activation sparsity (TEAL, CATS): calibrated per-token thresholds, applied by hooks, saved in config.json.
+"""Dynamic activation sparsity (TEAL, CATS thresholds; MoEfication experts): calibrated, applied by hooks, saved in
+config.json.
 
 See `sparse_nlp.activation.apply` for calibration and hooks and `sparse_nlp.activation.runtime` for the batch-1
-kernel that skips the weight rows of zeroed inputs.
+paths that skip the weight rows of zeroed inputs and the skipped experts.
 """
 
 from .apply import (
@@ -14,11 +15,12 @@ from .apply import (
     restore_activation,
 )
 from .methods import ActivationMethod, get_activation_method
-from .runtime import ActivationLinear, accelerate, revert
+from .runtime import ActivationLinear, ExpertRowsLinear, accelerate, revert
 
 __all__ = [
     "ActivationLinear",
     "ActivationMethod",
+    "ExpertRowsLinear",
     "accelerate",
     "activation_record",
     "activation_state",

@@ -4,8 +4,10 @@ Each targeted FFN's intermediate neurons are split into ``experts`` groups of (n
 k-means on the rows of the FFN's first projection (the gate rows of a gated FFN): neurons whose input weights
 point the same way share an expert. The *similarity* router scores expert e for a token x as ``x . c_e``, with
 ``c_e`` the mean of the expert's (unit-normalised) rows, and keeps the ``top_k`` best; the outputs of the other
-experts' neurons are set to zero by a forward hook on the FFN's activation module (computed in full, then zeroed:
-there is no expert-skipping kernel). The expert map (neuron -> expert) is saved; the centroids are rebuilt from it.
+experts' neurons are set to zero by a forward hook on the FFN's activation module (computed in full, then zeroed).
+`sparse_nlp.activation.accelerate` skips them instead when decoding (one token): only the kept experts' rows of the
+FFN's input projections are computed, and its output projection reads only the weight rows of nonzero inputs. The
+expert map (neuron -> expert) is saved; the centroids are rebuilt from it.
 """
 
 from __future__ import annotations
@@ -33,21 +35,21 @@ def balanced_split(rows: torch.Tensor, experts: int, *, iterations: int = 4, see
     for _ in range(iterations):
         scores = unit @ centroids.t()  # (F, E)
         order = torch.argsort(scores.reshape(-1), descending=True)
-        left = capacity.clone()
-        done = torch.zeros(count, dtype=torch.bool)
+        left = capacity.tolist()
+        chosen = [-1] * count  # Python lists: this loop visits up to F * E pairs
+        remaining = count
         for flat in order.tolist():
             f, e = divmod(flat, experts)
-            if done[f] or left[e] == 0:
+            if chosen[f] >= 0 or left[e] == 0:
                 continue
-            assign[f] = e
-            done[f] = True
+            chosen[f] = e
             left[e] -= 1
-            if bool(done.all()):
+            remaining -= 1
+            if remaining == 0:
                 break
-        for e in range(experts):
-            members = unit[assign == e]
-            if members.numel():
-                centroids[e] = nn.functional.normalize(members.mean(0), dim=0)
+        assign = torch.tensor(chosen, dtype=torch.long)
+        sums = torch.zeros_like(centroids).index_add_(0, assign, unit)  # every expert has neurons: E <= F
+        centroids = nn.functional.normalize(sums, dim=1)  # the direction of each expert's mean row
     return assign
 
 
@@ -72,6 +74,7 @@ class ExpertRouter:
         self, first: nn.Module, act: nn.Module, assign: torch.Tensor, experts: int, top_k: int
     ) -> None:
         width = assign.numel()
+        self.first = first
         self.assign = assign
         self.top_k = top_k
         self.experts = experts
@@ -82,15 +85,24 @@ class ExpertRouter:
             act.register_forward_hook(self._zero),
         ]
 
-    def _route(self, module: nn.Module, args: tuple) -> None:
-        x = args[0]  # (..., H)
+    def choose(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., H) tokens -> (..., k) the experts each token keeps (the best `top_k` scores ``x . c_e``)."""
+        scores = x.float() @ self.centroids.t().to(x.device)  # (..., E)
+        return scores.topk(self.top_k, dim=-1).indices
+
+    def route(self, x: torch.Tensor, chosen: torch.Tensor | None = None) -> None:
+        """Decide the kept neurons of tokens `x` (..., H) for the activation hook (`chosen`: the experts, if known)."""
         if self.top_k >= self.experts:
             self.keep = None
             return
-        scores = x.float() @ self.centroids.t().to(x.device)  # (..., E)
-        chosen = scores.topk(self.top_k, dim=-1).indices  # (..., k)
-        experts = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, chosen, True)  # (..., E)
+        if chosen is None:
+            chosen = self.choose(x)
+        experts = torch.zeros(*chosen.shape[:-1], self.experts, dtype=torch.bool, device=x.device)
+        experts.scatter_(-1, chosen, True)  # (..., E)
         self.keep = experts[..., self.assign.to(x.device)]  # (..., F)
+
+    def _route(self, module: nn.Module, args: tuple) -> None:
+        self.route(args[0])
 
     def _zero(self, module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
         keep, self.keep = self.keep, None

@@ -8,8 +8,10 @@ unchanged (the transposed copy is not saved). A weight mask is carried over (the
 the transposed copy, so the product is right; the kernel does not skip them).
 
 TEAL sites are replaced directly; for CATS the FFN output projection (``down_proj``) gets threshold 0.0, so the
-inputs the gate threshold zeroed are skipped. `revert` (also `remove_activation` and ``sparse_nlp.to_dense``) puts
-the original modules back.
+inputs the gate threshold zeroed are skipped. For MoEfication the FFN's input projections become `ExpertRowsLinear`
+layers, which compute one token's kept experts only (the others' outputs are zeros), and its output projection an
+`ActivationLinear` with threshold 0.0, which skips the zeros. `revert` (also `remove_activation` and
+``sparse_nlp.to_dense``) puts the original modules back.
 """
 
 from __future__ import annotations
@@ -18,11 +20,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..linear import is_prunable, is_transposed
+from ..linear import is_prunable, is_transposed, linear_weight
 from ..pruning.masking import MASK_BUFFER
 from ..targets import model_targets
 from . import kernel
 from .apply import STATE_ATTR, activation_state, attach_thresholds
+from .experts import ExpertRouter
 
 REVERT_ATTR = "_sparse_nlp_activation_revert"
 
@@ -73,6 +76,75 @@ class ActivationLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, threshold={self.threshold:.4g}"
 
 
+class ExpertRowsLinear(nn.Module):
+    """An FFN input projection (gate, up, or the first projection of an ungated FFN) under MoEfication that, for
+    one token, computes only the output rows (neurons) of the experts the router keeps; the other outputs are zeros.
+
+    The rows are kept in a private copy grouped by expert, (experts, rows per expert, in), the smaller experts
+    padded with zero rows, so one token's kept experts are one gather and one batched product. With more tokens, or
+    with a gradient, it runs the original layer. The projection whose input the router scores (`routes`) also hands
+    the router its choice, for the activation hook that zeroes the skipped neurons in every case.
+
+    Args:
+        layer: The ``nn.Linear`` or ``Conv1D`` replaced (its parameters are shared, not copied).
+        router: The FFN's `ExpertRouter`.
+        routes: Whether this is the projection whose input the router scores (the FFN's first).
+    """
+
+    def __init__(self, layer: nn.Module, router: ExpertRouter, routes: bool) -> None:
+        super().__init__()
+        self.original = [layer]  # in a list: not a submodule (its parameters are registered here already)
+        self.weight = layer.weight
+        self.bias = layer.bias
+        self.router = router
+        self.routes = routes
+        weight = linear_weight(layer).detach().float()  # (F, H)
+        self.out_features, self.in_features = weight.shape
+        experts, assign = router.experts, router.assign
+        size = int(torch.bincount(assign, minlength=experts).max())
+        # row r of expert e is neuron rows[e, r]; padding rows point at the spare output slot F
+        rows = torch.full((experts, size), self.out_features, dtype=torch.long)
+        grouped = weight.new_zeros(experts, size, self.in_features)
+        grouped_bias = weight.new_zeros(experts, size, 1)
+        for e in range(experts):
+            neurons = (assign == e).nonzero().flatten()
+            rows[e, : neurons.numel()] = neurons
+            grouped[e, : neurons.numel()] = weight[neurons]
+            if layer.bias is not None:
+                grouped_bias[e, : neurons.numel(), 0] = layer.bias.detach().float()[neurons]
+        self.register_buffer("rows", rows, persistent=False)
+        self.register_buffer("weight_grouped", grouped, persistent=False)  # (E, S, H)
+        self.register_buffer("bias_grouped", None if layer.bias is None else grouped_bias, persistent=False)
+        mask = layer._buffers.get(MASK_BUFFER)
+        if mask is not None:
+            self.register_buffer(MASK_BUFFER, mask, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        tokens = x.numel() // shape[-1]
+        if tokens != 1 or torch.is_grad_enabled() or x.dtype != torch.float32 or x.device.type != "cpu":
+            if self.routes:
+                self.router.route(x)
+            return self.original[0](x)
+        flat = x.reshape(-1)
+        chosen = self.router.choose(flat)  # (k,)
+        if self.routes:
+            self.router.route(x, chosen.reshape(*shape[:-1], -1))
+        w = self.weight_grouped.index_select(0, chosen)  # (k, S, H)
+        y = torch.matmul(w, flat.unsqueeze(-1))  # (k, S, 1)
+        if self.bias_grouped is not None:
+            y = y + self.bias_grouped.index_select(0, chosen)
+        out = x.new_zeros(self.out_features + 1)  # the last slot takes the padding rows
+        out.index_copy_(0, self.rows.index_select(0, chosen).reshape(-1), y.reshape(-1))
+        return out[: self.out_features].reshape(*shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, experts={self.router.experts}, "
+            f"top_k={self.router.top_k}"
+        )
+
+
 def _swap(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
@@ -82,7 +154,9 @@ def _swap(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
 
 
 def accelerate(model: nn.Module) -> int:
-    """Replace the thresholded Linear layers of `model` by `ActivationLinear` layers (in place; inference).
+    """Replace the thresholded Linear layers of `model` by `ActivationLinear` layers (in place; inference); under
+    MoEfication, each FFN's input projections by `ExpertRowsLinear` and its output projection by an
+    `ActivationLinear` that skips zero inputs.
 
     Returns the number of layers replaced. Calling it again changes nothing. Raises `ValueError` when the model
     has no activation sparsity attached.
@@ -90,11 +164,6 @@ def accelerate(model: nn.Module) -> int:
     state = activation_state(model)
     if state is None:
         raise ValueError("the model has no activation sparsity: sparsify it (or from_pretrained) first.")
-    if state.where == "experts":
-        raise ValueError(
-            "accelerate runs teal and cats; moefication zeroes the skipped experts by hooks (there is no "
-            "expert-skipping kernel)."
-        )
     if model.__dict__.get(REVERT_ATTR) is not None:
         return 0
     kernel.ops()  # build (or warn) now, not inside the first generated token
@@ -107,6 +176,8 @@ def accelerate(model: nn.Module) -> int:
             module = model.get_submodule(name)
             if is_prunable(module):
                 swapped[name] = _swap(model, name, ActivationLinear(module, t))
+    elif state.where == "experts":
+        swapped = _accelerate_experts(model, state.handles)
     else:  # CATS: the output projection of each thresholded FFN skips the zeros the gate threshold left
         entry = model_targets(model)
         for name in state.thresholds:
@@ -125,6 +196,30 @@ def accelerate(model: nn.Module) -> int:
     return len(swapped)
 
 
+def _accelerate_experts(model: nn.Module, routers: list[ExpertRouter]) -> dict[str, nn.Module]:
+    """Swap each MoEfication FFN's input projections for `ExpertRowsLinear` and its output projection for an
+    `ActivationLinear` (threshold 0.0); the routers' hooks stay on the original modules (used again after `revert`)
+    and on the activation modules. Input projections of more rows than neurons (a fused gate/up) are left alone."""
+    entry = model_targets(model)
+    names = {id(module): name for name, module in model.named_modules()}
+    swapped: dict[str, nn.Module] = {}
+    for router in routers:
+        first_name = names[id(router.first)]
+        block = first_name[: -len(entry.ffn_in[0])].rstrip(".")
+        prefix = f"{block}." if block else ""
+        width = router.assign.numel()
+        for i, part in enumerate(entry.ffn_in):
+            name = prefix + part
+            module = model.get_submodule(name)
+            if is_prunable(module) and linear_weight(module).shape[0] == width:
+                swapped[name] = _swap(model, name, ExpertRowsLinear(module, router, routes=i == 0))
+        out_name = prefix + entry.ffn_out
+        module = model.get_submodule(out_name)
+        if is_prunable(module):
+            swapped[out_name] = _swap(model, out_name, ActivationLinear(module, 0.0))
+    return swapped
+
+
 def revert(model: nn.Module) -> nn.Module:
     """Undo `accelerate`: the original layers come back, with the hooks of the attached thresholds."""
     restore = model.__dict__.get(REVERT_ATTR)
@@ -132,6 +227,6 @@ def revert(model: nn.Module) -> nn.Module:
         return model
     restore(model)
     state = model.__dict__.get(STATE_ATTR)
-    if state is not None:
+    if state is not None and state.where != "experts":  # the expert routers' hooks were never removed
         attach_thresholds(model, state.method, state.thresholds)
     return model
