@@ -22,7 +22,8 @@ with the first of ``--threads`` (``OMP_NUM_THREADS``), so the autotune plans it 
 Part ``decode``: batch-1 greedy decoding and a prefill of a decoder pruned per model name (70, 50, 2:4), converted
 against the same masked model run dense: SmolLM2-135M pruned by one-shot Wanda on WikiText-2 valid windows
 (``--decoder smollm2``, needs ``--data-dir`` or ``$SPARSE_NLP_DATA_DIR``), or a random llama of its shape pruned by
-magnitude (``--decoder random``). Part ``sst2``: SST-2 dev predictions of a converted classifier against the masked
+magnitude (``--decoder random``); ``--ceiling`` adds the same model with its blocks' Linear layers replaced by
+zero-cost stand-ins (the decoding speed-up that no sparsity of those layers can beat). Part ``sst2``: SST-2 dev predictions of a converted classifier against the masked
 dense one (``--sst2-model``, default MiniLM 90% with a seeded untrained head).
 
 Every call is timed with the candidates interleaved (one call of each per round) and the median is reported,
@@ -406,6 +407,8 @@ def decode(args) -> list[dict]:
     """A decoder pruned per model name: batch-1 greedy decoding and a prefill, converted against masked dense."""
     import copy
 
+    from activation_sparsity import zero_cost_blocks  # the sibling benchmark script
+
     from sparse_nlp.runtime import convert, converted_layers
 
     title, base, prune = _decoder(args)
@@ -436,6 +439,15 @@ def decode(args) -> list[dict]:
         print(
             f"| {name} | prefill {args.prefill} tokens, ms | {p['dense'] * 1e3:.0f} | {p['fast'] * 1e3:.0f} | {p['dense'] / p['fast']:.2f} | |"
         )
+        if args.ceiling:
+            ceiling = zero_cost_blocks(copy.deepcopy(dense))
+            with torch.inference_mode():
+                c = time_interleaved(_generate_runners(dense, ceiling, prompt, gen), rounds=3, warmup=0)
+            print(
+                f"| {name} | ceiling: block Linear layers at zero cost, tokens/s | {args.new_tokens / c['dense']:.1f} "
+                f"| {args.new_tokens / c['fast']:.1f} | {c['dense'] / c['fast']:.2f} | |"
+            )
+            del ceiling
         print(f"\nload average after: {', '.join(f'{v:.2f}' for v in os.getloadavg())}")
         rows.append(
             {
@@ -646,6 +658,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--new-tokens", type=int, default=32, help="decode: greedy tokens generated per call")
     p.add_argument("--prefill", type=int, default=512, help="decode: prompt length of the prefill timing")
     p.add_argument("--profile", action="store_true", help="also print each MiniLM model's op time shares")
+    p.add_argument(
+        "--ceiling",
+        action="store_true",
+        help="decode: also time the model with its blocks' Linear layers at zero cost (what no sparsity can beat)",
+    )
     p.add_argument(
         "--clock",
         choices=tuple(CLOCKS),

@@ -326,6 +326,55 @@ def test_kernel_equals_the_dense_product_of_the_zeroed_input(monkeypatch, isa, t
     assert torch.allclose(y, torch.where(x.abs() > 0.5, x, 0.0) @ wt, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("isa", ["portable", "native"])
+@pytest.mark.parametrize(
+    "tokens,inp,out,density",
+    [
+        (1, 37, 53, 0.5),
+        (1, 64, 64, 0.3),
+        (3, 70, 130, 0.5),
+        (1, 5, 200, 0.1),
+        (1, 576, 1536, 0.5),
+        (2, 9, 1, 1.0),
+    ],
+)
+def test_compressed_kernel_equals_the_dense_product_of_the_zeroed_input(
+    monkeypatch, isa, tokens, inp, out, density
+):
+    if kernel.ops() is None:
+        pytest.skip(f"native kernel unavailable: {kernel.status()}")
+    if isa == "portable":
+        monkeypatch.setenv(kernel.ENV_ISA, "portable")
+        assert kernel.best_isa() == 0
+    g = torch.Generator().manual_seed(tokens * inp + out)
+    x = torch.randn(tokens, inp, generator=g)
+    wt = torch.randn(inp, out, generator=g) * (torch.rand(inp, out, generator=g) < density)
+    packed = kernel.compress(wt)
+    assert torch.equal(packed.to_dense(), wt)
+    assert packed.density == int((wt != 0).sum()) / wt.numel()
+    bias = torch.randn(out, generator=g)
+    for threshold in (0.0, 0.7, 10.0):
+        y = kernel.masked_activation_linear(x, packed, bias, threshold)
+        reference = (torch.where(x.abs() > threshold, x, 0.0).double() @ wt.double() + bias.double()).float()
+        scale = max(1.0, float(reference.abs().max()))
+        assert float((y - reference).abs().max()) <= 1e-5 * scale
+    y = kernel.masked_activation_linear(x, packed, None, 0.5)
+    assert torch.allclose(y, torch.where(x.abs() > 0.5, x, 0.0) @ wt, atol=1e-5, rtol=1e-5)
+
+
+def test_compressed_kernel_refuses_mismatched_tensors():
+    if kernel.ops() is None:
+        pytest.skip(f"native kernel unavailable: {kernel.status()}")
+    packed = kernel.compress(torch.randn(8, 70))
+    op = kernel.ops().masked_activation_linear
+    with pytest.raises(RuntimeError, match="x has 9 features, the weight 8"):
+        op(torch.randn(1, 9), packed.bits, packed.offsets, packed.vals, None, 70, 0.0, 0)
+    with pytest.raises(RuntimeError, match="2 chunks of 64 cannot hold 200 outputs"):
+        op(torch.randn(1, 8), packed.bits, packed.offsets, packed.vals, None, 200, 0.0, 0)
+    with pytest.raises(RuntimeError, match="offsets must be"):
+        op(torch.randn(1, 8), packed.bits, packed.offsets.long(), packed.vals, None, 70, 0.0, 0)
+
+
 def test_without_a_compiler_one_warning_and_the_dense_path(monkeypatch, caplog):
     monkeypatch.setenv("SPARSE_NLP_NATIVE", "0")
     kernel._reset()
@@ -406,6 +455,27 @@ def test_expert_rows_equal_the_dense_rows_of_the_kept_experts_with_uneven_expert
         assert torch.allclose(y.reshape(-1), torch.where(keep, dense.reshape(-1), 0.0), atol=1e-6)
         assert torch.all(y.reshape(-1)[~keep] == 0)
     router.remove()
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_accelerated_teal_on_a_pruned_model_reads_compressed_weights_and_decodes_like_the_hooks(family):
+    model = tiny_model(family)
+    config = SparsityConfig(
+        weights=[WeightSparsity(method="magnitude", sparsity=0.5)],
+        activation=ActivationSparsity(method="teal", sparsity=0.4),
+    )
+    sparse_nlp.sparsify(model, config, data=id_data(5), progress=False)
+    ids = tiny_inputs(batch=1, length=6)["input_ids"]
+    with torch.no_grad():
+        hooked_all, hooked_step = model(input_ids=ids).logits, model(input_ids=ids[:, :1]).logits
+    accelerate(model)
+    layers = [m for m in model.modules() if isinstance(m, ActivationLinear)]
+    assert layers and all(m.compressed and m.weight_t is None for m in layers)
+    with torch.no_grad():
+        assert torch.allclose(model(input_ids=ids).logits, hooked_all, atol=1e-5)
+        assert torch.allclose(model(input_ids=ids[:, :1]).logits, hooked_step, atol=1e-5)
+    dense_layer = ActivationLinear(torch.nn.Linear(8, 4), 0.1)  # an unpruned weight stays dense
+    assert not dense_layer.compressed and dense_layer.weight_t is not None
 
 
 def test_report_and_card_state_the_measured_activation_sparsity():

@@ -1,4 +1,8 @@
-"""The native activation-sparse linear kernel (``runtime/kernels/activation_linear.cpp``), built on first use.
+"""The native activation-sparse linear kernels (``runtime/kernels/activation_linear.cpp``), built on first use.
+
+`activation_linear` reads a dense transposed weight; `masked_activation_linear` reads one compressed by
+`compress` (a pruned weight: only its kept entries, with a bitmask per 64 outputs), so activation and weight
+sparsity compose.
 
 `ops` compiles the source once per machine and user through `sparse_nlp.native.build_library` (later processes load
 the cached library) and returns ``torch.ops.sparse_nlp_activation``, or None after one warning where it cannot be
@@ -9,6 +13,7 @@ input. The library holds AVX-512F, AVX2+FMA and portable code paths and runs the
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -45,3 +50,69 @@ def activation_linear(
         out = kept @ weight_t  # (T, out)
         return out if bias is None else out + bias
     return op.activation_linear(x, weight_t, bias, float(threshold), best_isa())
+
+
+CHUNK = 64
+"""Outputs per bitmask word of a compressed transposed weight."""
+
+
+@dataclass
+class CompressedRows:
+    """A transposed weight (in, out) keeping its nonzero entries: for each input row and each chunk of 64 outputs,
+    ``bits`` (in, chunks) int64 has bit k set where output ``64 * chunk + k`` is kept, ``offsets`` (in, chunks)
+    int32 is the index in ``vals`` of that chunk's first kept weight, and ``vals`` holds the kept weights row by
+    row, then 8 zeros (vector loads may read past the last)."""
+
+    bits: torch.Tensor
+    offsets: torch.Tensor
+    vals: torch.Tensor
+    out_features: int
+
+    @property
+    def density(self) -> float:
+        return (self.vals.numel() - 8) / max(1, self.bits.shape[0] * self.out_features)
+
+    def to_dense(self) -> torch.Tensor:
+        """The (in, out) transposed weight back (zeros where nothing is kept)."""
+        in_f, chunks = self.bits.shape
+        shifts = torch.arange(CHUNK, dtype=torch.int64)
+        mask = ((self.bits.unsqueeze(-1) >> shifts) & 1).bool().reshape(in_f, chunks * CHUNK)
+        dense = torch.zeros(in_f, chunks * CHUNK)
+        dense[mask] = self.vals[: int(mask.sum())]
+        return dense[:, : self.out_features]
+
+
+def compress(weight_t: torch.Tensor) -> CompressedRows:
+    """Compress a transposed weight (in, out) to its nonzero entries (see `CompressedRows`)."""
+    in_f, out_f = weight_t.shape
+    chunks = -(-out_f // CHUNK)
+    padded = torch.zeros(in_f, chunks * CHUNK, dtype=torch.float32)
+    padded[:, :out_f] = weight_t
+    keep = padded != 0
+    if int(keep.sum()) >= 2**31:
+        raise ValueError(f"a weight of {in_f} x {out_f} keeps too many entries for int32 offsets")
+    shifts = torch.arange(CHUNK, dtype=torch.int64)
+    bits = (keep.reshape(in_f, chunks, CHUNK).to(torch.int64) << shifts).sum(
+        -1
+    )  # distinct bits: the sum is an OR
+    counts = keep.reshape(in_f, chunks, CHUNK).sum(-1).reshape(-1)
+    offsets = torch.zeros_like(counts)
+    offsets[1:] = torch.cumsum(counts, 0)[:-1]
+    vals = torch.cat([padded[keep], torch.zeros(8)])
+    return CompressedRows(bits.contiguous(), offsets.reshape(in_f, chunks).to(torch.int32), vals, int(out_f))
+
+
+def masked_activation_linear(
+    x: torch.Tensor, weight: CompressedRows, bias: torch.Tensor | None, threshold: float
+) -> torch.Tensor:
+    """(T, in) x and a compressed transposed weight -> (T, out): the product with ``|x| <= threshold`` zeroed,
+    reading only the kept weights of the kept inputs. Runs the native kernel when it is built; otherwise torch
+    on the decompressed weight."""
+    op = ops()
+    if op is None:
+        kept = torch.where(x.abs() > threshold, x, torch.zeros((), dtype=x.dtype))
+        out = kept @ weight.to_dense()
+        return out if bias is None else out + bias
+    return op.masked_activation_linear(
+        x, weight.bits, weight.offsets, weight.vals, bias, weight.out_features, float(threshold), best_isa()
+    )

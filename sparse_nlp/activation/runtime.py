@@ -4,8 +4,8 @@
 transposed copy of the weight (in, out). With one token (decoding) and no gradient it runs the native kernel, which
 reads only the weight rows of the inputs above the threshold; otherwise the dense product on the zeroed input.
 ``weight`` and ``bias`` stay the original parameters under their usual names, so ``state_dict`` and saving are
-unchanged (the transposed copy is not saved). A weight mask is carried over (the zeros of weight sparsity stay in
-the transposed copy, so the product is right; the kernel does not skip them).
+unchanged (the transposed copy is not saved). A pruned weight (at most `COMPRESS_DENSITY` nonzero) is kept
+compressed to its nonzeros, so the kernel skips the pruned weights too: activation and weight sparsity compose.
 
 TEAL sites are replaced directly; for CATS the FFN output projection (``down_proj``) gets threshold 0.0, so the
 inputs the gate threshold zeroed are skipped. For MoEfication the FFN's input projections become `ExpertRowsLinear`
@@ -30,8 +30,17 @@ from .experts import ExpertRouter
 REVERT_ATTR = "_sparse_nlp_activation_revert"
 
 
+COMPRESS_DENSITY = 0.7
+"""`ActivationLinear` keeps a weight with at most this fraction of nonzeros compressed (`kernel.CompressedRows`),
+so its decoding product skips the pruned weights as well as the zeroed inputs."""
+
+
 class ActivationLinear(nn.Module):
     """y = x_s W^T + b, where x_s keeps the entries of x with ``|x| > threshold``.
+
+    The transposed copy of the weight is dense, or compressed to its nonzeros when at most `COMPRESS_DENSITY` of
+    them are nonzero (a pruned weight): then the one-token product reads neither the weights of zeroed inputs nor
+    the pruned weights.
 
     Args:
         layer: The ``nn.Linear`` or ``Conv1D`` replaced (its parameters are shared, not copied).
@@ -45,9 +54,19 @@ class ActivationLinear(nn.Module):
         self.weight = layer.weight
         self.bias = layer.bias
         self.threshold = float(threshold)
-        weight_t = layer.weight.detach() if self.transposed else layer.weight.detach().t()
-        self.register_buffer("weight_t", weight_t.float().contiguous(), persistent=False)  # (in, out)
-        self.in_features, self.out_features = self.weight_t.shape
+        weight_t = (
+            layer.weight.detach() if self.transposed else layer.weight.detach().t()
+        ).float()  # (in, out)
+        self.in_features, self.out_features = weight_t.shape
+        density = float((weight_t != 0).float().mean())
+        self.compressed = density <= COMPRESS_DENSITY
+        if self.compressed:
+            packed = kernel.compress(weight_t)
+            for name in ("bits", "offsets", "vals"):
+                self.register_buffer(name, getattr(packed, name), persistent=False)
+            self.register_buffer("weight_t", None, persistent=False)
+        else:
+            self.register_buffer("weight_t", weight_t.contiguous(), persistent=False)
         mask = layer._buffers.get(MASK_BUFFER)
         if mask is not None:
             self.register_buffer(MASK_BUFFER, mask, persistent=False)
@@ -62,7 +81,13 @@ class ActivationLinear(nn.Module):
             and x.device.type == "cpu"
         ):
             bias = None if self.bias is None else self.bias.detach()
-            y = kernel.activation_linear(x.reshape(1, -1), self.weight_t, bias, self.threshold)  # (1, out)
+            if self.compressed:
+                packed = kernel.CompressedRows(self.bits, self.offsets, self.vals, self.out_features)
+                y = kernel.masked_activation_linear(x.reshape(1, -1), packed, bias, self.threshold)
+            else:
+                y = kernel.activation_linear(
+                    x.reshape(1, -1), self.weight_t, bias, self.threshold
+                )  # (1, out)
             return y.reshape(*shape[:-1], self.out_features)
         kept = torch.where(x.abs() > self.threshold, x, torch.zeros((), dtype=x.dtype, device=x.device))
         if self.transposed:
@@ -73,7 +98,10 @@ class ActivationLinear(nn.Module):
         return F.linear(kept, self.weight, self.bias)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, threshold={self.threshold:.4g}"
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, threshold={self.threshold:.4g}, "
+            f"compressed={self.compressed}"
+        )
 
 
 class ExpertRowsLinear(nn.Module):
@@ -81,7 +109,7 @@ class ExpertRowsLinear(nn.Module):
     one token, computes only the output rows (neurons) of the experts the router keeps; the other outputs are zeros.
 
     The rows are kept in a private copy grouped by expert, (experts, rows per expert, in), the smaller experts
-    padded with zero rows, so one token's kept experts are one gather and one batched product. With more tokens, or
+    padded with zero rows, so each kept expert is one product over contiguous weights, read once. With more tokens, or
     with a gradient, it runs the original layer. The projection whose input the router scores (`routes`) also hands
     the router its choice, for the activation hook that zeroes the skipped neurons in every case.
 
@@ -130,13 +158,22 @@ class ExpertRowsLinear(nn.Module):
         chosen = self.router.choose(flat)  # (k,)
         if self.routes:
             self.router.route(x, chosen.reshape(*shape[:-1], -1))
-        w = self.weight_grouped.index_select(0, chosen)  # (k, S, H)
-        y = torch.matmul(w, flat.unsqueeze(-1))  # (k, S, 1)
+        col, experts = flat.unsqueeze(-1), self._experts()
+        y = torch.cat(
+            [torch.mm(experts[e], col) for e in chosen.tolist()]
+        )  # (k * S, 1), the weights read once
         if self.bias_grouped is not None:
-            y = y + self.bias_grouped.index_select(0, chosen)
+            y = y + self.bias_grouped.index_select(0, chosen).reshape(-1, 1)
         out = x.new_zeros(self.out_features + 1)  # the last slot takes the padding rows
         out.index_copy_(0, self.rows.index_select(0, chosen).reshape(-1), y.reshape(-1))
         return out[: self.out_features].reshape(*shape[:-1], self.out_features)
+
+    def _experts(self) -> list[torch.Tensor]:
+        """The (S, H) weight of each expert, as views of ``weight_grouped`` (made again if the buffer changed)."""
+        views = self.__dict__.get("_views")
+        if views is None or views[0].data_ptr() != self.weight_grouped.data_ptr():
+            views = self.__dict__["_views"] = list(self.weight_grouped.unbind(0))
+        return views
 
     def extra_repr(self) -> str:
         return (

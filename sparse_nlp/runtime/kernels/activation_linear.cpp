@@ -7,6 +7,13 @@
 // thread takes a range of output columns and streams the kept rows over it four at a time (one load and store of
 // the output chunk per four rows).
 //
+// With weight sparsity as well (`masked_activation_linear`), the transposed weight is stored compressed: the
+// outputs of each input row in chunks of 64, one 64-bit mask per (row, chunk) saying which weights are kept, the
+// kept weights of the row in order (`vals`), and the offset of each (row, chunk)'s first kept weight. Each thread
+// takes a range of chunks and holds a chunk's 64 outputs in registers while it streams the kept inputs over it; a
+// kept weight is read once and a pruned one never (AVX-512: expanding loads; AVX2: a permute from a 256-entry
+// table per byte of the mask). At 50% weight sparsity that is 2.2 bytes per weight of a kept input instead of 4.
+//
 // One source, three code paths chosen at run time: AVX-512F, AVX2+FMA (x86-64, target attributes and
 // __builtin_cpu_supports) and portable C++ (any CPU; the compiler vectorizes it for its baseline ISA).
 #include <ATen/ATen.h>
@@ -18,6 +25,7 @@
 #include <immintrin.h>
 #endif
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <vector>
@@ -175,13 +183,172 @@ at::Tensor activation_linear(const at::Tensor& x, const at::Tensor& wt, const c1
   return y;
 }
 
+// ---- compressed weights: 64-output chunks with a bitmask each ------------------------------------------------
+
+constexpr int64_t kChunk = 64;
+
+// y[0:64] += sum_j v[j] * (row idx[j] of the compressed weight, chunk c)
+void chunk_portable(const int64_t* idx, const float* v, int64_t n, const uint64_t* bits, const int32_t* offs,
+                    const float* vals, int64_t chunks, int64_t c, float* y) {
+  for (int64_t j = 0; j < n; ++j) {
+    const int64_t at = idx[j] * chunks + c;
+    uint64_t m = bits[at];
+    const float* p = vals + offs[at];
+    const float a = v[j];
+    while (m) {
+      const int bit = __builtin_ctzll(m);
+      y[bit] += a * *p++;
+      m &= m - 1;
+    }
+  }
+}
+
+#ifdef SPARSE_NLP_X86
+struct ExpandTable {  // for each byte of a mask: where each of the 8 lanes takes its kept weight, and which are kept
+  alignas(32) int32_t perm[256][8];
+  alignas(32) int32_t keep[256][8];
+  ExpandTable() {
+    for (int m = 0; m < 256; ++m) {
+      int k = 0;
+      for (int lane = 0; lane < 8; ++lane) {
+        const bool on = (m >> lane) & 1;
+        perm[m][lane] = on ? k : 0;
+        keep[m][lane] = on ? -1 : 0;
+        k += on;
+      }
+    }
+  }
+};
+
+const ExpandTable& expand_table() {
+  static const ExpandTable table;
+  return table;
+}
+
+__attribute__((target("avx2,fma,popcnt"))) void chunk_avx2(const int64_t* idx, const float* v, int64_t n,
+                                                            const uint64_t* bits, const int32_t* offs,
+                                                            const float* vals, int64_t chunks, int64_t c, float* y) {
+  const ExpandTable& t = expand_table();
+  __m256 acc[8];
+  for (int b = 0; b < 8; ++b) acc[b] = _mm256_loadu_ps(y + 8 * b);
+  for (int64_t j = 0; j < n; ++j) {
+    const int64_t at = idx[j] * chunks + c;
+    const uint64_t m = bits[at];
+    if (!m) continue;
+    const float* p = vals + offs[at];
+    const __m256 a = _mm256_set1_ps(v[j]);
+    for (int b = 0; b < 8; ++b) {
+      const unsigned byte = (m >> (8 * b)) & 0xff;
+      const __m256i perm = _mm256_load_si256(reinterpret_cast<const __m256i*>(t.perm[byte]));
+      const __m256 keep = _mm256_castsi256_ps(_mm256_load_si256(reinterpret_cast<const __m256i*>(t.keep[byte])));
+      const __m256 w = _mm256_and_ps(_mm256_permutevar8x32_ps(_mm256_loadu_ps(p), perm), keep);
+      acc[b] = _mm256_fmadd_ps(a, w, acc[b]);
+      p += __builtin_popcount(byte);
+    }
+  }
+  for (int b = 0; b < 8; ++b) _mm256_storeu_ps(y + 8 * b, acc[b]);
+}
+
+__attribute__((target("avx512f,popcnt"))) void chunk_avx512(const int64_t* idx, const float* v, int64_t n,
+                                                             const uint64_t* bits, const int32_t* offs,
+                                                             const float* vals, int64_t chunks, int64_t c, float* y) {
+  __m512 acc[4];
+  for (int b = 0; b < 4; ++b) acc[b] = _mm512_loadu_ps(y + 16 * b);
+  for (int64_t j = 0; j < n; ++j) {
+    const int64_t at = idx[j] * chunks + c;
+    const uint64_t m = bits[at];
+    if (!m) continue;
+    const float* p = vals + offs[at];
+    const __m512 a = _mm512_set1_ps(v[j]);
+    for (int b = 0; b < 4; ++b) {
+      const __mmask16 k = static_cast<__mmask16>((m >> (16 * b)) & 0xffff);
+      acc[b] = _mm512_fmadd_ps(a, _mm512_maskz_expandloadu_ps(k, p), acc[b]);
+      p += __builtin_popcount(static_cast<unsigned>(k));
+    }
+  }
+  for (int b = 0; b < 4; ++b) _mm512_storeu_ps(y + 16 * b, acc[b]);
+}
+#endif
+
+void accumulate_chunk(const int64_t* idx, const float* v, int64_t n, const uint64_t* bits, const int32_t* offs,
+                      const float* vals, int64_t chunks, int64_t c, float* y, int64_t isa) {
+#ifdef SPARSE_NLP_X86
+  if (isa == kAvx512) return chunk_avx512(idx, v, n, bits, offs, vals, chunks, c, y);
+  if (isa == kAvx2) return chunk_avx2(idx, v, n, bits, offs, vals, chunks, c, y);
+#endif
+  chunk_portable(idx, v, n, bits, offs, vals, chunks, c, y);
+}
+
+at::Tensor masked_activation_linear(const at::Tensor& x, const at::Tensor& bits, const at::Tensor& offsets,
+                                    const at::Tensor& vals, const c10::optional<at::Tensor>& bias, int64_t out,
+                                    double threshold, int64_t isa) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.device().is_cpu(),
+              "masked_activation_linear: x must be a 2-D fp32 CPU tensor");
+  TORCH_CHECK(bits.dim() == 2 && bits.scalar_type() == at::kLong && bits.is_contiguous(),
+              "masked_activation_linear: bits must be a contiguous (in, chunks) int64 tensor");
+  TORCH_CHECK(offsets.sizes() == bits.sizes() && offsets.scalar_type() == at::kInt && offsets.is_contiguous(),
+              "masked_activation_linear: offsets must be a contiguous int32 tensor shaped like bits");
+  TORCH_CHECK(vals.dim() == 1 && vals.scalar_type() == at::kFloat && vals.is_contiguous(),
+              "masked_activation_linear: vals must be a contiguous 1-D fp32 tensor");
+  const int64_t tokens = x.size(0), in = bits.size(0), chunks = bits.size(1);
+  TORCH_CHECK(x.size(1) == in, "masked_activation_linear: x has ", x.size(1), " features, the weight ", in);
+  TORCH_CHECK(out > 0 && out <= chunks * kChunk && out > (chunks - 1) * kChunk,
+              "masked_activation_linear: ", chunks, " chunks of 64 cannot hold ", out, " outputs");
+  if (isa < 0 || isa > best_isa()) isa = best_isa();
+  const float* b = nullptr;
+  at::Tensor bias_c;
+  if (bias.has_value() && bias->defined()) {
+    bias_c = bias->contiguous();
+    TORCH_CHECK(bias_c.numel() == out && bias_c.scalar_type() == at::kFloat, "masked_activation_linear: bad bias");
+    b = bias_c.data_ptr<float>();
+  }
+  const at::Tensor xc = x.contiguous();
+  at::Tensor y = at::empty({tokens, out}, x.options());
+  const float* xp = xc.data_ptr<float>();
+  const uint64_t* bp = reinterpret_cast<const uint64_t*>(bits.data_ptr<int64_t>());
+  const int32_t* op = offsets.data_ptr<int32_t>();
+  const float* vp = vals.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  const float t = static_cast<float>(threshold);
+  std::vector<int64_t> idx(in);
+  std::vector<float> val(in);
+  for (int64_t r = 0; r < tokens; ++r) {
+    const float* xr = xp + r * in;
+    int64_t n = 0;
+    for (int64_t i = 0; i < in; ++i) {
+      if (std::fabs(xr[i]) > t) {
+        idx[n] = i;
+        val[n] = xr[i];
+        ++n;
+      }
+    }
+    float* yr = yp + r * out;
+    at::parallel_for(0, chunks, kColumnGrain / kChunk, [&](int64_t c0, int64_t c1) {
+      alignas(64) float acc[kChunk];
+      for (int64_t c = c0; c < c1; ++c) {
+        const int64_t first = c * kChunk, width = std::min(kChunk, out - first);
+        for (int64_t k = 0; k < kChunk; ++k) acc[k] = (b && k < width) ? b[first + k] : 0.0f;
+        accumulate_chunk(idx.data(), val.data(), n, bp, op, vp, chunks, c, acc, isa);
+        for (int64_t k = 0; k < width; ++k) yr[first + k] = acc[k];
+      }
+    });
+  }
+  return y;
+}
+
 int64_t cpu_isa() { return best_isa(); }
 
 }  // namespace
 
 TORCH_LIBRARY(sparse_nlp_activation, m) {
   m.def("activation_linear(Tensor x, Tensor wt, Tensor? bias, float threshold, int isa) -> Tensor");
+  m.def(
+      "masked_activation_linear(Tensor x, Tensor bits, Tensor offsets, Tensor vals, Tensor? bias, int out, "
+      "float threshold, int isa) -> Tensor");
   m.def("cpu_isa() -> int", &cpu_isa);
 }
 
-TORCH_LIBRARY_IMPL(sparse_nlp_activation, CPU, m) { m.impl("activation_linear", &activation_linear); }
+TORCH_LIBRARY_IMPL(sparse_nlp_activation, CPU, m) {
+  m.impl("activation_linear", &activation_linear);
+  m.impl("masked_activation_linear", &masked_activation_linear);
+}
