@@ -340,12 +340,15 @@ def speed(args) -> list[dict]:
     import copy
 
     import sparse_nlp
-    from sparse_nlp.activation import accelerate, kernel
+    from sparse_nlp.activation import ActivationLinear, accelerate, kernel
 
     base, tokenizer = fresh_model(args)
     prompt = tokenizer("The history of the city begins", return_tensors="pt")
     variants = {"dense": base}
     sparsity = {}
+    compressed: dict[
+        str, str
+    ] = {}  # accelerated variant -> its ActivationLinear layers holding compressed weights
     cache: dict = {}
     if args.ceiling:
         variants["ceiling"] = zero_cost_blocks(copy.deepcopy(base))
@@ -355,6 +358,8 @@ def speed(args) -> list[dict]:
             apply_setting(model, tokenizer, setting, args, cache)
             if mode == "accelerated":
                 accelerate(model)
+                layers = [m for m in model.modules() if isinstance(m, ActivationLinear)]
+                compressed[f"{setting} {mode}"] = f"{sum(m.compressed for m in layers)} of {len(layers)}"
             variants[f"{setting} {mode}"] = model
     for name, model in variants.items():
         finish = count_zeros(model) if name.endswith(" hooks") else None
@@ -384,6 +389,7 @@ def speed(args) -> list[dict]:
                 "seconds": [round(v, 3) for v in values],
                 "cpu_seconds": [round(v, 3) for v in cpu[name]],
                 "kernel": kernel.status(),
+                "compressed_layers": compressed.get(name),
                 "loadavg": [round(x, 2) for x in os.getloadavg()],
             }
         )

@@ -6,6 +6,7 @@ import logging
 
 import pytest
 import torch
+import torch.nn.functional as F
 import transformers
 
 import sparse_nlp
@@ -468,14 +469,26 @@ def test_accelerated_teal_on_a_pruned_model_reads_compressed_weights_and_decodes
     ids = tiny_inputs(batch=1, length=6)["input_ids"]
     with torch.no_grad():
         hooked_all, hooked_step = model(input_ids=ids).logits, model(input_ids=ids[:, :1]).logits
-    accelerate(model)
+    accelerate(model, compressed=True)
     layers = [m for m in model.modules() if isinstance(m, ActivationLinear)]
     assert layers and all(m.compressed and m.weight_t is None for m in layers)
     with torch.no_grad():
         assert torch.allclose(model(input_ids=ids).logits, hooked_all, atol=1e-5)
         assert torch.allclose(model(input_ids=ids[:, :1]).logits, hooked_step, atol=1e-5)
-    dense_layer = ActivationLinear(torch.nn.Linear(8, 4), 0.1)  # an unpruned weight stays dense
+    dense_layer = ActivationLinear(
+        torch.nn.Linear(8, 4), 0.1, compressed=True
+    )  # an unpruned weight stays dense
     assert not dense_layer.compressed and dense_layer.weight_t is not None
+    pruned = torch.nn.Linear(64, 70)
+    with torch.no_grad():
+        pruned.weight.mul_(torch.rand(70, 64) < 0.5)
+    assert not ActivationLinear(pruned, 0.1, compressed=False).compressed
+    timed = ActivationLinear(pruned, 0.1)  # the faster kernel on this CPU: either way, the same product
+    x = torch.randn(1, 64)
+    with torch.no_grad():
+        assert torch.allclose(
+            timed(x), F.linear(torch.where(x.abs() > 0.1, x, 0.0), pruned.weight, pruned.bias), atol=1e-5
+        )
 
 
 def test_report_and_card_state_the_measured_activation_sparsity():

@@ -116,3 +116,30 @@ def masked_activation_linear(
     return op.masked_activation_linear(
         x, weight.bits, weight.offsets, weight.vals, bias, weight.out_features, float(threshold), best_isa()
     )
+
+
+def compressed_is_faster(weight_t: torch.Tensor, packed: CompressedRows, rounds: int = 3) -> bool:
+    """Whether the compressed product of `packed` beats the dense transposed one of `weight_t` on this CPU, timed
+    side by side on one token with every input kept (both costs grow with the kept inputs alike). False when the
+    native kernel is not built (the fallback decompresses on every call)."""
+    import time
+
+    op = ops()
+    if op is None:
+        return False
+    x = torch.randn(1, weight_t.shape[0], generator=torch.Generator().manual_seed(0))
+    isa = best_isa()
+    runs = {
+        "dense": lambda: op.activation_linear(x, weight_t, None, -1.0, isa),
+        "compressed": lambda: op.masked_activation_linear(
+            x, packed.bits, packed.offsets, packed.vals, None, packed.out_features, -1.0, isa
+        ),
+    }
+    best = {name: float("inf") for name in runs}
+    for _ in range(rounds):
+        for name, run in runs.items():
+            start = time.perf_counter()
+            run()
+            run()
+            best[name] = min(best[name], time.perf_counter() - start)
+    return best["compressed"] < best["dense"]

@@ -31,23 +31,25 @@ REVERT_ATTR = "_sparse_nlp_activation_revert"
 
 
 COMPRESS_DENSITY = 0.7
-"""`ActivationLinear` keeps a weight with at most this fraction of nonzeros compressed (`kernel.CompressedRows`),
-so its decoding product skips the pruned weights as well as the zeroed inputs."""
+"""`ActivationLinear` may keep a weight with at most this fraction of nonzeros compressed
+(`kernel.CompressedRows`), so its decoding product skips the pruned weights as well as the zeroed inputs."""
 
 
 class ActivationLinear(nn.Module):
     """y = x_s W^T + b, where x_s keeps the entries of x with ``|x| > threshold``.
 
-    The transposed copy of the weight is dense, or compressed to its nonzeros when at most `COMPRESS_DENSITY` of
-    them are nonzero (a pruned weight): then the one-token product reads neither the weights of zeroed inputs nor
-    the pruned weights.
+    The transposed copy of the weight is dense, or compressed to its nonzeros (a pruned weight, at most
+    `COMPRESS_DENSITY` nonzero): then the one-token product reads neither the weights of zeroed inputs nor the
+    pruned weights.
 
     Args:
         layer: The ``nn.Linear`` or ``Conv1D`` replaced (its parameters are shared, not copied).
         threshold: Magnitude at or below which inputs are zeroed (0.0 zeroes exact zeros only).
+        compressed: For a pruned weight: True keeps it compressed, False dense, None (default) whichever of the
+            two kernels is faster on this CPU, timed on the layer (`kernel.compressed_is_faster`).
     """
 
-    def __init__(self, layer: nn.Module, threshold: float) -> None:
+    def __init__(self, layer: nn.Module, threshold: float, compressed: bool | None = None) -> None:
         super().__init__()
         self.original = [layer]  # in a list: not a submodule (its parameters are registered here already)
         self.transposed = is_transposed(layer)
@@ -58,10 +60,13 @@ class ActivationLinear(nn.Module):
             layer.weight.detach() if self.transposed else layer.weight.detach().t()
         ).float()  # (in, out)
         self.in_features, self.out_features = weight_t.shape
-        density = float((weight_t != 0).float().mean())
-        self.compressed = density <= COMPRESS_DENSITY
-        if self.compressed:
+        packed = None
+        if compressed is not False and float((weight_t != 0).float().mean()) <= COMPRESS_DENSITY:
             packed = kernel.compress(weight_t)
+            if compressed is None and not kernel.compressed_is_faster(weight_t.contiguous(), packed):
+                packed = None
+        self.compressed = packed is not None
+        if packed is not None:
             for name in ("bits", "offsets", "vals"):
                 self.register_buffer(name, getattr(packed, name), persistent=False)
             self.register_buffer("weight_t", None, persistent=False)
@@ -190,10 +195,13 @@ def _swap(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
     return old
 
 
-def accelerate(model: nn.Module) -> int:
+def accelerate(model: nn.Module, compressed: bool | None = None) -> int:
     """Replace the thresholded Linear layers of `model` by `ActivationLinear` layers (in place; inference); under
     MoEfication, each FFN's input projections by `ExpertRowsLinear` and its output projection by an
     `ActivationLinear` that skips zero inputs.
+
+    `compressed` decides how a pruned weight is held (see `ActivationLinear`): None (default) times both kernels on
+    each layer and keeps the faster, True always compresses, False never.
 
     Returns the number of layers replaced. Calling it again changes nothing. Raises `ValueError` when the model
     has no activation sparsity attached.
@@ -212,9 +220,9 @@ def accelerate(model: nn.Module) -> int:
         for name, t in state.thresholds.items():
             module = model.get_submodule(name)
             if is_prunable(module):
-                swapped[name] = _swap(model, name, ActivationLinear(module, t))
+                swapped[name] = _swap(model, name, ActivationLinear(module, t, compressed))
     elif state.where == "experts":
-        swapped = _accelerate_experts(model, state.handles)
+        swapped = _accelerate_experts(model, state.handles, compressed)
     else:  # CATS: the output projection of each thresholded FFN skips the zeros the gate threshold left
         entry = model_targets(model)
         for name in state.thresholds:
@@ -222,7 +230,7 @@ def accelerate(model: nn.Module) -> int:
             out_name = f"{ffn}.{entry.ffn_out.rsplit('.', 1)[1]}"
             module = model.get_submodule(out_name)
             if is_prunable(module):
-                swapped[out_name] = _swap(model, out_name, ActivationLinear(module, 0.0))
+                swapped[out_name] = _swap(model, out_name, ActivationLinear(module, 0.0, compressed))
 
     def restore(model: nn.Module) -> None:
         for name, original in swapped.items():
@@ -233,7 +241,9 @@ def accelerate(model: nn.Module) -> int:
     return len(swapped)
 
 
-def _accelerate_experts(model: nn.Module, routers: list[ExpertRouter]) -> dict[str, nn.Module]:
+def _accelerate_experts(
+    model: nn.Module, routers: list[ExpertRouter], compressed: bool | None
+) -> dict[str, nn.Module]:
     """Swap each MoEfication FFN's input projections for `ExpertRowsLinear` and its output projection for an
     `ActivationLinear` (threshold 0.0); the routers' hooks stay on the original modules (used again after `revert`)
     and on the activation modules. Input projections of more rows than neurons (a fused gate/up) are left alone."""
@@ -253,7 +263,7 @@ def _accelerate_experts(model: nn.Module, routers: list[ExpertRouter]) -> dict[s
         out_name = prefix + entry.ffn_out
         module = model.get_submodule(out_name)
         if is_prunable(module):
-            swapped[out_name] = _swap(model, out_name, ActivationLinear(module, 0.0))
+            swapped[out_name] = _swap(model, out_name, ActivationLinear(module, 0.0, compressed))
     return swapped
 
 

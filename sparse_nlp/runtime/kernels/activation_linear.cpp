@@ -10,8 +10,8 @@
 // With weight sparsity as well (`masked_activation_linear`), the transposed weight is stored compressed: the
 // outputs of each input row in chunks of 64, one 64-bit mask per (row, chunk) saying which weights are kept, the
 // kept weights of the row in order (`vals`), and the offset of each (row, chunk)'s first kept weight. Each thread
-// takes a range of chunks and holds a chunk's 64 outputs in registers while it streams the kept inputs over it; a
-// kept weight is read once and a pruned one never (AVX-512: expanding loads; AVX2: a permute from a 256-entry
+// takes a range of chunks and reads each kept input's part of the row front to back, adding it to the range's
+// outputs (in L1); a kept weight is read once and a pruned one never (AVX-512: expanding loads; AVX2: a permute from a 256-entry
 // table per byte of the mask). At 50% weight sparsity that is 2.2 bytes per weight of a kept input instead of 4.
 //
 // One source, three code paths chosen at run time: AVX-512F, AVX2+FMA (x86-64, target attributes and
@@ -187,18 +187,21 @@ at::Tensor activation_linear(const at::Tensor& x, const at::Tensor& wt, const c1
 
 constexpr int64_t kChunk = 64;
 
-// y[0:64] += sum_j v[j] * (row idx[j] of the compressed weight, chunk c)
-void chunk_portable(const int64_t* idx, const float* v, int64_t n, const uint64_t* bits, const int32_t* offs,
-                    const float* vals, int64_t chunks, int64_t c, float* y) {
+// y[64 * c0 : 64 * c1] += sum_j v[j] * (row idx[j] of the compressed weight, chunks c0..c1): each kept input's
+// row is read front to back over the range (the part of the row a thread owns is one contiguous run of `vals`)
+void chunks_portable(const int64_t* idx, const float* v, int64_t n, const uint64_t* bits, const int32_t* offs,
+                     const float* vals, int64_t chunks, int64_t c0, int64_t c1, float* y) {
   for (int64_t j = 0; j < n; ++j) {
-    const int64_t at = idx[j] * chunks + c;
-    uint64_t m = bits[at];
-    const float* p = vals + offs[at];
+    const int64_t row = idx[j] * chunks;
+    const float* p = vals + offs[row + c0];
     const float a = v[j];
-    while (m) {
-      const int bit = __builtin_ctzll(m);
-      y[bit] += a * *p++;
-      m &= m - 1;
+    for (int64_t c = c0; c < c1; ++c) {
+      uint64_t m = bits[row + c];
+      float* yc = y + (c - c0) * kChunk;
+      while (m) {
+        yc[__builtin_ctzll(m)] += a * *p++;
+        m &= m - 1;
+      }
     }
   }
 }
@@ -225,58 +228,61 @@ const ExpandTable& expand_table() {
   return table;
 }
 
-__attribute__((target("avx2,fma,popcnt"))) void chunk_avx2(const int64_t* idx, const float* v, int64_t n,
-                                                            const uint64_t* bits, const int32_t* offs,
-                                                            const float* vals, int64_t chunks, int64_t c, float* y) {
-  const ExpandTable& t = expand_table();
-  __m256 acc[8];
-  for (int b = 0; b < 8; ++b) acc[b] = _mm256_loadu_ps(y + 8 * b);
-  for (int64_t j = 0; j < n; ++j) {
-    const int64_t at = idx[j] * chunks + c;
-    const uint64_t m = bits[at];
-    if (!m) continue;
-    const float* p = vals + offs[at];
-    const __m256 a = _mm256_set1_ps(v[j]);
-    for (int b = 0; b < 8; ++b) {
-      const unsigned byte = (m >> (8 * b)) & 0xff;
-      const __m256i perm = _mm256_load_si256(reinterpret_cast<const __m256i*>(t.perm[byte]));
-      const __m256 keep = _mm256_castsi256_ps(_mm256_load_si256(reinterpret_cast<const __m256i*>(t.keep[byte])));
-      const __m256 w = _mm256_and_ps(_mm256_permutevar8x32_ps(_mm256_loadu_ps(p), perm), keep);
-      acc[b] = _mm256_fmadd_ps(a, w, acc[b]);
-      p += __builtin_popcount(byte);
-    }
-  }
-  for (int b = 0; b < 8; ++b) _mm256_storeu_ps(y + 8 * b, acc[b]);
-}
-
-__attribute__((target("avx512f,popcnt"))) void chunk_avx512(const int64_t* idx, const float* v, int64_t n,
+__attribute__((target("avx2,fma,popcnt"))) void chunks_avx2(const int64_t* idx, const float* v, int64_t n,
                                                              const uint64_t* bits, const int32_t* offs,
-                                                             const float* vals, int64_t chunks, int64_t c, float* y) {
-  __m512 acc[4];
-  for (int b = 0; b < 4; ++b) acc[b] = _mm512_loadu_ps(y + 16 * b);
+                                                             const float* vals, int64_t chunks, int64_t c0,
+                                                             int64_t c1, float* y) {
+  const ExpandTable& t = expand_table();
   for (int64_t j = 0; j < n; ++j) {
-    const int64_t at = idx[j] * chunks + c;
-    const uint64_t m = bits[at];
-    if (!m) continue;
-    const float* p = vals + offs[at];
-    const __m512 a = _mm512_set1_ps(v[j]);
-    for (int b = 0; b < 4; ++b) {
-      const __mmask16 k = static_cast<__mmask16>((m >> (16 * b)) & 0xffff);
-      acc[b] = _mm512_fmadd_ps(a, _mm512_maskz_expandloadu_ps(k, p), acc[b]);
-      p += __builtin_popcount(static_cast<unsigned>(k));
+    const int64_t row = idx[j] * chunks;
+    const float* p = vals + offs[row + c0];
+    const __m256 a = _mm256_set1_ps(v[j]);
+    for (int64_t c = c0; c < c1; ++c) {
+      const uint64_t m = bits[row + c];
+      float* yc = y + (c - c0) * kChunk;
+      for (int b = 0; b < 8; ++b) {  // each byte's first weight from the bits below it: no chain through p
+        const unsigned byte = (m >> (8 * b)) & 0xff;
+        const float* pb = p + __builtin_popcountll(m & ((uint64_t{1} << (8 * b)) - 1));
+        const __m256i perm = _mm256_load_si256(reinterpret_cast<const __m256i*>(t.perm[byte]));
+        const __m256 keep = _mm256_castsi256_ps(_mm256_load_si256(reinterpret_cast<const __m256i*>(t.keep[byte])));
+        const __m256 w = _mm256_and_ps(_mm256_permutevar8x32_ps(_mm256_loadu_ps(pb), perm), keep);
+        _mm256_storeu_ps(yc + 8 * b, _mm256_fmadd_ps(a, w, _mm256_loadu_ps(yc + 8 * b)));
+      }
+      p += __builtin_popcountll(m);
     }
   }
-  for (int b = 0; b < 4; ++b) _mm512_storeu_ps(y + 16 * b, acc[b]);
+}
+
+__attribute__((target("avx512f,popcnt"))) void chunks_avx512(const int64_t* idx, const float* v, int64_t n,
+                                                              const uint64_t* bits, const int32_t* offs,
+                                                              const float* vals, int64_t chunks, int64_t c0,
+                                                              int64_t c1, float* y) {
+  for (int64_t j = 0; j < n; ++j) {
+    const int64_t row = idx[j] * chunks;
+    const float* p = vals + offs[row + c0];
+    const __m512 a = _mm512_set1_ps(v[j]);
+    for (int64_t c = c0; c < c1; ++c) {
+      const uint64_t m = bits[row + c];
+      float* yc = y + (c - c0) * kChunk;
+      if (!m) continue;
+      for (int b = 0; b < 4; ++b) {
+        const __mmask16 k = static_cast<__mmask16>((m >> (16 * b)) & 0xffff);
+        const __m512 w = _mm512_maskz_expandloadu_ps(k, p);
+        _mm512_storeu_ps(yc + 16 * b, _mm512_fmadd_ps(a, w, _mm512_loadu_ps(yc + 16 * b)));
+        p += __builtin_popcount(static_cast<unsigned>(k));
+      }
+    }
+  }
 }
 #endif
 
-void accumulate_chunk(const int64_t* idx, const float* v, int64_t n, const uint64_t* bits, const int32_t* offs,
-                      const float* vals, int64_t chunks, int64_t c, float* y, int64_t isa) {
+void accumulate_chunks(const int64_t* idx, const float* v, int64_t n, const uint64_t* bits, const int32_t* offs,
+                       const float* vals, int64_t chunks, int64_t c0, int64_t c1, float* y, int64_t isa) {
 #ifdef SPARSE_NLP_X86
-  if (isa == kAvx512) return chunk_avx512(idx, v, n, bits, offs, vals, chunks, c, y);
-  if (isa == kAvx2) return chunk_avx2(idx, v, n, bits, offs, vals, chunks, c, y);
+  if (isa == kAvx512) return chunks_avx512(idx, v, n, bits, offs, vals, chunks, c0, c1, y);
+  if (isa == kAvx2) return chunks_avx2(idx, v, n, bits, offs, vals, chunks, c0, c1, y);
 #endif
-  chunk_portable(idx, v, n, bits, offs, vals, chunks, c, y);
+  chunks_portable(idx, v, n, bits, offs, vals, chunks, c0, c1, y);
 }
 
 at::Tensor masked_activation_linear(const at::Tensor& x, const at::Tensor& bits, const at::Tensor& offsets,
@@ -324,13 +330,11 @@ at::Tensor masked_activation_linear(const at::Tensor& x, const at::Tensor& bits,
     }
     float* yr = yp + r * out;
     at::parallel_for(0, chunks, kColumnGrain / kChunk, [&](int64_t c0, int64_t c1) {
-      alignas(64) float acc[kChunk];
-      for (int64_t c = c0; c < c1; ++c) {
-        const int64_t first = c * kChunk, width = std::min(kChunk, out - first);
-        for (int64_t k = 0; k < kChunk; ++k) acc[k] = (b && k < width) ? b[first + k] : 0.0f;
-        accumulate_chunk(idx.data(), val.data(), n, bp, op, vp, chunks, c, acc, isa);
-        for (int64_t k = 0; k < width; ++k) yr[first + k] = acc[k];
-      }
+      std::vector<float> acc((c1 - c0) * kChunk);  // the range's outputs, padded to whole chunks
+      const int64_t first = c0 * kChunk, width = std::min(c1 * kChunk, out) - first;
+      for (int64_t k = 0; k < static_cast<int64_t>(acc.size()); ++k) acc[k] = (b && k < width) ? b[first + k] : 0.0f;
+      accumulate_chunks(idx.data(), val.data(), n, bp, op, vp, chunks, c0, c1, acc.data(), isa);
+      std::copy(acc.begin(), acc.begin() + width, yr + first);
     });
   }
   return y;
