@@ -363,6 +363,35 @@ def test_compressed_kernel_equals_the_dense_product_of_the_zeroed_input(
     assert torch.allclose(y, torch.where(x.abs() > 0.5, x, 0.0) @ wt, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("isa", ["portable", "native"])
+@pytest.mark.parametrize("experts,size,inp", [(4, 96, 576), (3, 7, 37), (5, 1, 16), (2, 9, 8)])
+def test_expert_rows_kernel_equals_the_rows_of_the_kept_experts(monkeypatch, isa, experts, size, inp):
+    if kernel.ops() is None:
+        pytest.skip(f"native kernel unavailable: {kernel.status()}")
+    if isa == "portable":
+        monkeypatch.setenv(kernel.ENV_ISA, "portable")
+        assert kernel.best_isa() == 0
+    g = torch.Generator().manual_seed(experts * size + inp)
+    w, x = torch.randn(experts, size, inp, generator=g), torch.randn(inp, generator=g)
+    bias = torch.randn(experts, size, generator=g)
+    out = experts * size - 1  # one grouped row is padding: it holds the value `out`
+    rows = torch.randperm(experts * size, generator=g).reshape(experts, size)
+    for chosen in ([0], [experts - 1, 0], list(range(experts))):
+        c = torch.tensor(chosen)
+        for b in (None, bias):
+            y = kernel.expert_rows(x, w, c, b, rows, out)
+            dots = w[c].double() @ x.double() + (0.0 if b is None else b[c].double())  # (k, S)
+            reference = torch.zeros(out + 1, dtype=torch.float64)
+            reference[rows[c].reshape(-1)] = dots.reshape(-1)
+            reference = reference[:out]
+            assert y.shape == (out,)
+            scale = max(1.0, float(reference.abs().max()))
+            assert float((y.double() - reference).abs().max()) <= 1e-5 * scale
+            assert int((y != 0).sum()) == int((reference != 0).sum())  # every other output stays zero
+    with pytest.raises(RuntimeError, match="is not in"):
+        kernel.expert_rows(x, w, torch.tensor([experts]), None, rows, out)
+
+
 def test_compressed_kernel_refuses_mismatched_tensors():
     if kernel.ops() is None:
         pytest.skip(f"native kernel unavailable: {kernel.status()}")
@@ -428,7 +457,9 @@ def test_accelerated_moefication_skips_experts_and_decodes_like_the_hooks(family
     x = torch.randn(1, 1, first.in_features)
     with torch.no_grad():
         y = first(x)
-    kept = first.router.keep.reshape(-1)
+    experts = torch.zeros(first.router.experts, dtype=torch.bool)
+    experts[first.router.choose(x.reshape(-1))] = True
+    kept = experts[first.router.assign]
     assert int(kept.sum()) == first.out_features // 2  # 2 of 4 experts of equal size
     assert torch.all(y.reshape(-1)[~kept] == 0)
     assert torch.allclose(y.reshape(-1)[kept], first.original[0](x).reshape(-1)[kept], atol=1e-6)
@@ -439,20 +470,27 @@ def test_accelerated_moefication_skips_experts_and_decodes_like_the_hooks(family
 
 
 @pytest.mark.parametrize("bias", [True, False])
-def test_expert_rows_equal_the_dense_rows_of_the_kept_experts_with_uneven_experts(bias):
+@pytest.mark.parametrize("act", [torch.nn.Identity(), torch.nn.Sigmoid()])  # act(0) = 0, and not
+def test_expert_rows_equal_the_dense_rows_of_the_kept_experts_with_uneven_experts(bias, act):
     torch.manual_seed(0)
-    layer, act = torch.nn.Linear(8, 10, bias=bias), torch.nn.Identity()
+    layer = torch.nn.Linear(8, 10, bias=bias)
     assign = torch.tensor([2, 0, 1, 0, 2, 1, 0, 2, 0, 1])  # experts of 4, 3 and 3 neurons
     router = ExpertRouter(layer, act, assign, experts=3, top_k=2)
     fast = ExpertRowsLinear(layer, router, routes=True)
     for seed in range(5):
         x = torch.randn(1, 1, 8, generator=torch.Generator().manual_seed(seed))
         with torch.no_grad():
-            y, dense = fast(x), layer(x)
+            dense = layer(x)  # (the router hook on the original layer routes too)
+            y = fast(x)
         kept = torch.zeros(3, dtype=torch.bool)
         kept[router.choose(x.reshape(-1))] = True
         keep = kept[assign]
-        assert torch.equal(router.keep.reshape(-1), keep)  # handed to the activation hook
+        if (
+            router.act_keeps_zero
+        ):  # skipped neurons stay zero through act: the activation hook has nothing to do
+            assert router.keep is None
+        else:  # the activation hook zeroes act(0) of the skipped neurons
+            assert torch.equal(router.keep.reshape(-1), keep)
         assert torch.allclose(y.reshape(-1), torch.where(keep, dense.reshape(-1), 0.0), atol=1e-6)
         assert torch.all(y.reshape(-1)[~keep] == 0)
     router.remove()

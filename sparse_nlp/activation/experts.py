@@ -79,6 +79,11 @@ class ExpertRouter:
         self.top_k = top_k
         self.experts = experts
         self.centroids = centroids(neuron_rows(first, width), assign, experts)  # (E, H)
+        self.centroids_t = self.centroids.t().contiguous()  # (H, E), for scoring one token
+        with (
+            torch.no_grad()
+        ):  # whether act(0) = 0: then neurons whose projection is skipped stay zero on their own
+            self.act_keeps_zero = bool(act(torch.zeros(1)).eq(0).all())
         self.keep: torch.Tensor | None = None
         self.handles = [
             first.register_forward_pre_hook(self._route),
@@ -87,7 +92,7 @@ class ExpertRouter:
 
     def choose(self, x: torch.Tensor) -> torch.Tensor:
         """(..., H) tokens -> (..., k) the experts each token keeps (the best `top_k` scores ``x . c_e``)."""
-        scores = x.float() @ self.centroids.t().to(x.device)  # (..., E)
+        scores = x.float() @ self.centroids_t.to(x.device)  # (..., E)
         return scores.topk(self.top_k, dim=-1).indices
 
     def route(self, x: torch.Tensor, chosen: torch.Tensor | None = None) -> None:

@@ -2,7 +2,7 @@
 
 `activation_linear` reads a dense transposed weight; `masked_activation_linear` reads one compressed by
 `compress` (a pruned weight: only its kept entries, with a bitmask per 64 outputs), so activation and weight
-sparsity compose.
+sparsity compose; `expert_rows` computes the rows of MoEfication's kept experts only.
 
 `ops` compiles the source once per machine and user through `sparse_nlp.native.build_library` (later processes load
 the cached library) and returns ``torch.ops.sparse_nlp_activation``, or None after one warning where it cannot be
@@ -143,3 +143,27 @@ def compressed_is_faster(weight_t: torch.Tensor, packed: CompressedRows, rounds:
             run()
             best[name] = min(best[name], time.perf_counter() - start)
     return best["compressed"] < best["dense"]
+
+
+def expert_rows(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    chosen: torch.Tensor,
+    bias: torch.Tensor | None,
+    rows: torch.Tensor,
+    out_features: int,
+) -> torch.Tensor:
+    """One token x (in,), a weight grouped by expert (E, S, in), the kept experts (k,) int64 and the output of each
+    grouped row (E, S) int64 (``out_features`` or more: a padding row) -> (out_features,): the kept experts' rows
+    times x (plus their (E, S) bias) at their outputs, zeros elsewhere. Runs the native kernel when it is built;
+    otherwise one torch product per kept expert."""
+    op = ops()
+    if op is None:
+        col = x.reshape(-1, 1)
+        y = torch.cat([torch.mm(weight[e], col).reshape(-1) for e in chosen.tolist()])
+        if bias is not None:
+            y = y + bias.index_select(0, chosen).reshape(-1)
+        out = x.new_zeros(out_features + 1)  # the last slot takes the padding rows
+        out.index_copy_(0, rows.index_select(0, chosen).reshape(-1).clamp(max=out_features), y)
+        return out[:out_features]
+    return op.expert_rows(x, weight, chosen, bias, rows, out_features, best_isa())

@@ -114,7 +114,8 @@ class ExpertRowsLinear(nn.Module):
     one token, computes only the output rows (neurons) of the experts the router keeps; the other outputs are zeros.
 
     The rows are kept in a private copy grouped by expert, (experts, rows per expert, in), the smaller experts
-    padded with zero rows, so each kept expert is one product over contiguous weights, read once. With more tokens, or
+    padded with zero rows, so each kept expert's weights are contiguous and read once (`kernel.expert_rows`). With
+    more tokens, or
     with a gradient, it runs the original layer. The projection whose input the router scores (`routes`) also hands
     the router its choice, for the activation hook that zeroes the skipped neurons in every case.
 
@@ -138,13 +139,13 @@ class ExpertRowsLinear(nn.Module):
         # row r of expert e is neuron rows[e, r]; padding rows point at the spare output slot F
         rows = torch.full((experts, size), self.out_features, dtype=torch.long)
         grouped = weight.new_zeros(experts, size, self.in_features)
-        grouped_bias = weight.new_zeros(experts, size, 1)
+        grouped_bias = weight.new_zeros(experts, size)
         for e in range(experts):
             neurons = (assign == e).nonzero().flatten()
             rows[e, : neurons.numel()] = neurons
             grouped[e, : neurons.numel()] = weight[neurons]
             if layer.bias is not None:
-                grouped_bias[e, : neurons.numel(), 0] = layer.bias.detach().float()[neurons]
+                grouped_bias[e, : neurons.numel()] = layer.bias.detach().float()[neurons]
         self.register_buffer("rows", rows, persistent=False)
         self.register_buffer("weight_grouped", grouped, persistent=False)  # (E, S, H)
         self.register_buffer("bias_grouped", None if layer.bias is None else grouped_bias, persistent=False)
@@ -161,24 +162,15 @@ class ExpertRowsLinear(nn.Module):
             return self.original[0](x)
         flat = x.reshape(-1)
         chosen = self.router.choose(flat)  # (k,)
-        if self.routes:
-            self.router.route(x, chosen.reshape(*shape[:-1], -1))
-        col, experts = flat.unsqueeze(-1), self._experts()
-        y = torch.cat(
-            [torch.mm(experts[e], col) for e in chosen.tolist()]
-        )  # (k * S, 1), the weights read once
-        if self.bias_grouped is not None:
-            y = y + self.bias_grouped.index_select(0, chosen).reshape(-1, 1)
-        out = x.new_zeros(self.out_features + 1)  # the last slot takes the padding rows
-        out.index_copy_(0, self.rows.index_select(0, chosen).reshape(-1), y.reshape(-1))
-        return out[: self.out_features].reshape(*shape[:-1], self.out_features)
-
-    def _experts(self) -> list[torch.Tensor]:
-        """The (S, H) weight of each expert, as views of ``weight_grouped`` (made again if the buffer changed)."""
-        views = self.__dict__.get("_views")
-        if views is None or views[0].data_ptr() != self.weight_grouped.data_ptr():
-            views = self.__dict__["_views"] = list(self.weight_grouped.unbind(0))
-        return views
+        if self.routes:  # the activation hook needs the kept neurons only where act(0) is not 0
+            router = self.router
+            router.keep = None
+            if not router.act_keeps_zero:
+                router.route(x, chosen.reshape(*shape[:-1], -1))
+        out = kernel.expert_rows(
+            flat, self.weight_grouped, chosen, self.bias_grouped, self.rows, self.out_features
+        )
+        return out.reshape(*shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return (

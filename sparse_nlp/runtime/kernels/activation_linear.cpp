@@ -340,6 +340,125 @@ at::Tensor masked_activation_linear(const at::Tensor& x, const at::Tensor& bits,
   return y;
 }
 
+// ---- MoEfication: the rows of the kept experts ------------------------------------------------------------
+// y[rows[e, s]] = w[e, s, :] . x (+ bias[e, s]) for the rows s of each kept expert e (w: (E, S, H), grouped by
+// expert); every other output is zero
+
+float dot_portable(const float* w, const float* x, int64_t h) {
+  float s = 0.0f;
+  for (int64_t i = 0; i < h; ++i) s += w[i] * x[i];
+  return s;
+}
+
+#ifdef SPARSE_NLP_X86
+__attribute__((target("avx2,fma"))) void dots4_avx2(const float* w, int64_t h, const float* x, float* y) {
+  // four consecutive rows of length h at w: each load of x serves four rows
+  const float* w1 = w + h;
+  const float* w2 = w + 2 * h;
+  const float* w3 = w + 3 * h;
+  __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps(), s2 = _mm256_setzero_ps(), s3 = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= h; i += 8) {
+    const __m256 xv = _mm256_loadu_ps(x + i);
+    s0 = _mm256_fmadd_ps(_mm256_loadu_ps(w + i), xv, s0);
+    s1 = _mm256_fmadd_ps(_mm256_loadu_ps(w1 + i), xv, s1);
+    s2 = _mm256_fmadd_ps(_mm256_loadu_ps(w2 + i), xv, s2);
+    s3 = _mm256_fmadd_ps(_mm256_loadu_ps(w3 + i), xv, s3);
+  }
+  alignas(32) float t[4][8];
+  _mm256_store_ps(t[0], s0);
+  _mm256_store_ps(t[1], s1);
+  _mm256_store_ps(t[2], s2);
+  _mm256_store_ps(t[3], s3);
+  const float* rows[4] = {w, w1, w2, w3};
+  for (int r = 0; r < 4; ++r) {
+    float sum = 0.0f;
+    for (int l = 0; l < 8; ++l) sum += t[r][l];
+    for (int64_t j = i; j < h; ++j) sum += rows[r][j] * x[j];
+    y[r] = sum;
+  }
+}
+
+__attribute__((target("avx512f"))) void dots4_avx512(const float* w, int64_t h, const float* x, float* y) {
+  const float* w1 = w + h;
+  const float* w2 = w + 2 * h;
+  const float* w3 = w + 3 * h;
+  __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps(), s2 = _mm512_setzero_ps(), s3 = _mm512_setzero_ps();
+  int64_t i = 0;
+  for (; i + 16 <= h; i += 16) {
+    const __m512 xv = _mm512_loadu_ps(x + i);
+    s0 = _mm512_fmadd_ps(_mm512_loadu_ps(w + i), xv, s0);
+    s1 = _mm512_fmadd_ps(_mm512_loadu_ps(w1 + i), xv, s1);
+    s2 = _mm512_fmadd_ps(_mm512_loadu_ps(w2 + i), xv, s2);
+    s3 = _mm512_fmadd_ps(_mm512_loadu_ps(w3 + i), xv, s3);
+  }
+  const float* rows[4] = {w, w1, w2, w3};
+  const float sums[4] = {_mm512_reduce_add_ps(s0), _mm512_reduce_add_ps(s1), _mm512_reduce_add_ps(s2),
+                         _mm512_reduce_add_ps(s3)};
+  for (int r = 0; r < 4; ++r) {
+    float sum = sums[r];
+    for (int64_t j = i; j < h; ++j) sum += rows[r][j] * x[j];
+    y[r] = sum;
+  }
+}
+#endif
+
+void expert_dots(const float* w, int64_t rows, int64_t h, const float* x, float* y, int64_t isa) {
+  int64_t r = 0;
+#ifdef SPARSE_NLP_X86
+  if (isa == kAvx512)
+    for (; r + 4 <= rows; r += 4) dots4_avx512(w + r * h, h, x, y + r);
+  else if (isa == kAvx2)
+    for (; r + 4 <= rows; r += 4) dots4_avx2(w + r * h, h, x, y + r);
+#endif
+  for (; r < rows; ++r) y[r] = dot_portable(w + r * h, x, h);
+}
+
+at::Tensor expert_rows(const at::Tensor& x, const at::Tensor& w, const at::Tensor& chosen,
+                       const c10::optional<at::Tensor>& bias, const at::Tensor& rows, int64_t out, int64_t isa) {
+  TORCH_CHECK(w.dim() == 3 && w.scalar_type() == at::kFloat && w.is_contiguous() && w.device().is_cpu(),
+              "expert_rows: the grouped weight must be a contiguous (experts, rows, in) fp32 CPU tensor");
+  TORCH_CHECK(x.numel() == w.size(2) && x.scalar_type() == at::kFloat && x.device().is_cpu(),
+              "expert_rows: x must hold one fp32 token of ", w.size(2), " features");
+  TORCH_CHECK(chosen.dim() == 1 && chosen.scalar_type() == at::kLong, "expert_rows: chosen must be 1-D int64");
+  const int64_t experts = w.size(0), size = w.size(1), h = w.size(2), k = chosen.size(0);
+  const at::Tensor cc = chosen.contiguous();
+  const int64_t* cp = cc.data_ptr<int64_t>();
+  for (int64_t j = 0; j < k; ++j)
+    TORCH_CHECK(cp[j] >= 0 && cp[j] < experts, "expert_rows: expert ", cp[j], " is not in [0, ", experts, ")");
+  const float* b = nullptr;
+  at::Tensor bias_c;
+  if (bias.has_value() && bias->defined()) {
+    bias_c = bias->contiguous();
+    TORCH_CHECK(bias_c.numel() == experts * size && bias_c.scalar_type() == at::kFloat, "expert_rows: bad bias");
+    b = bias_c.data_ptr<float>();
+  }
+  TORCH_CHECK(rows.dim() == 2 && rows.size(0) == experts && rows.size(1) == size && rows.scalar_type() == at::kLong &&
+                  rows.is_contiguous(),
+              "expert_rows: rows must be a contiguous (experts, rows) int64 tensor");
+  const int64_t* rp = rows.data_ptr<int64_t>();
+  if (isa < 0 || isa > best_isa()) isa = best_isa();
+  const at::Tensor xc = x.contiguous();
+  const float* xp = xc.data_ptr<float>();
+  const float* wp = w.data_ptr<float>();
+  at::Tensor dots = at::empty({k * size}, x.options());
+  float* dp = dots.data_ptr<float>();
+  at::Tensor y = at::zeros({out}, x.options());
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, k, 1, [&](int64_t j0, int64_t j1) {
+    for (int64_t j = j0; j < j1; ++j) {
+      const int64_t e = cp[j];
+      float* d = dp + j * size;
+      expert_dots(wp + e * size * h, size, h, xp, d, isa);
+      for (int64_t s = 0; s < size; ++s) {
+        const int64_t r = rp[e * size + s];  // the output this row feeds; out or more: a padding row
+        if (r >= 0 && r < out) yp[r] = d[s] + (b ? b[e * size + s] : 0.0f);
+      }
+    }
+  });
+  return y;
+}
+
 int64_t cpu_isa() { return best_isa(); }
 
 }  // namespace
@@ -349,10 +468,12 @@ TORCH_LIBRARY(sparse_nlp_activation, m) {
   m.def(
       "masked_activation_linear(Tensor x, Tensor bits, Tensor offsets, Tensor vals, Tensor? bias, int out, "
       "float threshold, int isa) -> Tensor");
+  m.def("expert_rows(Tensor x, Tensor w, Tensor chosen, Tensor? bias, Tensor rows, int out, int isa) -> Tensor");
   m.def("cpu_isa() -> int", &cpu_isa);
 }
 
 TORCH_LIBRARY_IMPL(sparse_nlp_activation, CPU, m) {
   m.impl("activation_linear", &activation_linear);
   m.impl("masked_activation_linear", &masked_activation_linear);
+  m.impl("expert_rows", &expert_rows);
 }
