@@ -307,14 +307,19 @@ def test_activation_sparsity_needs_data():
 # ---- the batch-1 kernel ----------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("isa", ["portable", "native"])
-@pytest.mark.parametrize("tokens,inp,out", [(1, 37, 53), (1, 64, 24), (3, 70, 19), (1, 5, 200)])
-def test_kernel_equals_the_dense_product_of_the_zeroed_input(monkeypatch, isa, tokens, inp, out):
+def use_isa(monkeypatch, isa: str) -> None:
+    """Skip without the native kernel; cap it to its portable path for ``isa == "portable"``."""
     if kernel.ops() is None:
         pytest.skip(f"native kernel unavailable: {kernel.status()}")
     if isa == "portable":
         monkeypatch.setenv(kernel.ENV_ISA, "portable")
         assert kernel.best_isa() == 0
+
+
+@pytest.mark.parametrize("isa", ["portable", "native"])
+@pytest.mark.parametrize("tokens,inp,out", [(1, 37, 53), (1, 64, 24), (3, 70, 19), (1, 5, 200)])
+def test_kernel_equals_the_dense_product_of_the_zeroed_input(monkeypatch, isa, tokens, inp, out):
+    use_isa(monkeypatch, isa)
     g = torch.Generator().manual_seed(tokens * inp + out)
     x = torch.randn(tokens, inp, generator=g)
     wt = torch.randn(inp, out, generator=g).contiguous()
@@ -342,11 +347,7 @@ def test_kernel_equals_the_dense_product_of_the_zeroed_input(monkeypatch, isa, t
 def test_compressed_kernel_equals_the_dense_product_of_the_zeroed_input(
     monkeypatch, isa, tokens, inp, out, density
 ):
-    if kernel.ops() is None:
-        pytest.skip(f"native kernel unavailable: {kernel.status()}")
-    if isa == "portable":
-        monkeypatch.setenv(kernel.ENV_ISA, "portable")
-        assert kernel.best_isa() == 0
+    use_isa(monkeypatch, isa)
     g = torch.Generator().manual_seed(tokens * inp + out)
     x = torch.randn(tokens, inp, generator=g)
     wt = torch.randn(inp, out, generator=g) * (torch.rand(inp, out, generator=g) < density)
@@ -366,11 +367,7 @@ def test_compressed_kernel_equals_the_dense_product_of_the_zeroed_input(
 @pytest.mark.parametrize("isa", ["portable", "native"])
 @pytest.mark.parametrize("experts,size,inp", [(4, 96, 576), (3, 7, 37), (5, 1, 16), (2, 9, 8)])
 def test_expert_rows_kernel_equals_the_rows_of_the_kept_experts(monkeypatch, isa, experts, size, inp):
-    if kernel.ops() is None:
-        pytest.skip(f"native kernel unavailable: {kernel.status()}")
-    if isa == "portable":
-        monkeypatch.setenv(kernel.ENV_ISA, "portable")
-        assert kernel.best_isa() == 0
+    use_isa(monkeypatch, isa)
     g = torch.Generator().manual_seed(experts * size + inp)
     w, x = torch.randn(experts, size, inp, generator=g), torch.randn(inp, generator=g)
     bias = torch.randn(experts, size, generator=g)

@@ -35,6 +35,13 @@ COMPRESS_DENSITY = 0.7
 (`kernel.CompressedRows`), so its decoding product skips the pruned weights as well as the zeroed inputs."""
 
 
+def _share_mask(module: nn.Module, layer: nn.Module) -> None:
+    """Register the weight mask of `layer` (if any) on its replacement `module`, unsaved."""
+    mask = layer._buffers.get(MASK_BUFFER)
+    if mask is not None:
+        module.register_buffer(MASK_BUFFER, mask, persistent=False)
+
+
 class ActivationLinear(nn.Module):
     """y = x_s W^T + b, where x_s keeps the entries of x with ``|x| > threshold``.
 
@@ -72,9 +79,7 @@ class ActivationLinear(nn.Module):
             self.register_buffer("weight_t", None, persistent=False)
         else:
             self.register_buffer("weight_t", weight_t.contiguous(), persistent=False)
-        mask = layer._buffers.get(MASK_BUFFER)
-        if mask is not None:
-            self.register_buffer(MASK_BUFFER, mask, persistent=False)
+        _share_mask(self, layer)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -149,9 +154,7 @@ class ExpertRowsLinear(nn.Module):
         self.register_buffer("rows", rows, persistent=False)
         self.register_buffer("weight_grouped", grouped, persistent=False)  # (E, S, H)
         self.register_buffer("bias_grouped", None if layer.bias is None else grouped_bias, persistent=False)
-        mask = layer._buffers.get(MASK_BUFFER)
-        if mask is not None:
-            self.register_buffer(MASK_BUFFER, mask, persistent=False)
+        _share_mask(self, layer)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape

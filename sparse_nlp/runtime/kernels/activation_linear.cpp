@@ -11,8 +11,9 @@
 // outputs of each input row in chunks of 64, one 64-bit mask per (row, chunk) saying which weights are kept, the
 // kept weights of the row in order (`vals`), and the offset of each (row, chunk)'s first kept weight. Each thread
 // takes a range of chunks and reads each kept input's part of the row front to back, adding it to the range's
-// outputs (in L1); a kept weight is read once and a pruned one never (AVX-512: expanding loads; AVX2: a permute from a 256-entry
-// table per byte of the mask). At 50% weight sparsity that is 2.2 bytes per weight of a kept input instead of 4.
+// outputs (in L1); a kept weight is read once and a pruned one never (AVX-512: expanding loads; AVX2: a permute
+// from a 256-entry table per byte of the mask). At 50% weight sparsity that is 2.2 bytes per weight of a kept
+// input instead of 4.
 //
 // One source, three code paths chosen at run time: AVX-512F, AVX2+FMA (x86-64, target attributes and
 // __builtin_cpu_supports) and portable C++ (any CPU; the compiler vectorizes it for its baseline ISA).
@@ -138,6 +139,33 @@ void accumulate(const int64_t* idx, const float* v, int64_t n, const float* wt, 
   accumulate_portable(idx, v, n, wt, out, c0, c1, y);
 }
 
+// The bias as a float pointer (null when there is none), checked against `out` outputs; `holder` keeps it alive.
+const float* bias_data(const c10::optional<at::Tensor>& bias, int64_t out, const char* op, at::Tensor& holder) {
+  if (!bias.has_value() || !bias->defined()) return nullptr;
+  holder = bias->contiguous();
+  TORCH_CHECK(holder.numel() == out && holder.scalar_type() == at::kFloat, op, ": bad bias");
+  return holder.data_ptr<float>();
+}
+
+// For each token r of x (tokens, in): fn(r, n, idx, val) with the n inputs of |x| > t, their indices and values.
+template <typename Fn>
+void each_token(const float* x, int64_t tokens, int64_t in, float t, Fn fn) {
+  std::vector<int64_t> idx(in);
+  std::vector<float> val(in);
+  for (int64_t r = 0; r < tokens; ++r) {
+    const float* xr = x + r * in;
+    int64_t n = 0;
+    for (int64_t i = 0; i < in; ++i) {
+      if (std::fabs(xr[i]) > t) {
+        idx[n] = i;
+        val[n] = xr[i];
+        ++n;
+      }
+    }
+    fn(r, n, idx.data(), val.data());
+  }
+}
+
 constexpr int64_t kColumnGrain = 256;  // output columns per parallel task at least (1 KiB of each weight row)
 
 at::Tensor activation_linear(const at::Tensor& x, const at::Tensor& wt, const c10::optional<at::Tensor>& bias,
@@ -149,37 +177,21 @@ at::Tensor activation_linear(const at::Tensor& x, const at::Tensor& wt, const c1
   TORCH_CHECK(x.size(1) == wt.size(0), "activation_linear: x has ", x.size(1), " features, the weight ", wt.size(0));
   if (isa < 0 || isa > best_isa()) isa = best_isa();
   const int64_t tokens = x.size(0), in = wt.size(0), out = wt.size(1);
-  const float* b = nullptr;
   at::Tensor bias_c;
-  if (bias.has_value() && bias->defined()) {
-    bias_c = bias->contiguous();
-    TORCH_CHECK(bias_c.numel() == out && bias_c.scalar_type() == at::kFloat, "activation_linear: bad bias");
-    b = bias_c.data_ptr<float>();
-  }
+  const float* b = bias_data(bias, out, "activation_linear", bias_c);
   const at::Tensor xc = x.contiguous();
   at::Tensor y = at::empty({tokens, out}, x.options());
   const float* xp = xc.data_ptr<float>();
   const float* w = wt.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   const float t = static_cast<float>(threshold);
-  std::vector<int64_t> idx(in);
-  std::vector<float> val(in);
-  for (int64_t r = 0; r < tokens; ++r) {
-    const float* xr = xp + r * in;
-    int64_t n = 0;
-    for (int64_t i = 0; i < in; ++i) {
-      if (std::fabs(xr[i]) > t) {
-        idx[n] = i;
-        val[n] = xr[i];
-        ++n;
-      }
-    }
+  each_token(xp, tokens, in, t, [&](int64_t r, int64_t n, const int64_t* idx, const float* val) {
     float* yr = yp + r * out;
     at::parallel_for(0, out, kColumnGrain, [&](int64_t c0, int64_t c1) {
       for (int64_t c = c0; c < c1; ++c) yr[c] = b ? b[c] : 0.0f;
-      accumulate(idx.data(), val.data(), n, w, out, c0, c1, yr, isa);
+      accumulate(idx, val, n, w, out, c0, c1, yr, isa);
     });
-  }
+  });
   return y;
 }
 
@@ -301,13 +313,8 @@ at::Tensor masked_activation_linear(const at::Tensor& x, const at::Tensor& bits,
   TORCH_CHECK(out > 0 && out <= chunks * kChunk && out > (chunks - 1) * kChunk,
               "masked_activation_linear: ", chunks, " chunks of 64 cannot hold ", out, " outputs");
   if (isa < 0 || isa > best_isa()) isa = best_isa();
-  const float* b = nullptr;
   at::Tensor bias_c;
-  if (bias.has_value() && bias->defined()) {
-    bias_c = bias->contiguous();
-    TORCH_CHECK(bias_c.numel() == out && bias_c.scalar_type() == at::kFloat, "masked_activation_linear: bad bias");
-    b = bias_c.data_ptr<float>();
-  }
+  const float* b = bias_data(bias, out, "masked_activation_linear", bias_c);
   const at::Tensor xc = x.contiguous();
   at::Tensor y = at::empty({tokens, out}, x.options());
   const float* xp = xc.data_ptr<float>();
@@ -316,38 +323,36 @@ at::Tensor masked_activation_linear(const at::Tensor& x, const at::Tensor& bits,
   const float* vp = vals.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   const float t = static_cast<float>(threshold);
-  std::vector<int64_t> idx(in);
-  std::vector<float> val(in);
-  for (int64_t r = 0; r < tokens; ++r) {
-    const float* xr = xp + r * in;
-    int64_t n = 0;
-    for (int64_t i = 0; i < in; ++i) {
-      if (std::fabs(xr[i]) > t) {
-        idx[n] = i;
-        val[n] = xr[i];
-        ++n;
-      }
-    }
+  each_token(xp, tokens, in, t, [&](int64_t r, int64_t n, const int64_t* idx, const float* val) {
     float* yr = yp + r * out;
     at::parallel_for(0, chunks, kColumnGrain / kChunk, [&](int64_t c0, int64_t c1) {
       std::vector<float> acc((c1 - c0) * kChunk);  // the range's outputs, padded to whole chunks
       const int64_t first = c0 * kChunk, width = std::min(c1 * kChunk, out) - first;
       for (int64_t k = 0; k < static_cast<int64_t>(acc.size()); ++k) acc[k] = (b && k < width) ? b[first + k] : 0.0f;
-      accumulate_chunks(idx.data(), val.data(), n, bp, op, vp, chunks, c0, c1, acc.data(), isa);
+      accumulate_chunks(idx, val, n, bp, op, vp, chunks, c0, c1, acc.data(), isa);
       std::copy(acc.begin(), acc.begin() + width, yr + first);
     });
-  }
+  });
   return y;
 }
 
 // ---- MoEfication: the rows of the kept experts ------------------------------------------------------------
 // y[rows[e, s]] = w[e, s, :] . x (+ bias[e, s]) for the rows s of each kept expert e (w: (E, S, H), grouped by
-// expert); every other output is zero
+// expert); every other output is zero. AVX2 (also on AVX-512 machines) or portable.
 
 float dot_portable(const float* w, const float* x, int64_t h) {
   float s = 0.0f;
   for (int64_t i = 0; i < h; ++i) s += w[i] * x[i];
   return s;
+}
+
+// y[r] = sums[r] + row r (of 4 consecutive rows of length h at w) from column i on, times x
+void finish4(const float* w, int64_t h, const float* x, int64_t i, const float* sums, float* y) {
+  for (int r = 0; r < 4; ++r) {
+    float sum = sums[r];
+    for (int64_t j = i; j < h; ++j) sum += w[r * h + j] * x[j];
+    y[r] = sum;
+  }
 }
 
 #ifdef SPARSE_NLP_X86
@@ -370,45 +375,18 @@ __attribute__((target("avx2,fma"))) void dots4_avx2(const float* w, int64_t h, c
   _mm256_store_ps(t[1], s1);
   _mm256_store_ps(t[2], s2);
   _mm256_store_ps(t[3], s3);
-  const float* rows[4] = {w, w1, w2, w3};
-  for (int r = 0; r < 4; ++r) {
-    float sum = 0.0f;
-    for (int l = 0; l < 8; ++l) sum += t[r][l];
-    for (int64_t j = i; j < h; ++j) sum += rows[r][j] * x[j];
-    y[r] = sum;
-  }
+  float sums[4];
+  for (int r = 0; r < 4; ++r)
+    sums[r] = ((t[r][0] + t[r][1]) + (t[r][2] + t[r][3])) + ((t[r][4] + t[r][5]) + (t[r][6] + t[r][7]));
+  finish4(w, h, x, i, sums, y);
 }
 
-__attribute__((target("avx512f"))) void dots4_avx512(const float* w, int64_t h, const float* x, float* y) {
-  const float* w1 = w + h;
-  const float* w2 = w + 2 * h;
-  const float* w3 = w + 3 * h;
-  __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps(), s2 = _mm512_setzero_ps(), s3 = _mm512_setzero_ps();
-  int64_t i = 0;
-  for (; i + 16 <= h; i += 16) {
-    const __m512 xv = _mm512_loadu_ps(x + i);
-    s0 = _mm512_fmadd_ps(_mm512_loadu_ps(w + i), xv, s0);
-    s1 = _mm512_fmadd_ps(_mm512_loadu_ps(w1 + i), xv, s1);
-    s2 = _mm512_fmadd_ps(_mm512_loadu_ps(w2 + i), xv, s2);
-    s3 = _mm512_fmadd_ps(_mm512_loadu_ps(w3 + i), xv, s3);
-  }
-  const float* rows[4] = {w, w1, w2, w3};
-  const float sums[4] = {_mm512_reduce_add_ps(s0), _mm512_reduce_add_ps(s1), _mm512_reduce_add_ps(s2),
-                         _mm512_reduce_add_ps(s3)};
-  for (int r = 0; r < 4; ++r) {
-    float sum = sums[r];
-    for (int64_t j = i; j < h; ++j) sum += rows[r][j] * x[j];
-    y[r] = sum;
-  }
-}
 #endif
 
 void expert_dots(const float* w, int64_t rows, int64_t h, const float* x, float* y, int64_t isa) {
   int64_t r = 0;
 #ifdef SPARSE_NLP_X86
-  if (isa == kAvx512)
-    for (; r + 4 <= rows; r += 4) dots4_avx512(w + r * h, h, x, y + r);
-  else if (isa == kAvx2)
+  if (isa >= kAvx2)  // AVX-512 machines too: the op streams its weights once, so it is bound by reading them
     for (; r + 4 <= rows; r += 4) dots4_avx2(w + r * h, h, x, y + r);
 #endif
   for (; r < rows; ++r) y[r] = dot_portable(w + r * h, x, h);
@@ -426,13 +404,8 @@ at::Tensor expert_rows(const at::Tensor& x, const at::Tensor& w, const at::Tenso
   const int64_t* cp = cc.data_ptr<int64_t>();
   for (int64_t j = 0; j < k; ++j)
     TORCH_CHECK(cp[j] >= 0 && cp[j] < experts, "expert_rows: expert ", cp[j], " is not in [0, ", experts, ")");
-  const float* b = nullptr;
   at::Tensor bias_c;
-  if (bias.has_value() && bias->defined()) {
-    bias_c = bias->contiguous();
-    TORCH_CHECK(bias_c.numel() == experts * size && bias_c.scalar_type() == at::kFloat, "expert_rows: bad bias");
-    b = bias_c.data_ptr<float>();
-  }
+  const float* b = bias_data(bias, experts * size, "expert_rows", bias_c);
   TORCH_CHECK(rows.dim() == 2 && rows.size(0) == experts && rows.size(1) == size && rows.scalar_type() == at::kLong &&
                   rows.is_contiguous(),
               "expert_rows: rows must be a contiguous (experts, rows) int64 tensor");
