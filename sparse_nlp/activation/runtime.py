@@ -120,9 +120,9 @@ class ExpertRowsLinear(nn.Module):
 
     The rows are kept in a private copy grouped by expert, (experts, rows per expert, in), the smaller experts
     padded with zero rows, so each kept expert's weights are contiguous and read once (`kernel.expert_rows`). With
-    more tokens, or
-    with a gradient, it runs the original layer. The projection whose input the router scores (`routes`) also hands
-    the router its choice, for the activation hook that zeroes the skipped neurons in every case.
+    more tokens, or with a gradient, it runs the original layer. The projection whose input the router scores
+    (`routes`) also hands the router its choice for the activation hook, which zeroes the skipped neurons (for one
+    token only where the activation does not map 0 to 0: otherwise they are zero already).
 
     Args:
         layer: The ``nn.Linear`` or ``Conv1D`` replaced (its parameters are shared, not copied).
