@@ -4,8 +4,9 @@
 transposed copy of the weight (in, out). With one token (decoding) and no gradient it runs the native kernel, which
 reads only the weight rows of the inputs above the threshold; otherwise the dense product on the zeroed input.
 ``weight`` and ``bias`` stay the original parameters under their usual names, so ``state_dict`` and saving are
-unchanged (the transposed copy is not saved). A pruned weight (at most `COMPRESS_DENSITY` nonzero) is kept
-compressed to its nonzeros, so the kernel skips the pruned weights too: activation and weight sparsity compose.
+unchanged (the transposed copy is not saved). A pruned weight (at most `COMPRESS_DENSITY` nonzero) can be kept
+compressed to its nonzeros, so the kernel skips the pruned weights too (activation and weight sparsity compose);
+by default each layer keeps whichever of the two kernels is faster on the CPU.
 
 TEAL sites are replaced directly; for CATS the FFN output projection (``down_proj``) gets threshold 0.0, so the
 inputs the gate threshold zeroed are skipped. For MoEfication the FFN's input projections become `ExpertRowsLinear`
