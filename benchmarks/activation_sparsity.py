@@ -346,9 +346,8 @@ def speed(args) -> list[dict]:
     prompt = tokenizer("The history of the city begins", return_tensors="pt")
     variants = {"dense": base}
     sparsity = {}
-    compressed: dict[
-        str, str
-    ] = {}  # accelerated variant -> its ActivationLinear layers holding compressed weights
+    # accelerated variant -> how many of its ActivationLinear layers hold compressed weights
+    compressed: dict[str, str] = {}
     cache: dict = {}
     if args.ceiling:
         variants["ceiling"] = zero_cost_blocks(copy.deepcopy(base))

@@ -78,11 +78,10 @@ class ExpertRouter:
         self.assign = assign
         self.top_k = top_k
         self.experts = experts
-        self.centroids = centroids(neuron_rows(first, width), assign, experts)  # (E, H)
-        self.centroids_t = self.centroids.t().contiguous()  # (H, E), for scoring one token
-        with (
-            torch.no_grad()
-        ):  # whether act(0) = 0: then neurons whose projection is skipped stay zero on their own
+        # (H, E): the router centroids, transposed for scoring tokens
+        self.centroids_t = centroids(neuron_rows(first, width), assign, experts).t().contiguous()
+        # whether act(0) = 0: then neurons whose projection is skipped stay zero on their own
+        with torch.no_grad():
             self.act_keeps_zero = bool(act(torch.zeros(1)).eq(0).all())
         self.keep: torch.Tensor | None = None
         self.handles = [

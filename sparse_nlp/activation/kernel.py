@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from ..native import NativeKernel, build_library
+from ..runtime.autotune import time_methods
 
 SOURCE = Path(__file__).resolve().parents[1] / "runtime" / "kernels" / "activation_linear.cpp"
 FLAGS = ("-O3",)
@@ -54,6 +55,8 @@ def activation_linear(
 
 CHUNK = 64
 """Outputs per bitmask word of a compressed transposed weight."""
+PAD = 8
+"""Zeros after the kept weights of a compressed weight: a vector load of 8 may read past the last kept one."""
 
 
 @dataclass
@@ -61,7 +64,7 @@ class CompressedRows:
     """A transposed weight (in, out) keeping its nonzero entries: for each input row and each chunk of 64 outputs,
     ``bits`` (in, chunks) int64 has bit k set where output ``64 * chunk + k`` is kept, ``offsets`` (in, chunks)
     int32 is the index in ``vals`` of that chunk's first kept weight, and ``vals`` holds the kept weights row by
-    row, then 8 zeros (vector loads may read past the last)."""
+    row, then `PAD` zeros."""
 
     bits: torch.Tensor
     offsets: torch.Tensor
@@ -70,7 +73,7 @@ class CompressedRows:
 
     @property
     def density(self) -> float:
-        return (self.vals.numel() - 8) / max(1, self.bits.shape[0] * self.out_features)
+        return (self.vals.numel() - PAD) / max(1, self.bits.shape[0] * self.out_features)
 
     def to_dense(self) -> torch.Tensor:
         """The (in, out) transposed weight back (zeros where nothing is kept)."""
@@ -91,14 +94,13 @@ def compress(weight_t: torch.Tensor) -> CompressedRows:
     keep = padded != 0
     if int(keep.sum()) >= 2**31:
         raise ValueError(f"a weight of {in_f} x {out_f} keeps too many entries for int32 offsets")
+    grouped = keep.reshape(in_f, chunks, CHUNK)
     shifts = torch.arange(CHUNK, dtype=torch.int64)
-    bits = (keep.reshape(in_f, chunks, CHUNK).to(torch.int64) << shifts).sum(
-        -1
-    )  # distinct bits: the sum is an OR
-    counts = keep.reshape(in_f, chunks, CHUNK).sum(-1).reshape(-1)
+    bits = (grouped.to(torch.int64) << shifts).sum(-1)  # distinct bits: the sum is an OR
+    counts = grouped.sum(-1).reshape(-1)
     offsets = torch.zeros_like(counts)
     offsets[1:] = torch.cumsum(counts, 0)[:-1]
-    vals = torch.cat([padded[keep], torch.zeros(8)])
+    vals = torch.cat([padded[keep], torch.zeros(PAD)])
     return CompressedRows(bits.contiguous(), offsets.reshape(in_f, chunks).to(torch.int32), vals, int(out_f))
 
 
@@ -119,30 +121,23 @@ def masked_activation_linear(
 
 
 def compressed_is_faster(weight_t: torch.Tensor, packed: CompressedRows, rounds: int = 3) -> bool:
-    """Whether the compressed product of `packed` beats the dense transposed one of `weight_t` on this CPU, timed
-    side by side on one token with every input kept (both costs grow with the kept inputs alike). False when the
-    native kernel is not built (the fallback decompresses on every call)."""
-    import time
-
+    """Whether the compressed product of `packed` beats the dense transposed one of `weight_t` (contiguous) on this
+    CPU, timed side by side by the runtime's autotune timer on one token with every input kept (both costs grow
+    with the kept inputs alike). False when the native kernel is not built (the fallback decompresses on every
+    call)."""
     op = ops()
     if op is None:
         return False
-    x = torch.randn(1, weight_t.shape[0], generator=torch.Generator().manual_seed(0))
     isa = best_isa()
-    runs = {
-        "dense": lambda: op.activation_linear(x, weight_t, None, -1.0, isa),
-        "compressed": lambda: op.masked_activation_linear(
+    runners = {
+        "dense": lambda x: op.activation_linear(x, weight_t, None, -1.0, isa),
+        "compressed": lambda x: op.masked_activation_linear(
             x, packed.bits, packed.offsets, packed.vals, None, packed.out_features, -1.0, isa
         ),
     }
-    best = {name: float("inf") for name in runs}
-    for _ in range(rounds):
-        for name, run in runs.items():
-            start = time.perf_counter()
-            run()
-            run()
-            best[name] = min(best[name], time.perf_counter() - start)
-    return best["compressed"] < best["dense"]
+    x = torch.randn(1, weight_t.shape[0], generator=torch.Generator().manual_seed(0))
+    seconds = time_methods(runners, x, rounds=rounds)
+    return seconds["compressed"] < seconds["dense"]
 
 
 def expert_rows(

@@ -64,22 +64,19 @@ class ActivationLinear(nn.Module):
         self.weight = layer.weight
         self.bias = layer.bias
         self.threshold = float(threshold)
-        weight_t = (
-            layer.weight.detach() if self.transposed else layer.weight.detach().t()
-        ).float()  # (in, out)
+        weight = layer.weight.detach() if self.transposed else layer.weight.detach().t()
+        weight_t = weight.float().contiguous()  # (in, out)
         self.in_features, self.out_features = weight_t.shape
         packed = None
         if compressed is not False and float((weight_t != 0).float().mean()) <= COMPRESS_DENSITY:
             packed = kernel.compress(weight_t)
-            if compressed is None and not kernel.compressed_is_faster(weight_t.contiguous(), packed):
+            if compressed is None and not kernel.compressed_is_faster(weight_t, packed):
                 packed = None
         self.compressed = packed is not None
         if packed is not None:
             for name in ("bits", "offsets", "vals"):
                 self.register_buffer(name, getattr(packed, name), persistent=False)
-            self.register_buffer("weight_t", None, persistent=False)
-        else:
-            self.register_buffer("weight_t", weight_t.contiguous(), persistent=False)
+        self.register_buffer("weight_t", None if self.compressed else weight_t, persistent=False)
         _share_mask(self, layer)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
